@@ -1,0 +1,155 @@
+"""The small interface every runtime backend implements (llama.cpp, ONNX Runtime).
+
+A backend runs one *shard*: the decoder layers ``[start, end)`` of a model, for many
+requests at once, each request with its own KV cache. Three shard roles exist:
+
+- ``head``: token ids in (token embedding + first layers), hidden states out;
+- ``middle``: hidden states in, hidden states out;
+- ``tail``: hidden states in (last layers + final norm + LM head), logits out.
+
+Hidden states are the *pre-norm residual stream* (the ``l_out`` of the last layer run),
+float32, shape ``(n_tokens, n_embd)``. The engine never knows about peers or the
+network: it is fed arrays and returns arrays. Calls are synchronous (CPU-bound work);
+the agent runs them in a worker thread so its event loop stays free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+ShardRole = Literal["head", "middle", "tail", "full"]
+
+
+class EngineError(Exception):
+    """Base class of every error an engine raises for bad input. Never a crash."""
+
+
+class ShardRangeError(EngineError):
+    """The layer range is empty, reversed or outside the model."""
+
+
+class UnsupportedModelError(EngineError):
+    """The model's architecture or tensor layout is not one the runtime handles."""
+
+
+class CorruptModelError(EngineError):
+    """The GGUF file is truncated or malformed."""
+
+
+class InputShapeError(EngineError):
+    """Hidden states or token ids do not have the shape/dtype this shard expects."""
+
+
+class UnknownRequestError(EngineError):
+    """A request id that this engine holds no state for (never started, ended or evicted)."""
+
+
+class PositionError(EngineError):
+    """The positions fed do not continue the request's KV cache (gap, overlap or reorder)."""
+
+
+class CapacityError(EngineError):
+    """No free KV-cache slot or context space for this request."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What a loaded shard is; peers compare ``model_hash`` and ``shard_hash``."""
+
+    model_hash: str  # sha256 of the source model's tensor content (see runtime.shards)
+    shard_hash: str  # sha256 of this shard's tensor content
+    start: int  # first decoder layer, in the source model's numbering
+    end: int  # one past the last decoder layer
+    n_layer_total: int  # decoder layers in the source model
+    n_embd: int
+    n_vocab: int  # 0 for middle shards (they carry no vocabulary)
+    role: ShardRole
+    arch: str = "llama"
+
+    @property
+    def n_layers(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class StepInput:
+    """One request's slice of a forward call.
+
+    ``data`` is int32 token ids of shape ``(n,)`` for a head shard, otherwise float32
+    hidden states of shape ``(n, n_embd)``. ``pos`` is the position of the first row;
+    it must equal the number of positions already in the request's KV cache.
+    ``all_logits`` (tail only) asks for logits of every row instead of the last one.
+    """
+
+    request_id: str
+    pos: int
+    data: np.ndarray
+    all_logits: bool = False
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    data: np.ndarray  # hidden (n, n_embd) float32, or logits (n_vocab,) / (n, n_vocab) float32
+    compute_ms: float = 0.0
+
+
+@dataclass
+class EngineOptions:
+    """Settings that change arithmetic must be identical on every node and the reference.
+
+    ``n_ubatch``, ``flash_attn`` and the KV cache type all change results bit-wise, so they
+    travel with a request's plan and a node refuses a hop whose settings differ from its own.
+    """
+
+    n_ctx_per_request: int = 2048
+    max_requests: int = 8
+    n_batch: int = 512
+    n_ubatch: int = 512
+    n_threads: int | None = None
+    flash_attn: bool = False
+    kv_type: Literal["f16", "f32", "q8_0"] = "f16"
+    gpu_layers: int = 0  # >0 offloads that many layers when llama.cpp has a GPU backend
+    # Several requests' decode steps in one llama_decode. Measured bit-exact for quantized
+    # weights (Q4_0, Q8_0, Q4_K) but not for F32/F16 ones (other matmul kernels, ~1e-7
+    # relative): "auto" batches only when the shard's layer weights are all quantized.
+    batch_decode: Literal["auto", "on", "off"] = "auto"
+    extra: dict = field(default_factory=dict)
+
+    def arithmetic_key(self) -> tuple:
+        """The settings that must match across nodes for token-exact output."""
+        return (self.n_ubatch, self.flash_attn, self.kv_type)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """One loaded shard. Implementations: ``runtime.llamacpp.LlamaCppEngine``, ``runtime.onnx.OnnxEngine``."""
+
+    info: ShardInfo
+    options: EngineOptions
+
+    def forward(self, steps: Sequence[StepInput]) -> list[StepOutput]:
+        """Run the shard for one or more requests, batched into one decode where possible.
+
+        A request seen for the first time must start at ``pos == 0``. Raises an
+        ``EngineError`` subclass for bad input; state of other requests is untouched.
+        """
+        ...
+
+    def positions(self, request_id: str) -> int:
+        """Positions held in the request's KV cache (0 for an unknown request)."""
+        ...
+
+    def end_request(self, request_id: str) -> None:
+        """Free the request's KV cache. Unknown ids are ignored (ending is idempotent)."""
+        ...
+
+    def truncate(self, request_id: str, n_positions: int) -> None:
+        """Drop KV entries at positions >= n_positions (used before a replay)."""
+        ...
+
+    def close(self) -> None:
+        ...

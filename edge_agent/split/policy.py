@@ -1,0 +1,87 @@
+"""The privacy split: which decoder layers never leave the client.
+
+The client always keeps the token embedding, the first ``k`` decoder layers, the last
+``m`` decoder layers, the final norm, the LM head and sampling. Raw token ids therefore
+never leave the device (peers only see hidden states after ``k`` layers) and neither do
+logits (peers stop ``m`` layers before the head). Only ``[k, n_layer - m)`` may run
+remotely; when ``k + m == n_layer`` that range is empty and the whole model runs locally.
+
+A request carries its policy object, so later waves can add other policies (a ``name``
+to tell them apart, ``allow_remote`` to forbid remote layers entirely) without touching
+the planner's signature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LayerRange = tuple[int, int]  # half-open [start, end) in the source model's numbering
+
+
+class PolicyError(ValueError):
+    """The policy is malformed or cannot apply to a model of this depth."""
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    # bool is an int subclass; True as a layer count is a bug, not a 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PolicyError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise PolicyError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class PrivacyPolicy:
+    """How many decoder layers the client keeps at each end of the model.
+
+    ``k``: first layers kept locally (>= 1, so token ids never leave the client).
+    ``m``: last layers kept locally (>= 1, so logits never leave the client).
+    ``name``: label of the policy (a seam for the next wave's policies).
+    ``allow_remote``: False forces the whole model to run locally.
+    """
+
+    k: int = 1
+    m: int = 1
+    name: str = "split"
+    allow_remote: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("k", self.k, 1)
+        _check_int("m", self.m, 1)
+        if not isinstance(self.name, str) or not self.name:
+            raise PolicyError("name must be a non-empty string")
+        if not isinstance(self.allow_remote, bool):
+            raise PolicyError("allow_remote must be a bool")
+
+    def validate(self, n_layer: int) -> None:
+        """Raise PolicyError unless this policy fits a model with ``n_layer`` layers."""
+        _check_int("n_layer", n_layer, 1)
+        if self.k + self.m > n_layer:
+            raise PolicyError(
+                f"policy keeps k={self.k} + m={self.m} layers locally, "
+                f"but the model has only {n_layer} decoder layers"
+            )
+
+    def client_ranges(self, n_layer: int) -> tuple[LayerRange, LayerRange]:
+        """The client's (head, tail) layer ranges: ``[0, k)`` and ``[n_layer - m, n_layer)``."""
+        self.validate(n_layer)
+        return (0, self.k), (n_layer - self.m, n_layer)
+
+    def remote_range(self, n_layer: int) -> LayerRange:
+        """``[k, n_layer - m)``: the layers peers may run. Empty (start == end) means none."""
+        self.validate(n_layer)
+        if not self.allow_remote:
+            return (self.k, self.k)
+        return (self.k, n_layer - self.m)
+
+    def is_local_only(self, n_layer: int) -> bool:
+        """True when no layer may run remotely, so the client runs the whole model."""
+        start, end = self.remote_range(n_layer)
+        return start == end
+
+    def local_ranges(self, n_layer: int) -> tuple[LayerRange, ...]:
+        """Every range the client runs itself (one ``(0, n_layer)`` when local-only)."""
+        if self.is_local_only(n_layer):
+            return ((0, n_layer),)
+        return self.client_ranges(n_layer)

@@ -1,0 +1,289 @@
+"""TLS 1.3 over TCP: the fast transport for peers that can reach each other directly.
+
+Why this shape: Python's ssl gives TLS 1.3 with AES-GCM in OpenSSL; each side presents an
+ephemeral self-signed ECDSA certificate (so no private key of ours is ever in a TLS library's
+hands except a throwaway one), and identity is proven *after* TLS by the Ed25519 handshake in
+handshake.py, bound to the server certificate hash.  Frames are parsed straight out of
+`data_received` (an asyncio Protocol, no reader task) to keep the one-token hop short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import logging
+import os
+import ssl
+import tempfile
+import time
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from ..discovery.identity import Identity, SwarmKey
+from .channel import ChannelHandler, FrameChannel
+from .errors import FrameError, HandshakeError, PeerLostError
+from .frames import HEADER_SIZE, decode_parts, peek_header
+from .handshake import DEFAULT_HANDSHAKE_TIMEOUT, HANDSHAKE_VERSION, run_handshake
+
+log = logging.getLogger(__name__)
+_HANDSHAKE_MAX_PAYLOAD = 1024  # unauthenticated peers get tiny frames only
+_HANDSHAKE_MAX_BUFFERED = 8192
+MAX_PENDING_HANDSHAKES = 64
+_CERTS: dict[str, tuple[bytes, bytes]] = {}
+
+
+def _certificate(identity: Identity) -> tuple[bytes, bytes]:
+    """(cert PEM, key PEM) of a per-process ephemeral self-signed P-256 certificate."""
+    cached = _CERTS.get(identity.agent_id)
+    if cached:
+        return cached
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edge-agent " + identity.agent_id[:32])])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .sign(key, hashes.SHA256()))
+    pair = (cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))
+    _CERTS[identity.agent_id] = pair
+    return pair
+
+
+def _context(identity: Identity, server: bool) -> tuple[ssl.SSLContext, bytes]:
+    """TLS 1.3-only context and the DER hash of our certificate (the channel binding)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # pinned by the Ed25519 handshake, not by a CA
+    cert_pem, key_pem = _certificate(identity)
+    binding = hashlib.sha256(x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER)).digest()
+    if server:
+        # ssl can only load keys from files: write a 0600 temp file and remove it at once.
+        fd, path = tempfile.mkstemp(prefix="ea-tls-", suffix=".pem")
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, cert_pem + key_pem)
+            os.close(fd)
+            ctx.load_cert_chain(path)
+        finally:
+            os.unlink(path)
+    return ctx, binding
+
+
+class TlsChannel(FrameChannel, asyncio.Protocol):
+    """A Channel over one TLS connection; also the asyncio Protocol that parses it."""
+
+    kind = "tls"
+
+    def __init__(self, **kw: Any) -> None:
+        FrameChannel.__init__(self, "", **kw)
+        self._full_max_payload, self._full_max_buffered = self.max_payload, self.max_buffered
+        self.max_payload, self.max_buffered = _HANDSHAKE_MAX_PAYLOAD, _HANDSHAKE_MAX_BUFFERED
+        self._transport: asyncio.Transport | None = None
+        self._hbuf = bytearray()
+        self._pbuf: bytearray | None = None
+        self._pfill = 0
+        self._write_ok = asyncio.Event()
+        self._write_ok.set()
+        self._graceful = False
+        self.connected = asyncio.get_running_loop().create_future()
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        self._touch()
+        if not self.connected.done():
+            self.connected.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(f"connection lost: {exc!r}" if exc else "peer closed the connection")
+
+    def eof_received(self) -> bool:
+        return False
+
+    def pause_writing(self) -> None:
+        self._write_ok.clear()
+
+    def resume_writing(self) -> None:
+        self._write_ok.set()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_rx = time.monotonic()
+        try:
+            self._parse(data)
+        except FrameError as exc:
+            self._fail(f"protocol error from peer: {exc.reason}")
+            return
+        if self.rx_full and self._transport is not None:
+            self._transport.pause_reading()
+
+    def _parse(self, data: bytes) -> None:
+        mv = memoryview(data)
+        off, n = 0, len(data)
+        while off < n and self._lost is None:
+            pbuf = self._pbuf
+            if pbuf is None:
+                take = min(HEADER_SIZE - len(self._hbuf), n - off)
+                self._hbuf += mv[off:off + take]
+                off += take
+                if len(self._hbuf) < HEADER_SIZE:
+                    return
+                plen = peek_header(self._hbuf, self.max_payload)
+                if plen == 0:
+                    header, self._hbuf = self._hbuf, bytearray()
+                    self._deliver(decode_parts(header, b"", self.max_payload))
+                    continue
+                if n - off >= plen:  # whole payload in this chunk: one copy
+                    payload = bytes(mv[off:off + plen])
+                    off += plen
+                    header, self._hbuf = self._hbuf, bytearray()
+                    self._deliver(decode_parts(header, payload, self.max_payload))
+                    continue
+                self._pbuf = pbuf = bytearray(plen)  # size checked by peek_header
+                self._pfill = 0
+            take = min(len(pbuf) - self._pfill, n - off)
+            pbuf[self._pfill:self._pfill + take] = mv[off:off + take]
+            self._pfill += take
+            off += take
+            if self._pfill == len(pbuf):
+                header, self._hbuf, self._pbuf = self._hbuf, bytearray(), None
+                self._deliver(decode_parts(header, pbuf, self.max_payload))
+
+    # -- FrameChannel hooks -----------------------------------------------------------------
+    async def _transmit(self, header: bytes, payload: bytes) -> None:
+        t = self._transport
+        if t is None or t.is_closing():
+            raise ConnectionResetError("transport closed")
+        if payload:
+            t.writelines((header, payload))
+        else:
+            t.write(header)
+        if not self._write_ok.is_set():
+            await self._guard(self._write_ok.wait())
+
+    def _transmit_nowait(self, header: bytes) -> bool:
+        t = self._transport
+        if t is None or t.is_closing():
+            raise ConnectionResetError("transport closed")
+        t.write(header)
+        return True
+
+    async def _flush(self) -> None:
+        t = self._transport
+        deadline = time.monotonic() + 1.0
+        while t is not None and t.get_write_buffer_size() > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        self._graceful = True
+
+    def _abort(self) -> None:
+        t = self._transport
+        if t is not None and not t.is_closing():
+            t.close() if self._graceful else t.abort()
+
+    def _on_rx_drained(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    async def _authenticate(self, identity: Identity, swarm: SwarmKey, binding: bytes, is_client: bool,
+                            expect_peer_id: str | None, timeout: float, version: int) -> None:
+        try:
+            peer = await asyncio.wait_for(
+                run_handshake(self.send, self.recv, identity, swarm, kind="tls", binding=binding,
+                              is_client=is_client, expect_peer_id=expect_peer_id, version=version), timeout)
+        except PeerLostError as exc:
+            self._fail("handshake failed")
+            raise HandshakeError(f"peer closed during handshake: {exc.reason}") from None
+        except asyncio.TimeoutError:
+            self._fail("handshake timeout")
+            raise HandshakeError(f"handshake timed out after {timeout:.1f} s") from None
+        except BaseException:
+            self._fail("handshake failed")
+            raise
+        self.peer_id = peer.agent_id
+        self.max_payload, self.max_buffered = self._full_max_payload, self._full_max_buffered
+        self._last_rx = time.monotonic()
+        self._start()
+
+
+class TlsServer:
+    """Listening socket; `port` is the bound port, `close()` stops it and its channels."""
+
+    def __init__(self, server: asyncio.base_events.Server, channels: set[TlsChannel]) -> None:
+        self._server = server
+        self._channels = channels
+        self.port: int = server.sockets[0].getsockname()[1]
+
+    def close(self) -> "asyncio.Future[None]":
+        """Stop listening and drop every channel; returns an already-done awaitable."""
+        self._server.close()
+        for ch in list(self._channels):
+            ch._fail("server closed")
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+
+async def listen(identity: Identity, swarm: SwarmKey, host: str, port: int, on_channel: ChannelHandler, *,
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT, **channel_kw: Any) -> TlsServer:
+    """Accept TLS peers; `on_channel(channel)` runs (as a task) for each authenticated one."""
+    ctx, binding = _context(identity, server=True)
+    loop = asyncio.get_running_loop()
+    channels: set[TlsChannel] = set()
+    pending: set[asyncio.Task[None]] = set()
+
+    async def accept(ch: TlsChannel) -> None:
+        try:
+            await ch.connected
+            await ch._authenticate(identity, swarm, binding, False, None, handshake_timeout, HANDSHAKE_VERSION)
+        except (HandshakeError, PeerLostError) as exc:
+            log.info("tls: refused a peer: %s", exc)
+            return
+        channels.add(ch)
+        try:
+            res = on_channel(ch)
+            if asyncio.iscoroutine(res):
+                await res
+        except Exception:  # noqa: BLE001 - a handler bug must not kill the listener
+            log.exception("tls: on_channel handler failed")
+        finally:
+            if ch.lost is not None:
+                channels.discard(ch)
+
+    def factory() -> TlsChannel:
+        ch = TlsChannel(**channel_kw)
+        if len(pending) >= MAX_PENDING_HANDSHAKES:
+            ch._fail("too many pending handshakes")
+            return ch
+        task = loop.create_task(accept(ch))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        return ch
+
+    server = await loop.create_server(factory, host, port, ssl=ctx, ssl_handshake_timeout=handshake_timeout)
+    return TlsServer(server, channels)
+
+
+async def connect(identity: Identity, swarm: SwarmKey, host: str, port: int, expect_peer_id: str | None = None,
+                  *, timeout: float = DEFAULT_HANDSHAKE_TIMEOUT, _version: int = HANDSHAKE_VERSION,
+                  **channel_kw: Any) -> TlsChannel:
+    """Open an authenticated channel; HandshakeError if the peer is not who/what we expect."""
+    ctx, _ = _context(identity, server=False)
+    loop = asyncio.get_running_loop()
+    try:
+        transport, ch = await asyncio.wait_for(
+            loop.create_connection(lambda: TlsChannel(**channel_kw), host, port, ssl=ctx,
+                                   server_hostname="edge-agent", ssl_handshake_timeout=timeout), timeout)
+    except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
+        raise PeerLostError(f"cannot connect to {host}:{port}: {exc!r}") from None
+    der = transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    binding = hashlib.sha256(der or b"").digest()
+    await ch._authenticate(identity, swarm, binding, True, expect_peer_id, timeout, _version)
+    return ch
