@@ -31,6 +31,7 @@ from edge_agent.split.planner import (
     hop_cost,
     plan_path,
 )
+from edge_agent.split import planner as planner_mod
 from edge_agent.split.policy import PolicyError, PrivacyPolicy
 
 P = PeerCapability
@@ -285,6 +286,22 @@ def test_memory_summed_over_a_peers_hops():
     check_plan(plan, 10, PrivacyPolicy(), peers)
     check_memory(plan, peers)
     assert "a" in plan.peer_ids
+
+
+@FAST
+@given(swarms(max_layers=10, max_peers=5))
+def test_greedy_memory_repair_stays_feasible(swarm):
+    """Past its work limit the planner repairs memory overuse greedily: still feasible.
+    (The limit is forced to 0 here to reach that path on small swarms.)"""
+    n_layer, pol, peers = swarm
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(planner_mod, "_MAX_WORK", 0)
+        try:
+            plan = plan_path(n_layer, pol, peers, target_tbt_ms=100)
+        except NoRouteError:
+            return
+    check_plan(plan, n_layer, pol, peers)
+    check_memory(plan, peers)
 
 
 def test_budgets_proportional_to_expected():
@@ -587,3 +604,24 @@ def test_tracker_rejects_bad_observations():
         DeadlineConfig(negative_steps=0)
     assert tr.step == 0
 
+
+
+def test_readme_worked_example():
+    """The numbers in edge_agent/split/README.md."""
+    peers = [P("A", [(0, 16)], 4000, 2.0, 10, reputation=0.9), P("B", [(14, 32)], 4000, 1.5, 8),
+             P("C", [(0, 32)], 200, 4.0, 5, layer_bytes_mb=10)]
+    pol = PrivacyPolicy(2, 2)
+    plan = plan_path(32, pol, peers, target_tbt_ms=143, local_ms=20)
+    assert plan.mode == "chain" and plan.budget_ms == 123
+    assert [(h.peer_id, h.start, h.end, h.expected_ms) for h in plan.hops] == [("A", 2, 14, 31.5), ("B", 14, 30, 30)]
+    assert [h.budget_ms for h in plan.hops] == [pytest.approx(63), pytest.approx(60)]
+    assert plan.slack_ms == pytest.approx(61.5)
+    assert plan_path(32, pol, peers, target_tbt_ms=143, local_ms=20, mode="star").expected_ms == 66
+    r = DeadlineTracker(plan).observe([70, 30])
+    assert r.hops[1].budget_ms == pytest.approx(53) and r.hops[1].slack_ms == pytest.approx(23)
+    assert r.replace == ()
+    again = plan_path(32, pol, peers, target_tbt_ms=143, local_ms=20, previous=plan, exclude={"A"})
+    assert [(h.peer_id, h.start, h.end) for h in again.hops] == [("C", 2, 14), ("B", 14, 30)]
+    assert again.hops[0].expected_ms == 51.75 and again.expected_ms == 81.75
+    with pytest.raises(NoRouteError, match=r"^no peer serves layers 2-13 \(excluded: A\)$"):
+        plan_path(32, pol, peers[:2], target_tbt_ms=143, local_ms=20, previous=plan, exclude={"A"})

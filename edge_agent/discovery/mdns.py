@@ -35,7 +35,8 @@ DEFAULT_TTL_S = 4  # SRV/TXT/A TTL we publish: how long a dead peer's records st
 DEFAULT_REFRESH_S = 1.0  # re-resolution tick
 DEFAULT_QUERY_TIMEOUT_S = 1.0
 REJECT_RETRY_S = 30.0  # other swarms / bad records: look again rarely
-DEAD_RETRY_S = 5.0  # a name that stopped answering: it may come back with the same name
+DEAD_RETRY_S = 2.5  # a name that stopped answering may come back: retry with backoff
+DEAD_RETRY_MAX_S = 30.0
 FORGET_AFTER_S = 3600.0
 MAX_NAMES = 1024
 _TYPE_TXT, _TYPE_SRV, _CLASS_IN = 16, 33, 1
@@ -147,6 +148,7 @@ class _Name:
     agent_id: str | None = None
     next_try: float = 0.0
     first_fail: float | None = None
+    fails: int = 0
     busy: bool = False
 
 
@@ -252,10 +254,13 @@ class MdnsBrowser:
         if not ok or not info.text:
             if st.first_fail is None:
                 st.first_fail = now
-            alive = st.agent_id is not None and st.agent_id in self.table
-            st.next_try = now if alive else now + DEAD_RETRY_S
+            if st.agent_id is not None and st.agent_id in self.table:
+                st.next_try = now  # still listed: keep asking every tick until it expires
+            else:  # gone: it may come back under the same name, ask with backoff
+                st.fails += 1
+                st.next_try = now + min(DEAD_RETRY_MAX_S, DEAD_RETRY_S * 2 ** min(st.fails, 8))
             return
-        st.first_fail = None
+        st.first_fail, st.fails = None, 0
         caps = self._check(name, info.text)
         if caps is None:
             st.next_try = now + REJECT_RETRY_S
@@ -266,11 +271,26 @@ class MdnsBrowser:
         if st.agent_id is not None and st.agent_id != caps.agent_id:
             self.table.remove(st.agent_id, "replaced")
         st.agent_id = caps.agent_id
-        created = [r.created for t in (_TYPE_SRV, _TYPE_TXT)
-                   if (r := zc.cache.get_by_details(name, t, _CLASS_IN)) is not None]
-        seen_at = max(created) / 1000 if created else now
+        seen_at = self._received_at(name, now)
         self.table.upsert(caps, info.parsed_addresses(), "mdns", seen_at=seen_at)
         st.next_try = now  # re-check next tick (free while the cache is fresh)
+
+    def _received_at(self, name: str, now: float) -> float:
+        """When the peer last answered: the cache creation time of its SRV/TXT records.
+
+        Only meaningful for short TTLs: a record with a TTL longer than the table's
+        staleness window is served from cache without asking the peer, so for such a
+        (non-standard) publisher we fall back to `now` rather than flapping it in and out;
+        its liveness bound then degrades to its own TTL.
+        """
+        assert self._aiozc is not None
+        cache = self._aiozc.zeroconf.cache
+        recs = [r for t in (_TYPE_SRV, _TYPE_TXT)
+                if (r := cache.get_by_details(name, t, _CLASS_IN)) is not None]
+        window = self.table.stale_after_s - self.refresh_s - self.query_timeout_s
+        if not recs or max(r.ttl for r in recs) > window:
+            return now
+        return max(r.created for r in recs) / 1000
 
     def _check(self, name: str, text: bytes) -> Capabilities | None:
         try:

@@ -128,8 +128,8 @@ class PeerTable:
 
         Records from another swarm, with a bad MAC/signature, or our own, are ignored.
         """
-        if caps.agent_id == self.self_id:
-            return None
+        if caps.agent_id == self.self_id or caps.swarm_tag != self.swarm_key.tag():
+            return None  # ourselves, or another swarm (normal on a shared LAN)
         if not caps.verify(self.swarm_key):
             self.rejected += 1
             log.debug("rejected record for %s from %s", caps.agent_id[:16], source)

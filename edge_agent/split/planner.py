@@ -196,11 +196,11 @@ def _route(lo: int, hi: int, path: LayerRange, cands: list[_Candidate], mode: st
     slot = {pid: i for i, pid in enumerate(tracked)}
     states: list[dict[tuple[int, ...], _Key]] = [{} for _ in range(hi - lo + 1)]
     states[0][(0,) * len(tracked)] = (0.0, 0, (), ())
+    factors = [1.0 + cfg.reputation_weight * (1.0 - (cfg.unknown_reputation if c.peer.reputation is None
+                                                     else c.peer.reputation)) for c in cands]
     for a in range(lo, hi):
         for usage, cur in states[a - lo].items():
-            for c in cands:
-                rep = c.peer.reputation if c.peer.reputation is not None else cfg.unknown_reputation
-                factor = 1.0 + cfg.reputation_weight * (1.0 - rep)
+            for c, factor in zip(cands, factors):
                 t = slot.get(c.peer.peer_id)
                 for s, e in c.ranges:
                     if not s <= a < e:
@@ -325,6 +325,46 @@ def _build(hops: list[tuple[str, int, int]], peers_by_id: dict[str, PeerCapabili
     return Plan(out, total, budget - total, mode, budget, local_ms, target, lo, hi)
 
 
+def _replan_gaps(previous: Plan, peers: Sequence[PeerCapability], peers_by_id: dict[str, PeerCapability],
+                 excluded: set[str], replace_hops: set[int], use_mode: str, cfg: PlannerConfig
+                 ) -> list[tuple[str, int, int]]:
+    """Keep the previous plan's healthy hops; route each maximal run of dropped hops anew."""
+    lo, hi = previous.start, previous.end
+    keep: list[bool] = []
+    for i, h in enumerate(previous.hops):
+        p = peers_by_id.get(h.peer_id)
+        keep.append(i not in replace_hops and p is not None and h.peer_id not in excluded
+                    and p.serves(h.start, h.end))
+    # segments: kept hops as (peer_id, a, b); maximal runs of dropped hops as (None, a, b, banned)
+    segments: list[tuple] = []
+    for i, h in enumerate(previous.hops):
+        if keep[i]:
+            segments.append((h.peer_id, h.start, h.end))
+            continue
+        banned = excluded | ({h.peer_id} if i in replace_hops else set())
+        if segments and segments[-1][0] is None:
+            segments[-1] = (None, segments[-1][1], h.end, segments[-1][3] | banned)
+        else:
+            segments.append((None, h.start, h.end, banned))
+    missing: list[LayerRange] = []  # check every gap first, so the error names them all
+    for seg in segments:
+        if seg[0] is None:
+            missing += _uncovered(seg[1], seg[2], _candidates(peers, seg[1], seg[2], seg[3], {}, {}))
+    if missing:
+        all_banned = set().union(*(seg[3] for seg in segments if seg[0] is None))
+        raise NoRouteError(missing, _why_missing(peers, missing, all_banned))
+    hops: list[tuple[str, int, int]] = []
+    used: dict[str, int] = {}  # layers charged by earlier gaps (kept hops hold theirs already)
+    for seg in segments:
+        if seg[0] is not None:
+            hops.append(seg)
+            continue
+        for pid, x, y in _route_with_memory(peers, seg[1], seg[2], (lo, hi), seg[3], used, use_mode, cfg):
+            hops.append((pid, x, y))
+            used[pid] = used.get(pid, 0) + (y - x)
+    return hops
+
+
 def plan_path(
     n_layer: int,
     policy: PrivacyPolicy,
@@ -371,38 +411,7 @@ def plan_path(
         if bad:
             raise ValueError(f"replace_hops {bad} out of range for {len(previous.hops)} hops")
         use_mode = previous.mode if mode == "auto" else mode
-        keep: list[bool] = []
-        for i, h in enumerate(previous.hops):
-            p = peers_by_id.get(h.peer_id)
-            keep.append(i not in replace_hops and p is not None and h.peer_id not in excluded
-                        and p.serves(h.start, h.end))
-        # segments: kept hops as (peer_id, a, b); maximal runs of dropped hops as (None, a, b, banned)
-        segments: list[tuple] = []
-        for i, h in enumerate(previous.hops):
-            if keep[i]:
-                segments.append((h.peer_id, h.start, h.end))
-                continue
-            banned = excluded | ({h.peer_id} if i in replace_hops else set())
-            if segments and segments[-1][0] is None:
-                segments[-1] = (None, segments[-1][1], h.end, segments[-1][3] | banned)
-            else:
-                segments.append((None, h.start, h.end, banned))
-        missing: list[LayerRange] = []  # check every gap first, so the error names them all
-        for seg in segments:
-            if seg[0] is None:
-                missing += _uncovered(seg[1], seg[2], _candidates(peers, seg[1], seg[2], seg[3], {}, {}))
-        if missing:
-            all_banned = set().union(*(seg[3] for seg in segments if seg[0] is None))
-            raise NoRouteError(missing, _why_missing(peers, missing, all_banned))
-        hops: list[tuple[str, int, int]] = []
-        used: dict[str, int] = {}  # layers charged by earlier gaps (kept hops hold theirs already)
-        for seg in segments:
-            if seg[0] is not None:
-                hops.append(seg)
-                continue
-            for pid, x, y in _route_with_memory(peers, seg[1], seg[2], (lo, hi), seg[3], used, use_mode, cfg):
-                hops.append((pid, x, y))
-                used[pid] = used.get(pid, 0) + (y - x)
+        hops = _replan_gaps(previous, peers, peers_by_id, excluded, set(replace_hops), use_mode, cfg)
         return _build(hops, peers_by_id, use_mode, lo, hi, budget, local, target)
 
     plans = []

@@ -77,6 +77,7 @@ class Flag(enum.IntFlag):
 
 
 KNOWN_FLAGS = int(Flag.HASHED | Flag.PREFILL | Flag.LAST | Flag.REPLAY)
+_HASHED = int(Flag.HASHED)  # plain ints on the hot path: IntFlag arithmetic is slow
 
 
 class DType(enum.IntEnum):
@@ -91,6 +92,11 @@ _NP_DTYPES = {DType.F32: np.dtype("<f4"), DType.F16: np.dtype("<f2"),
 _FROM_NP = {np.dtype("float32"): DType.F32, np.dtype("float16"): DType.F16,
             np.dtype("int32"): DType.I32, np.dtype("uint8"): DType.U8}
 ITEMSIZE = {d: _NP_DTYPES[d].itemsize for d in DType}
+_ITEMSIZE_BY_VALUE = {int(d): n for d, n in ITEMSIZE.items()}
+_MSG_BY_VALUE = {int(t): t for t in MsgType}
+_DTYPE_BY_VALUE = {int(d): d for d in DType}
+_ZERO8 = b"\x00" * 8
+_ZERO16 = b"\x00" * 16
 
 
 def payload_hash(payload: bytes | memoryview) -> bytes:
@@ -151,13 +157,6 @@ class Frame:
         return HEADER_SIZE + len(self.payload)
 
 
-def _shape_elems(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n if shape else 0
-
-
 def encode(frame: Frame, max_payload: int = DEFAULT_MAX_PAYLOAD) -> bytes:
     """Serialize a frame to one buffer; refuses frames a conforming peer would refuse."""
     header, payload = encode_parts(frame, max_payload)
@@ -168,48 +167,61 @@ def encode_parts(frame: Frame, max_payload: int = DEFAULT_MAX_PAYLOAD) -> tuple[
     """(header, payload) without concatenating: stream writers send both, saving a copy."""
     payload = frame.payload
     plen = len(payload)
-    shape = tuple(frame.shape)
-    if len(shape) > MAX_NDIM:
-        raise FrameError(f"shape has {len(shape)} dims, max {MAX_NDIM}")
-    if any((not isinstance(s, int)) or s < 0 or s > U32_MAX for s in shape):
-        raise FrameError(f"bad shape {shape}")
-    if frame.dtype not in ITEMSIZE:
+    shape = frame.shape
+    ndim = len(shape)
+    if ndim > MAX_NDIM:
+        raise FrameError(f"shape has {ndim} dims, max {MAX_NDIM}")
+    elems = 1 if ndim else 0
+    for s in shape:
+        if not isinstance(s, int) or s < 0 or s > U32_MAX:
+            raise FrameError(f"bad shape {shape}")
+        elems *= s
+    itemsize = ITEMSIZE.get(frame.dtype)  # type: ignore[call-overload]
+    if itemsize is None:
         raise FrameError(f"bad dtype {frame.dtype}")
-    if _shape_elems(shape) * ITEMSIZE[DType(frame.dtype)] != plen:
+    if elems * itemsize != plen:
         raise FrameError(f"shape {shape} x {DType(frame.dtype).name} != payload length {plen}")
     if plen > max_payload:
         raise FrameError(f"payload {plen} > max {max_payload}")
     if len(frame.request_id) != 16:
         raise FrameError("request_id must be 16 bytes")
-    if frame.flags & ~KNOWN_FLAGS:
-        raise FrameError(f"unknown flags {frame.flags:#x}")
-    digest = b"\x00" * HASH_SIZE
-    if frame.flags & Flag.HASHED:
+    flags = int(frame.flags)
+    if flags & ~KNOWN_FLAGS:
+        raise FrameError(f"unknown flags {flags:#x}")
+    digest = _ZERO16
+    if flags & _HASHED:
         digest = frame.payload_hash or payload_hash(payload)
         if len(digest) != HASH_SIZE:
             raise FrameError("payload_hash must be 16 bytes")
-    s0 = shape[0] if len(shape) > 0 else 0
-    s1 = shape[1] if len(shape) > 1 else 0
+    s0 = shape[0] if ndim > 0 else 0
+    s1 = shape[1] if ndim > 1 else 0
     try:
-        header = HEADER.pack(MAGIC, PROTOCOL_VERSION, int(frame.type), int(frame.flags), frame.request_id,
+        header = HEADER.pack(MAGIC, PROTOCOL_VERSION, frame.type, flags, frame.request_id,
                              frame.step, frame.n_positions, frame.layer_start, frame.layer_end,
-                             int(frame.dtype), len(shape), 0, s0, s1, frame.deadline_ms, frame.seq, plen,
-                             digest, b"\x00" * 8)
+                             frame.dtype, ndim, 0, s0, s1, frame.deadline_ms, frame.seq, plen,
+                             digest, _ZERO8)
     except struct.error as exc:
         raise FrameError(f"field out of range: {exc}") from None
     if frame.layer_start > frame.layer_end:
         raise FrameError("layer_start > layer_end")
-    return header, bytes(payload)
+    return header, payload  # type: ignore[return-value]
 
 
 def peek_header(buf: bytes | bytearray | memoryview, max_payload: int = DEFAULT_MAX_PAYLOAD) -> int:
     """Validate just the header; return the payload length so a stream reader can size its
     next read.  Everything that can be checked without the payload is checked here, so a
     hostile length is refused before a single payload byte is buffered."""
+    return check_header(buf, max_payload)[16]
+
+
+def check_header(buf: bytes | bytearray | memoryview, max_payload: int = DEFAULT_MAX_PAYLOAD) -> tuple:
+    """peek_header's work, returning the unpacked header fields (payload length at index 16)
+    for decode_parts(..., fields=...), so stream readers unpack each header once."""
     if len(buf) < HEADER_SIZE:
         raise FrameError(f"short header: {len(buf)} < {HEADER_SIZE}")
+    fields = HEADER.unpack_from(buf, 0)
     (magic, version, mtype, flags, _rid, _step, _npos, lstart, lend, dtype, ndim, rsv,
-     s0, s1, _deadline, _seq, plen, _digest, rsv2) = HEADER.unpack_from(buf, 0)
+     s0, s1, _deadline, _seq, plen, _digest, rsv2) = fields
     if magic != MAGIC:
         raise FrameError("bad magic")
     if version != PROTOCOL_VERSION:
@@ -222,18 +234,25 @@ def peek_header(buf: bytes | bytearray | memoryview, max_payload: int = DEFAULT_
         raise FrameError(f"unknown dtype {dtype}")
     if ndim > MAX_NDIM:
         raise FrameError(f"ndim {ndim} > {MAX_NDIM}")
-    if rsv != 0 or rsv2 != b"\x00" * 8:
+    if rsv != 0 or rsv2 != _ZERO8:
         raise FrameError("reserved bits set")
     if lstart > lend:
         raise FrameError(f"layer range [{lstart}, {lend}) is inverted")
     if plen > max_payload:
         raise FrameError(f"payload length {plen} > max {max_payload}")
-    dims = (s0, s1)[:ndim]
-    if any(d for d in (s0, s1)[ndim:]):
+    if ndim == 2:
+        elems = s0 * s1
+    elif s1:
         raise FrameError("unused shape dims must be 0")
-    if _shape_elems(dims) * ITEMSIZE[DType(dtype)] != plen:
-        raise FrameError(f"shape {dims} x {DType(dtype).name} != payload length {plen}")
-    return plen
+    elif ndim == 1:
+        elems = s0
+    elif s0:
+        raise FrameError("unused shape dims must be 0")
+    else:
+        elems = 0
+    if elems * _ITEMSIZE_BY_VALUE[dtype] != plen:
+        raise FrameError(f"shape {(s0, s1)[:ndim]} x {DType(dtype).name} != payload length {plen}")
+    return fields
 
 
 def decode(buf: bytes | bytearray | memoryview, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Frame:
@@ -246,25 +265,27 @@ def decode(buf: bytes | bytearray | memoryview, max_payload: int = DEFAULT_MAX_P
 
 
 def decode_parts(header: bytes | bytearray | memoryview, payload: bytes | bytearray,
-                 max_payload: int = DEFAULT_MAX_PAYLOAD) -> Frame:
+                 max_payload: int = DEFAULT_MAX_PAYLOAD, fields: tuple | None = None) -> Frame:
     """Parse a frame already split into header and payload (stream readers).  A bytearray
-    payload is kept as is (no copy): the frame then owns that buffer."""
-    plen = peek_header(header, max_payload)
+    payload is kept as is (no copy): the frame then owns that buffer.  `fields` is
+    check_header()'s result for this header when the caller already has it."""
+    if fields is None:
+        fields = check_header(header, max_payload)
+    (_m, _v, mtype, flags, rid, step, npos, lstart, lend, dtype, ndim, _r,
+     s0, s1, deadline, seq, plen, digest, _r2) = fields
     if len(header) != HEADER_SIZE or len(payload) != plen:
         raise FrameError(f"payload length {len(payload)} != declared {plen}")
-    (_m, _v, mtype, flags, rid, step, npos, lstart, lend, dtype, ndim, _r,
-     s0, s1, deadline, seq, _plen, digest, _r2) = HEADER.unpack_from(header, 0)
     if not isinstance(payload, (bytes, bytearray)):
         payload = bytes(payload)
-    if flags & Flag.HASHED:
+    if flags & _HASHED:
         if payload_hash(payload) != digest:
             raise FrameError("payload hash mismatch")
     else:
-        if digest != b"\x00" * HASH_SIZE:
+        if digest != _ZERO16:
             raise FrameError("payload hash set without HASHED flag")
         digest = b""
-    return Frame(type=MsgType(mtype), request_id=bytes(rid), step=step, n_positions=npos,
-                 layer_start=lstart, layer_end=lend, dtype=DType(dtype), shape=(s0, s1)[:ndim],
+    return Frame(type=_MSG_BY_VALUE[mtype], request_id=rid, step=step, n_positions=npos,
+                 layer_start=lstart, layer_end=lend, dtype=_DTYPE_BY_VALUE[dtype], shape=(s0, s1)[:ndim],
                  deadline_ms=deadline, seq=seq, flags=flags, payload=payload, payload_hash=digest)
 
 

@@ -12,6 +12,8 @@ HELLO payload (struct "<4sH32s32s8s", 78 bytes):
   magic b"EAHS" | handshake version u16 | Ed25519 public key | 32-byte random nonce |
   swarm tag (8 bytes; zeros for the open swarm)
 AUTH payload: 64-byte Ed25519 signature | proof length u8 | proof (0 or 32 bytes)
+Order over a stream (TLS): HELLO both ways; client AUTH; server AUTH (sent only after the
+client's checked out); client CONFIRM (b"EAOK").  All are HELLO-type frames.
 Transcript: b"edge-agent handshake v1\\0" | kind | b"\\0" | binding | len-prefixed client
 HELLO | len-prefixed server HELLO, then one role byte (b"C" or b"S") for the signer.
 """
@@ -34,6 +36,7 @@ HELLO_MAGIC = b"EAHS"
 SIG_SIZE = 64
 CONTEXT = b"edge-agent handshake v1\x00"
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+CONFIRM = b"EAOK"
 
 
 @dataclass(frozen=True)
@@ -124,17 +127,24 @@ async def _recv_hs(recv: RecvFn) -> bytes:
 async def run_handshake(send: SendFn, recv: RecvFn, identity: Identity, swarm: SwarmKey, *, kind: str,
                         binding: bytes, is_client: bool, expect_peer_id: str | None = None,
                         version: int = HANDSHAKE_VERSION) -> Hello:
-    """Symmetric two-message exchange over an established secure stream; returns the peer's
-    verified HELLO.  On failure tells the peer why (one ERROR frame) and raises."""
+    """HELLO both ways, then client AUTH, server AUTH (only after checking the client's), client
+    CONFIRM: each side learns whether the other accepted it.  Returns the peer's verified
+    HELLO.  On failure tells the peer why (one ERROR frame) and raises HandshakeError."""
     mine = make_hello(identity, swarm, version=version)
     try:
         await send(Frame.from_bytes(MsgType.HELLO, mine))
         peer = parse_hello(await _recv_hs(recv), swarm, identity, expect_peer_id)
         ch, sh = (mine, peer.raw) if is_client else (peer.raw, mine)
         base = transcript(kind, binding, ch, sh)
-        my_role, peer_role = (b"C", b"S") if is_client else (b"S", b"C")
-        await send(Frame.from_bytes(MsgType.HELLO, make_auth(identity, swarm, base, my_role)))
-        check_auth(peer, swarm, base, peer_role, await _recv_hs(recv))
+        if is_client:  # the client proves first; the server answers only a verified client
+            await send(Frame.from_bytes(MsgType.HELLO, make_auth(identity, swarm, base, b"C")))
+            check_auth(peer, swarm, base, b"S", await _recv_hs(recv))
+            await send(Frame.from_bytes(MsgType.HELLO, CONFIRM))
+        else:
+            check_auth(peer, swarm, base, b"C", await _recv_hs(recv))
+            await send(Frame.from_bytes(MsgType.HELLO, make_auth(identity, swarm, base, b"S")))
+            if await _recv_hs(recv) != CONFIRM:
+                raise HandshakeError("malformed confirmation")
         return peer
     except HandshakeError as exc:
         if not exc.reason.startswith("peer "):

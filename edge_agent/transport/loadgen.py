@@ -5,7 +5,7 @@ processes (a SIGKILLed sender, CPU not shared with the receiver's event loop).  
 is that other process, and the deterministic traffic both sides agree on.
 
     python -m edge_agent.transport.loadgen send KIND HOST PORT SECRET COUNT BIG_EVERY [--forever]
-    python -m edge_agent.transport.loadgen echo KIND HOST SECRET
+    python -m edge_agent.transport.loadgen echo KIND HOST SECRET   (echoes frames <= 64 KiB, ACKs bigger)
 KIND is tls, webrtc or tcp (bare length-prefixed TCP, the benchmark baseline).  The first
 stdout line is "READY <port> <agent_id>".  Loopback only: it binds/connects where told.
 """
@@ -24,6 +24,7 @@ from .errors import PeerLostError
 from .frames import Frame, MsgType
 
 HIDDEN = 576
+ECHO_LIMIT = 64 * 1024  # echo peers return frames up to this size, and only an ACK for bigger ones
 BIG_SIZES = (256 * 1024, 1 << 20, 4 << 20, 8 << 20)
 
 
@@ -41,6 +42,20 @@ def mixed_frame(i: int, big_every: int = 500) -> Frame:
         n = 1
     return Frame.from_array(MsgType.ACTIVATION, arr, request_id=rid, step=i, n_positions=n, layer_start=0,
                             layer_end=12, seq=i, flags=0)
+
+
+async def receive_mix(ch: Any, count: int, big_every: int) -> int:
+    """Receive `count` frames of the standard mix and check each is intact, in order, once.
+    Returns the payload bytes received; raises AssertionError naming the first bad frame."""
+    total = 0
+    for i in range(count):
+        got = await ch.recv()
+        want = mixed_frame(i, big_every)
+        if got != want:
+            raise AssertionError(f"frame {i}: got seq={got.seq} step={got.step} len={len(got.payload)}, "
+                                 f"want seq={want.seq} len={len(want.payload)}")
+        total += len(got.payload)
+    return total
 
 
 async def open_channel(kind: str, identity: Identity, swarm: SwarmKey, host: str, port: int, **kw: Any) -> Any:
@@ -118,7 +133,8 @@ async def _echo(kind: str, host: str, secret: str) -> None:
 
             async def pump() -> None:
                 while True:
-                    await p.send(await p.recv())
+                    msg = await p.recv()
+                    await p.send(msg if len(msg) <= ECHO_LIMIT else b"ACK")
             loop.create_task(pump())
             return p
         server = await loop.create_server(factory, host, 0)
@@ -127,7 +143,8 @@ async def _echo(kind: str, host: str, secret: str) -> None:
         async def handler(ch: Any) -> None:
             try:
                 while True:
-                    await ch.send(await ch.recv())
+                    f = await ch.recv()
+                    await ch.send(f if len(f.payload) <= ECHO_LIMIT else Frame(MsgType.ACK, seq=f.seq))
             except PeerLostError:
                 pass
         server = await serve(kind, identity, swarm, host, 0, handler)

@@ -3,8 +3,8 @@
 Why this shape: Python's ssl gives TLS 1.3 with AES-GCM in OpenSSL; each side presents an
 ephemeral self-signed ECDSA certificate (so no private key of ours is ever in a TLS library's
 hands except a throwaway one), and identity is proven *after* TLS by the Ed25519 handshake in
-handshake.py, bound to the server certificate hash.  Frames are parsed straight out of
-`data_received` (an asyncio Protocol, no reader task) to keep the one-token hop short.
+handshake.py, bound to the server certificate hash.  Frames are parsed in the protocol
+callbacks (an asyncio BufferedProtocol, no reader task) to keep the one-token hop short.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 from ..discovery.identity import Identity, SwarmKey
 from .channel import ChannelHandler, FrameChannel
 from .errors import FrameError, HandshakeError, PeerLostError
-from .frames import HEADER_SIZE, decode_parts, peek_header
+from .frames import HEADER_SIZE, MsgType, check_header, decode_parts
 from .handshake import DEFAULT_HANDSHAKE_TIMEOUT, HANDSHAKE_VERSION, run_handshake
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,12 @@ def _context(identity: Identity, server: bool) -> tuple[ssl.SSLContext, bytes]:
     return ctx, binding
 
 
-class TlsChannel(FrameChannel, asyncio.Protocol):
+_HANDSHAKE_TYPES = frozenset((MsgType.HELLO, MsgType.ERROR, MsgType.HEARTBEAT, MsgType.CLOSE))
+STAGE_SIZE = 256 * 1024
+DIRECT_THRESHOLD = 64 * 1024
+
+
+class TlsChannel(FrameChannel, asyncio.BufferedProtocol):
     """A Channel over one TLS connection; also the asyncio Protocol that parses it."""
 
     kind = "tls"
@@ -88,7 +93,11 @@ class TlsChannel(FrameChannel, asyncio.Protocol):
         self._full_max_payload, self._full_max_buffered = self.max_payload, self.max_buffered
         self.max_payload, self.max_buffered = _HANDSHAKE_MAX_PAYLOAD, _HANDSHAKE_MAX_BUFFERED
         self._transport: asyncio.Transport | None = None
-        self._hbuf = bytearray()
+        self._stage = bytearray(STAGE_SIZE)
+        self._sview = memoryview(self._stage)
+        self._lo = self._hi = 0
+        self._header = b""
+        self._authed = False
         self._pbuf: bytearray | None = None
         self._pfill = 0
         self._write_ok = asyncio.Event()
@@ -96,7 +105,7 @@ class TlsChannel(FrameChannel, asyncio.Protocol):
         self._graceful = False
         self.connected = asyncio.get_running_loop().create_future()
 
-    # -- asyncio.Protocol -----------------------------------------------------------------
+    # -- asyncio.BufferedProtocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         self._touch()
@@ -115,47 +124,70 @@ class TlsChannel(FrameChannel, asyncio.Protocol):
     def resume_writing(self) -> None:
         self._write_ok.set()
 
-    def data_received(self, data: bytes) -> None:
+    # Reading: a BufferedProtocol, so asyncio's SSL layer decrypts straight into our buffers.
+    # Small frames are parsed out of a staging buffer; a big payload gets its own bytearray
+    # (sized after peek_header checked it) that TLS then fills in place - no extra copies.
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._pbuf is not None:
+            return memoryview(self._pbuf)[self._pfill:]
+        if self._hi == STAGE_SIZE:
+            self._compact()
+        return self._sview[self._hi:]
+
+    def buffer_updated(self, nbytes: int) -> None:
         self._last_rx = time.monotonic()
         try:
-            self._parse(data)
+            if self._pbuf is not None:
+                self._pfill += nbytes
+                if self._pfill == len(self._pbuf):
+                    payload, self._pbuf = self._pbuf, None
+                    self._deliver(decode_parts(self._header, payload, self.max_payload))
+                return
+            self._hi += nbytes
+            self._parse()
         except FrameError as exc:
             self._fail(f"protocol error from peer: {exc.reason}")
             return
-        if self.rx_full and self._transport is not None:
+        if self.rx_full and self._transport is not None and not self._transport.is_closing():
             self._transport.pause_reading()
 
-    def _parse(self, data: bytes) -> None:
-        mv = memoryview(data)
-        off, n = 0, len(data)
-        while off < n and self._lost is None:
-            pbuf = self._pbuf
-            if pbuf is None:
-                take = min(HEADER_SIZE - len(self._hbuf), n - off)
-                self._hbuf += mv[off:off + take]
-                off += take
-                if len(self._hbuf) < HEADER_SIZE:
-                    return
-                plen = peek_header(self._hbuf, self.max_payload)
-                if plen == 0:
-                    header, self._hbuf = self._hbuf, bytearray()
-                    self._deliver(decode_parts(header, b"", self.max_payload))
-                    continue
-                if n - off >= plen:  # whole payload in this chunk: one copy
-                    payload = bytes(mv[off:off + plen])
-                    off += plen
-                    header, self._hbuf = self._hbuf, bytearray()
-                    self._deliver(decode_parts(header, payload, self.max_payload))
-                    continue
-                self._pbuf = pbuf = bytearray(plen)  # size checked by peek_header
-                self._pfill = 0
-            take = min(len(pbuf) - self._pfill, n - off)
-            pbuf[self._pfill:self._pfill + take] = mv[off:off + take]
-            self._pfill += take
-            off += take
-            if self._pfill == len(pbuf):
-                header, self._hbuf, self._pbuf = self._hbuf, bytearray(), None
-                self._deliver(decode_parts(header, pbuf, self.max_payload))
+    def _compact(self) -> None:
+        n = self._hi - self._lo
+        self._sview[:n] = self._sview[self._lo:self._hi]
+        self._lo, self._hi = 0, n
+
+    def _parse(self) -> None:
+        sv = self._sview
+        while self._hi - self._lo >= HEADER_SIZE and self._lost is None:
+            lo = self._lo
+            if not self._authed and sv[lo + 5] not in _HANDSHAKE_TYPES:
+                # Application data right behind the handshake: hold it until the handshake
+                # task has checked the peer and lifted the limits (then _resume_after_auth).
+                if self._transport is not None:
+                    self._transport.pause_reading()
+                return
+            hdr = sv[lo:lo + HEADER_SIZE]
+            fields = check_header(hdr, self.max_payload)
+            plen = fields[16]
+            end = lo + HEADER_SIZE + plen
+            if end <= self._hi:
+                self._lo = end
+                self._deliver(decode_parts(hdr, bytes(sv[lo + HEADER_SIZE:end]) if plen else b"",
+                                           self.max_payload, fields))
+                continue
+            if plen > DIRECT_THRESHOLD:
+                have = self._hi - lo - HEADER_SIZE
+                self._header = bytes(sv[lo:lo + HEADER_SIZE])
+                self._pbuf = bytearray(plen)  # size already checked against max_payload
+                self._pbuf[:have] = sv[lo + HEADER_SIZE:self._hi]
+                self._pfill = have
+                self._lo = self._hi = 0
+                return
+            if end > STAGE_SIZE:
+                self._compact()
+            return
+        if self._lo == self._hi:
+            self._lo = self._hi = 0
 
     # -- FrameChannel hooks -----------------------------------------------------------------
     async def _transmit(self, header: bytes, payload: bytes) -> None:
@@ -209,8 +241,16 @@ class TlsChannel(FrameChannel, asyncio.Protocol):
             raise
         self.peer_id = peer.agent_id
         self.max_payload, self.max_buffered = self._full_max_payload, self._full_max_buffered
+        self._authed = True
         self._last_rx = time.monotonic()
         self._start()
+        try:
+            self._parse()
+        except FrameError as exc:
+            self._fail(f"protocol error from peer: {exc.reason}")
+            raise PeerLostError(self._lost.reason if self._lost else exc.reason) from None
+        if self._transport is not None and not self._transport.is_closing() and not self.rx_full:
+            self._transport.resume_reading()
 
 
 class TlsServer:

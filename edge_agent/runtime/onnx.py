@@ -1,0 +1,266 @@
+"""The ONNX Runtime engine: the same shard contract as ``LlamaCppEngine``, on ONNX Runtime.
+
+For devices without a (fast) llama.cpp build (ONNX Runtime Mobile, NPU execution
+providers) and as an independent second runtime for redundancy checks. The graph of a
+layer range is built from the GGUF tensors (``onnx_graph``, weights mapped exactly by
+``onnx_weights``) and cached on disk under ``<cache_dir>/onnx/<key>/``, the key being the
+shard's content hash plus every option that changes the graph.
+
+State: per request, the past K/V of each layer as numpy arrays (fed to the graph as
+``past_*`` and replaced by its ``present_*`` outputs), so requests never share a cache and
+``truncate`` is a slice. Requests run one after another (their past lengths differ).
+Results agree with llama.cpp within a tolerance (docs/onnx.md), not bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from edge_agent.runtime.engine import (
+    CapacityError,
+    EngineError,
+    EngineOptions,
+    InputShapeError,
+    PositionError,
+    ShardInfo,
+    StepInput,
+    StepOutput,
+    UnknownRequestError,
+    UnsupportedModelError,
+)
+from edge_agent.runtime.onnx_graph import GRAPH_VERSION, GraphSpec, build_model, rope_tables
+from edge_agent.runtime.shards import _field, _reader, inspect_model, role_for, shard_hash, validate_range
+
+ONNX_ARCHS = ("llama",)
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+class _Request:
+    __slots__ = ("k", "v", "pos")
+
+    def __init__(self, k: list[np.ndarray], v: list[np.ndarray]):
+        self.k, self.v, self.pos = k, v, 0
+
+
+class OnnxEngine:
+    """Layers [start, end) of a GGUF llama model on ONNX Runtime (see ``runtime.engine.Engine``)."""
+
+    def __init__(
+        self, model_path: Path | str, start: int, end: int, options: EngineOptions | None = None, cache_dir: Path | str | None = None
+    ):
+        import onnxruntime as ort
+
+        from edge_agent.config import shard_cache_dir
+
+        self.options = o = options or EngineOptions()
+        self.model_path = Path(model_path)
+        meta = inspect_model(self.model_path)
+        if meta.role != "full":
+            raise UnsupportedModelError(f"{model_path} is a {meta.role} shard; give the ONNX backend the source model")
+        if meta.arch not in ONNX_ARCHS:
+            raise UnsupportedModelError(f"architecture {meta.arch!r} is not supported by the ONNX backend (supported: {', '.join(ONNX_ARCHS)})")
+        validate_range(start, end, meta.n_layer)
+        role = role_for(start, end, meta.n_layer)
+        reader = _reader(self.model_path)
+        arch = meta.arch
+        head_dim = int(_field(reader, f"{arch}.attention.key_length", 0) or meta.n_embd // meta.n_head)
+        self.spec = GraphSpec(
+            start=start, end=end, role=role, n_embd=meta.n_embd, n_head=meta.n_head, n_head_kv=meta.n_head_kv,
+            head_dim=head_dim, n_rot=int(_field(reader, f"{arch}.rope.dimension_count", head_dim)),
+            eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            kv_f16=o.kv_type != "f32", accuracy_level=int(o.extra.get("onnx_accuracy_level", 4)),
+        )  # fmt: skip
+        scaling = _field(reader, f"{arch}.rope.scaling.type")
+        factor = float(_field(reader, f"{arch}.rope.scaling.factor", 1.0) or 1.0)
+        if scaling not in (None, "none", "linear"):
+            raise UnsupportedModelError(f"rope scaling {scaling!r} is not supported by the ONNX backend")
+        self.freq_base = float(_field(reader, f"{arch}.rope.freq_base", 10000.0))
+        self.freq_scale = 1.0 / factor if scaling == "linear" else 1.0
+        self.info = ShardInfo(
+            model_hash=meta.model_hash,
+            shard_hash=shard_hash(self.model_path, start, end),
+            start=start, end=end, n_layer_total=meta.n_layer, n_embd=meta.n_embd,
+            n_vocab=0 if role == "middle" else meta.n_vocab, role=role, arch=arch,
+        )  # fmt: skip
+        self._n_vocab = meta.n_vocab
+        self._kv_dtype = np.float16 if self.spec.kv_f16 else np.float32
+        self.graph_path = self._ensure_graph(reader, Path(cache_dir) if cache_dir else shard_cache_dir())
+        del reader
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = o.n_threads or default_threads()
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(str(self.graph_path), so, providers=o.extra.get("onnx_providers", ["CPUExecutionProvider"]))
+        except Exception as exc:  # ORT raises its own exception types for bad graphs
+            raise EngineError(f"ONNX Runtime could not load {self.graph_path}: {exc}") from exc
+        self._out_names = [x.name for x in self._session.get_outputs()]
+        self._lock = threading.Lock()
+        self._requests: dict[str, _Request] = {}
+
+    @classmethod
+    def from_model(
+        cls, model_path: Path | str, start: int, end: int, options: EngineOptions | None = None, cache_dir: Path | str | None = None
+    ) -> "OnnxEngine":
+        """Load layers [start, end) of a whole model (same signature as ``LlamaCppEngine.from_model``)."""
+        return cls(model_path, start, end, options, cache_dir)
+
+    # -- graph cache -----------------------------------------------------------------------
+    def cache_key(self) -> str:
+        blob = json.dumps({"v": GRAPH_VERSION, "shard": self.info.shard_hash, "spec": self.spec.__dict__}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    def _ensure_graph(self, reader, cache_dir: Path) -> Path:
+        """Build (once) and return the cached model file; written to a temp dir, then renamed."""
+        import onnx
+
+        final = cache_dir / "onnx" / self.cache_key()
+        path = final / "model.onnx"
+        if path.is_file():
+            return path
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
+        try:
+            model = build_model(reader, self.spec)
+            onnx.save_model(model, str(tmp / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location="weights.bin", size_threshold=1024)  # fmt: skip
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another process built it first
+                if not path.is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    # -- Engine interface ------------------------------------------------------------------
+    def positions(self, request_id: str) -> int:
+        r = self._requests.get(request_id)
+        return 0 if r is None else r.pos
+
+    def check(self, step: StepInput) -> None:
+        """Validate one step without touching state (same errors as ``LlamaCppEngine.check``)."""
+        data = step.data
+        if self.spec.takes_tokens:
+            if not isinstance(data, np.ndarray) or data.ndim != 1 or data.dtype != np.int32:
+                raise InputShapeError(f"{self.info.role} shard takes int32 token ids of shape (n,), got {getattr(data, 'dtype', type(data))} {getattr(data, 'shape', '')}")
+            if data.size and (int(data.min()) < 0 or int(data.max()) >= self._n_vocab):
+                raise InputShapeError(f"token id out of range [0, {self._n_vocab})")
+        else:
+            if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != self.info.n_embd or data.dtype != np.float32:
+                raise InputShapeError(
+                    f"shard {self.info.start}:{self.info.end} takes float32 hidden states of shape (n, {self.info.n_embd}), "
+                    f"got {getattr(data, 'dtype', type(data))} {tuple(getattr(data, 'shape', ()))}"
+                )
+            if not np.isfinite(data).all():
+                raise InputShapeError("hidden states contain NaN or Inf")
+        n = data.shape[0]
+        if n < 1:
+            raise InputShapeError("a step needs at least one position")
+        req = self._requests.get(step.request_id)
+        held = 0 if req is None else req.pos
+        if req is None and step.pos != 0:
+            raise UnknownRequestError(
+                f"request {step.request_id!r} is unknown to shard {self.info.start}:{self.info.end} "
+                f"(never started, ended or evicted); replay it from position 0"
+            )
+        if step.pos != held:
+            kind = "gap" if step.pos > held else "overlap"
+            raise PositionError(f"request {step.request_id!r}: position {step.pos} does not follow the {held} held ({kind})")
+        if held + n > self.options.n_ctx_per_request:
+            raise CapacityError(f"request {step.request_id!r}: {held + n} positions exceed the context of {self.options.n_ctx_per_request}")
+        if req is None and len(self._requests) >= self.options.max_requests:
+            raise CapacityError(f"all {self.options.max_requests} request slots are busy")
+
+    def forward(self, steps: Sequence[StepInput]) -> list[StepOutput]:
+        if not steps:
+            return []
+        ids = [s.request_id for s in steps]
+        if len(set(ids)) != len(ids):
+            raise InputShapeError("one forward call may hold each request once")
+        with self._lock:
+            for s in steps:
+                self.check(s)
+            if len([s for s in steps if s.request_id not in self._requests]) + len(self._requests) > self.options.max_requests:
+                raise CapacityError(f"all {self.options.max_requests} request slots are busy")
+            t0 = time.perf_counter()
+            results = [self._run_step(s) for s in steps]  # (output, new state); committed only if all succeed
+            for s, (_, state) in zip(steps, results):
+                self._requests[s.request_id] = state
+            ms = (time.perf_counter() - t0) * 1000.0
+        return [StepOutput(s.request_id, out, ms) for s, (out, _) in zip(steps, results)]
+
+    def end_request(self, request_id: str) -> None:
+        with self._lock:
+            self._requests.pop(request_id, None)
+
+    def truncate(self, request_id: str, n_positions: int) -> None:
+        with self._lock:
+            r = self._requests.get(request_id)
+            if r is not None and 0 <= n_positions < r.pos:
+                r.k = [k[:, :n_positions].copy() for k in r.k]
+                r.v = [v[:, :n_positions].copy() for v in r.v]
+                r.pos = n_positions
+
+    def requests(self) -> list[str]:
+        return list(self._requests)
+
+    def close(self) -> None:
+        self._requests.clear()
+        self._session = None
+
+    # -- decoding --------------------------------------------------------------------------
+    def _run_step(self, step: StepInput) -> tuple[np.ndarray, _Request]:
+        """Run one request's rows in n_batch chunks; returns the output and its new state."""
+        s = self.spec
+        old = self._requests.get(step.request_id)
+        if old is None:
+            empty = np.zeros((s.n_head_kv, 0, s.head_dim), dtype=self._kv_dtype)
+            old = _Request([empty] * (s.end - s.start), [empty] * (s.end - s.start))
+        state = _Request(list(old.k), list(old.v))
+        state.pos = old.pos
+        outs = []
+        n_batch = max(1, self.options.n_batch)
+        for c0 in range(0, step.data.shape[0], n_batch):
+            outs.append(self._run_chunk(state, step.data[c0 : c0 + n_batch]))
+        if self.spec.gives_logits:
+            logits = np.concatenate(outs)
+            return (logits if step.all_logits else logits[-1]), state
+        return np.concatenate(outs), state
+
+    def _run_chunk(self, state: _Request, data: np.ndarray) -> np.ndarray:
+        n, past = data.shape[0], state.pos
+        pos = np.arange(past, past + n)
+        cos, sin = rope_tables(pos, self.spec.n_rot, self.freq_base, self.freq_scale)
+        mask = np.where(np.arange(past + n)[None, :] <= pos[:, None], np.float32(0), np.float32(-np.inf)).astype(np.float32)
+        feed = {"rope_cos": cos, "rope_sin": sin, "mask": mask}
+        if self.spec.takes_tokens:
+            feed["tokens"] = data.astype(np.int64)
+        else:
+            feed["hidden"] = np.ascontiguousarray(data, dtype=np.float32)
+        for i in range(len(state.k)):
+            feed[f"past_k.{i}"] = state.k[i]
+            feed[f"past_v.{i}"] = state.v[i]
+        try:
+            res = self._session.run(None, feed)
+        except Exception as exc:  # an ORT failure leaves the request's state untouched
+            raise EngineError(f"ONNX Runtime failed on shard {self.info.start}:{self.info.end}: {exc}") from exc
+        named = dict(zip(self._out_names, res))
+        for i in range(len(state.k)):
+            state.k[i] = named[f"present_k.{i}"]
+            state.v[i] = named[f"present_v.{i}"]
+        state.pos = past + n
+        return named["logits" if self.spec.gives_logits else "hidden_out"]

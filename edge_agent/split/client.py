@@ -1,0 +1,258 @@
+"""The requesting device: drives one request across hops, under deadlines, around failures.
+
+Per token: tokens -> local head (embedding + first k layers) -> each remote hop (star:
+the client sends to every hop and hears back) -> local tail (last m layers, norm, LM
+head) -> sampling. Tokens and logits never leave this process.
+
+Recovery keeps output unchanged: the client keeps, per hop, every input it sent (in the
+exact chunks it sent them), so a replacement node rebuilds the lost KV cache by replaying
+the same computations in the same shapes, which llama.cpp reproduces bit for bit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from edge_agent.runtime.engine import EngineOptions, StepInput
+from edge_agent.runtime.generation import Decoder, GenerationResult
+from edge_agent.runtime.sampling import SamplingParams
+from edge_agent.split.deadlines import DeadlineConfig, DeadlineTracker
+from edge_agent.split.links import HopFailed, PeerLink
+from edge_agent.split.observe import HopRecord, Observers, digest
+from edge_agent.split.planner import Hop, NoRouteError, PeerCapability, Plan, has_alternative, plan_path
+from edge_agent.split.policy import PrivacyPolicy
+from edge_agent.transport import Flag, Frame, MsgType
+
+log = logging.getLogger(__name__)
+
+
+class PeerSource(Protocol):
+    """Who is out there and how to reach them (discovery + transport, wired in node.py)."""
+
+    def capabilities(self) -> list[PeerCapability]: ...
+
+    async def link(self, peer_id: str) -> PeerLink: ...
+
+
+@dataclass
+class ClientConfig:
+    policy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+    target_tbt_ms: float = 250.0
+    mode: str = "star"
+    deadline: DeadlineConfig = field(default_factory=lambda: DeadlineConfig(overrun_factor=3.0, overrun_ms=50.0, negative_steps=3))
+    hop_timeout_s: float = 10.0  # a decode hop that says nothing this long is replaced
+    prefill_timeout_s: float = 120.0
+    max_reroutes: int = 8
+
+
+@dataclass(eq=False)  # identity matters: states are kept across re-routes
+class _HopState:
+    hop: Hop
+    link: PeerLink
+    history: list[tuple[int, np.ndarray]] = field(default_factory=list)  # inputs sent, in send order
+    compute_ms: float = 0.0
+    transfer_ms: float = 0.0
+    steps: int = 0
+
+
+@dataclass
+class _Request:
+    rid: bytes
+    plan: Plan
+    tracker: DeadlineTracker
+    hops: list[_HopState]
+    excluded: set[str] = field(default_factory=set)
+    reroutes: list[dict] = field(default_factory=list)
+    step_index: int = 0
+
+
+class SwarmClient:
+    def __init__(self, model_path, peers: PeerSource, config: ClientConfig | None = None, options: EngineOptions | None = None,
+                 cache_dir=None):
+        from edge_agent.runtime.llamacpp import LlamaCppEngine
+        from edge_agent.runtime.shards import inspect_model
+        from edge_agent.runtime.tokenizer import Tokenizer
+
+        self.config = config or ClientConfig()
+        self.peers = peers
+        self.options = options or EngineOptions(max_requests=4)
+        info = inspect_model(model_path)
+        self.n_layer = info.n_layer
+        self.model_hash = info.model_hash
+        self.config.policy.validate(self.n_layer)
+        (h0, h1), (t0, t1) = self.config.policy.client_ranges(self.n_layer)
+        self.tokenizer = Tokenizer(model_path)
+        self.head = LlamaCppEngine.from_model(model_path, h0, h1, self.options, cache_dir)
+        self.tail = LlamaCppEngine.from_model(model_path, t0, t1, self.options, cache_dir)
+        self.observers = Observers()
+        self._local_ms = 0.0
+
+    def close(self) -> None:
+        self.head.close()
+        self.tail.close()
+        self.tokenizer.close()
+
+    # -- planning ---------------------------------------------------------------------------
+    def _plan(self, previous: Plan | None = None, exclude=(), replace_hops=()) -> Plan:
+        caps = self.peers.capabilities()
+        return plan_path(self.n_layer, self.config.policy, caps, target_tbt_ms=self.config.target_tbt_ms,
+                         local_ms=self._local_ms, previous=previous, exclude=exclude, replace_hops=replace_hops,
+                         mode=self.config.mode)
+
+    async def _open(self, plan: Plan, keep: dict[tuple[str, int, int], _HopState]) -> list[_HopState]:
+        states = []
+        for hop in plan.hops:
+            old = keep.get((hop.peer_id, hop.start, hop.end))
+            states.append(old if old is not None else _HopState(hop, await self.peers.link(hop.peer_id)))
+            states[-1].hop = hop
+        return states
+
+    # -- one hop ----------------------------------------------------------------------------
+    async def _call(self, req: _Request, hs: _HopState, pos: int, x: np.ndarray, timeout_s: float, replay: bool = False) -> tuple[np.ndarray, float, float]:
+        flags = (Flag.PREFILL if x.shape[0] > 1 else 0) | (Flag.REPLAY if replay else 0)
+        frame = Frame.from_array(MsgType.ACTIVATION, x, request_id=req.rid, step=pos, n_positions=x.shape[0],
+                                 layer_start=hs.hop.start, layer_end=hs.hop.end, seq=hs.link.next_seq(), flags=int(flags))
+        reply = await hs.link.request(frame, timeout_s)
+        f = reply.frame
+        if f.type != MsgType.ACTIVATION or f.step != pos or (f.layer_start, f.layer_end) != (hs.hop.start, hs.hop.end):
+            raise HopFailed(hs.link.peer_id, "reply does not match the request (wrong type, step or layers)", "bad_reply")
+        out = f.array()
+        if out.shape != x.shape or not np.isfinite(out).all():
+            raise HopFailed(hs.link.peer_id, f"reply has shape {out.shape}, expected {x.shape}, or non-finite values", "bad_reply")
+        compute_ms = getattr(f, "compute_us", 0) / 1000.0
+        if self.observers.callbacks:
+            self.observers.emit(HopRecord("client", req.rid.hex(), hs.link.peer_id, hs.hop.start, hs.hop.end, pos, x.shape[0],
+                                          digest(x.tobytes()), digest(f.payload), compute_ms, reply.wall_ms, hs.hop.budget_ms, replay))
+        return np.array(out), compute_ms, reply.wall_ms
+
+    # -- failure handling -------------------------------------------------------------------
+    async def _reroute(self, req: _Request, index: int, reason: str, permanent: bool) -> None:
+        """Replace hop ``index`` (new peer(s) for its layers) and rebuild their KV caches by replay."""
+        failed = req.hops[index]
+        if permanent:
+            req.excluded.add(failed.hop.peer_id)
+        await failed.link.send(Frame(MsgType.END_REQUEST, request_id=req.rid))
+        while True:
+            if len(req.reroutes) >= self.config.max_reroutes:
+                raise NoRouteError([(failed.hop.start, failed.hop.end)], f"gave up after {len(req.reroutes)} re-routes")
+            new_plan = self._plan(previous=req.plan, exclude=req.excluded, replace_hops=[index])
+            keep = {(h.hop.peer_id, h.hop.start, h.hop.end): h for i, h in enumerate(req.hops) if i != index}
+            try:
+                states = await self._open(new_plan, keep)
+                new = [s for s in states if s not in keep.values()]
+                req.reroutes.append({"step": req.step_index, "layers": f"{failed.hop.start}:{failed.hop.end}",
+                                     "from": failed.hop.peer_id, "to": [s.hop.peer_id for s in new], "reason": reason})
+                log.info("re-route %s: layers %d:%d from %s (%s) to %s", req.rid.hex()[:8], failed.hop.start,
+                         failed.hop.end, failed.hop.peer_id[:12], reason, [s.hop.peer_id[:12] for s in new])
+                await self._replay(req, failed.history, new)
+            except HopFailed as exc:  # the replacement failed too: route around it as well
+                reason = f"replacement failed: {exc.code}: {exc.reason}"
+                req.excluded.add(exc.peer_id)
+                continue
+            req.plan, req.hops = new_plan, states
+            req.tracker.adopt(new_plan)
+            return
+
+    async def _replay(self, req: _Request, inputs: list[tuple[int, np.ndarray]], new: list[_HopState]) -> None:
+        """Re-send a lost hop's inputs, in the chunks first sent, through its replacement(s)."""
+        for s in new:
+            outs = []
+            for pos, x in inputs:
+                y, _, _ = await self._call(req, s, pos, x, self.config.prefill_timeout_s, replay=True)
+                s.history.append((pos, x))
+                outs.append((pos, y))
+            inputs = outs
+
+    # -- the token loop ---------------------------------------------------------------------
+    async def _remote(self, req: _Request, pos: int, x: np.ndarray) -> np.ndarray:
+        decode = x.shape[0] == 1
+        observed: list[float] = []
+        i = 0
+        while i < len(req.hops):
+            hs = req.hops[i]
+            if decode:
+                budget = req.tracker.budgets(observed)[i]
+                timeout = max(self.config.hop_timeout_s, budget / 1000.0)
+            else:
+                timeout = self.config.prefill_timeout_s
+            try:
+                y, compute_ms, wall_ms = await self._call(req, hs, pos, x, timeout)
+            except HopFailed as exc:
+                await self._reroute(req, i, f"{exc.code}: {exc.reason}", exc.permanent)
+                continue  # retry the same layers on the replacement
+            hs.history.append((pos, x))
+            hs.compute_ms += compute_ms
+            hs.transfer_ms += max(0.0, wall_ms - compute_ms)
+            hs.steps += 1
+            observed.append(wall_ms)
+            x = y
+            i += 1
+        if decode and req.hops:
+            caps = self.peers.capabilities()
+            alts = [j for j in range(len(req.hops)) if has_alternative(req.plan, j, caps, req.excluded)]
+            report = req.tracker.observe(observed, alts)
+            for advice in report.replace:
+                if advice.hop_index in alts:
+                    # a slow peer loses its hop; it stays usable for other requests
+                    await self._reroute(req, advice.hop_index, f"deadline: {advice.reason}", permanent=True)
+        return x
+
+    async def generate(self, prompt_tokens: Sequence[int], params: SamplingParams,
+                       on_token: Callable[[int, str], None] | None = None) -> GenerationResult:
+        rid = uuid.uuid4().bytes
+        plan = self._plan()
+        req = _Request(rid, plan, DeadlineTracker(plan, self.config.deadline), await self._open(plan, {}))
+        decoder = Decoder(self.tokenizer, params, list(prompt_tokens))
+        feed = np.asarray(prompt_tokens, dtype=np.int32)
+        pos = 0
+        sid = rid.hex()
+        try:
+            while not decoder.finished:
+                t0 = time.perf_counter()
+                x = (await asyncio.to_thread(self.head.forward, [StepInput(sid, pos, feed)]))[0].data
+                t1 = time.perf_counter()
+                x = await self._remote(req, pos, x)
+                t2 = time.perf_counter()
+                logits = (await asyncio.to_thread(self.tail.forward, [StepInput(sid, pos, x)]))[0].data
+                if feed.shape[0] == 1:
+                    self._local_ms = (t1 - t0 + time.perf_counter() - t2) * 1000.0
+                pos += feed.shape[0]
+                req.step_index += 1
+                token = decoder.feed(logits)
+                if token is None:
+                    break
+                if on_token:
+                    on_token(token, decoder.new_text())
+                if decoder.finished:
+                    break
+                feed = np.asarray([token], dtype=np.int32)
+        finally:
+            self.head.end_request(sid)
+            self.tail.end_request(sid)
+            for hs in req.hops:
+                await hs.link.send(Frame(MsgType.END_REQUEST, request_id=rid))
+        return decoder.result(self._stats(req))
+
+    def _stats(self, req: _Request) -> dict:
+        tel = req.tracker.telemetry()
+        return {
+            "mode": req.plan.mode,
+            "path": [{"peer_id": h.hop.peer_id, "range": f"{h.hop.start}:{h.hop.end}"} for h in req.hops],
+            "hops": [
+                {"peer_id": h.hop.peer_id, "range": f"{h.hop.start}:{h.hop.end}", "steps": h.steps,
+                 "compute_ms": round(h.compute_ms, 3), "transfer_ms": round(h.transfer_ms, 3),
+                 "budget_ms": round(h.hop.budget_ms, 3)}
+                for h in req.hops
+            ],
+            "slack_ms": round(tel.budget_ms - tel.mean_total_ms, 3) if tel.mean_total_ms is not None else None,
+            "deadline_misses": tel.step_misses,
+            "reroutes": req.reroutes,
+            "local": [f"{self.head.info.start}:{self.head.info.end}", f"{self.tail.info.start}:{self.tail.info.end}"],
+        }

@@ -1,0 +1,216 @@
+"""A node's hop server: frames in, engine.forward, frames out.
+
+One server serves every shard this node holds and every channel connected to it.
+Concurrent requests for the same shard are batched into one ``engine.forward`` (one
+llama_decode where the engine allows it). A bad frame gets an ERROR reply naming the
+reason and is dropped; other requests on the same channel are untouched.
+
+Inference-plane messages (see docs/split.md):
+- ACTIVATION in: request id, step (= position), layer range, f32 hidden (n, n_embd);
+  reply ACTIVATION with the shard's output, same ids, ``compute_us`` set.
+- END_REQUEST: free the request's KV cache.
+- CONTROL ``{"op": "info"}``: reply with the shards held and their arithmetic settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_agent.runtime.engine import EngineError, StepInput, UnknownRequestError
+from edge_agent.split.observe import HopRecord, Observers, digest
+from edge_agent.transport import DType, Flag, Frame, MsgType, PeerLostError
+
+log = logging.getLogger(__name__)
+MAX_CONTROL_BYTES = 64 * 1024
+
+
+def error_frame(request_id: bytes, step: int, code: str, message: str, start: int = 0, end: int = 0, seq: int = 0) -> Frame:
+    body = json.dumps({"code": code, "message": message}).encode()
+    return Frame.from_bytes(MsgType.ERROR, body, request_id=request_id, step=step, layer_start=start, layer_end=end, seq=seq)
+
+
+def parse_error(frame: Frame) -> tuple[str, str]:
+    """(code, message) of an ERROR frame; tolerant of junk (the peer is untrusted)."""
+    try:
+        body = json.loads(bytes(frame.payload[:MAX_CONTROL_BYTES]).decode("utf-8"))
+        return str(body.get("code", "error"))[:64], str(body.get("message", ""))[:2000]
+    except (ValueError, AttributeError):
+        return "error", bytes(frame.payload[:200]).decode("utf-8", "replace")
+
+
+@dataclass
+class _Job:
+    channel: object
+    frame: Frame
+    step: StepInput
+
+
+@dataclass
+class _Shard:
+    engine: object
+    queue: "asyncio.Queue[_Job]" = field(default_factory=asyncio.Queue)
+    last_used: dict[str, float] = field(default_factory=dict)
+
+
+class HopServer:
+    def __init__(self, engines, agent_id: str = "", *, idle_timeout_s: float = 600.0, test_delay_ms: float = 0.0):
+        self.agent_id = agent_id
+        self.shards = {(e.info.start, e.info.end): _Shard(e) for e in engines}
+        self.idle_timeout_s = idle_timeout_s
+        self.test_delay_ms = test_delay_ms  # test-only: makes this node deliberately slow
+        self.observers = Observers()
+        self.evicted: OrderedDict[str, float] = OrderedDict()
+        self.steps_served = 0
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        for shard in self.shards.values():
+            self._tasks.append(asyncio.create_task(self._worker(shard)))
+        self._tasks.append(asyncio.create_task(self._evict_loop()))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    def info(self) -> dict:
+        return {
+            "agent_id": self.agent_id,
+            "shards": [
+                {"start": s.engine.info.start, "end": s.engine.info.end, "model_hash": s.engine.info.model_hash,
+                 "shard_hash": s.engine.info.shard_hash, "n_embd": s.engine.info.n_embd,
+                 "arith": list(s.engine.options.arithmetic_key()), "backend": type(s.engine).__name__}
+                for s in self.shards.values()
+            ],
+        }
+
+    # -- per channel -----------------------------------------------------------------------
+    async def handle(self, channel) -> None:
+        """Read loop for one connected peer; returns when the peer goes away."""
+        try:
+            while True:
+                frame = await channel.recv()
+                await self._dispatch(channel, frame)
+        except PeerLostError:
+            return
+
+    async def _dispatch(self, channel, frame: Frame) -> None:
+        rid = frame.request_id.hex()
+        if frame.type == MsgType.ACTIVATION:
+            shard = self.shards.get((frame.layer_start, frame.layer_end))
+            if shard is None:
+                held = ", ".join(f"{a}:{b}" for a, b in self.shards) or "none"
+                await self._reply(channel, error_frame(frame.request_id, frame.step, "no_shard",
+                                  f"this node does not serve layers {frame.layer_start}:{frame.layer_end} (it serves {held})",
+                                  frame.layer_start, frame.layer_end, frame.seq))
+                return
+            if frame.dtype != DType.F32:
+                await self._reply(channel, error_frame(frame.request_id, frame.step, "bad_dtype",
+                                  "hidden states must be f32 (f16 would change the arithmetic)", frame.layer_start, frame.layer_end, frame.seq))
+                return
+            # positions and shapes are checked by engine.forward when the step runs (a request's
+            # earlier frames may still be queued); a bad step is isolated there
+            step = StepInput(rid, frame.step, frame.array())
+            shard.last_used[rid] = time.monotonic()
+            shard.queue.put_nowait(_Job(channel, frame, step))
+        elif frame.type == MsgType.END_REQUEST:
+            for shard in self.shards.values():
+                shard.engine.end_request(rid)
+                shard.last_used.pop(rid, None)
+        elif frame.type == MsgType.CONTROL:
+            await self._control(channel, frame)
+        # other types (ACK, REPLAY marker frames, ...) are ignored by design
+
+    async def _control(self, channel, frame: Frame) -> None:
+        try:
+            msg = json.loads(bytes(frame.payload[:MAX_CONTROL_BYTES]).decode("utf-8"))
+            op = msg.get("op") if isinstance(msg, dict) else None
+        except ValueError:
+            op = None
+        if op == "info":
+            await self._reply(channel, Frame.from_bytes(MsgType.CONTROL, json.dumps(self.info()).encode(), seq=frame.seq))
+        else:
+            await self._reply(channel, error_frame(frame.request_id, 0, "bad_control", "unknown or malformed control message", seq=frame.seq))
+
+    def _engine_error(self, frame: Frame, exc: EngineError) -> Frame:
+        rid = frame.request_id.hex()
+        code = type(exc).__name__
+        message = str(exc)
+        if isinstance(exc, UnknownRequestError) and rid in self.evicted:
+            code, message = "evicted", f"request was evicted after {self.idle_timeout_s:.0f} s idle; replay it from position 0"
+        return error_frame(frame.request_id, frame.step, code, message, frame.layer_start, frame.layer_end, frame.seq)
+
+    async def _reply(self, channel, frame: Frame) -> None:
+        try:
+            await channel.send(frame)
+        except PeerLostError:
+            pass
+
+    # -- compute ---------------------------------------------------------------------------
+    async def _worker(self, shard: _Shard) -> None:
+        while True:
+            jobs = [await shard.queue.get()]
+            while not shard.queue.empty():
+                jobs.append(shard.queue.get_nowait())
+            # one step per request per forward: a request's later frames wait for the next round
+            batch: list[_Job] = []
+            later: list[_Job] = []
+            seen: set[str] = set()
+            for job in jobs:
+                (later if job.step.request_id in seen else batch).append(job)
+                seen.add(job.step.request_id)
+            for job in later:
+                shard.queue.put_nowait(job)
+            await self._run(shard, batch)
+
+    async def _run(self, shard: _Shard, batch: list[_Job]) -> None:
+        if self.test_delay_ms:
+            await asyncio.sleep(self.test_delay_ms / 1000.0)
+        try:
+            outs = await asyncio.to_thread(shard.engine.forward, [j.step for j in batch])
+            results = list(zip(batch, outs, [None] * len(batch)))
+        except EngineError:
+            # isolate the bad step: run each alone so the others still get their answer
+            results = []
+            for job in batch:
+                try:
+                    results.append((job, (await asyncio.to_thread(shard.engine.forward, [job.step]))[0], None))
+                except EngineError as exc:
+                    results.append((job, None, exc))
+        for job, out, exc in results:
+            f = job.frame
+            if exc is not None:
+                await self._reply(job.channel, self._engine_error(f, exc))
+                continue
+            self.steps_served += 1
+            reply = Frame.from_array(MsgType.ACTIVATION, out.data, request_id=f.request_id, step=f.step,
+                                     n_positions=f.n_positions, layer_start=f.layer_start, layer_end=f.layer_end,
+                                     seq=f.seq, flags=f.flags & int(Flag.REPLAY | Flag.PREFILL))  # TODO compute_us
+            if self.observers.callbacks:
+                self.observers.emit(HopRecord("node", job.step.request_id, self.agent_id, f.layer_start, f.layer_end, f.step,
+                                              f.n_positions, digest(f.payload), digest(reply.payload), out.compute_ms,
+                                              replay=bool(f.flags & Flag.REPLAY)))
+            await self._reply(job.channel, reply)
+
+    async def _evict_loop(self) -> None:
+        """Free KV caches of requests idle past the timeout (abandoned clients)."""
+        while True:
+            await asyncio.sleep(min(5.0, max(0.05, self.idle_timeout_s / 4)))
+            now = time.monotonic()
+            for shard in self.shards.values():
+                for rid, t in list(shard.last_used.items()):
+                    if now - t > self.idle_timeout_s:
+                        shard.engine.end_request(rid)
+                        del shard.last_used[rid]
+                        self.evicted[rid] = now
+                        while len(self.evicted) > 4096:
+                            self.evicted.popitem(last=False)
+                        log.info("evicted idle request %s from %d:%d", rid[:8], shard.engine.info.start, shard.engine.info.end)

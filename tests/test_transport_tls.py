@@ -1,0 +1,231 @@
+"""TLS transport over real loopback sockets, with the sender in a separate OS process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from edge_agent.discovery.identity import Identity, SwarmKey
+from edge_agent.transport import Frame, HandshakeError, MsgType, PeerLostError, tls
+from edge_agent.transport.channel import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_PEER_TIMEOUT
+from edge_agent.transport.loadgen import receive_mix
+
+HOST = "127.0.0.1"
+SECRET = "test-swarm-secret"
+LOSS_BOUND = DEFAULT_PEER_TIMEOUT + DEFAULT_HEARTBEAT_INTERVAL / 2  # documented: 2.25 s
+SLACK = 0.75  # scheduling noise on a shared 2-core machine
+
+
+def spawn_sender(kind: str, port: int, count: int, big_every: int, forever: bool = False) -> subprocess.Popen:
+    args = [sys.executable, "-m", "edge_agent.transport.loadgen", "send", kind, HOST, str(port), SECRET,
+            str(count), str(big_every)] + (["--forever"] if forever else [])
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+async def listen_one(kind: str, module, swarm: SwarmKey | None = None):
+    """Listen; return (server, future resolving to the first authenticated channel)."""
+    fut = asyncio.get_running_loop().create_future()
+
+    async def on_channel(ch):
+        if not fut.done():
+            fut.set_result(ch)
+    server = await module.listen(Identity.generate(), swarm or SwarmKey.from_secret(SECRET), HOST, 0, on_channel)
+    return server, fut
+
+
+async def stream_from_process(kind: str, module, count: int, big_every: int) -> tuple[int, float]:
+    server, fut = await listen_one(kind, module)
+    proc = spawn_sender(kind, server.port, count, big_every)
+    try:
+        ch = await asyncio.wait_for(fut, 30)
+        t0 = time.perf_counter()
+        nbytes = await asyncio.wait_for(receive_mix(ch, count, big_every), 90)
+        elapsed = time.perf_counter() - t0
+        await ch.close()
+        assert await asyncio.to_thread(proc.wait, 20) == 0, proc.stderr.read()
+        return nbytes, elapsed
+    finally:
+        proc.kill()
+        await server.close()
+
+
+async def kill_mid_stream(kind: str, module, sig: int) -> float:
+    """Sender streams flat out; stop it with `sig`; seconds until recv raises PeerLostError."""
+    server, fut = await listen_one(kind, module)
+    proc = spawn_sender(kind, server.port, 0, 0, forever=True)
+    try:
+        ch = await asyncio.wait_for(fut, 30)
+        for _ in range(300):
+            await asyncio.wait_for(ch.recv(), 10)
+        os.kill(proc.pid, sig)
+        t0 = time.perf_counter()
+        with pytest.raises(PeerLostError):
+            while True:
+                await asyncio.wait_for(ch.recv(), LOSS_BOUND + 5)
+        return time.perf_counter() - t0
+    finally:
+        proc.kill()
+        proc.wait(10)
+        await server.close()
+
+
+def test_10k_mixed_frames_intact_in_order():
+    """10,000 frames: one-token (576 x f16) plus every 500th big (256 KiB .. 8 MiB, ~66 MB total)."""
+    nbytes, elapsed = asyncio.run(stream_from_process("tls", tls, 10_000, 500))
+    assert nbytes > 60e6
+    print(f"tls: {nbytes / 1e6:.0f} MB in {elapsed:.2f} s")
+
+
+def test_sigkilled_sender_detected():
+    """SIGKILL: the kernel closes the socket, so loss is seen at once (well inside the bound)."""
+    dt = asyncio.run(kill_mid_stream("tls", tls, signal.SIGKILL))
+    assert dt < LOSS_BOUND + SLACK, dt
+
+
+def test_silent_peer_detected_by_heartbeat():
+    """SIGSTOP: the socket stays open and silent (like a power loss); the heartbeat timeout fires."""
+    dt = asyncio.run(kill_mid_stream("tls", tls, signal.SIGSTOP))
+    assert DEFAULT_PEER_TIMEOUT - 0.5 < dt < LOSS_BOUND + SLACK, dt
+
+
+async def _round_trip_and_close() -> None:
+    server, fut = await listen_one("tls", tls)
+    me = Identity.generate()
+    ch = await tls.connect(me, SwarmKey.from_secret(SECRET), HOST, server.port)
+    peer = await asyncio.wait_for(fut, 5)
+    assert peer.peer_id == me.agent_id and ch.kind == "tls" == peer.kind
+    big = Frame.from_array(MsgType.ACTIVATION, np.ones((2048, 4096), np.float16), seq=1)  # 16 MiB
+    await ch.send(big)
+    assert await peer.recv() == big
+    await peer.send(Frame.from_bytes(MsgType.ERROR, b"nope"))
+    assert (await ch.recv()).payload == b"nope"
+    await asyncio.sleep(1.2)  # idle: heartbeats keep the channel alive
+    await ch.send(Frame(MsgType.ACK, seq=2))
+    assert (await peer.recv()).type == MsgType.ACK
+    await ch.close()
+    with pytest.raises(PeerLostError, match="closed by peer"):
+        await asyncio.wait_for(peer.recv(), 3)
+    with pytest.raises(PeerLostError):
+        await ch.send(Frame(MsgType.ACK))
+    await server.close()
+
+
+def test_round_trip_heartbeat_and_graceful_close():
+    asyncio.run(_round_trip_and_close())
+
+
+class _TagThief(SwarmKey):
+    """An outsider who copied the public swarm tag (it is advertised) but lacks the key."""
+
+    def __init__(self, tag: str) -> None:
+        super().__init__(SwarmKey.from_secret("guess")._key)
+        self._stolen = tag
+
+    def tag(self) -> str:
+        return self._stolen
+
+
+class _Forger(Identity):
+    """Claims another agent's public key but can only sign with its own key."""
+
+    def __init__(self, victim: Identity) -> None:
+        super().__init__(Identity.generate()._sk)
+        self.public_key, self.agent_id = victim.public_key, victim.agent_id
+
+
+async def _mitm_relay(server_port: int) -> tuple[asyncio.AbstractServer, int]:
+    """A man in the middle: terminates TLS with its own certificate and relays the plaintext."""
+    ctx_server, _ = tls._context(Identity.generate(), server=True)
+    ctx_client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx_client.check_hostname, ctx_client.verify_mode = False, ssl.CERT_NONE
+
+    async def pipe(r, w):
+        try:
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            w.close()
+
+    async def handle(r1, w1):
+        r2, w2 = await asyncio.open_connection(HOST, server_port, ssl=ctx_client, server_hostname="x")
+        await asyncio.gather(pipe(r1, w2), pipe(r2, w1))
+
+    relay = await asyncio.start_server(handle, HOST, 0, ssl=ctx_server)
+    return relay, relay.sockets[0].getsockname()[1]
+
+
+async def _refusals() -> None:
+    good = SwarmKey.from_secret(SECRET)
+    server_id = Identity.generate()
+    accepted = []
+    server = await tls.listen(server_id, good, HOST, 0, accepted.append)
+    me = Identity.generate()
+    cases = {
+        "wrong key": dict(swarm=SwarmKey.from_secret("wrong")),
+        "missing key": dict(swarm=SwarmKey.from_secret(None)),
+        "stolen tag, wrong key": dict(swarm=_TagThief(good.tag())),
+        "forged identity": dict(identity=_Forger(Identity.generate())),
+        "wrong version": dict(_version=2),
+        "unexpected peer": dict(expect_peer_id=Identity.generate().agent_id),
+    }
+    for name, kw in cases.items():
+        identity, swarm = kw.pop("identity", me), kw.pop("swarm", good)
+        with pytest.raises(HandshakeError) as err:
+            await tls.connect(identity, swarm, HOST, server.port, **kw)
+        print(name, "->", err.value.reason)
+    # A man in the middle with its own TLS certificate: the channel binding differs.
+    relay, relay_port = await _mitm_relay(server.port)
+    with pytest.raises(HandshakeError, match="signature|refused"):
+        await tls.connect(me, good, HOST, relay_port)
+    relay.close()
+    # Private server vs open client, and open server vs private client.
+    open_server = await tls.listen(Identity.generate(), SwarmKey.from_secret(None), HOST, 0, accepted.append)
+    with pytest.raises(HandshakeError, match="swarm"):
+        await tls.connect(me, good, HOST, open_server.port)
+    ok = await tls.connect(me, SwarmKey.from_secret(None), HOST, open_server.port)
+    await asyncio.sleep(0.1)
+    assert len(accepted) == 1  # only the open-to-open connection was handed to the application
+    await ok.close()
+    await server.close()
+    await open_server.close()
+
+
+def test_handshake_refusals():
+    asyncio.run(_refusals())
+
+
+async def _backpressure() -> None:
+    fut = asyncio.get_running_loop().create_future()
+    server = await tls.listen(Identity.generate(), SwarmKey.from_secret(SECRET), HOST, 0,
+                              lambda ch: fut.set_result(ch), max_buffered=1 << 20)
+    ch = await tls.connect(Identity.generate(), SwarmKey.from_secret(SECRET), HOST, server.port)
+    peer = await asyncio.wait_for(fut, 5)
+    frames = [Frame.from_array(MsgType.ACTIVATION, np.full((128, 4096), i, np.float16), seq=i) for i in range(40)]
+
+    async def produce():
+        for f in frames:
+            await ch.send(f)
+    producer = asyncio.ensure_future(produce())
+    await asyncio.sleep(DEFAULT_PEER_TIMEOUT + 1.0)  # the receiver reads nothing for a while
+    assert not producer.done()  # the sender is held back (40 MiB cannot fit the 1 MiB buffer + TCP)
+    assert peer.lost is None and ch.lost is None  # a slow reader is not a dead peer
+    for f in frames:
+        assert await asyncio.wait_for(peer.recv(), 10) == f
+    await asyncio.wait_for(producer, 10)
+    await ch.close()
+    await server.close()
+
+
+def test_backpressure_slow_reader_is_not_lost():
+    asyncio.run(_backpressure())
