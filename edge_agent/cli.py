@@ -161,5 +161,183 @@ def generate(
         typer.secho(f"[{len(result.token_ids)} tokens, ttft {s['ttft_ms']} ms, {s['tokens_per_s']} tok/s]", err=True, fg=typer.colors.BRIGHT_BLACK)
 
 
+SwarmKeyOpt = typer.Option(None, "--swarm-key", help="Private swarm secret (default: $EDGE_AGENT_SWARM_KEY, <data dir>/swarm.key, else the open swarm).")
+PeerOpt = typer.Option([], "--peer", help="A peer's TLS HOST:PORT, for networks where multicast is blocked (repeatable).")
+
+
+def _agent_config(data_dir, swarm_key, host, port, signal_port, peer, no_mdns, mdns_interface, transport, ice_server):
+    from edge_agent.config import data_dir as resolve_data_dir
+    from edge_agent.discovery.peers import parse_peer_arg
+    from edge_agent.node import AgentConfig
+
+    if transport not in ("auto", "tls", "webrtc"):
+        _fail("--transport must be auto, tls or webrtc")
+    try:
+        peers = [parse_peer_arg(p) for p in peer]
+    except ValueError as exc:
+        _fail(str(exc))
+    return AgentConfig(resolve_data_dir(data_dir), swarm_key, host, port, signal_port, not no_mdns,
+                       list(mdns_interface) or None, peers, transport, list(ice_server))
+
+
+@keys_app.command("show")
+def keys_show(data_dir: Optional[Path] = DataDirOpt) -> None:
+    """Print this agent's public id (created on first use; the private key never leaves the key file)."""
+    from edge_agent.config import data_dir as resolve_data_dir
+    from edge_agent.discovery.identity import Identity
+
+    typer.echo(Identity.load_or_create(resolve_data_dir(data_dir)).agent_id)
+
+
+@app.command()
+def peers(
+    data_dir: Optional[Path] = DataDirOpt,
+    swarm_key: Optional[str] = SwarmKeyOpt,
+    timeout: float = typer.Option(3.0, "--timeout", help="Seconds to listen for mDNS adverts."),
+    mdns_interface: list[str] = typer.Option([], "--mdns-interface", help="Interface address for mDNS (repeatable; default all)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List the peers of this swarm that this agent sees on the LAN."""
+    import asyncio
+
+    from edge_agent.config import data_dir as resolve_data_dir
+    from edge_agent.discovery.mdns import list_peers
+
+    found = asyncio.run(list_peers(resolve_data_dir(data_dir), swarm_key, timeout, list(mdns_interface) or None))
+    if as_json:
+        typer.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        typer.echo("no peers seen (same swarm key? multicast allowed? try --peer HOST:PORT on join/run)")
+    for p in found:
+        shards = ", ".join(f"{s['start']}:{s['end']}" for s in p.get("shards", [])) or "-"
+        typer.echo(f"{p['agent_id'][:16]}  {p['role']:6} layers {shards:12} {p['backend']:9} "
+                   f"{p['ms_per_layer']:.3f} ms/layer  tls {p['tls_port']}  {','.join(p.get('addresses', []))}")
+
+
+@app.command()
+def join(
+    model: Optional[Path] = ModelOpt,
+    layers: Optional[str] = typer.Option(None, "--layers", help="Serve layers A:B (default: the swarm's least-served span)."),
+    share_gpu: bool = typer.Option(False, "--share-gpu", help="Offload to a GPU when llama.cpp has one (harmless without)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory for weights, e.g. 2G or 500M."),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    backend: str = typer.Option("llamacpp", "--backend", help="llamacpp, onnx or auto."),
+    ctx: int = typer.Option(2048, "--ctx", help="Context positions per request."),
+    data_dir: Optional[Path] = DataDirOpt,
+    swarm_key: Optional[str] = SwarmKeyOpt,
+    host: str = typer.Option("0.0.0.0", "--host", help="Address the listeners bind to."),
+    port: int = typer.Option(0, "--port", help="TLS port (0: any free port)."),
+    signal_port: int = typer.Option(0, "--signal-port", help="WebRTC signalling port (0: any free port)."),
+    peer: list[str] = PeerOpt,
+    no_mdns: bool = typer.Option(False, "--no-mdns", help="Do not advertise or browse on mDNS."),
+    mdns_interface: list[str] = typer.Option([], "--mdns-interface", help="Interface address for mDNS (repeatable)."),
+    transport: str = typer.Option("auto", "--transport", help="auto, tls or webrtc."),
+    ice_server: list[str] = typer.Option([], "--ice-server", help="STUN/TURN URL for WAN use (none by default)."),
+    test_delay_ms: float = typer.Option(0.0, "--test-delay-ms", hidden=True, help="Test only: make this node slow."),
+) -> None:
+    """Share compute: serve a range of the model's layers to the swarm until Ctrl-C."""
+    import asyncio
+
+    from edge_agent.node import JoinOptions
+    from edge_agent.node import join as run_join
+    from edge_agent.runtime.engine import EngineError
+    from edge_agent.runtime.shards import parse_range
+
+    path = _resolve_model(model, data_dir)
+    cfg = _agent_config(data_dir, swarm_key, host, port, signal_port, peer, no_mdns, mdns_interface, transport, ice_server)
+    try:
+        rng = parse_range(layers) if layers else None
+        mem = _parse_size_mb(max_memory) if max_memory else None
+    except (EngineError, ValueError) as exc:
+        _fail(str(exc))
+    opts = JoinOptions(path, rng, backend, share_gpu, mem, threads, ctx, test_delay_ms=test_delay_ms)
+
+    def ready(info: dict) -> None:
+        typer.echo(json.dumps({"ready": info}), err=False)
+        sys.stdout.flush()
+
+    try:
+        asyncio.run(run_join(cfg, opts, ready))
+    except (EngineError, OSError) as exc:
+        _fail(str(exc))
+
+
+def _parse_size_mb(text: str) -> float:
+    units = {"k": 1e-3, "m": 1.0, "g": 1e3, "t": 1e6}
+    t = text.strip().lower().rstrip("b")
+    if t and t[-1] in units:
+        return float(t[:-1]) * units[t[-1]]
+    return float(t) / 1e6
+
+
+@app.command()
+def run(
+    prompt: str = typer.Argument(..., help="Prompt text."),
+    model: Optional[Path] = ModelOpt,
+    split: str = typer.Option("1:1", "--split", help="K:M - keep the first K and last M layers on this device."),
+    target_tbt_ms: float = typer.Option(250.0, "--target-tbt-ms", help="Target time between tokens (deadline budget)."),
+    max_tokens: int = typer.Option(64, "--max-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t"),
+    top_k: int = typer.Option(40, "--top-k"),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+    mode: str = typer.Option("star", "--mode", help="Forwarding mode (star)."),
+    discover: float = typer.Option(5.0, "--discover", help="Seconds to wait for peers covering the layers."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token_ids, path, stats)."),
+    data_dir: Optional[Path] = DataDirOpt,
+    swarm_key: Optional[str] = SwarmKeyOpt,
+    peer: list[str] = PeerOpt,
+    no_mdns: bool = typer.Option(False, "--no-mdns"),
+    mdns_interface: list[str] = typer.Option([], "--mdns-interface"),
+    transport: str = typer.Option("auto", "--transport", help="auto, tls or webrtc."),
+    ice_server: list[str] = typer.Option([], "--ice-server"),
+) -> None:
+    """Generate through the swarm: this device keeps tokens, first/last layers and sampling."""
+    import asyncio
+
+    from edge_agent.node import run as run_swarm
+    from edge_agent.runtime.engine import EngineError
+    from edge_agent.runtime.sampling import SamplingParams
+    from edge_agent.runtime.shards import parse_range
+    from edge_agent.split.client import ClientConfig
+    from edge_agent.split.links import HopFailed
+    from edge_agent.split.planner import NoRouteError
+    from edge_agent.split.policy import PolicyError, PrivacyPolicy
+
+    path = _resolve_model(model, data_dir)
+    cfg = _agent_config(data_dir, swarm_key, "127.0.0.1", 0, 0, peer, no_mdns, mdns_interface, transport, ice_server)
+    if mode != "star":
+        _fail("only --mode star is available in this version")
+    try:
+        k, m = parse_range(split)
+        client_cfg = ClientConfig(policy=PrivacyPolicy(k, m), target_tbt_ms=target_tbt_ms, mode=mode)
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_tokens=max_tokens)
+    except (EngineError, PolicyError, ValueError) as exc:
+        _fail(str(exc))
+
+    def tokens(tok):
+        if chat:
+            return tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}]), parse_special=True)
+        return tok.encode(prompt)
+
+    def on_token(_t: int, text: str) -> None:
+        if not as_json:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    try:
+        result = asyncio.run(run_swarm(cfg, path, tokens, params, client_cfg, discover_s=discover, on_token=on_token))
+    except (NoRouteError, HopFailed, EngineError) as exc:
+        _fail(str(exc))
+    if as_json:
+        d = result.to_dict()
+        d["path"] = result.stats.get("path", [])
+        typer.echo(json.dumps(d))
+    else:
+        typer.echo("")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

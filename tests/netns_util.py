@@ -92,7 +92,8 @@ def out(**kw):
     print(json.dumps(kw), flush=True)
 
 async def main(cfg):
-    ident, sk = Identity.generate(), SwarmKey.from_secret(cfg["secret"])
+    ident = Identity.load_or_create(cfg["data_dir"]) if cfg.get("data_dir") else Identity.generate()
+    sk = SwarmKey.from_secret(cfg["secret"])
     caps = Capabilities(agent_id=ident.agent_id, signal_port=7000, free_mem_mb=cfg["mem"],
                         shards=(("0123456789abcdef", 0, 12),), ms_per_layer=1.5).sealed(ident, sk)
     ifs = cfg["interfaces"]

@@ -323,8 +323,9 @@ def test_agents_discover_isolate_update_and_leave(tmp_path: Path,
         try:
             await browser.start()
             for i in range(3):
-                procs.append(await spawn(AGENT_SRC, {"secret": secret, "interfaces": LO,
-                                                     "mem": 1000 + i}, f"agent{i}", tmp_path))
+                cfg = {"secret": secret, "interfaces": LO, "mem": 1000 + i,
+                       "data_dir": str(tmp_path / f"agent{i}")}
+                procs.append(await spawn(AGENT_SRC, cfg, f"agent{i}", tmp_path))
             rogue = await spawn(ROGUE_SRC, {"secret": secret, "interfaces": LO}, "rogue", tmp_path)
             procs.append(rogue)
             a0, a1, a2 = procs[:3]
@@ -383,6 +384,16 @@ def test_agents_discover_isolate_update_and_leave(tmp_path: Path,
             assert not [e for e in a0.events if e["ev"] == "left" and e["id"] != ids[1]
                         and e["id"] != ids[2]]
             record_property("sigkill_left_s", round(kill_s, 2))
+
+            # Restart with the same identity (same instance name, while the browsers
+            # still hold its clamped PTR): it must come back.
+            t0 = time.monotonic()
+            procs.append(await spawn(AGENT_SRC, {**cfg, "data_dir": str(tmp_path / "agent1"),
+                                                 "mem": 1001}, "agent1-again", tmp_path))
+            await _next_event(q, "joined", ids[1], 15)
+            await a0.wait_for(lambda e: e["ev"] == "joined" and e["id"] == ids[1]
+                              and e["t"] > t0, 10)
+            record_property("rejoin_s", round(time.monotonic() - t0, 2))
             print(f"\nclean leave {clean_s * 1000:.0f} ms, SIGKILL detected in {kill_s:.2f} s"
                   f" (bound {KILL_BOUND_S:.0f} s)")
         finally:

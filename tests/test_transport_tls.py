@@ -105,6 +105,11 @@ async def _round_trip_and_close() -> None:
     big = Frame.from_array(MsgType.ACTIVATION, np.ones((2048, 4096), np.float16), seq=1)  # 16 MiB
     await ch.send(big)
     assert await peer.recv() == big
+    # Concurrent senders: big frames go out in slices, nothing may interleave inside a frame.
+    sent = [Frame.from_array(MsgType.ACTIVATION, np.full((n, 4096), n, np.float16), seq=n) for n in (300, 1, 200, 2)]
+    await asyncio.gather(*(ch.send(f) for f in sent))
+    got = [await asyncio.wait_for(peer.recv(), 10) for _ in sent]
+    assert sorted(got, key=lambda f: f.seq) == sorted(sent, key=lambda f: f.seq)
     await peer.send(Frame.from_bytes(MsgType.ERROR, b"nope"))
     assert (await ch.recv()).payload == b"nope"
     await asyncio.sleep(1.2)  # idle: heartbeats keep the channel alive

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Sequence
 
-from zeroconf import IPVersion, ServiceStateChange
+from zeroconf import IPVersion, RecordUpdate, RecordUpdateListener, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from edge_agent.discovery.capabilities import Capabilities, CapabilityDecodeError
@@ -152,7 +152,7 @@ class _Name:
     busy: bool = False
 
 
-class MdnsBrowser:
+class MdnsBrowser(RecordUpdateListener):
     """Feeds a PeerTable from mDNS: resolves, checks and keeps re-resolving instances."""
 
     def __init__(self, table: PeerTable, *, interfaces: Interfaces = None,
@@ -176,6 +176,7 @@ class MdnsBrowser:
             self._aiozc = open_zeroconf(self._interfaces)
         self._browser = AsyncServiceBrowser(self._aiozc.zeroconf, SERVICE_TYPE,
                                             handlers=[self._on_change])
+        self._aiozc.zeroconf.async_add_listener(self, None)
         self._loop_task = asyncio.get_running_loop().create_task(self._refresh_loop())
 
     async def close(self) -> None:
@@ -190,6 +191,8 @@ class MdnsBrowser:
         if browser is not None:
             with contextlib.suppress(Exception):
                 await browser.async_cancel()
+            if self._aiozc is not None:
+                self._aiozc.zeroconf.async_remove_listener(self)
         if self._own and self._aiozc is not None:
             aiozc, self._aiozc = self._aiozc, None
             await aiozc.async_close()
@@ -216,6 +219,20 @@ class MdnsBrowser:
             st = self._names[name] = _Name()
         st.next_try = 0.0  # new or changed records: look now
         self._spawn(name, st)
+
+    def async_update_records(self, zc: Zeroconf, now: float, records: list[RecordUpdate]) -> None:
+        """A known-but-dropped instance answered or re-announced (e.g. restarted under the
+        same name while its clamped PTR is still cached, so the browser fires nothing):
+        resolve it on the next tick instead of waiting for the retry backoff."""
+        for update in records:
+            rec = update.new
+            if rec.type in (_TYPE_SRV, _TYPE_TXT) and rec.ttl:
+                st = self._names.get(rec.name)
+                if st is not None and (st.agent_id is None or st.agent_id not in self.table):
+                    st.next_try = 0.0
+
+    def async_update_records_complete(self) -> None:
+        """Nothing to do once the batch is cached; the refresh tick picks it up."""
 
     def _spawn(self, name: str, st: _Name) -> None:
         if st.busy:

@@ -28,6 +28,7 @@ import numpy as np
 
 from edge_agent.runtime.engine import (
     CapacityError,
+    CorruptModelError,
     EngineError,
     EngineOptions,
     InputShapeError,
@@ -39,13 +40,40 @@ from edge_agent.runtime.engine import (
     UnsupportedModelError,
 )
 from edge_agent.runtime.onnx_graph import GRAPH_VERSION, GraphSpec, build_model, rope_tables
-from edge_agent.runtime.shards import _field, _reader, inspect_model, role_for, shard_hash, validate_range
+from edge_agent.runtime.shards import (
+    KEY_ROLE,
+    _field,
+    _manifest_hash,
+    _reader,
+    _shard_tensor_names,
+    role_for,
+    tensor_manifest,
+    validate_range,
+)
 
 ONNX_ARCHS = ("llama",)
 
 
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+class _Meta:
+    """The header fields the engine needs (what ``shards.inspect_model`` reads, without a second parse)."""
+
+    def __init__(self, reader):
+        self.arch = str(_field(reader, "general.architecture", ""))
+        key = lambda name, default=0: _field(reader, f"{self.arch}.{name}", default)  # noqa: E731
+        first = lambda v: int(max(v) if isinstance(v, list) else v)  # noqa: E731
+        self.n_layer = int(key("block_count"))
+        self.n_embd = int(key("embedding_length"))
+        self.n_head = first(key("attention.head_count"))
+        self.n_head_kv = first(key("attention.head_count_kv", self.n_head))
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        self.n_vocab = int(key("vocab_size") or (len(tokens.data) if tokens is not None else 0))
+        self.role = str(_field(reader, KEY_ROLE, "full"))
+        if self.n_layer < 1 or self.n_embd < 1 or self.n_head < 1:
+            raise CorruptModelError("GGUF header lacks block_count, embedding_length or head_count")
 
 
 class _Request:
@@ -67,14 +95,14 @@ class OnnxEngine:
 
         self.options = o = options or EngineOptions()
         self.model_path = Path(model_path)
-        meta = inspect_model(self.model_path)
+        reader = _reader(self.model_path)  # parsed once: a big vocabulary takes seconds to parse
+        meta = _Meta(reader)
         if meta.role != "full":
             raise UnsupportedModelError(f"{model_path} is a {meta.role} shard; give the ONNX backend the source model")
         if meta.arch not in ONNX_ARCHS:
             raise UnsupportedModelError(f"architecture {meta.arch!r} is not supported by the ONNX backend (supported: {', '.join(ONNX_ARCHS)})")
         validate_range(start, end, meta.n_layer)
         role = role_for(start, end, meta.n_layer)
-        reader = _reader(self.model_path)
         arch = meta.arch
         head_dim = int(_field(reader, f"{arch}.attention.key_length", 0) or meta.n_embd // meta.n_head)
         self.spec = GraphSpec(
@@ -89,9 +117,12 @@ class OnnxEngine:
             raise UnsupportedModelError(f"rope scaling {scaling!r} is not supported by the ONNX backend")
         self.freq_base = float(_field(reader, f"{arch}.rope.freq_base", 10000.0))
         self.freq_scale = 1.0 / factor if scaling == "linear" else 1.0
+        # the same content hashes as shards.inspect_model / shards.shard_hash, from one parse
+        entries = tensor_manifest(self.model_path, reader)
+        keep = {src for src, _ in _shard_tensor_names(reader, start, end, role)}
         self.info = ShardInfo(
-            model_hash=meta.model_hash,
-            shard_hash=shard_hash(self.model_path, start, end),
+            model_hash=_manifest_hash(entries),
+            shard_hash=_manifest_hash([e for e in entries if e.name in keep]),
             start=start, end=end, n_layer_total=meta.n_layer, n_embd=meta.n_embd,
             n_vocab=0 if role == "middle" else meta.n_vocab, role=role, arch=arch,
         )  # fmt: skip

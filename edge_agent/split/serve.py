@@ -68,6 +68,7 @@ class HopServer:
         self.observers = Observers()
         self.evicted: OrderedDict[str, float] = OrderedDict()
         self.steps_served = 0
+        self.extra_info = lambda: {}  # node.py adds the signed capability record here
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
@@ -83,6 +84,7 @@ class HopServer:
 
     def info(self) -> dict:
         return {
+            **self.extra_info(),
             "agent_id": self.agent_id,
             "shards": [
                 {"start": s.engine.info.start, "end": s.engine.info.end, "model_hash": s.engine.info.model_hash,

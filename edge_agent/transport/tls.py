@@ -81,6 +81,7 @@ def _context(identity: Identity, server: bool) -> tuple[ssl.SSLContext, bytes]:
 _HANDSHAKE_TYPES = frozenset((MsgType.HELLO, MsgType.ERROR, MsgType.HEARTBEAT, MsgType.CLOSE))
 STAGE_SIZE = 256 * 1024
 DIRECT_THRESHOLD = 64 * 1024
+WRITE_CHUNK = 256 * 1024
 
 
 class TlsChannel(FrameChannel, asyncio.BufferedProtocol):
@@ -100,6 +101,7 @@ class TlsChannel(FrameChannel, asyncio.BufferedProtocol):
         self._authed = False
         self._pbuf: bytearray | None = None
         self._pfill = 0
+        self._send_lock = asyncio.Lock()
         self._write_ok = asyncio.Event()
         self._write_ok.set()
         self._graceful = False
@@ -194,14 +196,25 @@ class TlsChannel(FrameChannel, asyncio.BufferedProtocol):
         t = self._transport
         if t is None or t.is_closing():
             raise ConnectionResetError("transport closed")
-        if payload:
-            t.writelines((header, payload))
+        if len(payload) <= WRITE_CHUNK and not self._send_lock.locked():
+            t.writelines((header, payload)) if payload else t.write(header)  # atomic: no await
         else:
-            t.write(header)
+            # Big payloads go to TLS in slices, each encrypted and handed to the socket at once,
+            # instead of asyncio holding a payload-sized ciphertext copy.  The lock keeps other
+            # senders (and heartbeats) from interleaving while we wait between slices.
+            async with self._send_lock:
+                t.write(header)
+                view = memoryview(payload)
+                for off in range(0, len(view), WRITE_CHUNK):
+                    t.write(view[off:off + WRITE_CHUNK])
+                    if not self._write_ok.is_set():
+                        await self._guard(self._write_ok.wait())
         if not self._write_ok.is_set():
             await self._guard(self._write_ok.wait())
 
     def _transmit_nowait(self, header: bytes) -> bool:
+        if self._send_lock.locked():
+            return False  # a big frame is going out: its bytes keep the peer's timer fresh
         t = self._transport
         if t is None or t.is_closing():
             raise ConnectionResetError("transport closed")

@@ -1,0 +1,329 @@
+"""The one place that wires engine + discovery + transport + planner (for join and run).
+
+``Agent`` is a running edge-agent: identity, swarm key, peer table (mDNS + manual peers),
+transport listeners and, when it shares compute, a hop server. ``PeerDirectory`` turns
+the peer table into what the split client needs: capabilities for the planner and live
+links to peers (TLS where the peer is reachable directly, else WebRTC).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_agent.discovery.capabilities import Capabilities
+from edge_agent.discovery.identity import Identity, SwarmKey
+from edge_agent.discovery.peers import PeerTable
+from edge_agent.split.links import PeerLink
+from edge_agent.split.planner import PeerCapability
+from edge_agent.transport import TransportError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AgentConfig:
+    data_dir: Path
+    swarm_secret: str | None = None
+    host: str = "0.0.0.0"  # where the TLS and signalling listeners bind
+    tls_port: int = 0  # 0 = any free port
+    signal_port: int = 0
+    mdns: bool = True
+    interfaces: list[str] | None = None  # zeroconf interfaces (None = all)
+    manual_peers: list[tuple[str, int]] = field(default_factory=list)  # TLS host:port
+    transport: str = "auto"  # auto | tls | webrtc
+    ice_servers: list[str] = field(default_factory=list)  # STUN/TURN URLs, only if the user gives them
+
+
+def _ice(urls: list[str]):
+    if not urls:
+        return None
+    from aiortc import RTCIceServer
+
+    return [RTCIceServer(urls=u) for u in urls]
+
+
+class Agent:
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        self.identity = Identity.load_or_create(config.data_dir)
+        self.swarm = SwarmKey.resolve(config.swarm_secret, config.data_dir)
+        self.table = PeerTable(self.swarm, self_id=self.identity.agent_id)
+        self.server = None  # HopServer when sharing compute
+        self.caps: Capabilities | None = None
+        self._closers: list = []
+        self._browser = None
+        self._advertiser = None
+
+    async def start(self) -> None:
+        for host, port in self.config.manual_peers:
+            self.table.add_manual_peer(host, port)
+        self.table.start(probe=self._probe if self.config.manual_peers else None)
+        if self.config.mdns:
+            from edge_agent.discovery.mdns import MdnsBrowser
+
+            self._browser = MdnsBrowser(self.table, interfaces=self.config.interfaces)
+            await self._browser.start()
+
+    async def serve(self, server, caps: Capabilities) -> Capabilities:
+        """Share compute: listen on TLS and WebRTC, advertise ``caps`` (ports filled in)."""
+        from edge_agent.transport import tls, webrtc
+
+        self.server = server
+        server.extra_info = self._info_extra
+        await server.start()
+        tls_srv = await tls.listen(self.identity, self.swarm, self.config.host, self.config.tls_port, server.handle)
+        rtc_srv = await webrtc.listen(self.identity, self.swarm, self.config.host, self.config.signal_port, server.handle,
+                                      ice_servers=_ice(self.config.ice_servers))
+        self._closers += [tls_srv.close, rtc_srv.close]
+        self.caps = caps.with_changes(tls_port=tls_srv.port, signal_port=rtc_srv.port).sealed(self.identity, self.swarm)
+        if self.config.mdns:
+            from edge_agent.discovery.mdns import MdnsAdvertiser
+
+            addresses = [self.config.host] if self.config.host not in ("0.0.0.0", "::") else None
+            self._advertiser = MdnsAdvertiser(self.caps, interfaces=self.config.interfaces, addresses=addresses)
+            await self._advertiser.start()
+        return self.caps
+
+    def _info_extra(self) -> dict:
+        return {"caps": base64.b64encode(self.caps.to_txt()).decode()} if self.caps else {}
+
+    async def _probe(self, host: str, port: int) -> Capabilities:
+        """A manual peer (--peer HOST:PORT): ask it over TLS for its signed capability record."""
+        from edge_agent.transport import tls
+
+        ch = await tls.connect(self.identity, self.swarm, host, port)
+        try:
+            link = PeerLink(ch.peer_id, ch)
+            info = await link.info(timeout_s=3.0)
+            caps = Capabilities.from_txt(base64.b64decode(info.get("caps", "")))
+            if caps.agent_id != ch.peer_id:
+                raise ValueError("capability record of another agent")
+            return caps
+        finally:
+            await ch.close()
+
+    async def close(self) -> None:
+        if self._advertiser is not None:
+            await self._advertiser.close()
+        if self._browser is not None:
+            await self._browser.close()
+        await self.table.close()
+        if self.server is not None:
+            await self.server.stop()
+        for close in self._closers:
+            res = close()
+            if asyncio.iscoroutine(res) or isinstance(res, asyncio.Future):
+                try:
+                    await res
+                except Exception:  # noqa: BLE001 - closing anyway
+                    pass
+
+
+class PeerDirectory:
+    """The split client's view of the swarm (implements ``split.client.PeerSource``)."""
+
+    def __init__(self, agent: Agent, model_hash: str):
+        self.agent = agent
+        self.model_hash = model_hash
+        self._links: dict[str, PeerLink] = {}
+
+    def capabilities(self) -> list[PeerCapability]:
+        caps = []
+        for entry in self.agent.table.peers():
+            c = entry.caps
+            ranges = tuple((s, e) for h, s, e in c.shards if self.model_hash.startswith(h))
+            if not ranges or c.role != "peer":
+                continue
+            link = self._links.get(c.agent_id)
+            rtt = link.rtt_ms if link is not None and link.rtt_ms is not None else 1.0
+            caps.append(PeerCapability(c.agent_id, ranges, float(c.free_mem_mb), max(c.ms_per_layer, 0.001), rtt,
+                                       transport="tls" if c.tls_port else "webrtc"))
+        return caps
+
+    async def wait_for_coverage(self, n_layer: int, policy, timeout_s: float) -> bool:
+        """Wait (bounded) until the discovered peers cover the remote layers."""
+        from edge_agent.split.planner import coverage
+
+        lo, hi = policy.remote_range(n_layer)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            cov = coverage(n_layer, self.capabilities())
+            if all(c > 0 for c in cov[lo:hi]):
+                return True
+            await asyncio.sleep(0.2)
+        return False
+
+    async def link(self, peer_id: str) -> PeerLink:
+        link = self._links.get(peer_id)
+        if link is not None and link.alive:
+            return link
+        entry = self.agent.table.get(peer_id)
+        if entry is None:
+            from edge_agent.split.links import HopFailed
+
+            raise HopFailed(peer_id, "peer is no longer in the peer table", "peer_lost")
+        channel = await self._connect(entry)
+        link = PeerLink(peer_id, channel)
+        self._links[peer_id] = link
+        try:
+            await link.info(timeout_s=5.0)  # measures the RTT the planner uses
+        except Exception as exc:  # noqa: BLE001 - surfaced as a failed hop by the caller
+            log.info("info from %s failed: %s", peer_id[:12], exc)
+        return link
+
+    async def _connect(self, entry):
+        from edge_agent.split.links import HopFailed
+        from edge_agent.transport import tls, webrtc
+
+        c, mode = entry.caps, self.agent.config.transport
+        errors = []
+        for host in entry.addresses or ["127.0.0.1"]:
+            if mode in ("auto", "tls") and c.tls_port:
+                try:
+                    return await tls.connect(self.agent.identity, self.agent.swarm, host, c.tls_port, expect_peer_id=c.agent_id)
+                except (TransportError, OSError) as exc:
+                    errors.append(f"tls {host}:{c.tls_port}: {exc}")
+            if mode in ("auto", "webrtc") and c.signal_port:
+                try:
+                    return await webrtc.connect(self.agent.identity, self.agent.swarm, host, c.signal_port,
+                                                ice_servers=_ice(self.agent.config.ice_servers), expect_peer_id=c.agent_id)
+                except (TransportError, OSError) as exc:
+                    errors.append(f"webrtc {host}:{c.signal_port}: {exc}")
+        raise HopFailed(entry.agent_id, "cannot connect: " + "; ".join(errors), "unreachable")
+
+    async def close(self) -> None:
+        for link in self._links.values():
+            await link.close()
+
+
+# -- join: share compute ------------------------------------------------------------------
+
+@dataclass
+class JoinOptions:
+    model: Path
+    layers: tuple[int, int] | None = None
+    backend: str = "llamacpp"
+    share_gpu: bool = False
+    max_memory_mb: float | None = None
+    threads: int | None = None
+    n_ctx: int = 2048
+    max_requests: int = 8
+    test_delay_ms: float = 0.0
+    discover_s: float = 2.0
+
+
+def measure_ms_per_layer(engine, steps: int = 8) -> float:
+    """Decode a few random rows to advertise an honest ms per layer per token."""
+    import numpy as np
+
+    from edge_agent.runtime.engine import StepInput
+
+    rid = "__calibration__"
+    x = np.random.default_rng(0).standard_normal((steps + 1, engine.info.n_embd)).astype(np.float32) * 0.1
+    engine.forward([StepInput(rid, 0, x[:1])])
+    t0 = time.perf_counter()
+    for p in range(1, steps + 1):
+        engine.forward([StepInput(rid, p, x[p : p + 1])])
+    engine.end_request(rid)
+    return (time.perf_counter() - t0) * 1000.0 / steps / engine.info.n_layers
+
+
+def choose_layers(agent: Agent, info, opts: JoinOptions) -> tuple[int, int]:
+    """No --layers: fill the swarm's weakest coverage, within our memory (Petals' rule)."""
+    from edge_agent.split.planner import choose_range_to_serve
+    from edge_agent.split.policy import PrivacyPolicy
+
+    policy = PrivacyPolicy()
+    layer_mb = info.file_size / 1e6 / max(1, info.n_layer)
+    capacity = info.n_layer if opts.max_memory_mb is None else max(1, int(opts.max_memory_mb // max(layer_mb, 1e-6)))
+    peers = PeerDirectory(agent, info.model_hash).capabilities()
+    return choose_range_to_serve(info.n_layer, policy, peers, capacity)
+
+
+async def join(config: AgentConfig, opts: JoinOptions, on_ready=None) -> None:
+    """Run a node that serves a layer range until SIGTERM/SIGINT."""
+    from edge_agent.discovery.mdns import install_shutdown_handler
+    from edge_agent.runtime.backends import load_engine
+    from edge_agent.runtime.engine import EngineOptions
+    from edge_agent.runtime.shards import inspect_model
+    from edge_agent.split.serve import HopServer
+
+    info = inspect_model(opts.model)
+    agent = Agent(config)
+    await agent.start()
+    try:
+        if opts.layers is None:
+            await asyncio.sleep(opts.discover_s)
+            opts.layers = choose_layers(agent, info, opts)
+        gpu = gpu_layers(opts.share_gpu)
+        eopts = EngineOptions(n_ctx_per_request=opts.n_ctx, max_requests=opts.max_requests, n_threads=opts.threads, gpu_layers=gpu)
+        engine = await asyncio.to_thread(load_engine, opts.backend, opts.model, *opts.layers, eopts,
+                                         config.data_dir / "shards")
+        ms = await asyncio.to_thread(measure_ms_per_layer, engine)
+        server = HopServer([engine], agent.identity.agent_id, test_delay_ms=opts.test_delay_ms)
+        free_mb = _free_memory_mb()
+        caps = Capabilities(agent.identity.agent_id, shards=((info.model_hash[:16], *opts.layers),), free_mem_mb=free_mb,
+                            ms_per_layer=ms,
+                            backend=("gpu" if gpu else type(engine).__name__.replace("Engine", "").lower()))
+        caps = await agent.serve(server, caps)
+        ready = {"agent_id": agent.identity.agent_id, "layers": list(opts.layers), "tls_port": caps.tls_port,
+                 "signal_port": caps.signal_port, "ms_per_layer": round(ms, 4), "gpu_layers": gpu,
+                 "model_hash": info.model_hash}
+        if on_ready:
+            on_ready(ready)
+        done = install_shutdown_handler(agent.close)
+        await done.wait()
+    finally:
+        await agent.close()
+
+
+def gpu_layers(share_gpu: bool) -> int:
+    """--share-gpu offloads every layer when llama.cpp was built with a GPU backend, else none."""
+    if not share_gpu:
+        return 0
+    import llama_cpp
+
+    if llama_cpp.llama_supports_gpu_offload():
+        return 999
+    log.warning("--share-gpu: this llama.cpp build has no GPU backend; serving on the CPU")
+    return 0
+
+
+def _free_memory_mb() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available // 2**20)
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+# -- run: generate through the swarm --------------------------------------------------------
+
+async def run(config: AgentConfig, model: Path, prompt_tokens_fn, params, client_config, *, discover_s: float = 5.0,
+              n_ctx: int = 2048, on_token=None):
+    """Discover peers, plan, and generate one completion through the swarm."""
+    from edge_agent.runtime.engine import EngineOptions
+    from edge_agent.runtime.shards import inspect_model
+    from edge_agent.split.client import SwarmClient
+
+    info = inspect_model(model)
+    agent = Agent(config)
+    await agent.start()
+    directory = PeerDirectory(agent, info.model_hash)
+    client = None
+    try:
+        await directory.wait_for_coverage(info.n_layer, client_config.policy, discover_s)
+        opts = EngineOptions(n_ctx_per_request=n_ctx, max_requests=2)
+        client = await asyncio.to_thread(SwarmClient, model, directory, client_config, opts, config.data_dir / "shards")
+        return await client.generate(prompt_tokens_fn(client.tokenizer), params, on_token)
+    finally:
+        if client is not None:
+            client.close()
+        await directory.close()
+        await agent.close()
