@@ -235,6 +235,7 @@ def join(
     transport: str = typer.Option("auto", "--transport", help="auto, tls or webrtc."),
     ice_server: list[str] = typer.Option([], "--ice-server", help="STUN/TURN URL for WAN use (none by default)."),
     test_delay_ms: float = typer.Option(0.0, "--test-delay-ms", hidden=True, help="Test only: make this node slow."),
+    test_advertise_ms: Optional[float] = typer.Option(None, "--test-advertise-ms", hidden=True, help="Test only: advertised ms/layer."),
 ) -> None:
     """Share compute: serve a range of the model's layers to the swarm until Ctrl-C."""
     import asyncio
@@ -251,7 +252,8 @@ def join(
         mem = _parse_size_mb(max_memory) if max_memory else None
     except (EngineError, ValueError) as exc:
         _fail(str(exc))
-    opts = JoinOptions(path, rng, backend, share_gpu, mem, threads, ctx, test_delay_ms=test_delay_ms)
+    opts = JoinOptions(path, rng, backend, share_gpu, mem, threads, ctx, test_delay_ms=test_delay_ms,
+                       test_advertise_ms=test_advertise_ms)
 
     def ready(info: dict) -> None:
         typer.echo(json.dumps({"ready": info}), err=False)

@@ -168,7 +168,7 @@ class PeerDirectory:
 
             raise HopFailed(peer_id, "peer is no longer in the peer table", "peer_lost")
         channel = await self._connect(entry)
-        link = PeerLink(peer_id, channel)
+        link = PeerLink(peer_id, channel, on_traffic=self.agent.table.heartbeat)
         self._links[peer_id] = link
         try:
             await link.info(timeout_s=5.0)  # measures the RTT the planner uses
@@ -214,6 +214,7 @@ class JoinOptions:
     n_ctx: int = 2048
     max_requests: int = 8
     test_delay_ms: float = 0.0
+    test_advertise_ms: float | None = None  # test only: advertise this ms/layer (a peer that over-promises)
     discover_s: float = 2.0
 
 
@@ -268,7 +269,7 @@ async def join(config: AgentConfig, opts: JoinOptions, on_ready=None) -> None:
         server = HopServer([engine], agent.identity.agent_id, test_delay_ms=opts.test_delay_ms)
         free_mb = _free_memory_mb()
         caps = Capabilities(agent.identity.agent_id, shards=((info.model_hash[:16], *opts.layers),), free_mem_mb=free_mb,
-                            ms_per_layer=ms,
+                            ms_per_layer=ms if opts.test_advertise_ms is None else opts.test_advertise_ms,
                             backend=("gpu" if gpu else type(engine).__name__.replace("Engine", "").lower()))
         caps = await agent.serve(server, caps)
         ready = {"agent_id": agent.identity.agent_id, "layers": list(opts.layers), "tls_port": caps.tls_port,

@@ -25,7 +25,7 @@ from edge_agent.discovery.capabilities import (
 from edge_agent.discovery.identity import Identity, SwarmKey
 from edge_agent.discovery.mdns import (
     DEFAULT_REFRESH_S, SERVICE_TYPE, MdnsBrowser, instance_name, list_peers, open_zeroconf)
-from edge_agent.discovery.peers import PeerTable, parse_peer_arg
+from edge_agent.discovery.peers import PeerTable, format_peers, parse_peer_arg
 
 from netns_util import AGENT_SRC, ROGUE_SRC, Proc, netns_unavailable_reason, spawn, veth_pair
 
@@ -322,6 +322,7 @@ def test_agents_discover_isolate_update_and_leave(tmp_path: Path,
             lambda zeroconf, service_type, name, state_change: raw_names.add(name)])
         try:
             await browser.start()
+            t_spawn = time.monotonic()
             for i in range(3):
                 cfg = {"secret": secret, "interfaces": LO, "mem": 1000 + i,
                        "data_dir": str(tmp_path / f"agent{i}")}
@@ -331,13 +332,12 @@ def test_agents_discover_isolate_update_and_leave(tmp_path: Path,
             a0, a1, a2 = procs[:3]
             ids = [(await p.wait_for(lambda e: e["ev"] == "ready", 20))["id"] for p in procs[:3]]
             bad_ids = (await rogue.wait_for(lambda e: e["ev"] == "ready", 20))["ids"]
-            t_ready = time.monotonic()
             for p, me in zip(procs[:3], ids):
                 for other in ids:
                     if other != me:
                         await p.wait_for(_joined(other), 15)
             await _until(lambda: set(ids) <= {e.agent_id for e in table.peers()}, 15, "table")
-            record_property("discovery_s", round(time.monotonic() - t_ready, 2))
+            record_property("discovery_s", round(time.monotonic() - t_spawn, 2))
             # The rogue records really are on the wire (plain zeroconf sees them) ...
             names = {instance_name(i) for i in bad_ids.values()} | {"ea-garbage." + SERVICE_TYPE}
             await _until(lambda: names <= raw_names, 15, "rogue records on the wire")
@@ -354,6 +354,8 @@ def test_agents_discover_isolate_update_and_leave(tmp_path: Path,
             assert all(d["addresses"] == ["127.0.0.1"] and d["signal_port"] == 7000
                        for d in listed)
             json.dumps(listed)
+            text = format_peers(listed)
+            assert all(i[:16] in text for i in ids) and "127.0.0.1:7000" in text
 
             # Capability update reaches the others.
             a0.send("update 4242")
@@ -367,7 +369,7 @@ def test_agents_discover_isolate_update_and_leave(tmp_path: Path,
             a2.proc.send_signal(signal.SIGTERM)
             ev = await _next_event(q, "left", ids[2], 5)
             clean_s = time.monotonic() - t0
-            assert ev.reason == "goodbye" and clean_s < 2.0, clean_s
+            assert ev.reason == "goodbye" and clean_s < 1.0, clean_s
             await a0.wait_for(_left(ids[2]), 2)
             assert await asyncio.wait_for(a2.proc.wait(), 5) == 0
             assert any(e["ev"] == "bye" for e in a2.events)

@@ -245,7 +245,7 @@ def test_sequence_guard_steps_and_bound():
 
 
 # ---- fuzzing ------------------------------------------------------------------------------------
-FUZZ = settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 VALID = [encode(act()), encode(act(2, 8, np.float32).hashed()), encode(Frame(MsgType.HEARTBEAT)),
          encode(Frame.from_bytes(MsgType.ERROR, b"boom")), encode(act(1, 4, np.int32))]
 

@@ -105,3 +105,18 @@ def test_handshake_refusals():
     t0 = time.perf_counter()
     asyncio.run(_refusals())
     assert time.perf_counter() - t0 < 30
+
+
+async def _garbage_after_auth() -> None:
+    server, fut = await listen_one("webrtc", webrtc)
+    ch = await webrtc.connect(Identity.generate(), SwarmKey.from_secret(SECRET), HOST, server.port)
+    peer = await asyncio.wait_for(fut, 10)
+    ch.dc.send(b"EG\x01\x03" + b"\xff" * 50)  # a fragment declaring 4 GiB
+    with pytest.raises(PeerLostError, match="protocol error"):
+        await asyncio.wait_for(peer.recv(), 5)
+    await ch.close()
+    await server.close()
+
+
+def test_malformed_fragment_from_authenticated_peer_drops_channel():
+    asyncio.run(_garbage_after_auth())

@@ -19,10 +19,13 @@ re-encoded verbatim so forward-compatible records still verify.
 from __future__ import annotations
 
 import base64
+import hmac
 import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable
+
+from edge_agent.discovery.identity import verify as ed25519_verify
 
 PROTOCOL_VERSION = 1
 SIGN_DOMAIN = b"edge-agent capabilities v1\x00"
@@ -130,15 +133,14 @@ class Capabilities:
 
     def verify(self, swarm_key: Any) -> bool:
         """True iff the record belongs to `swarm_key`'s swarm and its signature holds."""
-        from edge_agent.discovery.identity import verify as ed25519_verify
-
         if self.swarm_tag != swarm_key.tag() or len(self.signature) != 64:
             return False
         msg = self.signing_bytes()
         if swarm_key.is_open:
             if self.mac:
                 return False
-        elif len(self.mac) != MAC_BYTES or not _ct_equal(swarm_key.prove(msg)[:MAC_BYTES], self.mac):
+        elif len(self.mac) != MAC_BYTES or not hmac.compare_digest(
+                swarm_key.prove(msg)[:MAC_BYTES], self.mac):
             return False
         return ed25519_verify(bytes.fromhex(self.agent_id), msg, self.signature)
 
@@ -286,8 +288,3 @@ def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise ValueError(f"{name} must be an integer in [{lo}, {hi}]")
 
-
-def _ct_equal(a: bytes, b: bytes) -> bool:
-    import hmac
-
-    return hmac.compare_digest(a, b)

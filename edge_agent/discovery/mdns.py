@@ -228,7 +228,8 @@ class MdnsBrowser(RecordUpdateListener):
             rec = update.new
             if rec.type in (_TYPE_SRV, _TYPE_TXT) and rec.ttl:
                 st = self._names.get(rec.name)
-                if st is not None and (st.agent_id is None or st.agent_id not in self.table):
+                if (st is not None and st.agent_id is not None and st.agent_id not in self.table
+                        and st.agent_id != self.table.self_id):
                     st.next_try = 0.0
 
     def async_update_records_complete(self) -> None:

@@ -243,3 +243,20 @@ def parse_peer_arg(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"expected HOST:PORT, got {text!r}")
     return host, int(port)
+
+
+def format_peers(rows: list[dict[str, Any]]) -> str:
+    """Human-readable table of `list_peers()` rows for `edge-agent peers` (no --json)."""
+    if not rows:
+        return "no peers found"
+    head = ("AGENT", "ROLE", "ADDRESS", "SHARDS", "FREE MB", "MS/LAYER", "BACKEND", "AGE S")
+    lines = [head]
+    for r in rows:
+        addr = (r.get("addresses") or ["?"])[0]
+        port = r.get("signal_port") or r.get("tls_port")
+        shards = ",".join(f"{s['model'][:8]}:{s['start']}-{s['end']}" for s in r.get("shards", []))
+        lines.append((r["agent_id"][:16], r.get("role", ""), f"{addr}:{port}", shards or "-",
+                      str(r.get("free_mem_mb", "")), f"{r.get('ms_per_layer', 0):g}",
+                      r.get("backend", ""), f"{r.get('age_s', 0):.1f}"))
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)

@@ -3,8 +3,8 @@
 Graph I/O (``n`` new rows, ``past`` cached positions, ``total = past + n``)::
 
     hidden   float32 [n, n_embd]       (head shards: tokens int64 [n])
-    rope_cos float32 [n, n_rot / 2]    cos/sin of each row's position, computed by the engine
-    rope_sin float32 [n, n_rot / 2]    exactly as ggml does (float32 cumulative theta)
+    rope_cos float32 [n, n_rot]        (c0, c0, c1, c1, ..) and (-s0, s0, -s1, s1, ..) of each row's
+    rope_sin float32 [n, n_rot]        position, computed as ggml does (float32 cumulative theta)
     mask     float32 [n, total]        0 where a row may attend, -inf elsewhere (causal)
     past_k.i / past_v.i   kv [n_head_kv, past, head_dim]     for each layer i of the shard
  -> hidden_out float32 [n, n_embd]     (tail shards: logits float32 [n, n_vocab])
@@ -30,7 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edge_agent.runtime.engine import UnsupportedModelError
 from edge_agent.runtime.onnx_weights import QuantWeight, load_matrix, load_vector
 
-GRAPH_VERSION = 1
+GRAPH_VERSION = 2
 OPSET = 18
 _LAYER_TENSORS = {
     "attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
@@ -99,43 +99,55 @@ class _Builder:
         return self.op("Cast", self.op("Cast", x, to=TensorProto.FLOAT16), to=TensorProto.FLOAT)
 
     def rms_norm(self, x: str, weight: np.ndarray, name: str) -> str:
-        ms = self.op("ReduceMean", self.op("Mul", x, x), self.ints(-1), keepdims=1)
-        inv = self.op("Reciprocal", self.op("Sqrt", self.op("Add", ms, self.scalar(self.spec.eps))))
-        return self.op("Mul", self.op("Mul", x, inv), self.init(name, weight))
+        """x / sqrt(mean(x^2) + eps) * w, as one ORT kernel (SimplifiedLayerNormalization)."""
+        return self.op("SimplifiedLayerNormalization", x, self.init(name, weight), axis=-1, epsilon=self.spec.eps, stash_type=1)
 
-    def linear(self, x: str, tensor, name: str, bias=None) -> str:
-        """x @ W^T for a GGUF matrix: MatMulNBits for block formats, MatMul for floats."""
-        k, n = int(tensor.shape[0]), int(tensor.shape[1])
-        w = load_matrix(tensor)
-        if isinstance(w, QuantWeight):
+    def linear(self, x: str, tensors: list, name: str, biases: list | None = None) -> list[str]:
+        """x @ W^T for each GGUF matrix; matrices of one layout (Q/K/V, gate/up) share one kernel call.
+
+        Block formats run on MatMulNBits, float ones on MatMul; the outputs are split back.
+        """
+        ws = [load_matrix(t) for t in tensors]
+        sizes = [int(t.shape[1]) for t in tensors]
+        k = int(tensors[0].shape[0])
+        quant = all(isinstance(w, QuantWeight) for w in ws)
+        same = len({(w.bits, w.block) if isinstance(w, QuantWeight) else t.tensor_type.name for w, t in zip(ws, tensors)}) == 1
+        if len(ws) > 1 and not same:
+            outs = [self.linear(x, [t], f"{name}{j}", None if biases is None else [biases[j]])[0] for j, t in enumerate(tensors)]
+            return outs
+        if quant:
+            w = ws[0] if len(ws) == 1 else _concat_quant(ws)
             y = self.op(
                 "MatMulNBits", x, self.init(f"{name}.q", w.packed()), self.init(f"{name}.scales", w.scales.reshape(-1)),
-                domain="com.microsoft", K=k, N=n, bits=w.bits, block_size=w.block, accuracy_level=self.spec.accuracy_level,
+                domain="com.microsoft", K=k, N=sum(sizes), bits=w.bits, block_size=w.block, accuracy_level=self.spec.accuracy_level,
             )  # fmt: skip
             if w.mins is not None:  # + blocksum(x) @ mins^T: the asymmetric part, exact and small
                 blocks = self.op("Reshape", x, self.ints(0, k // w.block, w.block))
                 sums = self.op("ReduceSum", blocks, self.ints(-1), keepdims=0)
                 y = self.op("Add", y, self.op("MatMul", sums, self.init(f"{name}.mins", w.mins.T.copy())))
         else:
-            if tensor.tensor_type.name == "F16":  # llama.cpp feeds F16 weights fp16 activations
+            if tensors[0].tensor_type.name == "F16":  # llama.cpp feeds F16 weights fp16 activations
                 x = self.round_f16(x)
-            y = self.op("MatMul", x, self.init(f"{name}.w", w.T.copy()))
-        if bias is not None:
-            y = self.op("Add", y, self.init(f"{name}.b", load_vector(bias)))
-        return y
+            y = self.op("MatMul", x, self.init(f"{name}.w", np.concatenate(ws, axis=0).T.copy()))
+        if biases is not None and any(bb is not None for bb in biases):
+            vec = [load_vector(bb) if bb is not None else np.zeros(n, np.float32) for bb, n in zip(biases, sizes)]
+            y = self.op("Add", y, self.init(f"{name}.b", np.concatenate(vec)))
+        return [y] if len(sizes) == 1 else self.split(y, sizes, axis=-1)
 
     def rope(self, x: str, heads: int, cos: str, sin: str) -> str:
-        """ggml "normal" RoPE on [n, heads, head_dim]: rotate pairs (x[2i], x[2i+1]) of the first n_rot dims."""
+        """ggml "normal" RoPE on [n, heads, head_dim]: rotate pairs (x[2i], x[2i+1]) of the first n_rot dims.
+
+        With cos = (c0, c0, c1, c1, ..) and sin = (-s0, s0, -s1, s1, ..) fed by the engine,
+        x * cos + swap_pairs(x) * sin gives ggml's x0*c - x1*s, x0*s + x1*c bit for bit.
+        """
         s = self.spec
         rest = None
         if s.n_rot < s.head_dim:  # only the first n_rot dims of a head rotate
             x, rest = self.split(x, [s.n_rot, s.head_dim - s.n_rot], axis=2)
         pairs = self.op("Reshape", x, self.ints(0, heads, s.n_rot // 2, 2))
-        x0 = self.op("Slice", pairs, self.ints(0), self.ints(1), self.ints(3))
-        x1 = self.op("Slice", pairs, self.ints(1), self.ints(2), self.ints(3))
-        o0 = self.op("Sub", self.op("Mul", x0, cos), self.op("Mul", x1, sin))
-        o1 = self.op("Add", self.op("Mul", x0, sin), self.op("Mul", x1, cos))
-        y = self.op("Reshape", self.op("Concat", o0, o1, axis=3), self.ints(0, heads, s.n_rot))
+        swapped = self.op("Slice", pairs, self.ints(-1), self.ints(-(2**63)), self.ints(3), self.ints(-1))
+        swapped = self.op("Reshape", swapped, self.ints(0, heads, s.n_rot))
+        y = self.op("Add", self.op("Mul", x, cos), self.op("Mul", swapped, sin))
         return y if rest is None else self.op("Concat", y, rest, axis=2)
 
     def split(self, x: str, sizes: list[int], axis: int) -> list[str]:
@@ -163,14 +175,13 @@ def build_model(reader, spec: GraphSpec) -> onnx.ModelProto:
     else:
         inputs.append(helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["n", s.n_embd]))
         x = "hidden"
-    half = s.n_rot // 2
     inputs += [
-        helper.make_tensor_value_info("rope_cos", TensorProto.FLOAT, ["n", half]),
-        helper.make_tensor_value_info("rope_sin", TensorProto.FLOAT, ["n", half]),
+        helper.make_tensor_value_info("rope_cos", TensorProto.FLOAT, ["n", s.n_rot]),
+        helper.make_tensor_value_info("rope_sin", TensorProto.FLOAT, ["n", s.n_rot]),
         helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["n", "total"]),
     ]
-    cos = b.op("Unsqueeze", "rope_cos", b.ints(1, 3))  # [n, 1, half, 1]
-    sin = b.op("Unsqueeze", "rope_sin", b.ints(1, 3))
+    cos = b.op("Unsqueeze", "rope_cos", b.ints(1))  # [n, 1, n_rot]
+    sin = b.op("Unsqueeze", "rope_sin", b.ints(1))
     scale = b.scalar(1.0 / float(np.sqrt(s.head_dim)))
     for i, layer in enumerate(range(s.start, s.end)):
         p = f"blk.{layer}."
@@ -180,9 +191,7 @@ def build_model(reader, spec: GraphSpec) -> onnx.ModelProto:
             inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", kv_type, [s.n_head_kv, "past", s.head_dim]))
             outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", kv_type, [s.n_head_kv, "total", s.head_dim]))
         h = b.rms_norm(x, load_vector(t("attn_norm.weight")), f"{p}attn_norm")
-        q = b.linear(h, t("attn_q.weight"), f"{p}attn_q", opt("attn_q.bias"))
-        k = b.linear(h, t("attn_k.weight"), f"{p}attn_k", opt("attn_k.bias"))
-        v = b.linear(h, t("attn_v.weight"), f"{p}attn_v", opt("attn_v.bias"))
+        q, k, v = b.linear(h, [t(f"attn_{c}.weight") for c in "qkv"], f"{p}attn_qkv", [opt(f"attn_{c}.bias") for c in "qkv"])
         q = b.rope(b.op("Reshape", q, b.ints(0, s.n_head, s.head_dim)), s.n_head, cos, sin)
         k = b.rope(b.op("Reshape", k, b.ints(0, s.n_head_kv, s.head_dim)), s.n_head_kv, cos, sin)
         v = b.op("Reshape", v, b.ints(0, s.n_head_kv, s.head_dim))
@@ -203,16 +212,15 @@ def build_model(reader, spec: GraphSpec) -> onnx.ModelProto:
         att = b.op("MatMul", b.op("Reshape", probs, b.ints(s.n_head_kv, -1, 0)), pv)  # [Hkv, g*n, D]
         att = b.op("Transpose", b.op("Reshape", att, b.ints(s.n_head, -1, s.head_dim)), perm=[1, 0, 2])
         att = b.op("Reshape", att, b.ints(0, s.n_head * s.head_dim))
-        x = b.op("Add", x, b.linear(att, t("attn_output.weight"), f"{p}attn_output", opt("attn_output.bias")))
+        x = b.op("Add", x, b.linear(att, [t("attn_output.weight")], f"{p}attn_output", [opt("attn_output.bias")])[0])
         h = b.rms_norm(x, load_vector(t("ffn_norm.weight")), f"{p}ffn_norm")
-        gate = b.linear(h, t("ffn_gate.weight"), f"{p}ffn_gate")
-        up = b.linear(h, t("ffn_up.weight"), f"{p}ffn_up")
+        gate, up = b.linear(h, [t("ffn_gate.weight"), t("ffn_up.weight")], f"{p}ffn_gate_up")
         act = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)
-        x = b.op("Add", x, b.linear(act, t("ffn_down.weight"), f"{p}ffn_down"))
+        x = b.op("Add", x, b.linear(act, [t("ffn_down.weight")], f"{p}ffn_down")[0])
     if s.gives_logits:
         h = b.rms_norm(x, load_vector(tensors["output_norm.weight"]), "output_norm")
         head = tensors.get("output.weight") or tensors["token_embd.weight"]
-        b.op("Identity", b.linear(h, head, "output"), out="logits")
+        b.op("Identity", b.linear(h, [head], "output")[0], out="logits")
         outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", int(head.shape[1])]))
     else:
         b.op("Identity", x, out="hidden_out")
@@ -225,13 +233,21 @@ def build_model(reader, spec: GraphSpec) -> onnx.ModelProto:
     return model
 
 
+def _concat_quant(ws: list[QuantWeight]) -> QuantWeight:
+    """Stack matrices of one block layout along N (a missing min is a zero min)."""
+    mins = None
+    if any(w.mins is not None for w in ws):
+        mins = np.concatenate([w.mins if w.mins is not None else np.zeros_like(w.scales) for w in ws])
+    return QuantWeight(np.concatenate([w.q for w in ws]), ws[0].bits, ws[0].block, np.concatenate([w.scales for w in ws]), mins)
+
+
 def _embedding(tensor) -> np.ndarray:
     w = load_matrix(tensor)
     return w.dequantize() if isinstance(w, QuantWeight) else w
 
 
 def rope_tables(positions: np.ndarray, n_rot: int, freq_base: float, freq_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [n, n_rot/2] as ggml computes them: theta_i = p * base^(-2i/n_rot), float32 cumulative."""
+    """The graph's rope_cos/rope_sin [n, n_rot]: ggml's theta_i = p * base^(-2i/n_rot), float32 cumulative."""
     theta_scale = np.float32(np.power(float(np.float32(freq_base)), float(np.float32(-2.0) / np.float32(n_rot))))
     theta = positions.astype(np.float32)
     cols = []
@@ -239,4 +255,5 @@ def rope_tables(positions: np.ndarray, n_rot: int, freq_base: float, freq_scale:
         cols.append(theta * np.float32(freq_scale))
         theta = (theta * theta_scale).astype(np.float32)
     t = np.stack(cols, axis=1).astype(np.float64)
-    return np.cos(t).astype(np.float32), np.sin(t).astype(np.float32)
+    cos, sin = np.cos(t).astype(np.float32), np.sin(t).astype(np.float32)
+    return np.repeat(cos, 2, axis=1), np.stack([-sin, sin], axis=2).reshape(len(positions), n_rot)

@@ -142,7 +142,12 @@ class SwarmClient:
         while True:
             if len(req.reroutes) >= self.config.max_reroutes:
                 raise NoRouteError([(failed.hop.start, failed.hop.end)], f"gave up after {len(req.reroutes)} re-routes")
-            new_plan = self._plan(previous=req.plan, exclude=req.excluded, replace_hops=[index])
+            try:
+                new_plan = self._plan(previous=req.plan, exclude=req.excluded, replace_hops=[index])
+            except NoRouteError as exc:
+                raise NoRouteError(exc.missing, f"peer {failed.hop.peer_id[:12]} failed: {reason}; excluded: "
+                                   f"{', '.join(sorted(p[:12] for p in req.excluded))}",
+                                   what="no replacement: no other peer serves") from None
             keep = {(h.hop.peer_id, h.hop.start, h.hop.end): h for i, h in enumerate(req.hops) if i != index}
             try:
                 states = await self._open(new_plan, keep)

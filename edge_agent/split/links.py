@@ -32,8 +32,9 @@ class Reply:
 
 
 class PeerLink:
-    def __init__(self, peer_id: str, channel, rtt_ms: float | None = None):
+    def __init__(self, peer_id: str, channel, rtt_ms: float | None = None, on_traffic=None):
         self.peer_id = peer_id
+        self.on_traffic = on_traffic  # liveness hook: traffic proves the peer alive (peer table)
         self.channel = channel
         self.rtt_ms = rtt_ms
         self._pending: dict[tuple[bytes, int], asyncio.Future] = {}
@@ -52,6 +53,8 @@ class PeerLink:
         try:
             while True:
                 frame = await self.channel.recv()
+                if self.on_traffic is not None:
+                    self.on_traffic(self.peer_id)
                 fut = self._pending.pop((frame.request_id, frame.seq), None)
                 if fut is not None and not fut.done():
                     fut.set_result(frame)

@@ -8,7 +8,7 @@ Liveness contract: each side sends a HEARTBEAT frame when it has sent nothing fo
 `heartbeat_interval` seconds; any inbound byte counts as life.  When nothing has arrived
 for `peer_timeout` seconds the channel fails: `recv()` (after returning frames already
 received) and `send()` raise PeerLostError.  Detection bound: `peer_timeout` plus one
-watchdog tick (`heartbeat_interval / 2`) - 2.25 s with the defaults - or immediately when
+watchdog tick (`heartbeat_interval / 2`) - 2.125 s with the defaults - or immediately when
 the OS reports the connection closed (TCP FIN/RST after a SIGKILL).  The event loop must
 not be blocked longer than `peer_timeout` (run engine compute in an executor).
 """
@@ -26,7 +26,7 @@ from .frames import DEFAULT_MAX_PAYLOAD, Frame, MsgType, encode_parts
 __all__ = ["Channel", "FrameChannel", "PeerLostError", "HandshakeError", "ChannelHandler",
            "DEFAULT_HEARTBEAT_INTERVAL", "DEFAULT_PEER_TIMEOUT"]
 
-DEFAULT_HEARTBEAT_INTERVAL = 0.5
+DEFAULT_HEARTBEAT_INTERVAL = 0.25  # frequent enough that a 1.5 s scheduling stall is not a death
 DEFAULT_PEER_TIMEOUT = 2.0
 DEFAULT_MAX_BUFFERED = 256 << 20  # bytes of received-but-unread frames
 T = TypeVar("T")
@@ -73,6 +73,7 @@ class FrameChannel:
         self._last_rx = now
         self._last_tx = now
         self._watchdog: asyncio.Task[None] | None = None
+        self._lost_callbacks: list[Callable[[PeerLostError], None]] = []
         self.frames_sent = 0
         self.frames_received = 0
 
@@ -134,6 +135,19 @@ class FrameChannel:
             if self._watchdog is not None and self._watchdog is not asyncio.current_task():
                 self._watchdog.cancel()
             self._abort()
+            for cb in self._lost_callbacks:
+                try:
+                    cb(self._lost)
+                except Exception:  # noqa: BLE001 - a callback bug must not hide the loss
+                    pass
+
+    def add_lost_callback(self, cb: Callable[[PeerLostError], None]) -> None:
+        """Call `cb(error)` once when the channel fails or closes (at once if it already has);
+        e.g. to drop the peer from a table without a task blocked in recv()."""
+        if self._lost is not None:
+            cb(self._lost)
+        else:
+            self._lost_callbacks.append(cb)
 
     @property
     def lost(self) -> PeerLostError | None:

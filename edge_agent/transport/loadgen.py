@@ -93,6 +93,7 @@ class BareTcp(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        transport.set_write_buffer_limits(high=2 << 20, low=512 * 1024)  # same tuning as TlsChannel
 
     def pause_writing(self) -> None:
         self._ok.clear()
@@ -145,8 +146,8 @@ async def _echo(kind: str, host: str, secret: str) -> None:
                 while True:
                     f = await ch.recv()
                     await ch.send(f if len(f.payload) <= ECHO_LIMIT else Frame(MsgType.ACK, seq=f.seq))
-            except PeerLostError:
-                pass
+            except PeerLostError as exc:
+                print(f"echo {kind}: channel ended: {exc.reason}", file=sys.stderr, flush=True)
         server = await serve(kind, identity, swarm, host, 0, handler)
         port = server.port
     print(f"READY {port} {identity.agent_id}", flush=True)

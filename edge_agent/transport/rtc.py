@@ -35,9 +35,9 @@ from .frames import HEADER_SIZE, decode
 
 log = logging.getLogger(__name__)
 
-FRAGMENT_SIZE = 256 * 1024     # bytes per data channel message: aiortc's maximum (fewer, bigger messages are faster)
-HIGH_WATERMARK = 4 << 20           # pause sending while this much is queued in the channel
-LOW_WATERMARK = 256 * 1024         # resume when the queue drains below this
+FRAGMENT_SIZE = 64 * 1024      # bytes per data channel message (aiortc's limit: 256 KiB); see docs/transport.md
+HIGH_WATERMARK = 1 << 20        # pause sending while this much is queued in the channel
+LOW_WATERMARK = 256 * 1024      # resume when the queue drains below this
 DEFAULT_OPEN_TIMEOUT = 15.0
 
 _ICE_HOSTS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("edge_agent_ice_hosts", default=None)

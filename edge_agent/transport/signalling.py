@@ -85,6 +85,11 @@ async def listen(identity: Identity, swarm: SwarmKey, host: str, port: int, on_c
         ch = _w.WebRtcChannel(peer_id, pc, dc, **channel_kw)
         ch._start()
         channels.add(ch)
+        pcs.discard(pc)
+
+        def lost(_exc: Exception) -> None:
+            channels.discard(ch)
+        ch.add_lost_callback(lost)
         try:
             res = on_channel(ch)
             if asyncio.iscoroutine(res):
@@ -93,7 +98,7 @@ async def listen(identity: Identity, swarm: SwarmKey, host: str, port: int, on_c
             log.exception("webrtc: on_channel handler failed")
 
     async def offer(request: web.Request) -> web.Response:
-        if len(pcs) >= MAX_PENDING + len(channels):
+        if len(pcs) >= MAX_PENDING:  # offers whose data channel has not opened yet
             return web.json_response({"error": "busy"}, status=503)
         try:
             body = await request.json()

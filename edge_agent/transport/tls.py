@@ -82,6 +82,7 @@ _HANDSHAKE_TYPES = frozenset((MsgType.HELLO, MsgType.ERROR, MsgType.HEARTBEAT, M
 STAGE_SIZE = 256 * 1024
 DIRECT_THRESHOLD = 64 * 1024
 WRITE_CHUNK = 256 * 1024
+WRITE_HIGH, WRITE_LOW = 2 << 20, 512 * 1024
 
 
 class TlsChannel(FrameChannel, asyncio.BufferedProtocol):
@@ -110,6 +111,8 @@ class TlsChannel(FrameChannel, asyncio.BufferedProtocol):
     # -- asyncio.BufferedProtocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        # asyncio's 64 KiB default makes a multi-MB frame stop and start dozens of times.
+        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)  # type: ignore[attr-defined]
         self._touch()
         if not self.connected.done():
             self.connected.set_result(None)
@@ -300,15 +303,13 @@ async def listen(identity: Identity, swarm: SwarmKey, host: str, port: int, on_c
             log.info("tls: refused a peer: %s", exc)
             return
         channels.add(ch)
+        ch.add_lost_callback(lambda _exc: channels.discard(ch))
         try:
             res = on_channel(ch)
             if asyncio.iscoroutine(res):
                 await res
         except Exception:  # noqa: BLE001 - a handler bug must not kill the listener
             log.exception("tls: on_channel handler failed")
-        finally:
-            if ch.lost is not None:
-                channels.discard(ch)
 
     def factory() -> TlsChannel:
         ch = TlsChannel(**channel_kw)

@@ -1,0 +1,61 @@
+"""Start real `edge-agent join` peers as separate OS processes, on loopback only."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+READY_TIMEOUT_S = 90.0
+
+
+class Peer:
+    def __init__(self, proc: subprocess.Popen, ready: dict, log: Path):
+        self.proc, self.ready, self.log = proc, ready, log
+
+    @property
+    def agent_id(self) -> str:
+        return self.ready["agent_id"]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.ready['tls_port']}"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def start_peer(model: Path, layers: str, data_dir: Path, *extra: str, mdns: bool = False) -> Peer:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = data_dir / "join.log"
+    args = [sys.executable, "-m", "edge_agent", "join", "--model", str(model), "--layers", layers,
+            "--data-dir", str(data_dir), "--host", "127.0.0.1", "--threads", "1", "--ctx", "512", *extra]
+    args += ["--mdns-interface", "127.0.0.1"] if mdns else ["--no-mdns"]
+    env = dict(os.environ, EDGE_AGENT_DATA_DIR=str(data_dir))
+    out = open(data_dir / "stdout.log", "w+")
+    proc = subprocess.Popen(args, stdout=out, stderr=open(log, "w"), env=env, cwd=Path(__file__).parent.parent)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        out.seek(0)
+        for line in out.read().splitlines():
+            if line.startswith('{"ready"'):
+                return Peer(proc, json.loads(line)["ready"], log)
+        if proc.poll() is not None:
+            raise RuntimeError(f"peer exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"peer not ready in {READY_TIMEOUT_S} s: {log.read_text()[-2000:]}")

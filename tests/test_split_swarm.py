@@ -1,0 +1,103 @@
+"""Split inference across real OS processes on loopback: exactness, failover, slow peers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from conftest import reference_tokens
+from edge_agent.node import AgentConfig, run
+from edge_agent.runtime.sampling import SamplingParams
+from edge_agent.split.client import ClientConfig
+from edge_agent.split.policy import PrivacyPolicy
+from swarm_util import start_peer
+
+
+@pytest.fixture
+def peers(tmp_path):
+    started = []
+
+    def start(model, layers, *extra, mdns=False):
+        p = start_peer(model, layers, tmp_path / f"peer{len(started)}", *extra, mdns=mdns)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+def swarm_generate(tmp_path, model, prompt, n, peer_list, *, mdns=False, policy=PrivacyPolicy(), target_tbt_ms=250.0,
+                   on_token=None):
+    cfg = AgentConfig(tmp_path / "client", manual_peers=[] if mdns else [("127.0.0.1", p.ready["tls_port"]) for p in peer_list],
+                      mdns=mdns, interfaces=["127.0.0.1"] if mdns else None, host="127.0.0.1")
+    cfg.data_dir.mkdir(exist_ok=True)
+    box = {}
+
+    def tokens(tok):
+        box["prompt"] = tok.encode(prompt)
+        return box["prompt"]
+
+    res = asyncio.run(run(cfg, model, tokens, SamplingParams(max_tokens=n), ClientConfig(policy=policy, target_tbt_ms=target_tbt_ms),
+                          discover_s=30.0, n_ctx=512, on_token=on_token))
+    return box["prompt"], res
+
+
+def test_two_peers_match_llama_cpp_stories(tmp_path, peers, stories_path):
+    a, b = peers(stories_path, "1:3"), peers(stories_path, "3:4")
+    prompt, res = swarm_generate(tmp_path, stories_path, "Once upon a time", 40, [a, b])
+    assert res.token_ids == reference_tokens(stories_path, prompt, 40)
+    assert [(h["peer_id"], h["range"]) for h in res.stats["path"]] == [(a.agent_id, "1:3"), (b.agent_id, "3:4")]
+    assert res.stats["reroutes"] == []
+
+
+def test_three_peers_over_mdns_match_llama_cpp_smollm(tmp_path, peers, smollm_path):
+    ps = [peers(smollm_path, r, mdns=True) for r in ("1:10", "10:20", "20:29")]
+    prompt, res = swarm_generate(tmp_path, smollm_path, "The capital of France is", 16, ps, mdns=True)
+    assert res.token_ids == reference_tokens(smollm_path, prompt, 16)
+    assert [h["range"] for h in res.stats["path"]] == ["1:10", "10:20", "20:29"]
+
+
+def test_killed_peer_is_routed_around_with_unchanged_output(tmp_path, peers, stories_path):
+    a, b = peers(stories_path, "1:4"), peers(stories_path, "1:4")
+    ids = {a.agent_id: a, b.agent_id: b}
+    seen = []
+
+    def on_token(tok, _text):
+        seen.append(tok)
+        if len(seen) == 10:  # SIGKILL whichever peer holds the hop, mid-generation
+            ids[first_path[0]].kill()
+
+    first_path = []
+    import edge_agent.split.client as client_mod
+
+    orig = client_mod.SwarmClient._open
+
+    async def spy(self, plan, keep):
+        states = await orig(self, plan, keep)
+        if not first_path:
+            first_path.append(plan.hops[0].peer_id)
+        return states
+
+    client_mod.SwarmClient._open = spy
+    try:
+        prompt, res = swarm_generate(tmp_path, stories_path, "Once upon a time", 40, [a, b], on_token=on_token)
+    finally:
+        client_mod.SwarmClient._open = orig
+    assert res.token_ids == reference_tokens(stories_path, prompt, 40)
+    assert len(res.stats["reroutes"]) == 1
+    r = res.stats["reroutes"][0]
+    assert r["from"] == first_path[0] and r["to"] == [next(i for i in ids if i != first_path[0])]
+    assert r["step"] >= 10
+
+
+def test_slow_peer_loses_its_hop(tmp_path, peers, stories_path):
+    slow = peers(stories_path, "1:4", "--test-delay-ms", "300", "--test-advertise-ms", "0.001")
+    fast = peers(stories_path, "1:4")
+    prompt, res = swarm_generate(tmp_path, stories_path, "Once upon a time", 24, [slow, fast], target_tbt_ms=100.0)
+    assert res.token_ids == reference_tokens(stories_path, prompt, 24)
+    assert [r["from"] for r in res.stats["reroutes"]] == [slow.agent_id]
+    assert "deadline" in res.stats["reroutes"][0]["reason"]
+    assert res.stats["path"][0]["peer_id"] == fast.agent_id
+    assert res.stats["deadline_misses"] >= 1
