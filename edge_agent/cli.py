@@ -236,6 +236,8 @@ def join(
     ice_server: list[str] = typer.Option([], "--ice-server", help="STUN/TURN URL for WAN use (none by default)."),
     test_delay_ms: float = typer.Option(0.0, "--test-delay-ms", hidden=True, help="Test only: make this node slow."),
     test_advertise_ms: Optional[float] = typer.Option(None, "--test-advertise-ms", hidden=True, help="Test only: advertised ms/layer."),
+    test_claim_model_hash: Optional[str] = typer.Option(None, "--test-claim-model-hash", hidden=True, help="Test only: lie about the model hash."),
+    model_hash: Optional[str] = typer.Option(None, "--model-hash", help="No model file: fetch the --layers of this model (content hash) from a peer, verified tensor by tensor."),
 ) -> None:
     """Share compute: serve a range of the model's layers to the swarm until Ctrl-C."""
     import asyncio
@@ -245,7 +247,7 @@ def join(
     from edge_agent.runtime.engine import EngineError
     from edge_agent.runtime.shards import parse_range
 
-    path = _resolve_model(model, data_dir)
+    path = _resolve_model(model, data_dir) if (model or not model_hash) else None
     cfg = _agent_config(data_dir, swarm_key, host, port, signal_port, peer, no_mdns, mdns_interface, transport, ice_server)
     try:
         rng = parse_range(layers) if layers else None
@@ -253,15 +255,25 @@ def join(
     except (EngineError, ValueError) as exc:
         _fail(str(exc))
     opts = JoinOptions(path, rng, backend, share_gpu, mem, threads, ctx, test_delay_ms=test_delay_ms,
-                       test_advertise_ms=test_advertise_ms)
+                       test_advertise_ms=test_advertise_ms, model_hash=model_hash, test_claim_model_hash=test_claim_model_hash)
 
     def ready(info: dict) -> None:
         typer.echo(json.dumps({"ready": info}), err=False)
         sys.stdout.flush()
 
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done - last[0] >= total / 20:
+            last[0] = done
+            typer.echo(f"fetching weights: {done / 1e6:.1f} / {total / 1e6:.1f} MB", err=True)
+
+    from edge_agent.split.links import HopFailed
+    from edge_agent.split.weights import WeightsError
+
     try:
-        asyncio.run(run_join(cfg, opts, ready))
-    except (EngineError, OSError) as exc:
+        asyncio.run(run_join(cfg, opts, ready, progress))
+    except (EngineError, OSError, ValueError, WeightsError, HopFailed, TimeoutError) as exc:
         _fail(str(exc))
 
 

@@ -205,7 +205,7 @@ class PeerDirectory:
 
 @dataclass
 class JoinOptions:
-    model: Path
+    model: Path | None  # None: fetch the layers' weights from a peer (needs model_hash and layers)
     layers: tuple[int, int] | None = None
     backend: str = "llamacpp"
     share_gpu: bool = False
@@ -216,6 +216,8 @@ class JoinOptions:
     test_delay_ms: float = 0.0
     test_advertise_ms: float | None = None  # test only: advertise this ms/layer (a peer that over-promises)
     discover_s: float = 2.0
+    model_hash: str | None = None  # with model=None: the model whose weights to fetch from a peer
+    test_claim_model_hash: str | None = None  # test only: advertise this hash (a lying peer)
 
 
 def measure_ms_per_layer(engine, steps: int = 8) -> float:
@@ -246,41 +248,80 @@ def choose_layers(agent: Agent, info, opts: JoinOptions) -> tuple[int, int]:
     return choose_range_to_serve(info.n_layer, policy, peers, capacity)
 
 
-async def join(config: AgentConfig, opts: JoinOptions, on_ready=None) -> None:
+
+async def join(config: AgentConfig, opts: JoinOptions, on_ready=None, on_progress=None) -> None:
     """Run a node that serves a layer range until SIGTERM/SIGINT."""
     from edge_agent.discovery.mdns import install_shutdown_handler
     from edge_agent.runtime.backends import load_engine
     from edge_agent.runtime.engine import EngineOptions
     from edge_agent.runtime.shards import inspect_model
     from edge_agent.split.serve import HopServer
+    from edge_agent.split.weights import WeightSource
 
-    info = inspect_model(opts.model)
     agent = Agent(config)
     await agent.start()
     try:
-        if opts.layers is None:
-            await asyncio.sleep(opts.discover_s)
-            opts.layers = choose_layers(agent, info, opts)
         gpu = gpu_layers(opts.share_gpu)
         eopts = EngineOptions(n_ctx_per_request=opts.n_ctx, max_requests=opts.max_requests, n_threads=opts.threads, gpu_layers=gpu)
-        engine = await asyncio.to_thread(load_engine, opts.backend, opts.model, *opts.layers, eopts,
-                                         config.data_dir / "shards")
+        shards_dir = config.data_dir / "shards"
+        if opts.model is None:
+            if not (opts.model_hash and opts.layers):
+                raise ValueError("without a model file, join needs --model-hash and --layers to fetch weights from a peer")
+            source = await fetch_weights(agent, opts, shards_dir, on_progress)
+            model_hash = opts.model_hash
+            from edge_agent.runtime.llamacpp import LlamaCppEngine
+
+            engine = await asyncio.to_thread(LlamaCppEngine, source, eopts)
+        else:
+            info = inspect_model(opts.model)
+            model_hash = info.model_hash
+            if opts.layers is None:
+                await asyncio.sleep(opts.discover_s)
+                opts.layers = choose_layers(agent, info, opts)
+            engine = await asyncio.to_thread(load_engine, opts.backend, opts.model, *opts.layers, eopts, shards_dir)
+            model_hash = opts.test_claim_model_hash or model_hash
         ms = await asyncio.to_thread(measure_ms_per_layer, engine)
         server = HopServer([engine], agent.identity.agent_id, test_delay_ms=opts.test_delay_ms)
-        free_mb = _free_memory_mb()
-        caps = Capabilities(agent.identity.agent_id, shards=((info.model_hash[:16], *opts.layers),), free_mem_mb=free_mb,
+        extra = ()
+        if opts.model is not None:
+            server.weights = WeightSource(opts.model, shards_dir)
+            extra = (("w", "1"),)  # this node can share the model's weights
+        caps = Capabilities(agent.identity.agent_id, shards=((model_hash[:16], *opts.layers),), free_mem_mb=_free_memory_mb(),
                             ms_per_layer=ms if opts.test_advertise_ms is None else opts.test_advertise_ms,
-                            backend=("gpu" if gpu else type(engine).__name__.replace("Engine", "").lower()))
+                            backend=("gpu" if gpu else type(engine).__name__.replace("Engine", "").lower()), extra=extra)
         caps = await agent.serve(server, caps)
         ready = {"agent_id": agent.identity.agent_id, "layers": list(opts.layers), "tls_port": caps.tls_port,
                  "signal_port": caps.signal_port, "ms_per_layer": round(ms, 4), "gpu_layers": gpu,
-                 "model_hash": info.model_hash}
+                 "model_hash": model_hash, "shard_hash": engine.info.shard_hash}
         if on_ready:
             on_ready(ready)
         done = install_shutdown_handler(agent.close)
         await done.wait()
     finally:
         await agent.close()
+
+
+async def fetch_weights(agent: Agent, opts: JoinOptions, dest: Path, on_progress=None, timeout_s: float = 30.0) -> Path:
+    """Find a peer that shares this model's weights and fetch our range from it (verified)."""
+    from edge_agent.split.weights import fetch_shard
+
+    a, b = opts.layers
+    final = dest / f"{opts.model_hash[:16]}-{a}-{b}.gguf"
+    if final.is_file():
+        return final  # fetched (and verified) before
+    directory = PeerDirectory(agent, opts.model_hash)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            for entry in agent.table.peers():
+                c = entry.caps
+                if dict(c.extra).get("w") == "1" and any(opts.model_hash.startswith(h) for h, _, _ in c.shards):
+                    link = await directory.link(c.agent_id)
+                    return await fetch_shard(link, opts.model_hash, a, b, dest, on_progress)
+            await asyncio.sleep(0.2)
+    finally:
+        await directory.close()
+    raise TimeoutError(f"no peer sharing the weights of model {opts.model_hash[:16]} was found in {timeout_s:.0f} s")
 
 
 def gpu_layers(share_gpu: bool) -> int:

@@ -101,3 +101,54 @@ def test_slow_peer_loses_its_hop(tmp_path, peers, stories_path):
     assert "deadline" in res.stats["reroutes"][0]["reason"]
     assert res.stats["path"][0]["peer_id"] == fast.agent_id
     assert res.stats["deadline_misses"] >= 1
+
+
+def test_node_without_model_fetches_its_range_and_serves_exact_tokens(tmp_path, peers, stories_path):
+    from edge_agent.runtime.shards import inspect_model
+
+    model_hash = inspect_model(stories_path).model_hash
+    source = peers(stories_path, "1:2")
+    fetched = peers(None, "2:4", "--model-hash", model_hash, "--peer", source.address)
+    assert fetched.ready["layers"] == [2, 4]
+    prompt, res = swarm_generate(tmp_path, stories_path, "Once upon a time", 24, [source, fetched])
+    assert res.token_ids == reference_tokens(stories_path, prompt, 24)
+    assert [h["peer_id"] for h in res.stats["path"]] == [source.agent_id, fetched.agent_id]
+
+
+def test_peer_with_tampered_weights_is_refused(tmp_path, peers, stories_path):
+    import gguf
+
+    from edge_agent.runtime.shards import inspect_model
+
+    model_hash = inspect_model(stories_path).model_hash
+    bad = tmp_path / "tampered.gguf"
+    bad.write_bytes(stories_path.read_bytes())
+    t = next(t for t in gguf.GGUFReader(str(bad)).tensors if t.name == "blk.2.ffn_up.weight")
+    with open(bad, "r+b") as f:  # flip one weight: the file is still a valid model
+        f.seek(t.data_offset + 8)
+        f.write(b"\x01\x02\x03\x04")
+    # A real peer never advertises a hash its file does not have; this test-only flag makes one
+    # lie, the only way to put a tampered model behind a genuine hash.
+    liar = peers(bad, "1:2", "--test-claim-model-hash", model_hash)
+    with pytest.raises(RuntimeError, match="tampered"):
+        peers(None, "2:4", "--model-hash", model_hash, "--peer", liar.address)
+    assert not list((tmp_path / "peer1" / "shards").glob("*.gguf"))
+
+
+def test_tampered_shard_file_fails_tensor_check(tmp_path, stories_path):
+    from edge_agent.runtime.shards import inspect_model, tensor_manifest, write_shard
+    from edge_agent.split.weights import WeightsError, verify_shard
+
+    info = inspect_model(stories_path)
+    shard = tmp_path / "s.gguf"
+    write_shard(stories_path, shard, 2, 4)
+    verify_shard(shard, tensor_manifest(stories_path), info.model_hash, 2, 4)  # genuine: accepted
+    import gguf
+
+    t = next(t for t in gguf.GGUFReader(str(shard)).tensors if t.name == "blk.1.ffn_down.weight")
+    data = bytearray(shard.read_bytes())
+    data[t.data_offset + 40] ^= 0xFF  # one weight byte
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="tampered"):
+        verify_shard(bad, tensor_manifest(stories_path), info.model_hash, 2, 4)

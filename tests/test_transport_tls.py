@@ -249,3 +249,23 @@ async def _garbage_after_auth() -> None:
 
 def test_malformed_frame_from_authenticated_peer_drops_channel():
     asyncio.run(_garbage_after_auth())
+
+
+async def _junk_clients() -> None:
+    accepted: list = []
+    server = await tls.listen(Identity.generate(), SwarmKey.from_secret(SECRET), HOST, 0, accepted.append,
+                              handshake_timeout=1.0)
+    socks = [await asyncio.open_connection(HOST, server.port) for _ in range(3)]
+    socks[0][1].write(b"GET / HTTP/1.0\r\n\r\n" + b"\x00" * 5000)  # not TLS at all
+    await asyncio.sleep(2.5)  # the silent ones time out
+    for _, w in socks:
+        w.close()
+    ch = await tls.connect(Identity.generate(), SwarmKey.from_secret(SECRET), HOST, server.port)
+    await asyncio.sleep(0.1)
+    assert len(accepted) == 1
+    await ch.close()
+    await server.close()
+
+
+def test_junk_and_silent_clients_do_not_wedge_the_listener():
+    asyncio.run(_junk_clients())

@@ -69,6 +69,7 @@ class HopServer:
         self.evicted: OrderedDict[str, float] = OrderedDict()
         self.steps_served = 0
         self.extra_info = lambda: {}  # node.py adds the signed capability record here
+        self.weights = None  # a split.weights.WeightSource when this node can share its model file
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
@@ -136,9 +137,17 @@ class HopServer:
             msg = json.loads(bytes(frame.payload[:MAX_CONTROL_BYTES]).decode("utf-8"))
             op = msg.get("op") if isinstance(msg, dict) else None
         except ValueError:
-            op = None
+            msg, op = None, None
         if op == "info":
             await self._reply(channel, Frame.from_bytes(MsgType.CONTROL, json.dumps(self.info()).encode(), seq=frame.seq))
+        elif isinstance(msg, dict) and isinstance(msg.get("weights"), dict) and self.weights is not None:
+            try:
+                head, body = await asyncio.to_thread(self.weights.handle, msg["weights"])
+            except (ValueError, TypeError, EngineError, OSError) as exc:
+                await self._reply(channel, error_frame(frame.request_id, 0, "weights", str(exc), seq=frame.seq))
+                return
+            payload = json.dumps(head).encode() + b"\n" + body
+            await self._reply(channel, Frame.from_bytes(MsgType.CONTROL, payload, seq=frame.seq))
         else:
             await self._reply(channel, error_frame(frame.request_id, 0, "bad_control", "unknown or malformed control message", seq=frame.seq))
 

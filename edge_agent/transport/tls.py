@@ -111,6 +111,9 @@ class TlsChannel(FrameChannel, asyncio.BufferedProtocol):
     # -- asyncio.BufferedProtocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        if self._lost is not None:  # refused before TLS finished (e.g. too many pending)
+            transport.abort()  # type: ignore[attr-defined]
+            return
         # asyncio's 64 KiB default makes a multi-MB frame stop and start dozens of times.
         transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)  # type: ignore[attr-defined]
         self._touch()
@@ -137,9 +140,14 @@ class TlsChannel(FrameChannel, asyncio.BufferedProtocol):
             return memoryview(self._pbuf)[self._pfill:]
         if self._hi == STAGE_SIZE:
             self._compact()
+            if self._hi == STAGE_SIZE:  # only possible while data is parked before auth
+                self._fail("peer sent too much data before authenticating")
+                return memoryview(bytearray(65536))  # scratch: asyncio needs somewhere to write
         return self._sview[self._hi:]
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._lost is not None:
+            return
         self._last_rx = time.monotonic()
         try:
             if self._pbuf is not None:
@@ -167,7 +175,7 @@ class TlsChannel(FrameChannel, asyncio.BufferedProtocol):
             lo = self._lo
             if not self._authed and sv[lo + 5] not in _HANDSHAKE_TYPES:
                 # Application data right behind the handshake: hold it until the handshake
-                # task has checked the peer and lifted the limits (then _resume_after_auth).
+                # task has checked the peer and lifted the limits (see _authenticate).
                 if self._transport is not None:
                     self._transport.pause_reading()
                 return
@@ -297,10 +305,14 @@ async def listen(identity: Identity, swarm: SwarmKey, host: str, port: int, on_c
 
     async def accept(ch: TlsChannel) -> None:
         try:
-            await ch.connected
+            # TLS handshake first; a failed one never reaches connection_made.
+            await asyncio.wait_for(ch.connected, handshake_timeout + 1.0)
             await ch._authenticate(identity, swarm, binding, False, None, handshake_timeout, HANDSHAKE_VERSION)
         except (HandshakeError, PeerLostError) as exc:
             log.info("tls: refused a peer: %s", exc)
+            return
+        except asyncio.TimeoutError:
+            ch._fail("TLS handshake did not complete")
             return
         channels.add(ch)
         ch.add_lost_callback(lambda _exc: channels.discard(ch))

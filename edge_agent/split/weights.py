@@ -1,0 +1,123 @@
+"""Getting a layer range's weights from a peer, checked tensor by tensor.
+
+A node that lacks the model file asks a peer that has it for (1) the model's tensor
+manifest, whose hash must equal the model hash the node was told to serve (so the
+manifest cannot be forged), then (2) the shard file for its range, in resumable chunks
+over the fast direct transport. Every tensor of the downloaded shard is hashed and must
+equal the manifest's entry for it; a single mismatch and the file is refused and
+deleted. A node therefore never serves weights whose hash differs from what it
+advertises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+from edge_agent.runtime.shards import TensorEntry, _manifest_hash, ensure_shard, inspect_model, tensor_manifest
+from edge_agent.transport import Frame, MsgType
+
+CHUNK_BYTES = 4 << 20
+MAX_MANIFEST_BYTES = 16 << 20
+
+
+class WeightsError(Exception):
+    """The peer's weights do not match the model hash we were given (tampered or wrong model)."""
+
+
+class WeightSource:
+    """Serves this node's model file to peers that lack it (the hop server calls ``handle``)."""
+
+    def __init__(self, model_path: Path, cache_dir: Path):
+        self.model_path = Path(model_path)
+        self.cache_dir = Path(cache_dir)
+        self.info = inspect_model(self.model_path)
+
+    def handle(self, msg: dict) -> tuple[dict, bytes]:
+        op = msg.get("op")
+        if op == "manifest":
+            entries = [asdict(e) for e in tensor_manifest(self.model_path)]
+            return {"model_hash": self.info.model_hash, "n_layer": self.info.n_layer}, json.dumps(entries).encode()
+        start, end = int(msg.get("start", -1)), int(msg.get("end", -1))
+        path = ensure_shard(self.model_path, start, end, self.cache_dir)  # validates the range
+        if op == "shard_info":
+            return {"size": path.stat().st_size}, b""
+        if op == "chunk":
+            offset, length = int(msg.get("offset", 0)), min(int(msg.get("length", CHUNK_BYTES)), CHUNK_BYTES)
+            if offset < 0 or length < 0:
+                raise ValueError("negative offset or length")
+            with open(path, "rb") as f:
+                f.seek(offset)
+                return {"offset": offset}, f.read(length)
+        raise ValueError(f"unknown weights op {op!r}")
+
+
+def verify_shard(path: Path, manifest: list[TensorEntry], model_hash: str, start: int, end: int) -> None:
+    """Refuse a shard whose tensors or metadata do not belong to ``model_hash`` layers [start, end)."""
+    by_name = {e.name: e for e in manifest}
+    info = inspect_model(path, with_hash=False)
+    if info.source_model_hash != model_hash or tuple(info.layer_range or ()) != (start, end):
+        raise WeightsError(f"shard metadata names model {info.source_model_hash} layers {info.layer_range}, "
+                           f"expected {model_hash[:16]} layers {start}:{end}")
+    import re
+
+    block = re.compile(r"^blk\.(\d+)\.(.+)$")
+    for e in tensor_manifest(path):
+        m = block.match(e.name)
+        src = f"blk.{int(m.group(1)) + start}.{m.group(2)}" if m else e.name
+        if e.name == "token_embd.weight" and e.shape[-1] == 1:
+            continue  # a middle shard's one-row dummy, not model weights
+        want = by_name.get(src)
+        if want is None or (want.sha256, want.type, want.shape) != (e.sha256, e.type, e.shape):
+            raise WeightsError(f"tensor {src} does not match the manifest of model {model_hash[:16]} (tampered weights)")
+
+
+async def fetch_shard(link, model_hash: str, start: int, end: int, dest_dir: Path,
+                      progress: Callable[[int, int], None] | None = None) -> Path:
+    """Download and verify layers [start, end) of ``model_hash`` from a peer; resumable."""
+    head, body = await _ask(link, {"op": "manifest"})
+    if len(body) > MAX_MANIFEST_BYTES:
+        raise WeightsError("manifest too large")
+    try:
+        manifest = [TensorEntry(**e) for e in json.loads(body.decode("utf-8"))]
+    except (ValueError, TypeError) as exc:
+        raise WeightsError(f"malformed manifest: {exc}") from None
+    if _manifest_hash(manifest) != model_hash:
+        raise WeightsError(f"peer {link.peer_id[:12]} offers a manifest whose hash is not {model_hash[:16]}: wrong or tampered model")
+    head, _ = await _ask(link, {"op": "shard_info", "start": start, "end": end})
+    size = int(head["size"])
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    final = dest_dir / f"{model_hash[:16]}-{start}-{end}.gguf"
+    partial = final.with_suffix(".gguf.partial")
+    done = partial.stat().st_size if partial.exists() else 0
+    with open(partial, "ab") as f:
+        while done < size:
+            _, data = await _ask(link, {"op": "chunk", "start": start, "end": end, "offset": done, "length": CHUNK_BYTES})
+            if not data:
+                raise WeightsError("peer sent an empty chunk before the end of the shard")
+            f.write(data)
+            done += len(data)
+            if progress:
+                progress(done, size)
+    try:
+        verify_shard(partial, manifest, model_hash, start, end)
+    except WeightsError:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, final)
+    return final
+
+
+async def _ask(link, msg: dict) -> tuple[dict, bytes]:
+    """A weights request: JSON header in a CONTROL frame; reply = JSON header line + raw bytes."""
+    frame = Frame.from_bytes(MsgType.CONTROL, json.dumps({"weights": msg}).encode(), seq=link.next_seq())
+    reply = await link.request(frame, 120.0)
+    raw = bytes(reply.frame.payload)
+    head, _, body = raw.partition(b"\n")
+    try:
+        return json.loads(head.decode("utf-8")), body
+    except ValueError as exc:
+        raise WeightsError(f"malformed weights reply: {exc}") from None
