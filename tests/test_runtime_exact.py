@@ -57,3 +57,10 @@ def test_long_prompt_crosses_batch_boundary(random_models):
     finally:
         pipe.close()
     assert got == reference_tokens(model, prompt_tokens, 8, n_ctx=512, n_batch=64)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_other_llama_family_archs_match(random_models, arch):
+    model = random_models("q8_0", arch=arch)
+    prompt_tokens, got = pipeline_tokens(model, (1, 2), [(1, 3), (3, 4)], "hello world", 24)
+    assert got == reference_tokens(model, prompt_tokens, 24)

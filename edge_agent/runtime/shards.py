@@ -35,7 +35,7 @@ from edge_agent.runtime.engine import (
 
 # Architectures whose decoder graph llama.cpp builds from per-layer tensors named
 # blk.N.* with no cross-layer tensors, so a layer range is a valid model by itself.
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "mistral3", "granite")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 KEY_SOURCE_HASH = "edge_agent.source_model_hash"
 KEY_RANGE = "edge_agent.layer_range"
 KEY_ROLE = "edge_agent.role"
@@ -283,6 +283,9 @@ def write_shard(
     validate_range(start, end, info.n_layer)
     role = role or role_for(start, end, info.n_layer)
     reader = _reader(model_path)
+    if _field(reader, f"{info.arch}.embedding_scale") and role in ("middle", "tail"):
+        # llama.cpp scales embd inputs too for such models: hidden states fed in would be rescaled
+        raise UnsupportedModelError(f"{model_path}: models with an embedding scale cannot be split mid-model")
     arch = info.arch
     n_layer_new = end - start
 

@@ -38,12 +38,13 @@ def _word(i: int) -> str:
     return out
 
 
-def write_random_f32(path: Path, *, n_layer: int, n_embd: int, n_head: int, n_head_kv: int, n_ff: int, n_vocab: int, seed: int, tied: bool) -> None:
+def write_random_f32(path: Path, *, n_layer: int, n_embd: int, n_head: int, n_head_kv: int, n_ff: int, n_vocab: int, seed: int, tied: bool,
+                     arch: str = "llama") -> None:
     import gguf
 
     rng = np.random.default_rng(seed)
     head_dim = n_embd // n_head
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_name(f"random-{n_layer}x{n_embd}")
     w.add_context_length(4096)
     w.add_embedding_length(n_embd)
@@ -77,6 +78,12 @@ def write_random_f32(path: Path, *, n_layer: int, n_embd: int, n_head: int, n_he
         w.add_tensor(f"blk.{i}.attn_q.weight", mat(n_embd, n_embd, s_in))
         w.add_tensor(f"blk.{i}.attn_k.weight", mat(n_head_kv * head_dim, n_embd, s_in))
         w.add_tensor(f"blk.{i}.attn_v.weight", mat(n_head_kv * head_dim, n_embd, s_in))
+        if arch == "qwen2":  # Qwen2 has Q/K/V biases
+            for name, rows in (("q", n_embd), ("k", n_head_kv * head_dim), ("v", n_head_kv * head_dim)):
+                w.add_tensor(f"blk.{i}.attn_{name}.bias", (0.1 * rng.standard_normal(rows)).astype(np.float32))
+        if arch == "qwen3":  # Qwen3 normalizes Q and K per head
+            for name in ("q", "k"):
+                w.add_tensor(f"blk.{i}.attn_{name}_norm.weight", (1.0 + 0.1 * rng.standard_normal(head_dim)).astype(np.float32))
         w.add_tensor(f"blk.{i}.attn_output.weight", mat(n_embd, n_embd, s_in))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", norm())
         w.add_tensor(f"blk.{i}.ffn_gate.weight", mat(n_ff, n_embd, s_in))
@@ -117,6 +124,7 @@ def make_random_gguf(
     ftype: str = "f32",
     seed: int = 0,
     tied: bool = False,
+    arch: str = "llama",
 ) -> Path:
     """Write a random llama model to ``path`` (reused if it exists) and return the path."""
     path = Path(path)
@@ -125,7 +133,7 @@ def make_random_gguf(
     if ftype not in FTYPES:
         raise ValueError(f"ftype must be one of {', '.join(FTYPES)}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    shape = dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, n_ff=n_ff, n_vocab=n_vocab, seed=seed, tied=tied)
+    shape = dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, n_ff=n_ff, n_vocab=n_vocab, seed=seed, tied=tied, arch=arch)
     tmp = path.with_suffix(".f32.partial")
     write_random_f32(tmp, **shape)
     if ftype == "f32":

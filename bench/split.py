@@ -1,0 +1,142 @@
+"""Split-inference benchmark: llama.cpp alone vs. edge-agent client + 2 peers vs. llama.cpp RPC.
+
+    .venv/bin/python bench/split.py [--quick] [--tokens N] [--rpc-bin DIR]
+
+All in one run, same random-weight ~0.4B Q4_0 model (1024 dim, 24 layers, GQA 16/4,
+ff 4096, vocab 32000), on loopback. Peers are separate OS processes (`edge-agent join`).
+llama.cpp's RPC split is the peer baseline when `--rpc-bin` points at a build holding
+`ggml-rpc-server` and `llama-bench` (built from the llama.cpp sources vendored in the
+llama-cpp-python sdist with -DGGML_RPC=ON; see docs/benchmarks.md for the commands).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from runtime import CACHE, SHAPE_04B, SHAPE_QUICK, llama_cpp_tok_s  # noqa: E402
+
+from edge_agent.runtime.synthetic import make_random_gguf  # noqa: E402
+
+PROMPT_LONG = [1] + [300 + (i * 13) % 5000 for i in range(255)]
+
+
+def llama_cpp_ttft_ms(model: Path, threads: int, n_ctx: int) -> float:
+    import llama_cpp as lc
+
+    llm = lc.Llama(str(model), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+    try:
+        t0 = time.perf_counter()
+        next(iter(llm.generate(PROMPT_LONG, top_k=1, temp=0.0, repeat_penalty=1.0)))
+        return (time.perf_counter() - t0) * 1000
+    finally:
+        llm.close()
+
+
+async def swarm_numbers(model: Path, peers, transport: str, n_tokens: int, n_ctx: int) -> dict:
+    from edge_agent.node import Agent, AgentConfig, PeerDirectory
+    from edge_agent.runtime.engine import EngineOptions
+    from edge_agent.runtime.sampling import SamplingParams
+    from edge_agent.runtime.shards import inspect_model
+    from edge_agent.split.client import ClientConfig, SwarmClient
+
+    info = inspect_model(model)
+    with tempfile.TemporaryDirectory() as d:
+        cfg = AgentConfig(Path(d), mdns=False, manual_peers=[("127.0.0.1", p.ready["tls_port"]) for p in peers], transport=transport)
+        agent = Agent(cfg)
+        await agent.start()
+        directory = PeerDirectory(agent, info.model_hash)
+        ccfg = ClientConfig(target_tbt_ms=10_000)
+        await directory.wait_for_coverage(info.n_layer, ccfg.policy, 60)
+        client = SwarmClient(model, directory, ccfg, EngineOptions(n_ctx_per_request=n_ctx, max_requests=2, n_threads=2),
+                             CACHE / "shards")
+        try:
+            await client.generate([1, 2, 3, 4], SamplingParams(max_tokens=4))  # warm-up: connections, page cache
+            res = await client.generate([1] + [300 + (i * 7) % 5000 for i in range(31)], SamplingParams(max_tokens=n_tokens + 1))
+            ttft = await client.generate(PROMPT_LONG, SamplingParams(max_tokens=1))
+            return {"tok_s": res.stats["tokens_per_s"], "ttft_256_ms": ttft.stats["ttft_ms"], "hops": res.stats["hops"]}
+        finally:
+            client.close()
+            await directory.close()
+            await agent.close()
+
+
+def rpc_numbers(rpc_bin: Path, model: Path, n_layer: int, threads: int, n_tokens: int) -> dict | None:
+    server_bin, bench_bin = rpc_bin / "ggml-rpc-server", rpc_bin / "llama-bench"
+    if not (server_bin.exists() and bench_bin.exists()):
+        return None
+    servers = [subprocess.Popen([str(server_bin), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for port in (50152, 50153)]
+    try:
+        time.sleep(2)
+        out = subprocess.run([str(bench_bin), "-m", str(model), "--rpc", "127.0.0.1:50152,127.0.0.1:50153",
+                              "-ngl", str(n_layer - 2), "-t", str(threads), "-p", "256", "-n", str(n_tokens), "-o", "json"],
+                             capture_output=True, text=True, timeout=900)
+        rows = json.loads(out.stdout[out.stdout.index("["):]) if "[" in out.stdout else []
+        tg = next((r["avg_ts"] for r in rows if r.get("n_gen")), None)
+        pp = next((r["avg_ts"] for r in rows if r.get("n_prompt")), None)
+        return {"tok_s": tg, "ttft_256_ms": 256 / pp * 1000 if pp else None, "stderr": re.sub(r"\s+", " ", out.stderr[-300:])}
+    finally:
+        for s in servers:
+            s.kill()
+
+
+def main() -> None:
+    from swarm_util import start_peer
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--rpc-bin", type=Path, default=None, help="folder with ggml-rpc-server and llama-bench")
+    args = ap.parse_args()
+    shape = SHAPE_QUICK if args.quick else SHAPE_04B
+    model = make_random_gguf(CACHE / f"random-{'quick' if args.quick else '04b'}-q4_0.gguf", ftype="q4_0", **shape)
+    L = shape["n_layer"]
+    ref = llama_cpp_tok_s(model, args.tokens, args.threads, args.ctx)
+    ref_ttft = llama_cpp_ttft_ms(model, args.threads, args.ctx)
+    rows = {"llama.cpp alone": {"tok_s": ref, "ttft_256_ms": ref_ttft}}
+    with tempfile.TemporaryDirectory() as d:
+        half = L // 2
+        peers = [start_peer(model, r, Path(d) / f"p{i}", "--threads", str(args.threads))
+                 for i, r in enumerate((f"1:{half}", f"{half}:{L - 1}"))]
+        try:
+            for transport in ("tls", "webrtc"):
+                rows[f"edge-agent star, 2 peers, {transport}"] = asyncio.run(
+                    swarm_numbers(model, peers, transport, args.tokens, args.ctx))
+        finally:
+            for p in peers:
+                p.stop()
+    if args.rpc_bin:
+        rpc = rpc_numbers(args.rpc_bin, model, L, args.threads, args.tokens)
+        if rpc:
+            rows["llama.cpp RPC, 2 rpc-servers"] = rpc
+    ref2 = llama_cpp_tok_s(model, args.tokens, args.threads, args.ctx)
+    rows["llama.cpp alone"]["tok_s"] = (ref + ref2) / 2
+    base = rows["llama.cpp alone"]
+    rpc_tok = rows.get("llama.cpp RPC, 2 rpc-servers", {}).get("tok_s")
+    print(f"model {shape} Q4_0, {args.threads} threads per process, {args.tokens} decode tokens, loopback")
+    print(f"{'setup':36} {'tok/s':>8} {'vs alone':>9} {'vs RPC':>7} {'TTFT 256':>10} {'vs alone':>9}")
+    for name, r in rows.items():
+        tok, ttft = r.get("tok_s"), r.get("ttft_256_ms")
+        vs_rpc = f"{tok / rpc_tok:7.2f}" if (tok and rpc_tok) else "      -"
+        print(f"{name:36} {tok or 0:8.2f} {tok / base['tok_s'] if tok else 0:9.3f} {vs_rpc} "
+              f"{ttft or 0:8.1f}ms {ttft / base['ttft_256_ms'] if ttft else 0:9.3f}")
+    print(json.dumps(rows, default=str))
+
+
+if __name__ == "__main__":
+    main()
