@@ -297,7 +297,7 @@ def run(
     top_p: float = typer.Option(0.95, "--top-p"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
-    mode: str = typer.Option("star", "--mode", help="Forwarding mode (star)."),
+    mode: str = typer.Option("star", "--mode", help="star (client talks to every hop), chain (hops forward to each other) or auto."),
     discover: float = typer.Option(5.0, "--discover", help="Seconds to wait for peers covering the layers."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token_ids, path, stats)."),
     data_dir: Optional[Path] = DataDirOpt,
@@ -322,8 +322,8 @@ def run(
 
     path = _resolve_model(model, data_dir)
     cfg = _agent_config(data_dir, swarm_key, "127.0.0.1", 0, 0, peer, no_mdns, mdns_interface, transport, ice_server)
-    if mode != "star":
-        _fail("only --mode star is available in this version")
+    if mode not in ("star", "chain", "auto"):
+        _fail("--mode must be star, chain or auto")
     try:
         k, m = parse_range(split)
         client_cfg = ClientConfig(policy=PrivacyPolicy(k, m), target_tbt_ms=target_tbt_ms, mode=mode)

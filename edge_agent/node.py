@@ -75,6 +75,7 @@ class Agent:
 
         self.server = server
         server.extra_info = self._info_extra
+        server.connect = self._connect_next
         await server.start()
         tls_srv = await tls.listen(self.identity, self.swarm, self.config.host, self.config.tls_port, server.handle)
         rtc_srv = await webrtc.listen(self.identity, self.swarm, self.config.host, self.config.signal_port, server.handle,
@@ -88,6 +89,12 @@ class Agent:
             self._advertiser = MdnsAdvertiser(self.caps, interfaces=self.config.interfaces, addresses=addresses)
             await self._advertiser.start()
         return self.caps
+
+    async def _connect_next(self, peer_id: str, host: str, port: int) -> PeerLink:
+        """Chain mode: a hop opens its own authenticated link to the next hop."""
+        from edge_agent.transport import tls
+
+        return PeerLink(peer_id, await tls.connect(self.identity, self.swarm, host, port, expect_peer_id=peer_id))
 
     def _info_extra(self) -> dict:
         return {"caps": base64.b64encode(self.caps.to_txt()).decode()} if self.caps else {}
@@ -144,6 +151,14 @@ class PeerDirectory:
             caps.append(PeerCapability(c.agent_id, ranges, float(c.free_mem_mb), max(c.ms_per_layer, 0.001), rtt,
                                        transport="tls" if c.tls_port else "webrtc"))
         return caps
+
+    def address(self, peer_id: str) -> tuple[str, int]:
+        entry = self.agent.table.get(peer_id)
+        if entry is None or not entry.caps.tls_port:
+            from edge_agent.split.links import HopFailed
+
+            raise HopFailed(peer_id, "no direct (TLS) address for chain forwarding", "unreachable")
+        return (entry.addresses or ["127.0.0.1"])[0], entry.caps.tls_port
 
     async def wait_for_coverage(self, n_layer: int, policy, timeout_s: float) -> bool:
         """Wait (bounded) until the discovered peers cover the remote layers."""

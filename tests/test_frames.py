@@ -108,7 +108,7 @@ def test_truncated_and_extended():
 def test_huge_declared_length_refused_before_allocation():
     """A header declaring 4 GiB x 4 GiB elements must be refused without allocating."""
     hdr = HEADER.pack(b"EAF\x01", 1, MsgType.ACTIVATION, 0, RID, 0, 1, 0, 1, DType.F32, 2, 0,
-                      0xFFFFFFFF, 0xFFFFFFFF, 0, 0, 0xFFFFFFFF_FFFFFFFF, b"\x00" * 16, b"\x00" * 8)
+                      0xFFFFFFFF, 0xFFFFFFFF, 0, 0, 0xFFFFFFFF_FFFFFFFF, b"\x00" * 16, 0, 0)
     tracemalloc.start()
     try:
         with pytest.raises(FrameError):

@@ -101,3 +101,12 @@ def test_swarm_resolve_order(tmp_path, monkeypatch):
     assert SwarmKey.resolve(None, tmp_path) == SwarmKey.from_secret("from-env")
     assert SwarmKey.resolve("from-cli", tmp_path) == SwarmKey.from_secret("from-cli")
     assert len(SwarmKey.new_secret()) >= 40
+
+
+def test_concurrent_first_runs_agree_on_one_key(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        ids = list(pool.map(lambda _: Identity.load_or_create(tmp_path).agent_id, range(16)))
+    assert len(set(ids)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [IDENTITY_FILE]  # no temp files left

@@ -268,3 +268,18 @@ def test_graph_is_cached_by_shard_hash_and_options(stories_path, tmp_path):
     assert len(list((tmp_path / "onnx").iterdir())) == 2  # no leftover temp dirs
     for e in (first, again, f32_kv):
         e.close()
+
+
+def test_long_prefill_runs_in_n_batch_chunks(stories_path, cache):
+    """A prefill longer than n_batch is cut into chunks; the KV cache carries across them."""
+    h = np.random.default_rng(5).standard_normal((11, 64)).astype(np.float32)
+    whole = OnnxEngine.from_model(stories_path, 1, 4, OPTS, cache)
+    chunked = OnnxEngine.from_model(stories_path, 1, 4, EngineOptions(n_ctx_per_request=N_CTX, n_threads=THREADS, n_batch=4), cache)
+    try:
+        a = whole.forward([StepInput("w", 0, h)])[0].data
+        b = chunked.forward([StepInput("c", 0, h)])[0].data
+        assert chunked.positions("c") == 11
+    finally:
+        whole.close()
+        chunked.close()
+    assert rel_rms(b, a).max() < 1e-5

@@ -29,7 +29,7 @@ def peers(tmp_path):
 
 
 def swarm_generate(tmp_path, model, prompt, n, peer_list, *, mdns=False, policy=PrivacyPolicy(), target_tbt_ms=250.0,
-                   on_token=None):
+                   on_token=None, mode="star"):
     cfg = AgentConfig(tmp_path / "client", manual_peers=[] if mdns else [("127.0.0.1", p.ready["tls_port"]) for p in peer_list],
                       mdns=mdns, interfaces=["127.0.0.1"] if mdns else None, host="127.0.0.1")
     cfg.data_dir.mkdir(exist_ok=True)
@@ -39,24 +39,45 @@ def swarm_generate(tmp_path, model, prompt, n, peer_list, *, mdns=False, policy=
         box["prompt"] = tok.encode(prompt)
         return box["prompt"]
 
-    res = asyncio.run(run(cfg, model, tokens, SamplingParams(max_tokens=n), ClientConfig(policy=policy, target_tbt_ms=target_tbt_ms),
+    res = asyncio.run(run(cfg, model, tokens, SamplingParams(max_tokens=n), ClientConfig(policy=policy, target_tbt_ms=target_tbt_ms, mode=mode),
                           discover_s=30.0, n_ctx=512, on_token=on_token))
     return box["prompt"], res
 
 
-def test_two_peers_match_llama_cpp_stories(tmp_path, peers, stories_path):
+@pytest.mark.parametrize("mode", ["star", "chain"])
+def test_two_peers_match_llama_cpp_stories(tmp_path, peers, stories_path, mode):
     a, b = peers(stories_path, "1:3"), peers(stories_path, "3:4")
-    prompt, res = swarm_generate(tmp_path, stories_path, "Once upon a time", 40, [a, b])
+    prompt, res = swarm_generate(tmp_path, stories_path, "Once upon a time", 40, [a, b], mode=mode)
     assert res.token_ids == reference_tokens(stories_path, prompt, 40)
+    assert res.stats["mode"] == mode
     assert [(h["peer_id"], h["range"]) for h in res.stats["path"]] == [(a.agent_id, "1:3"), (b.agent_id, "3:4")]
     assert res.stats["reroutes"] == []
 
 
-def test_three_peers_over_mdns_match_llama_cpp_smollm(tmp_path, peers, smollm_path):
+@pytest.mark.parametrize("mode", ["star", "chain"])
+def test_three_peers_over_mdns_match_llama_cpp_smollm(tmp_path, peers, smollm_path, mode):
     ps = [peers(smollm_path, r, mdns=True) for r in ("1:10", "10:20", "20:29")]
-    prompt, res = swarm_generate(tmp_path, smollm_path, "The capital of France is", 16, ps, mdns=True)
+    prompt, res = swarm_generate(tmp_path, smollm_path, "The capital of France is", 16, ps, mdns=True, mode=mode)
     assert res.token_ids == reference_tokens(smollm_path, prompt, 16)
     assert [h["range"] for h in res.stats["path"]] == ["1:10", "10:20", "20:29"]
+
+
+def test_killed_peer_in_chain_is_routed_around(tmp_path, peers, stories_path):
+    a = peers(stories_path, "1:2")
+    b = peers(stories_path, "2:4", "--test-advertise-ms", "0.001")  # the planner's first choice for 2:4
+    c = peers(stories_path, "2:4", "--test-advertise-ms", "5")
+    seen = []
+
+    def on_token(tok, _text):
+        seen.append(tok)
+        if len(seen) == 8:
+            b.kill()  # the last hop of the chain dies mid-generation
+
+    prompt, res = swarm_generate(tmp_path, stories_path, "Once upon a time", 30, [a, b, c], on_token=on_token, mode="chain")
+    assert res.token_ids == reference_tokens(stories_path, prompt, 30)
+    assert len(res.stats["reroutes"]) == 1 and res.stats["reroutes"][0]["from"] == b.agent_id
+    assert [h["peer_id"] for h in res.stats["path"]] == [a.agent_id, c.agent_id]
+    assert res.stats["mode"] == "chain"
 
 
 def test_killed_peer_is_routed_around_with_unchanged_output(tmp_path, peers, stories_path):

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 from nacl.exceptions import BadSignatureError, CryptoError
@@ -51,26 +52,37 @@ class Identity:
     def load_or_create(cls, data_dir: Path) -> "Identity":
         """Load `data_dir/identity.key`, creating it (mode 0600) on first run.
 
-        The file holds a magic line plus the 32-byte seed.  It is created with O_EXCL so two
-        agents starting at once cannot both write a different key; the loser re-reads.
+        The file holds a magic line plus the 32-byte seed.  It is written to a private temp
+        file and hard-linked into place, so it appears complete or not at all, and two agents
+        starting at once cannot both install a different key: the loser loads the winner's.
         """
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         path = data_dir / IDENTITY_FILE
-        if not path.exists():
-            sk = SigningKey.generate()
+        if path.exists():
+            return cls._load(path)
+        sk = SigningKey.generate()
+        blob = _KEY_FILE_MAGIC + bytes(sk)
+        fd, tmp = tempfile.mkstemp(prefix=".identity-", dir=data_dir)  # created 0600
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                os.link(tmp, path)
             except FileExistsError:
                 return cls._load(path)
-            try:
-                os.fchmod(fd, 0o600)  # umask cannot widen it, but make the intent explicit
-                os.write(fd, _KEY_FILE_MAGIC + bytes(sk))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            return cls(sk)
-        return cls._load(path)
+            except OSError:  # no hard links on this filesystem: exclusive create instead
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                except FileExistsError:
+                    return cls._load(path)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(blob)
+        finally:
+            os.unlink(tmp)
+        return cls(sk)
 
     @classmethod
     def _load(cls, path: Path) -> "Identity":

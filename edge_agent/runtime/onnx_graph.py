@@ -13,7 +13,8 @@ Graph I/O (``n`` new rows, ``past`` cached positions, ``total = past + n``)::
 The arithmetic follows llama.cpp's llama graph: RMSNorm * w; Q/K/V; RoPE in ggml's
 "normal" mode (consecutive pairs (x[2i], x[2i+1]); GGUF Q/K rows are pre-permuted for it);
 GQA (query head h reads kv head h // (n_head / n_head_kv)); softmax(QK^T * scale + mask);
-V; output projection; residual; RMSNorm; SwiGLU; residual. Where llama.cpp rounds to fp16
+V; output projection; residual; RMSNorm; SwiGLU; residual. Only standard ONNX ops plus
+``com.microsoft`` ``MatMulNBits`` (the quantized weights); the model passes onnx.checker. Where llama.cpp rounds to fp16
 (an f16 KV cache: K, V, and the Q and softmax rows multiplied with them; activations fed to
 F16 weights) the graph rounds too (Cast to float16 and back), which keeps ONNX Runtime's
 hidden states within ~1e-6 of llama.cpp's for float weights.
@@ -30,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edge_agent.runtime.engine import UnsupportedModelError
 from edge_agent.runtime.onnx_weights import QuantWeight, load_matrix, load_vector
 
-GRAPH_VERSION = 2
+GRAPH_VERSION = 3
 OPSET = 18
 _LAYER_TENSORS = {
     "attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
@@ -99,8 +100,11 @@ class _Builder:
         return self.op("Cast", self.op("Cast", x, to=TensorProto.FLOAT16), to=TensorProto.FLOAT)
 
     def rms_norm(self, x: str, weight: np.ndarray, name: str) -> str:
-        """x / sqrt(mean(x^2) + eps) * w, as one ORT kernel (SimplifiedLayerNormalization)."""
-        return self.op("SimplifiedLayerNormalization", x, self.init(name, weight), axis=-1, epsilon=self.spec.eps, stash_type=1)
+        """x / sqrt(mean(x^2) + eps) * w in standard ops, in the exact pattern ORT fuses into
+        one SimplifiedLayerNormalization kernel (Pow, ReduceMean, Add, Sqrt, Div, Mul)."""
+        ms = self.op("ReduceMean", self.op("Pow", x, self.scalar(2.0)), self.ints(-1), keepdims=1)
+        y = self.op("Div", x, self.op("Sqrt", self.op("Add", ms, self.scalar(self.spec.eps))))
+        return self.op("Mul", y, self.init(name, weight))
 
     def linear(self, x: str, tensors: list, name: str, biases: list | None = None) -> list[str]:
         """x @ W^T for each GGUF matrix; matrices of one layout (Q/K/V, gate/up) share one kernel call.

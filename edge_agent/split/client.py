@@ -12,6 +12,7 @@ the same computations in the same shapes, which llama.cpp reproduces bit for bit
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -25,6 +26,7 @@ from edge_agent.runtime.generation import Decoder, GenerationResult
 from edge_agent.runtime.sampling import SamplingParams
 from edge_agent.split.deadlines import DeadlineConfig, DeadlineTracker
 from edge_agent.split.links import HopFailed, PeerLink
+from edge_agent.split.serve import parse_error
 from edge_agent.split.observe import HopRecord, Observers, digest
 from edge_agent.split.planner import Hop, NoRouteError, PeerCapability, Plan, has_alternative, plan_path
 from edge_agent.split.policy import PrivacyPolicy
@@ -39,6 +41,8 @@ class PeerSource(Protocol):
     def capabilities(self) -> list[PeerCapability]: ...
 
     async def link(self, peer_id: str) -> PeerLink: ...
+
+    def address(self, peer_id: str) -> tuple[str, int]: ...  # TLS host, port (chain forwarding)
 
 
 @dataclass
@@ -71,6 +75,9 @@ class _Request:
     excluded: set[str] = field(default_factory=set)
     reroutes: list[dict] = field(default_factory=list)
     step_index: int = 0
+    routed: bool = False  # chain mode: the hops know their next hop
+    histories_complete: bool = True  # False once a chain step ran: only hop 0's inputs are known
+    chain_ms: float = 0.0
 
 
 class SwarmClient:
@@ -135,6 +142,8 @@ class SwarmClient:
     # -- failure handling -------------------------------------------------------------------
     async def _reroute(self, req: _Request, index: int, reason: str, permanent: bool) -> None:
         """Replace hop ``index`` (new peer(s) for its layers) and rebuild their KV caches by replay."""
+        if not req.histories_complete:
+            return await self._reset(req, req.hops[index].hop.peer_id if permanent else None, reason, index)
         failed = req.hops[index]
         if permanent:
             req.excluded.add(failed.hop.peer_id)
@@ -175,8 +184,102 @@ class SwarmClient:
                 outs.append((pos, y))
             inputs = outs
 
+    async def _reset(self, req: _Request, blamed: str | None, reason: str, index: int | None = None) -> None:
+        """Chain-mode recovery: only hop 0's inputs are known, so rebuild every hop from them."""
+        if blamed:
+            req.excluded.add(blamed)
+        inputs = list(req.hops[0].history)
+        for hs in req.hops:
+            await hs.link.send(Frame(MsgType.END_REQUEST, request_id=req.rid))
+        while True:
+            if len(req.reroutes) >= self.config.max_reroutes:
+                raise NoRouteError([(req.plan.start, req.plan.end)], f"gave up after {len(req.reroutes)} re-routes")
+            try:
+                plan = self._plan(previous=req.plan, exclude=req.excluded,
+                                  replace_hops=[index] if index is not None and not blamed else ())
+            except NoRouteError as exc:
+                raise NoRouteError(exc.missing, f"chain failed: {reason}", what="no replacement: no other peer serves") from None
+            req.reroutes.append({"step": req.step_index, "layers": f"{req.plan.start}:{req.plan.end}",
+                                 "from": blamed or "", "to": [h.peer_id for h in plan.hops], "reason": reason})
+            try:
+                states = await self._open(plan, {})
+                for st in states:
+                    st.history = []
+                await self._replay(req, inputs, states)
+            except HopFailed as exc:
+                reason = f"replacement failed: {exc.code}: {exc.reason}"
+                req.excluded.add(exc.peer_id)
+                blamed = exc.peer_id
+                continue
+            req.plan, req.hops, req.routed, req.histories_complete = plan, states, False, True
+            req.tracker.adopt(plan)
+            return
+
+    async def _set_routes(self, req: _Request) -> None:
+        for i, hs in enumerate(req.hops):
+            nxt = None
+            if i + 1 < len(req.hops):
+                h = req.hops[i + 1].hop
+                host, port = self.peers.address(h.peer_id)
+                nxt = {"peer_id": h.peer_id, "host": host, "port": port, "start": h.start, "end": h.end}
+            body = json.dumps({"op": "route", "request": req.rid.hex(), "next": nxt}).encode()
+            await hs.link.request(Frame.from_bytes(MsgType.CONTROL, body, seq=hs.link.next_seq()), 10.0)
+        req.routed = True
+
+    async def _remote_chain(self, req: _Request, pos: int, x: np.ndarray) -> np.ndarray:
+        """Chain mode: send to the first hop; each hop forwards; the last answers us."""
+        if not req.routed:
+            await self._set_routes(req)
+        first, last = req.hops[0], req.hops[-1]
+        seq = first.link.next_seq()
+        key = (req.rid, seq)
+        futs = {hs.link.peer_id: hs.link.expect(key) for hs in req.hops}
+        flags = Flag.CHAIN | (Flag.PREFILL if x.shape[0] > 1 else 0)
+        frame = Frame.from_array(MsgType.ACTIVATION, x, request_id=req.rid, step=pos, n_positions=x.shape[0],
+                                 layer_start=first.hop.start, layer_end=first.hop.end, seq=seq, flags=int(flags))
+        timeout = self.config.prefill_timeout_s if x.shape[0] > 1 else max(self.config.hop_timeout_s, req.plan.budget_ms / 1000)
+        t0 = time.perf_counter()
+        blamed, reason = None, "chain step timed out"
+        try:
+            await first.link.channel.send(frame)
+            done, _ = await asyncio.wait(futs.values(), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            for peer_id, fut in futs.items():
+                if fut not in done:
+                    continue
+                if fut.exception() is not None:
+                    blamed, reason = peer_id, str(fut.exception())
+                    break
+                f = fut.result()
+                if f.type == MsgType.ERROR:
+                    code, message = parse_error(f)
+                    idx = next(i for i, h in enumerate(req.hops) if h.link.peer_id == peer_id)
+                    if code == "next_hop_unreachable" and idx + 1 < len(req.hops):
+                        idx += 1
+                    blamed, reason = req.hops[idx].hop.peer_id, f"{code}: {message}"
+                    break
+                out = f.array()
+                if peer_id == last.link.peer_id and (f.layer_start, f.layer_end) == (last.hop.start, last.hop.end) \
+                        and out.shape == x.shape and np.isfinite(out).all():
+                    first.history.append((pos, x))
+                    req.histories_complete = len(req.hops) == 1
+                    req.chain_ms += (time.perf_counter() - t0) * 1000.0
+                    return np.array(out)
+                blamed, reason = peer_id, "chain reply does not match the request"
+        except HopFailed as exc:
+            blamed, reason = exc.peer_id, f"{exc.code}: {exc.reason}"
+        finally:
+            for hs in req.hops:
+                hs.link.forget(key)
+        await self._reset(req, blamed, reason)
+        return await self._remote_star(req, pos, x)  # this step in star mode; chain resumes next step
+
     # -- the token loop ---------------------------------------------------------------------
     async def _remote(self, req: _Request, pos: int, x: np.ndarray) -> np.ndarray:
+        if req.plan.mode == "chain" and len(req.hops) > 1:
+            return await self._remote_chain(req, pos, x)
+        return await self._remote_star(req, pos, x)
+
+    async def _remote_star(self, req: _Request, pos: int, x: np.ndarray) -> np.ndarray:
         decode = x.shape[0] == 1
         observed: list[float] = []
         i = 0
@@ -258,6 +361,7 @@ class SwarmClient:
             ],
             "slack_ms": round(tel.budget_ms - tel.mean_total_ms, 3) if tel.mean_total_ms is not None else None,
             "deadline_misses": tel.step_misses,
+            "chain_ms": round(req.chain_ms, 3),
             "reroutes": req.reroutes,
             "local": [f"{self.head.info.start}:{self.head.info.end}", f"{self.tail.info.start}:{self.tail.info.end}"],
         }

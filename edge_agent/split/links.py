@@ -93,6 +93,18 @@ class PeerLink:
             raise HopFailed(self.peer_id, message, code)
         return Reply(reply, wall)
 
+    def expect(self, key: tuple[bytes, int]) -> asyncio.Future:
+        """A future for a reply that another peer's frame will cause (chain mode)."""
+        fut = asyncio.get_running_loop().create_future()
+        if self._lost is not None:
+            fut.set_exception(HopFailed(self.peer_id, self._lost, "peer_lost"))
+        else:
+            self._pending[key] = fut
+        return fut
+
+    def forget(self, key: tuple[bytes, int]) -> None:
+        self._pending.pop(key, None)
+
     async def send(self, frame: Frame) -> None:
         """Fire and forget (END_REQUEST); a dead link is ignored."""
         if self._lost is None:

@@ -10,6 +10,10 @@ Inference-plane messages (see docs/split.md):
   reply ACTIVATION with the shard's output, same ids, ``compute_us`` set.
 - END_REQUEST: free the request's KV cache.
 - CONTROL ``{"op": "info"}``: reply with the shards held and their arithmetic settings.
+- CONTROL ``{"op": "route", "request": hex, "next": {peer_id, host, port, start, end} | null}``:
+  chain mode. ACTIVATION frames flagged CHAIN for that request are forwarded, after
+  compute, to the next hop; the last hop (``next`` null) answers the client directly over
+  the channel the route came on. Errors go to the client the same way.
 """
 
 from __future__ import annotations
@@ -70,6 +74,9 @@ class HopServer:
         self.steps_served = 0
         self.extra_info = lambda: {}  # node.py adds the signed capability record here
         self.weights = None  # a split.weights.WeightSource when this node can share its model file
+        self.connect = None  # async (peer_id, host, port) -> PeerLink, for chain forwarding (node.py)
+        self.routes: dict[str, tuple[object, dict | None]] = {}  # request -> (client channel, next hop)
+        self._next_links: dict[str, object] = {}
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
@@ -125,6 +132,7 @@ class HopServer:
             shard.last_used[rid] = time.monotonic()
             shard.queue.put_nowait(_Job(channel, frame, step))
         elif frame.type == MsgType.END_REQUEST:
+            self.routes.pop(rid, None)
             for shard in self.shards.values():
                 shard.engine.end_request(rid)
                 shard.last_used.pop(rid, None)
@@ -140,6 +148,16 @@ class HopServer:
             msg, op = None, None
         if op == "info":
             await self._reply(channel, Frame.from_bytes(MsgType.CONTROL, json.dumps(self.info()).encode(), seq=frame.seq))
+        elif op == "route" and isinstance(msg.get("request"), str) and len(msg["request"]) == 32:
+            nxt = msg.get("next")
+            if nxt is not None and not (isinstance(nxt, dict) and self.connect is not None
+                                        and all(k in nxt for k in ("peer_id", "host", "port", "start", "end"))):
+                await self._reply(channel, error_frame(frame.request_id, 0, "bad_route", "malformed route or chain unsupported", seq=frame.seq))
+                return
+            if len(self.routes) >= 4096 and msg["request"] not in self.routes:
+                self.routes.pop(next(iter(self.routes)))
+            self.routes[msg["request"]] = (channel, nxt)
+            await self._reply(channel, Frame.from_bytes(MsgType.CONTROL, b"{}", seq=frame.seq))
         elif isinstance(msg, dict) and isinstance(msg.get("weights"), dict) and self.weights is not None:
             try:
                 head, body = await asyncio.to_thread(self.weights.handle, msg["weights"])
@@ -198,18 +216,42 @@ class HopServer:
                     results.append((job, None, exc))
         for job, out, exc in results:
             f = job.frame
+            back = job.channel
+            route = self.routes.get(job.step.request_id) if f.flags & Flag.CHAIN else None
+            if route is not None:
+                back = route[0]  # in chain mode answers and errors go straight to the client
             if exc is not None:
-                await self._reply(job.channel, self._engine_error(f, exc))
+                await self._reply(back, self._engine_error(f, exc))
                 continue
             self.steps_served += 1
             reply = Frame.from_array(MsgType.ACTIVATION, out.data, request_id=f.request_id, step=f.step,
                                      n_positions=f.n_positions, layer_start=f.layer_start, layer_end=f.layer_end,
-                                     seq=f.seq, flags=f.flags & int(Flag.REPLAY | Flag.PREFILL))  # TODO compute_us
+                                     seq=f.seq, flags=f.flags & int(Flag.REPLAY | Flag.PREFILL), compute_us=int(out.compute_ms * 1000))
             if self.observers.callbacks:
                 self.observers.emit(HopRecord("node", job.step.request_id, self.agent_id, f.layer_start, f.layer_end, f.step,
                                               f.n_positions, digest(f.payload), digest(reply.payload), out.compute_ms,
                                               replay=bool(f.flags & Flag.REPLAY)))
-            await self._reply(job.channel, reply)
+            if route is not None and route[1] is not None:
+                await self._forward(route, reply)
+            else:
+                await self._reply(back, reply)
+
+    async def _forward(self, route, reply: Frame) -> None:
+        """Chain mode: hand our output to the next hop as its input (same request, step, seq)."""
+        client, nxt = route
+        fwd = Frame(MsgType.ACTIVATION, request_id=reply.request_id, step=reply.step, n_positions=reply.n_positions,
+                    layer_start=int(nxt["start"]), layer_end=int(nxt["end"]), dtype=reply.dtype, shape=reply.shape,
+                    seq=reply.seq, flags=reply.flags | int(Flag.CHAIN), payload=reply.payload)
+        try:
+            link = self._next_links.get(nxt["peer_id"])
+            if link is None or not link.alive:
+                link = await self.connect(str(nxt["peer_id"]), str(nxt["host"]), int(nxt["port"]))
+                self._next_links[nxt["peer_id"]] = link
+            await link.channel.send(fwd)
+        except Exception as exc:  # noqa: BLE001 - any failure to reach the next hop is the client's to route around
+            await self._reply(client, error_frame(reply.request_id, reply.step, "next_hop_unreachable",
+                                                  f"cannot forward to {str(nxt['peer_id'])[:12]}: {exc}",
+                                                  reply.layer_start, reply.layer_end, reply.seq))
 
     async def _evict_loop(self) -> None:
         """Free KV caches of requests idle past the timeout (abandoned clients)."""

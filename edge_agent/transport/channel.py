@@ -16,6 +16,7 @@ not be blocked longer than `peer_timeout` (run engine compute in an executor).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from typing import Awaitable, Callable, Protocol, TypeVar, runtime_checkable
@@ -26,6 +27,7 @@ from .frames import DEFAULT_MAX_PAYLOAD, Frame, MsgType, encode_parts
 __all__ = ["Channel", "FrameChannel", "PeerLostError", "HandshakeError", "ChannelHandler",
            "DEFAULT_HEARTBEAT_INTERVAL", "DEFAULT_PEER_TIMEOUT"]
 
+log = logging.getLogger(__name__)
 DEFAULT_HEARTBEAT_INTERVAL = 0.25  # frequent enough that a 1.5 s scheduling stall is not a death
 DEFAULT_PEER_TIMEOUT = 2.0
 DEFAULT_MAX_BUFFERED = 256 << 20  # bytes of received-but-unread frames
@@ -245,3 +247,16 @@ class FrameChannel:
                         return
         except asyncio.CancelledError:
             pass
+
+
+async def hand_over(ch: FrameChannel, channels: set, on_channel: ChannelHandler) -> None:
+    """Listener side: track an authenticated channel in `channels` until it is lost, and run
+    the application's handler (sync or async); a handler bug must not kill the listener."""
+    channels.add(ch)
+    ch.add_lost_callback(lambda _exc: channels.discard(ch))
+    try:
+        res = on_channel(ch)  # type: ignore[arg-type]
+        if asyncio.iscoroutine(res):
+            await res
+    except Exception:  # noqa: BLE001
+        log.exception("%s: on_channel handler failed", ch.kind)

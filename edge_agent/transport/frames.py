@@ -25,7 +25,8 @@ Header (little-endian, 96 bytes, struct format `HEADER_FMT`):
    56  8   seq              per-(sender, request) sequence number
    64  8   payload_len      bytes after the header
    72 16   payload_hash     blake2b-128 of the payload when Flag.HASHED, else zeros
-   88  8   reserved2        must be 0
+   88  4   compute_us       replies: microseconds the node spent computing (0 = not given)
+   92  4   reserved2        must be 0
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from .errors import FrameError, SequenceError  # re-exported
 
 MAGIC = b"EAF\x01"
 PROTOCOL_VERSION = 1
-HEADER_FMT = "<4sBBH16sIIHHBBHIIQQQ16s8s"
+HEADER_FMT = "<4sBBH16sIIHHBBHIIQQQ16sII"
 HEADER = struct.Struct(HEADER_FMT)
 HEADER_SIZE = HEADER.size  # 96
 HASH_SIZE = 16
@@ -74,9 +75,10 @@ class Flag(enum.IntFlag):
     PREFILL = 1 << 1   # frame is (part of) a prefill, not a single decode step
     LAST = 1 << 2      # last frame of the request from this sender
     REPLAY = 1 << 3    # frame replays earlier work (see MsgType.REPLAY)
+    CHAIN = 1 << 4     # chain mode: the node forwards its output to the next hop of the request's route
 
 
-KNOWN_FLAGS = int(Flag.HASHED | Flag.PREFILL | Flag.LAST | Flag.REPLAY)
+KNOWN_FLAGS = int(Flag.HASHED | Flag.PREFILL | Flag.LAST | Flag.REPLAY | Flag.CHAIN)
 _HASHED = int(Flag.HASHED)  # plain ints on the hot path: IntFlag arithmetic is slow
 
 
@@ -95,7 +97,6 @@ ITEMSIZE = {d: _NP_DTYPES[d].itemsize for d in DType}
 _ITEMSIZE_BY_VALUE = {int(d): n for d, n in ITEMSIZE.items()}
 _MSG_BY_VALUE = {int(t): t for t in MsgType}
 _DTYPE_BY_VALUE = {int(d): d for d in DType}
-_ZERO8 = b"\x00" * 8
 _ZERO16 = b"\x00" * 16
 
 
@@ -119,6 +120,7 @@ class Frame:
     deadline_ms: int = 0
     seq: int = 0
     flags: int = 0
+    compute_us: int = 0
     payload: bytes | bytearray = b""
     payload_hash: bytes = field(default=b"", compare=False)
 
@@ -199,7 +201,7 @@ def encode_parts(frame: Frame, max_payload: int = DEFAULT_MAX_PAYLOAD) -> tuple[
         header = HEADER.pack(MAGIC, PROTOCOL_VERSION, frame.type, flags, frame.request_id,
                              frame.step, frame.n_positions, frame.layer_start, frame.layer_end,
                              frame.dtype, ndim, 0, s0, s1, frame.deadline_ms, frame.seq, plen,
-                             digest, _ZERO8)
+                             digest, frame.compute_us, 0)
     except struct.error as exc:
         raise FrameError(f"field out of range: {exc}") from None
     if frame.layer_start > frame.layer_end:
@@ -221,7 +223,7 @@ def check_header(buf: bytes | bytearray | memoryview, max_payload: int = DEFAULT
         raise FrameError(f"short header: {len(buf)} < {HEADER_SIZE}")
     fields = HEADER.unpack_from(buf, 0)
     (magic, version, mtype, flags, _rid, _step, _npos, lstart, lend, dtype, ndim, rsv,
-     s0, s1, _deadline, _seq, plen, _digest, rsv2) = fields
+     s0, s1, _deadline, _seq, plen, _digest, _compute_us, rsv2) = fields
     if magic != MAGIC:
         raise FrameError("bad magic")
     if version != PROTOCOL_VERSION:
@@ -234,7 +236,7 @@ def check_header(buf: bytes | bytearray | memoryview, max_payload: int = DEFAULT
         raise FrameError(f"unknown dtype {dtype}")
     if ndim > MAX_NDIM:
         raise FrameError(f"ndim {ndim} > {MAX_NDIM}")
-    if rsv != 0 or rsv2 != _ZERO8:
+    if rsv != 0 or rsv2 != 0:
         raise FrameError("reserved bits set")
     if lstart > lend:
         raise FrameError(f"layer range [{lstart}, {lend}) is inverted")
@@ -272,7 +274,7 @@ def decode_parts(header: bytes | bytearray | memoryview, payload: bytes | bytear
     if fields is None:
         fields = check_header(header, max_payload)
     (_m, _v, mtype, flags, rid, step, npos, lstart, lend, dtype, ndim, _r,
-     s0, s1, deadline, seq, plen, digest, _r2) = fields
+     s0, s1, deadline, seq, plen, digest, compute_us, _r2) = fields
     if len(header) != HEADER_SIZE or len(payload) != plen:
         raise FrameError(f"payload length {len(payload)} != declared {plen}")
     if not isinstance(payload, (bytes, bytearray)):
@@ -286,7 +288,8 @@ def decode_parts(header: bytes | bytearray | memoryview, payload: bytes | bytear
         digest = b""
     return Frame(type=_MSG_BY_VALUE[mtype], request_id=rid, step=step, n_positions=npos,
                  layer_start=lstart, layer_end=lend, dtype=_DTYPE_BY_VALUE[dtype], shape=(s0, s1)[:ndim],
-                 deadline_ms=deadline, seq=seq, flags=flags, payload=payload, payload_hash=digest)
+                 deadline_ms=deadline, seq=seq, flags=flags, compute_us=compute_us, payload=payload,
+                 payload_hash=digest)
 
 
 # Fragmentation and ordering live in their own modules; re-exported so callers need one import.

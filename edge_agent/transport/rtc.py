@@ -1,4 +1,4 @@
-"""WebRTC data channel channel (aiortc) and ICE helpers; the entry points are in webrtc.py.
+"""The WebRTC Channel (an aiortc data channel) and ICE helpers; entry points are in webrtc.py.
 
 Why this shape: one negotiated, ordered, reliable data channel carries fragmented frames
 (aiortc caps a message at 256 KiB, and smaller messages let heartbeats interleave).  Sending
@@ -77,9 +77,11 @@ def _ice_hosts(hosts: list[str] | None) -> Iterator[None]:
         _ICE_HOSTS.reset(token)
 
 
-def make_peer_connection(ice_servers: list[RTCIceServer] | None) -> RTCPeerConnection:
-    """An RTCPeerConnection with no STUN/TURN unless configured (aiortc defaults to Google's)."""
-    return RTCPeerConnection(RTCConfiguration(iceServers=list(ice_servers or [])))
+def make_peer_connection(ice_servers: list[RTCIceServer | str] | None) -> RTCPeerConnection:
+    """An RTCPeerConnection with no STUN/TURN unless configured (aiortc defaults to Google's).
+    Servers may be RTCIceServer objects or URL strings such as "stun:stun.example.org:3478"."""
+    servers = [s if isinstance(s, RTCIceServer) else RTCIceServer(urls=str(s)) for s in ice_servers or []]
+    return RTCPeerConnection(RTCConfiguration(iceServers=servers))
 
 
 def open_data_channel(pc: RTCPeerConnection) -> RTCDataChannel:
@@ -146,14 +148,21 @@ class WebRtcChannel(FrameChannel):
                     self._low.clear()
                     if self.dc.bufferedAmount > LOW_WATERMARK:
                         await self._guard(self._low.wait())
-                self.dc.send(frag)
+                self._dc_send(frag)
 
     def _transmit_nowait(self, header: bytes) -> bool:
         if self._send_lock.locked() or self.dc.readyState != "open":
             return False  # a frame is in flight: its fragments keep the peer's timer fresh
         head = FRAGMENT_HEADER.pack(FRAG_MAGIC, FRAG_VERSION, FIRST | LAST, self._next_msg_id(), 0, len(header))
-        self.dc.send(head + header)
+        self._dc_send(head + header)
         return True
+
+    def _dc_send(self, data: bytes) -> None:
+        """dc.send, with aiortc's state errors turned into ConnectionError (-> PeerLostError)."""
+        try:
+            self.dc.send(data)
+        except Exception as exc:  # noqa: BLE001 - aiortc raises InvalidStateError and others
+            raise ConnectionResetError(f"data channel send failed: {exc!r}") from None
 
     async def _flush(self) -> None:
         deadline = time.monotonic() + 1.0

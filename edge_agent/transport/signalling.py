@@ -24,7 +24,7 @@ from aiohttp import web
 from aiortc import RTCIceServer, RTCSessionDescription
 
 from ..discovery.identity import Identity, SwarmKey
-from .channel import ChannelHandler
+from .channel import ChannelHandler, hand_over
 from .errors import HandshakeError, PeerLostError
 from .handshake import HANDSHAKE_VERSION, check_auth, make_auth, make_hello, parse_hello, transcript
 from . import rtc as _w
@@ -67,7 +67,7 @@ class WebRtcServer:
 
 
 async def listen(identity: Identity, swarm: SwarmKey, host: str, port: int, on_channel: ChannelHandler, *,
-                 ice_servers: list[RTCIceServer] | None = None, open_timeout: float = _w.DEFAULT_OPEN_TIMEOUT,
+                 ice_servers: list[RTCIceServer | str] | None = None, open_timeout: float = _w.DEFAULT_OPEN_TIMEOUT,
                  **channel_kw: Any) -> WebRtcServer:
     """Serve signalling on host:port; `on_channel(channel)` runs for each authenticated peer."""
     channels: set[_w.WebRtcChannel] = set()
@@ -84,18 +84,8 @@ async def listen(identity: Identity, swarm: SwarmKey, host: str, port: int, on_c
             return
         ch = _w.WebRtcChannel(peer_id, pc, dc, **channel_kw)
         ch._start()
-        channels.add(ch)
         pcs.discard(pc)
-
-        def lost(_exc: Exception) -> None:
-            channels.discard(ch)
-        ch.add_lost_callback(lost)
-        try:
-            res = on_channel(ch)
-            if asyncio.iscoroutine(res):
-                await res
-        except Exception:  # noqa: BLE001 - a handler bug must not kill the listener
-            log.exception("webrtc: on_channel handler failed")
+        await hand_over(ch, channels, on_channel)
 
     async def offer(request: web.Request) -> web.Response:
         if len(pcs) >= MAX_PENDING:  # offers whose data channel has not opened yet
@@ -146,7 +136,7 @@ async def listen(identity: Identity, swarm: SwarmKey, host: str, port: int, on_c
 
 
 async def connect(identity: Identity, swarm: SwarmKey, host: str, signalling_port: int,
-                  ice_servers: list[RTCIceServer] | None = None, expect_peer_id: str | None = None, *,
+                  ice_servers: list[RTCIceServer | str] | None = None, expect_peer_id: str | None = None, *,
                   timeout: float = _w.DEFAULT_OPEN_TIMEOUT, _version: int = HANDSHAKE_VERSION,
                   **channel_kw: Any) -> _w.WebRtcChannel:
     """Offer a data channel to the peer serving signalling at host:port."""

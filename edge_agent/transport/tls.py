@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ..discovery.identity import Identity, SwarmKey
-from .channel import ChannelHandler, FrameChannel
+from .channel import ChannelHandler, FrameChannel, hand_over
 from .errors import FrameError, HandshakeError, PeerLostError
 from .frames import HEADER_SIZE, MsgType, check_header, decode_parts
 from .handshake import DEFAULT_HANDSHAKE_TIMEOUT, HANDSHAKE_VERSION, run_handshake
@@ -314,14 +314,7 @@ async def listen(identity: Identity, swarm: SwarmKey, host: str, port: int, on_c
         except asyncio.TimeoutError:
             ch._fail("TLS handshake did not complete")
             return
-        channels.add(ch)
-        ch.add_lost_callback(lambda _exc: channels.discard(ch))
-        try:
-            res = on_channel(ch)
-            if asyncio.iscoroutine(res):
-                await res
-        except Exception:  # noqa: BLE001 - a handler bug must not kill the listener
-            log.exception("tls: on_channel handler failed")
+        await hand_over(ch, channels, on_channel)
 
     def factory() -> TlsChannel:
         ch = TlsChannel(**channel_kw)
