@@ -224,6 +224,8 @@ def join(
     threads: Optional[int] = typer.Option(None, "--threads"),
     backend: str = typer.Option("llamacpp", "--backend", help="llamacpp, onnx or auto."),
     ctx: int = typer.Option(2048, "--ctx", help="Context positions per request."),
+    max_requests: int = typer.Option(8, "--max-requests", help="Requests served at once (one KV cache each)."),
+    idle_timeout: float = typer.Option(600.0, "--idle-timeout", help="Seconds before an idle request's KV cache is freed."),
     data_dir: Optional[Path] = DataDirOpt,
     swarm_key: Optional[str] = SwarmKeyOpt,
     host: str = typer.Option("0.0.0.0", "--host", help="Address the listeners bind to."),
@@ -254,7 +256,8 @@ def join(
         mem = _parse_size_mb(max_memory) if max_memory else None
     except (EngineError, ValueError) as exc:
         _fail(str(exc))
-    opts = JoinOptions(path, rng, backend, share_gpu, mem, threads, ctx, test_delay_ms=test_delay_ms,
+    opts = JoinOptions(path, rng, backend, share_gpu, mem, threads, ctx, max_requests, idle_timeout_s=idle_timeout,
+                       test_delay_ms=test_delay_ms,
                        test_advertise_ms=test_advertise_ms, model_hash=model_hash, test_claim_model_hash=test_claim_model_hash)
 
     def ready(info: dict) -> None:

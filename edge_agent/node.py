@@ -231,6 +231,7 @@ class JoinOptions:
     test_delay_ms: float = 0.0
     test_advertise_ms: float | None = None  # test only: advertise this ms/layer (a peer that over-promises)
     discover_s: float = 2.0
+    idle_timeout_s: float = 600.0  # free the KV cache of a request idle this long
     model_hash: str | None = None  # with model=None: the model whose weights to fetch from a peer
     test_claim_model_hash: str | None = None  # test only: advertise this hash (a lying peer)
 
@@ -296,7 +297,7 @@ async def join(config: AgentConfig, opts: JoinOptions, on_ready=None, on_progres
             engine = await asyncio.to_thread(load_engine, opts.backend, opts.model, *opts.layers, eopts, shards_dir)
             model_hash = opts.test_claim_model_hash or model_hash
         ms = await asyncio.to_thread(measure_ms_per_layer, engine)
-        server = HopServer([engine], agent.identity.agent_id, test_delay_ms=opts.test_delay_ms)
+        server = HopServer([engine], agent.identity.agent_id, idle_timeout_s=opts.idle_timeout_s, test_delay_ms=opts.test_delay_ms)
         extra = ()
         if opts.model is not None:
             server.weights = WeightSource(opts.model, shards_dir)

@@ -173,3 +173,103 @@ def test_tampered_shard_file_fails_tensor_check(tmp_path, stories_path):
     bad.write_bytes(bytes(data))
     with pytest.raises(WeightsError, match="tampered"):
         verify_shard(bad, tensor_manifest(stories_path), info.model_hash, 2, 4)
+
+
+def test_layers_no_peer_serves_run_on_the_client(tmp_path, peers, stories_path):
+    only = peers(stories_path, "1:4")
+    seen = []
+
+    def on_token(tok, _text):
+        seen.append(tok)
+        if len(seen) == 6:
+            only.kill()  # no other peer holds 1:4: the client takes the layers itself
+
+    prompt, res = swarm_generate(tmp_path, stories_path, "Once upon a time", 24, [only], on_token=on_token)
+    assert res.token_ids == reference_tokens(stories_path, prompt, 24)
+    assert res.stats["reroutes"][0]["to"] == ["local"]
+    assert [h["peer_id"] for h in res.stats["path"]] == ["local"]
+
+
+def test_no_route_error_names_the_missing_layers(tmp_path, peers, stories_path):
+    from edge_agent.node import AgentConfig, run
+    from edge_agent.split.planner import NoRouteError
+
+    only = peers(stories_path, "1:3")
+    cfg = AgentConfig(tmp_path / "c", manual_peers=[("127.0.0.1", only.ready["tls_port"])], mdns=False, host="127.0.0.1")
+    cfg.data_dir.mkdir()
+    with pytest.raises(NoRouteError, match="layer 3"):
+        asyncio.run(run(cfg, stories_path, lambda tok: tok.encode("Hi"), SamplingParams(max_tokens=4),
+                        ClientConfig(local_fallback=False), discover_s=3.0, n_ctx=512))
+
+
+def test_concurrent_requests_share_the_peers(tmp_path, peers, random_models):
+    """Three requests at once through the same two peers (quantized weights: nodes batch them)."""
+    from edge_agent.node import Agent, AgentConfig, PeerDirectory
+    from edge_agent.runtime.engine import EngineOptions
+    from edge_agent.runtime.shards import inspect_model
+    from edge_agent.split.client import SwarmClient
+
+    model = random_models("q8_0")
+    a, b = peers(model, "1:3"), peers(model, "3:5")
+    prompts = [[1, 300, 301, 302], [1, 400, 401, 402, 403, 404], [1, 500]]
+
+    async def main():
+        cfg = AgentConfig(tmp_path / "c", manual_peers=[("127.0.0.1", p.ready["tls_port"]) for p in (a, b)], mdns=False)
+        cfg.data_dir.mkdir()
+        agent = Agent(cfg)
+        await agent.start()
+        directory = PeerDirectory(agent, inspect_model(model).model_hash)
+        client = None
+        try:
+            await directory.wait_for_coverage(6, ClientConfig().policy, 30)
+            client = SwarmClient(model, directory, ClientConfig(), EngineOptions(n_ctx_per_request=512, max_requests=4))
+            return await asyncio.gather(*(client.generate(p, SamplingParams(max_tokens=16)) for p in prompts))
+        finally:
+            if client:
+                client.close()
+            await directory.close()
+            await agent.close()
+
+    results = asyncio.run(main())
+    for p, res in zip(prompts, results):
+        assert res.token_ids == reference_tokens(model, p, 16)
+
+
+def test_idle_requests_are_evicted_and_say_so(stories_path):
+    """A node frees the KV cache of an abandoned request and tells a returning client why."""
+    import numpy as np
+
+    from edge_agent.discovery.identity import Identity, SwarmKey
+    from edge_agent.runtime.engine import EngineOptions
+    from edge_agent.runtime.llamacpp import LlamaCppEngine
+    from edge_agent.split.links import HopFailed, PeerLink
+    from edge_agent.split.serve import HopServer
+    from edge_agent.transport import Frame, MsgType, tls
+
+    async def main():
+        ident, swarm = Identity.generate(), SwarmKey.from_secret(None)
+        server = HopServer([LlamaCppEngine.from_model(stories_path, 1, 4, EngineOptions(n_ctx_per_request=512, max_requests=2))],
+                           ident.agent_id, idle_timeout_s=0.3)
+        await server.start()
+        srv = await tls.listen(ident, swarm, "127.0.0.1", 0, server.handle)
+        link = PeerLink(ident.agent_id, await tls.connect(Identity.generate(), swarm, "127.0.0.1", srv.port))
+        x = np.zeros((2, 64), dtype=np.float32)
+        rid = b"r" * 16
+
+        def frame(step, rows):
+            return Frame.from_array(MsgType.ACTIVATION, x[:rows], request_id=rid, step=step, n_positions=rows,
+                                    layer_start=1, layer_end=4, seq=link.next_seq())
+
+        try:
+            await link.request(frame(0, 2), 10)
+            await asyncio.sleep(1.0)
+            with pytest.raises(HopFailed) as err:
+                await link.request(frame(2, 1), 10)
+            return err.value
+        finally:
+            await link.close()
+            srv.close()
+            await server.stop()
+
+    err = asyncio.run(main())
+    assert err.code == "evicted" and "replay" in err.reason

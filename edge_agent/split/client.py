@@ -26,6 +26,7 @@ from edge_agent.runtime.generation import Decoder, GenerationResult
 from edge_agent.runtime.sampling import SamplingParams
 from edge_agent.split.deadlines import DeadlineConfig, DeadlineTracker
 from edge_agent.split.links import HopFailed, PeerLink
+from edge_agent.split.local import LOCAL_PEER_ID, LocalLink
 from edge_agent.split.serve import parse_error
 from edge_agent.split.observe import HopRecord, Observers, digest
 from edge_agent.split.planner import Hop, NoRouteError, PeerCapability, Plan, has_alternative, plan_path
@@ -54,6 +55,8 @@ class ClientConfig:
     hop_timeout_s: float = 10.0  # a decode hop that says nothing this long is replaced
     prefill_timeout_s: float = 120.0
     max_reroutes: int = 8
+    local_fallback: bool = True  # run layers no peer can take on this device (it has the model)
+    local_ms_per_layer: float = 1000.0  # planner cost of a local layer: a last resort, never preferred
 
 
 @dataclass(eq=False)  # identity matters: states are kept across re-routes
@@ -100,8 +103,13 @@ class SwarmClient:
         self.tail = LlamaCppEngine.from_model(model_path, t0, t1, self.options, cache_dir)
         self.observers = Observers()
         self._local_ms = 0.0
+        self.model_path = model_path
+        self._cache_dir = cache_dir
+        self._local_link = None
 
     def close(self) -> None:
+        if self._local_link is not None:
+            self._local_link.close()
         self.head.close()
         self.tail.close()
         self.tokenizer.close()
@@ -109,15 +117,32 @@ class SwarmClient:
     # -- planning ---------------------------------------------------------------------------
     def _plan(self, previous: Plan | None = None, exclude=(), replace_hops=()) -> Plan:
         caps = self.peers.capabilities()
-        return plan_path(self.n_layer, self.config.policy, caps, target_tbt_ms=self.config.target_tbt_ms,
-                         local_ms=self._local_ms, previous=previous, exclude=exclude, replace_hops=replace_hops,
-                         mode=self.config.mode)
+        kw = dict(target_tbt_ms=self.config.target_tbt_ms, local_ms=self._local_ms, previous=previous, exclude=exclude,
+                  replace_hops=replace_hops, mode=self.config.mode)
+        try:
+            return plan_path(self.n_layer, self.config.policy, caps, **kw)
+        except NoRouteError:
+            if not self.config.local_fallback or LOCAL_PEER_ID in exclude:
+                raise
+        # no peer can take some layers: this device can, since it holds the whole model
+        me = PeerCapability(LOCAL_PEER_ID, (self.config.policy.remote_range(self.n_layer),), 1e9,
+                            self.config.local_ms_per_layer, 0.0)
+        return plan_path(self.n_layer, self.config.policy, [*caps, me], **kw)
+
+    async def _link(self, peer_id: str):
+        if peer_id != LOCAL_PEER_ID:
+            return await self.peers.link(peer_id)
+        if self._local_link is None:
+            from edge_agent.runtime.llamacpp import LlamaCppEngine
+
+            self._local_link = LocalLink(lambda a, b: LlamaCppEngine.from_model(self.model_path, a, b, self.options, self._cache_dir))
+        return self._local_link
 
     async def _open(self, plan: Plan, keep: dict[tuple[str, int, int], _HopState]) -> list[_HopState]:
         states = []
         for hop in plan.hops:
             old = keep.get((hop.peer_id, hop.start, hop.end))
-            states.append(old if old is not None else _HopState(hop, await self.peers.link(hop.peer_id)))
+            states.append(old if old is not None else _HopState(hop, await self._link(hop.peer_id)))
             states[-1].hop = hop
         return states
 
@@ -275,7 +300,7 @@ class SwarmClient:
 
     # -- the token loop ---------------------------------------------------------------------
     async def _remote(self, req: _Request, pos: int, x: np.ndarray) -> np.ndarray:
-        if req.plan.mode == "chain" and len(req.hops) > 1:
+        if req.plan.mode == "chain" and len(req.hops) > 1 and all(h.hop.peer_id != LOCAL_PEER_ID for h in req.hops):
             return await self._remote_chain(req, pos, x)
         return await self._remote_star(req, pos, x)
 
