@@ -283,3 +283,15 @@ def test_long_prefill_runs_in_n_batch_chunks(stories_path, cache):
         whole.close()
         chunked.close()
     assert rel_rms(b, a).max() < 1e-5
+
+
+def test_damaged_graph_cache_is_rebuilt(stories_path, tmp_path):
+    first = OnnxEngine.from_model(stories_path, 1, 3, OPTS, tmp_path)
+    want = first.forward([StepInput("a", 0, np.ones((2, 64), dtype=np.float32))])[0].data
+    first.close()
+    (first.graph_path.parent / "weights.bin").write_bytes(b"truncated")
+    again = OnnxEngine.from_model(stories_path, 1, 3, OPTS, tmp_path)
+    try:
+        assert np.array_equal(again.forward([StepInput("a", 0, np.ones((2, 64), dtype=np.float32))])[0].data, want)
+    finally:
+        again.close()

@@ -30,6 +30,13 @@ def spawn_sender(kind: str, port: int, count: int, big_every: int, forever: bool
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def reap(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait(10)
+    proc.stdout.close()
+    proc.stderr.close()
+
+
 async def listen_one(kind: str, module, swarm: SwarmKey | None = None):
     """Listen; return (server, future resolving to the first authenticated channel)."""
     fut = asyncio.get_running_loop().create_future()
@@ -53,7 +60,7 @@ async def stream_from_process(kind: str, module, count: int, big_every: int) -> 
         assert await asyncio.to_thread(proc.wait, 20) == 0, proc.stderr.read()
         return nbytes, elapsed
     finally:
-        proc.kill()
+        reap(proc)
         await server.close()
 
 
@@ -72,8 +79,7 @@ async def kill_mid_stream(kind: str, module, sig: int) -> float:
                 await asyncio.wait_for(ch.recv(), LOSS_BOUND + 5)
         return time.perf_counter() - t0
     finally:
-        proc.kill()
-        proc.wait(10)
+        reap(proc)
         await server.close()
 
 

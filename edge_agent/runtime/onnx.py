@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import onnxruntime as ort
 
 from edge_agent.runtime.engine import (
     CapacityError,
@@ -76,6 +77,24 @@ class _Meta:
             raise CorruptModelError("GGUF header lacks block_count, embedding_length or head_count")
 
 
+def _graph_spec(reader, meta: _Meta, start: int, end: int, role: str, o: EngineOptions) -> tuple[GraphSpec, float, float]:
+    """The graph's shape and arithmetic settings from the GGUF header, plus RoPE base and scale."""
+    arch = meta.arch
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", 0) or meta.n_embd // meta.n_head)
+    spec = GraphSpec(
+        start=start, end=end, role=role, n_embd=meta.n_embd, n_head=meta.n_head, n_head_kv=meta.n_head_kv,
+        head_dim=head_dim, n_rot=int(_field(reader, f"{arch}.rope.dimension_count", head_dim)),
+        eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        kv_f16=o.kv_type != "f32", accuracy_level=int(o.extra.get("onnx_accuracy_level", 4)),
+    )  # fmt: skip
+    scaling = _field(reader, f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none", "linear"):
+        raise UnsupportedModelError(f"rope scaling {scaling!r} is not supported by the ONNX backend")
+    factor = float(_field(reader, f"{arch}.rope.scaling.factor", 1.0) or 1.0)
+    freq_scale = 1.0 / factor if scaling == "linear" else 1.0
+    return spec, float(_field(reader, f"{arch}.rope.freq_base", 10000.0)), freq_scale
+
+
 class _Request:
     __slots__ = ("k", "v", "pos")
 
@@ -89,8 +108,6 @@ class OnnxEngine:
     def __init__(
         self, model_path: Path | str, start: int, end: int, options: EngineOptions | None = None, cache_dir: Path | str | None = None
     ):
-        import onnxruntime as ort
-
         from edge_agent.config import shard_cache_dir
 
         self.options = o = options or EngineOptions()
@@ -103,20 +120,7 @@ class OnnxEngine:
             raise UnsupportedModelError(f"architecture {meta.arch!r} is not supported by the ONNX backend (supported: {', '.join(ONNX_ARCHS)})")
         validate_range(start, end, meta.n_layer)
         role = role_for(start, end, meta.n_layer)
-        arch = meta.arch
-        head_dim = int(_field(reader, f"{arch}.attention.key_length", 0) or meta.n_embd // meta.n_head)
-        self.spec = GraphSpec(
-            start=start, end=end, role=role, n_embd=meta.n_embd, n_head=meta.n_head, n_head_kv=meta.n_head_kv,
-            head_dim=head_dim, n_rot=int(_field(reader, f"{arch}.rope.dimension_count", head_dim)),
-            eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-            kv_f16=o.kv_type != "f32", accuracy_level=int(o.extra.get("onnx_accuracy_level", 4)),
-        )  # fmt: skip
-        scaling = _field(reader, f"{arch}.rope.scaling.type")
-        factor = float(_field(reader, f"{arch}.rope.scaling.factor", 1.0) or 1.0)
-        if scaling not in (None, "none", "linear"):
-            raise UnsupportedModelError(f"rope scaling {scaling!r} is not supported by the ONNX backend")
-        self.freq_base = float(_field(reader, f"{arch}.rope.freq_base", 10000.0))
-        self.freq_scale = 1.0 / factor if scaling == "linear" else 1.0
+        self.spec, self.freq_base, self.freq_scale = _graph_spec(reader, meta, start, end, role, o)
         # the same content hashes as shards.inspect_model / shards.shard_hash, from one parse
         entries = tensor_manifest(self.model_path, reader)
         keep = {src for src, _ in _shard_tensor_names(reader, start, end, role)}
@@ -124,20 +128,13 @@ class OnnxEngine:
             model_hash=_manifest_hash(entries),
             shard_hash=_manifest_hash([e for e in entries if e.name in keep]),
             start=start, end=end, n_layer_total=meta.n_layer, n_embd=meta.n_embd,
-            n_vocab=0 if role == "middle" else meta.n_vocab, role=role, arch=arch,
+            n_vocab=0 if role == "middle" else meta.n_vocab, role=role, arch=meta.arch,
         )  # fmt: skip
         self._n_vocab = meta.n_vocab
         self._kv_dtype = np.float16 if self.spec.kv_f16 else np.float32
-        self.graph_path = self._ensure_graph(reader, Path(cache_dir) if cache_dir else shard_cache_dir())
+        self._open_session(reader, Path(cache_dir) if cache_dir else shard_cache_dir())
         del reader
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = o.n_threads or default_threads()
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        try:
-            self._session = ort.InferenceSession(str(self.graph_path), so, providers=o.extra.get("onnx_providers", ["CPUExecutionProvider"]))
-        except Exception as exc:  # ORT raises its own exception types for bad graphs
-            raise EngineError(f"ONNX Runtime could not load {self.graph_path}: {exc}") from exc
+        self.batches_requests = False  # requests run one after another (their past lengths differ)
         self._out_names = [x.name for x in self._session.get_outputs()]
         self._lock = threading.Lock()
         self._requests: dict[str, _Request] = {}
@@ -150,6 +147,23 @@ class OnnxEngine:
         return cls(model_path, start, end, options, cache_dir)
 
     # -- graph cache -----------------------------------------------------------------------
+    def _open_session(self, reader, cache: Path) -> None:
+        o = self.options
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = o.n_threads or default_threads()
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        providers = o.extra.get("onnx_providers", ["CPUExecutionProvider"])
+        for attempt in (0, 1):  # a damaged cache entry (e.g. a deleted weights.bin) is rebuilt once
+            self.graph_path = self._ensure_graph(reader, cache)
+            try:
+                self._session = ort.InferenceSession(str(self.graph_path), so, providers=providers)
+                return
+            except Exception as exc:  # ORT raises its own exception types for bad graphs
+                if attempt:
+                    raise EngineError(f"ONNX Runtime could not load {self.graph_path}: {exc}") from exc
+                shutil.rmtree(self.graph_path.parent, ignore_errors=True)
+
     def cache_key(self) -> str:
         blob = json.dumps({"v": GRAPH_VERSION, "shard": self.info.shard_hash, "spec": self.spec.__dict__}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]

@@ -142,9 +142,28 @@ def tensor_manifest(path: Path, reader=None) -> list[TensorEntry]:
     return entries
 
 
+_INFO_CACHE: dict[tuple, ModelInfo] = {}
+
+
 def inspect_model(path: Path | str, with_hash: bool = True) -> ModelInfo:
-    """Read a GGUF's header: architecture, shapes, quant types, size and content hash."""
+    """Read a GGUF's header: architecture, shapes, quant types, size and content hash.
+
+    Memoized per process by (path, size, mtime): parsing a large vocabulary in Python
+    takes seconds, and loading a pipeline asks about the same files many times.
+    """
     path = Path(path)
+    try:
+        st = path.stat()
+    except OSError:
+        raise FileNotFoundError(f"model file not found: {path}") from None
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, with_hash)
+    hit = _INFO_CACHE.get(key)
+    if hit is None:
+        hit = _INFO_CACHE[key] = _inspect(path, with_hash)
+    return hit
+
+
+def _inspect(path: Path, with_hash: bool) -> ModelInfo:
     reader = _reader(path)
     arch = _field(reader, "general.architecture")
     if not isinstance(arch, str):
