@@ -302,6 +302,8 @@ def run(
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     mode: str = typer.Option("star", "--mode", help="star (client talks to every hop), chain (hops forward to each other) or auto."),
     discover: float = typer.Option(5.0, "--discover", help="Seconds to wait for peers covering the layers."),
+    backend: str = typer.Option("llamacpp", "--backend", help="Runtime for this device's layers: llamacpp, onnx or auto."),
+    no_local_fallback: bool = typer.Option(False, "--no-local-fallback", help="Fail instead of running uncovered layers here."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token_ids, path, stats)."),
     data_dir: Optional[Path] = DataDirOpt,
     swarm_key: Optional[str] = SwarmKeyOpt,
@@ -329,7 +331,8 @@ def run(
         _fail("--mode must be star, chain or auto")
     try:
         k, m = parse_range(split)
-        client_cfg = ClientConfig(policy=PrivacyPolicy(k, m), target_tbt_ms=target_tbt_ms, mode=mode)
+        client_cfg = ClientConfig(policy=PrivacyPolicy(k, m), target_tbt_ms=target_tbt_ms, mode=mode, backend=backend,
+                                  local_fallback=not no_local_fallback)
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_tokens=max_tokens)
     except (EngineError, PolicyError, ValueError) as exc:
         _fail(str(exc))

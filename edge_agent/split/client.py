@@ -55,6 +55,7 @@ class ClientConfig:
     hop_timeout_s: float = 10.0  # a decode hop that says nothing this long is replaced
     prefill_timeout_s: float = 120.0
     max_reroutes: int = 8
+    backend: str = "llamacpp"  # runtime for the layers this device runs (head, tail, fallback)
     local_fallback: bool = True  # run layers no peer can take on this device (it has the model)
     local_ms_per_layer: float = 1000.0  # planner cost of a local layer: a last resort, never preferred
 
@@ -86,7 +87,7 @@ class _Request:
 class SwarmClient:
     def __init__(self, model_path, peers: PeerSource, config: ClientConfig | None = None, options: EngineOptions | None = None,
                  cache_dir=None):
-        from edge_agent.runtime.llamacpp import LlamaCppEngine
+        from edge_agent.runtime.backends import load_engine
         from edge_agent.runtime.shards import inspect_model
         from edge_agent.runtime.tokenizer import Tokenizer
 
@@ -99,8 +100,9 @@ class SwarmClient:
         self.config.policy.validate(self.n_layer)
         (h0, h1), (t0, t1) = self.config.policy.client_ranges(self.n_layer)
         self.tokenizer = Tokenizer(model_path)
-        self.head = LlamaCppEngine.from_model(model_path, h0, h1, self.options, cache_dir)
-        self.tail = LlamaCppEngine.from_model(model_path, t0, t1, self.options, cache_dir)
+        backend = self.config.backend
+        self.head = load_engine(backend, model_path, h0, h1, self.options, cache_dir)
+        self.tail = load_engine(backend, model_path, t0, t1, self.options, cache_dir)
         self.observers = Observers()
         self._local_ms = 0.0
         self.model_path = model_path
@@ -133,9 +135,10 @@ class SwarmClient:
         if peer_id != LOCAL_PEER_ID:
             return await self.peers.link(peer_id)
         if self._local_link is None:
-            from edge_agent.runtime.llamacpp import LlamaCppEngine
+            from edge_agent.runtime.backends import load_engine
 
-            self._local_link = LocalLink(lambda a, b: LlamaCppEngine.from_model(self.model_path, a, b, self.options, self._cache_dir))
+            self._local_link = LocalLink(lambda a, b: load_engine(self.config.backend, self.model_path, a, b, self.options,
+                                                                  self._cache_dir))
         return self._local_link
 
     async def _open(self, plan: Plan, keep: dict[tuple[str, int, int], _HopState]) -> list[_HopState]:
