@@ -153,3 +153,39 @@ class Engine(Protocol):
 
     def close(self) -> None:
         ...
+
+
+def validate_step(step: StepInput, info: ShardInfo, options: EngineOptions, *, takes_tokens: bool, n_vocab: int,
+                  held: int | None, has_free_slot: bool) -> None:
+    """The checks every backend makes before touching state (``held``: positions cached, None if unknown)."""
+    data = step.data
+    if takes_tokens:
+        if not isinstance(data, np.ndarray) or data.ndim != 1 or data.dtype != np.int32:
+            raise InputShapeError(f"{info.role} shard takes int32 token ids of shape (n,), got "
+                                  f"{getattr(data, 'dtype', type(data))} {getattr(data, 'shape', '')}")
+        if data.size and (int(data.min()) < 0 or int(data.max()) >= n_vocab):
+            raise InputShapeError(f"token id out of range [0, {n_vocab})")
+    else:
+        if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != info.n_embd or data.dtype != np.float32:
+            raise InputShapeError(
+                f"shard {info.start}:{info.end} takes float32 hidden states of shape (n, {info.n_embd}), "
+                f"got {getattr(data, 'dtype', type(data))} {tuple(getattr(data, 'shape', ()))}"
+            )
+        if not np.isfinite(data).all():
+            raise InputShapeError("hidden states contain NaN or Inf")
+    n = data.shape[0]
+    if n < 1:
+        raise InputShapeError("a step needs at least one position")
+    if held is None and step.pos != 0:
+        raise UnknownRequestError(
+            f"request {step.request_id!r} is unknown to shard {info.start}:{info.end} "
+            f"(never started, ended or evicted); replay it from position 0"
+        )
+    held = held or 0
+    if step.pos != held:
+        kind = "gap" if step.pos > held else "overlap"
+        raise PositionError(f"request {step.request_id!r}: position {step.pos} does not follow the {held} held ({kind})")
+    if held + n > options.n_ctx_per_request:
+        raise CapacityError(f"request {step.request_id!r}: {held + n} positions exceed the context of {options.n_ctx_per_request}")
+    if held == 0 and step.pos == 0 and not has_free_slot:
+        raise CapacityError(f"all {options.max_requests} request slots are busy")

@@ -29,12 +29,11 @@ from edge_agent.runtime.engine import (
     EngineError,
     EngineOptions,
     InputShapeError,
-    PositionError,
     ShardInfo,
     StepInput,
     StepOutput,
-    UnknownRequestError,
     UnsupportedModelError,
+    validate_step,
 )
 from edge_agent.runtime.shards import SUPPORTED_ARCHS, ensure_shard, inspect_model
 
@@ -171,37 +170,9 @@ class LlamaCppEngine:
 
     def check(self, step: StepInput) -> None:
         """Validate one step without touching state (a hop server filters bad frames with it)."""
-        data = step.data
-        if self._takes_tokens:
-            if data.ndim != 1 or data.dtype != np.int32:
-                raise InputShapeError(f"{self.info.role} shard takes int32 token ids of shape (n,), got {data.dtype} {data.shape}")
-            if data.size and (int(data.min()) < 0 or int(data.max()) >= self._n_vocab):
-                raise InputShapeError(f"token id out of range [0, {self._n_vocab})")
-        else:
-            if data.ndim != 2 or data.shape[1] != self.info.n_embd or data.dtype != np.float32:
-                raise InputShapeError(
-                    f"shard {self.info.start}:{self.info.end} takes float32 hidden states of shape (n, {self.info.n_embd}), "
-                    f"got {data.dtype} {tuple(data.shape)}"
-                )
-            if not np.isfinite(data).all():
-                raise InputShapeError("hidden states contain NaN or Inf")
-        n = data.shape[0]
-        if n < 1:
-            raise InputShapeError("a step needs at least one position")
         slot = self._slots.get(step.request_id)
-        held = 0 if slot is None else self._positions[slot]
-        if slot is None and step.pos != 0:
-            raise UnknownRequestError(
-                f"request {step.request_id!r} is unknown to shard {self.info.start}:{self.info.end} "
-                f"(never started, ended or evicted); replay it from position 0"
-            )
-        if step.pos != held:
-            kind = "gap" if step.pos > held else "overlap"
-            raise PositionError(f"request {step.request_id!r}: position {step.pos} does not follow the {held} held ({kind})")
-        if held + n > self.options.n_ctx_per_request:
-            raise CapacityError(f"request {step.request_id!r}: {held + n} positions exceed the context of {self.options.n_ctx_per_request}")
-        if slot is None and not self._free and step.request_id not in self._slots:
-            raise CapacityError(f"all {self.options.max_requests} request slots are busy")
+        validate_step(step, self.info, self.options, takes_tokens=self._takes_tokens, n_vocab=self._n_vocab,
+                      held=None if slot is None else self._positions[slot], has_free_slot=slot is not None or bool(self._free))
 
     def forward(self, steps: Sequence[StepInput]) -> list[StepOutput]:
         if not steps:

@@ -33,12 +33,11 @@ from edge_agent.runtime.engine import (
     EngineError,
     EngineOptions,
     InputShapeError,
-    PositionError,
     ShardInfo,
     StepInput,
     StepOutput,
-    UnknownRequestError,
     UnsupportedModelError,
+    validate_step,
 )
 from edge_agent.runtime.onnx_graph import GRAPH_VERSION, GraphSpec, build_model, rope_tables
 from edge_agent.runtime.shards import (
@@ -198,37 +197,10 @@ class OnnxEngine:
 
     def check(self, step: StepInput) -> None:
         """Validate one step without touching state (same errors as ``LlamaCppEngine.check``)."""
-        data = step.data
-        if self.spec.takes_tokens:
-            if not isinstance(data, np.ndarray) or data.ndim != 1 or data.dtype != np.int32:
-                raise InputShapeError(f"{self.info.role} shard takes int32 token ids of shape (n,), got {getattr(data, 'dtype', type(data))} {getattr(data, 'shape', '')}")
-            if data.size and (int(data.min()) < 0 or int(data.max()) >= self._n_vocab):
-                raise InputShapeError(f"token id out of range [0, {self._n_vocab})")
-        else:
-            if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != self.info.n_embd or data.dtype != np.float32:
-                raise InputShapeError(
-                    f"shard {self.info.start}:{self.info.end} takes float32 hidden states of shape (n, {self.info.n_embd}), "
-                    f"got {getattr(data, 'dtype', type(data))} {tuple(getattr(data, 'shape', ()))}"
-                )
-            if not np.isfinite(data).all():
-                raise InputShapeError("hidden states contain NaN or Inf")
-        n = data.shape[0]
-        if n < 1:
-            raise InputShapeError("a step needs at least one position")
         req = self._requests.get(step.request_id)
-        held = 0 if req is None else req.pos
-        if req is None and step.pos != 0:
-            raise UnknownRequestError(
-                f"request {step.request_id!r} is unknown to shard {self.info.start}:{self.info.end} "
-                f"(never started, ended or evicted); replay it from position 0"
-            )
-        if step.pos != held:
-            kind = "gap" if step.pos > held else "overlap"
-            raise PositionError(f"request {step.request_id!r}: position {step.pos} does not follow the {held} held ({kind})")
-        if held + n > self.options.n_ctx_per_request:
-            raise CapacityError(f"request {step.request_id!r}: {held + n} positions exceed the context of {self.options.n_ctx_per_request}")
-        if req is None and len(self._requests) >= self.options.max_requests:
-            raise CapacityError(f"all {self.options.max_requests} request slots are busy")
+        validate_step(step, self.info, self.options, takes_tokens=self.spec.takes_tokens, n_vocab=self._n_vocab,
+                      held=None if req is None else req.pos,
+                      has_free_slot=req is not None or len(self._requests) < self.options.max_requests)
 
     def forward(self, steps: Sequence[StepInput]) -> list[StepOutput]:
         if not steps:

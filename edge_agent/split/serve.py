@@ -25,7 +25,6 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-import numpy as np
 
 from edge_agent.runtime.engine import EngineError, StepInput, UnknownRequestError
 from edge_agent.split.observe import HopRecord, Observers, digest
