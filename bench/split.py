@@ -1,5 +1,8 @@
 """Split-inference benchmark: llama.cpp alone vs. edge-agent client + 2 peers vs. llama.cpp RPC.
 
+In chain mode the client-to-first-hop link uses the chosen transport; hops forward to
+each other over TLS (the direct path).
+
     .venv/bin/python bench/split.py [--quick] [--tokens N] [--rpc-bin DIR]
 
 All in one run, same random-weight ~0.4B Q4_0 model (1024 dim, 24 layers, GQA 16/4,
@@ -45,7 +48,7 @@ def llama_cpp_ttft_ms(model: Path, threads: int, n_ctx: int) -> float:
         llm.close()
 
 
-async def swarm_numbers(model: Path, peers, transport: str, n_tokens: int, n_ctx: int) -> dict:
+async def swarm_numbers(model: Path, peers, transport: str, n_tokens: int, n_ctx: int, mode: str = "star") -> dict:
     from edge_agent.node import Agent, AgentConfig, PeerDirectory
     from edge_agent.runtime.engine import EngineOptions
     from edge_agent.runtime.sampling import SamplingParams
@@ -58,7 +61,7 @@ async def swarm_numbers(model: Path, peers, transport: str, n_tokens: int, n_ctx
         agent = Agent(cfg)
         await agent.start()
         directory = PeerDirectory(agent, info.model_hash)
-        ccfg = ClientConfig(target_tbt_ms=10_000)
+        ccfg = ClientConfig(target_tbt_ms=10_000, mode=mode)
         await directory.wait_for_coverage(info.n_layer, ccfg.policy, 60)
         client = SwarmClient(model, directory, ccfg, EngineOptions(n_ctx_per_request=n_ctx, max_requests=2, n_threads=2),
                              CACHE / "shards")
@@ -114,9 +117,9 @@ def main() -> None:
         peers = [start_peer(model, r, Path(d) / f"p{i}", "--threads", str(args.threads))
                  for i, r in enumerate((f"1:{half}", f"{half}:{L - 1}"))]
         try:
-            for transport in ("tls", "webrtc"):
-                rows[f"edge-agent star, 2 peers, {transport}"] = asyncio.run(
-                    swarm_numbers(model, peers, transport, args.tokens, args.ctx))
+            for mode, transport in (("star", "tls"), ("chain", "tls"), ("star", "webrtc"), ("chain", "webrtc")):
+                rows[f"edge-agent {mode}, 2 peers, {transport}"] = asyncio.run(
+                    swarm_numbers(model, peers, transport, args.tokens, args.ctx, mode))
         finally:
             for p in peers:
                 p.stop()

@@ -68,6 +68,36 @@ def _silence_logs() -> None:
     lc.llama_log_set(_log_cb, ctypes.c_void_p(0))
 
 
+def release_file_pages(path: Path) -> int:
+    """Drop this process's resident pages of a mmapped model file; returns bytes advised.
+
+    llama.cpp maps the whole file with MAP_POPULATE and then copies most CPU weights into
+    repacked buffers, so without this a shard costs its file size twice in RSS. The map
+    is shared and read-only: pages still in use (tensors that were not repacked) fault
+    back in from the page cache on first touch, and nothing can be lost.
+    """
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return 0
+    target = str(Path(path).resolve())
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madv_dontneed = 4
+    total = 0
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].strip() == target and parts[1].startswith("r"):
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    if libc.madvise(lo, hi - lo, madv_dontneed) == 0:
+                        total += hi - lo
+    except OSError:
+        return 0
+    return total
+
+
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
@@ -125,6 +155,7 @@ class LlamaCppEngine:
         self._model = lc.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self._model:
             raise EngineError(f"llama.cpp could not load {self.path}")
+        release_file_pages(self.path)
         cparams = lc.llama_context_default_params()
         cparams.n_seq_max = o.max_requests
         cparams.n_ctx = o.n_ctx_per_request * o.max_requests
