@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -94,6 +95,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--quants", default="q4_0,q4_k_m")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--onnx", action="store_true", help="add ONNX Runtime rows (bench/runtime_onnx.py)")
     args = ap.parse_args()
     shape = SHAPE_QUICK if args.quick else SHAPE_04B
@@ -104,16 +106,18 @@ def main() -> None:
     rows = []
     for q in args.quants.split(","):
         model = make_random_gguf(CACHE / f"random-{tag}-{q}.gguf", ftype=q, **shape)
-        ref = llama_cpp_tok_s(model, args.tokens, args.threads, args.ctx)
-        one, _ = pipeline_tok_s(model, args.tokens, args.threads, args.ctx)
         third = L // 3
-        three, stats = pipeline_tok_s(model, args.tokens, args.threads, args.ctx, [(1, third), (third, 2 * third), (2 * third, L - 1)])
-        ref2 = llama_cpp_tok_s(model, args.tokens, args.threads, args.ctx)  # again: the machine drifts
-        ref_avg = (ref + ref2) / 2
+        refs, ones, threes = [], [], []
+        for _ in range(args.rounds):  # interleaved rounds, medians: this VM's speed drifts
+            refs.append(llama_cpp_tok_s(model, args.tokens, args.threads, args.ctx))
+            ones.append(pipeline_tok_s(model, args.tokens, args.threads, args.ctx)[0])
+            threes.append(pipeline_tok_s(model, args.tokens, args.threads, args.ctx,
+                                         [(1, third), (third, 2 * third), (2 * third, L - 1)])[0])
+        ref_avg, one, three = statistics.median(refs), statistics.median(ones), statistics.median(threes)
         rss = shard_rss(model, 1, L - 1, args.ctx, args.threads, kv_per_pos_layer)
         rows.append({"quant": q, "llama_cpp_tok_s": ref_avg, "pipeline_1mid_tok_s": one, "pipeline_3mid_tok_s": three,
                      "ratio_1mid": one / ref_avg, "ratio_3mid": three / ref_avg, **rss})
-    print(f"model shape {shape}, {args.threads} threads, {args.tokens} decode tokens, ctx {args.ctx}")
+    print(f"model shape {shape}, {args.threads} threads, {args.tokens} decode tokens, ctx {args.ctx}, median of {args.rounds} rounds")
     print(f"{'quant':8} {'llama.cpp':>10} {'pipe 1 mid':>11} {'ratio':>6} {'pipe 3 mid':>11} {'ratio':>6} | {'shard RSS':>10} {'file':>8} {'KV':>7} {'budget':>8}")
     for r in rows:
         print(f"{r['quant']:8} {r['llama_cpp_tok_s']:10.2f} {r['pipeline_1mid_tok_s']:11.2f} {r['ratio_1mid']:6.3f} "
