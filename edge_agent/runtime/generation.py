@@ -65,6 +65,18 @@ class Decoder:
             self.finish_reason = "length"
         return token
 
+    def advance(self, logits: np.ndarray, on_token=None) -> np.ndarray | None:
+        """Sample from ``logits``, stream the token, return what to feed next (None: done)."""
+        token = self.feed(logits)
+        if token is None:
+            return None
+        if on_token:
+            on_token(token, self.new_text())
+        return None if self.finished else np.asarray([token], dtype=np.int32)
+
+    def first_feed(self) -> np.ndarray | None:
+        return None if self.finished else np.asarray(self.prompt_tokens, dtype=np.int32)
+
     @property
     def text(self) -> str:
         text = self.tokenizer.decode(self.tokens)

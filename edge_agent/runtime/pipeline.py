@@ -69,19 +69,12 @@ class LocalPipeline:
         decoder = Decoder(self.tokenizer, params, prompt_tokens)
         self.stage_ms = [0.0] * len(self.stages)
         pos = 0
-        feed = np.asarray(prompt_tokens, dtype=np.int32)
+        feed = decoder.first_feed()
         try:
-            while not decoder.finished:
+            while feed is not None:
                 logits = self.step(request_id, pos, feed)
                 pos += feed.shape[0]
-                token = decoder.feed(logits)
-                if token is None:
-                    break
-                if on_token:
-                    on_token(token, decoder.new_text())
-                if decoder.finished:
-                    break
-                feed = np.asarray([token], dtype=np.int32)
+                feed = decoder.advance(logits, on_token)
         finally:
             for stage in self.stages:
                 stage.end_request(request_id)

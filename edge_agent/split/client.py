@@ -346,11 +346,11 @@ class SwarmClient:
         plan = self._plan()
         req = _Request(rid, plan, DeadlineTracker(plan, self.config.deadline), await self._open(plan, {}))
         decoder = Decoder(self.tokenizer, params, list(prompt_tokens))
-        feed = np.asarray(prompt_tokens, dtype=np.int32)
+        feed = decoder.first_feed()
         pos = 0
         sid = rid.hex()
         try:
-            while not decoder.finished:
+            while feed is not None:
                 t0 = time.perf_counter()
                 x = (await asyncio.to_thread(self.head.forward, [StepInput(sid, pos, feed)]))[0].data
                 t1 = time.perf_counter()
@@ -361,14 +361,7 @@ class SwarmClient:
                     self._local_ms = (t1 - t0 + time.perf_counter() - t2) * 1000.0
                 pos += feed.shape[0]
                 req.step_index += 1
-                token = decoder.feed(logits)
-                if token is None:
-                    break
-                if on_token:
-                    on_token(token, decoder.new_text())
-                if decoder.finished:
-                    break
-                feed = np.asarray([token], dtype=np.int32)
+                feed = decoder.advance(logits, on_token)
         finally:
             self.head.end_request(sid)
             self.tail.end_request(sid)
