@@ -161,7 +161,7 @@ def generate(
         typer.secho(f"[{len(result.token_ids)} tokens, ttft {s['ttft_ms']} ms, {s['tokens_per_s']} tok/s]", err=True, fg=typer.colors.BRIGHT_BLACK)
 
 
-SwarmKeyOpt = typer.Option(None, "--swarm-key", help="Private swarm secret (default: $EDGE_AGENT_SWARM_KEY, <data dir>/swarm.key, else the open swarm).")
+SwarmKeyOpt = typer.Option(None, "--swarm-key", help="Private swarm secret (visible in ps: prefer $EDGE_AGENT_SWARM_KEY or <data dir>/swarm.key). Default: the open swarm.")
 PeerOpt = typer.Option([], "--peer", help="A peer's TLS HOST:PORT, for networks where multicast is blocked (repeatable).")
 
 
@@ -239,6 +239,7 @@ def join(
     test_delay_ms: float = typer.Option(0.0, "--test-delay-ms", hidden=True, help="Test only: make this node slow."),
     test_advertise_ms: Optional[float] = typer.Option(None, "--test-advertise-ms", hidden=True, help="Test only: advertised ms/layer."),
     test_claim_model_hash: Optional[str] = typer.Option(None, "--test-claim-model-hash", hidden=True, help="Test only: lie about the model hash."),
+    no_share_weights: bool = typer.Option(False, "--no-share-weights", help="Do not let peers fetch layer ranges from this node."),
     model_hash: Optional[str] = typer.Option(None, "--model-hash", help="No model file: fetch the --layers of this model (content hash) from a peer, verified tensor by tensor."),
 ) -> None:
     """Share compute: serve a range of the model's layers to the swarm until Ctrl-C."""
@@ -249,6 +250,8 @@ def join(
     from edge_agent.runtime.engine import EngineError
     from edge_agent.runtime.shards import parse_range
 
+    if model_hash is not None and (len(model_hash) != 64 or any(ch not in "0123456789abcdef" for ch in model_hash)):
+        _fail("--model-hash needs the full 64-hex-digit hash (edge-agent model info MODEL)")
     path = _resolve_model(model, data_dir) if (model or not model_hash) else None
     cfg = _agent_config(data_dir, swarm_key, host, port, signal_port, peer, no_mdns, mdns_interface, transport, ice_server)
     try:
@@ -258,7 +261,8 @@ def join(
         _fail(str(exc))
     opts = JoinOptions(path, rng, backend, share_gpu, mem, threads, ctx, max_requests, idle_timeout_s=idle_timeout,
                        test_delay_ms=test_delay_ms,
-                       test_advertise_ms=test_advertise_ms, model_hash=model_hash, test_claim_model_hash=test_claim_model_hash)
+                       test_advertise_ms=test_advertise_ms, model_hash=model_hash, test_claim_model_hash=test_claim_model_hash,
+                       share_weights=not no_share_weights)
 
     def ready(info: dict) -> None:
         typer.echo(json.dumps({"ready": info}), err=False)
@@ -283,9 +287,9 @@ def join(
 def _parse_size_mb(text: str) -> float:
     units = {"k": 1e-3, "m": 1.0, "g": 1e3, "t": 1e6}
     t = text.strip().lower().rstrip("b")
-    if t and t[-1] in units:
-        return float(t[:-1]) * units[t[-1]]
-    return float(t) / 1e6
+    if not t or t[-1] not in units:
+        raise ValueError(f"--max-memory needs a unit, e.g. 500M or 2G (got {text!r})")
+    return float(t[:-1]) * units[t[-1]]
 
 
 @app.command()
@@ -324,6 +328,7 @@ def run(
     from edge_agent.split.links import HopFailed
     from edge_agent.split.planner import NoRouteError
     from edge_agent.split.policy import PolicyError, PrivacyPolicy
+    from edge_agent.split.weights import WeightsError
 
     path = _resolve_model(model, data_dir)
     cfg = _agent_config(data_dir, swarm_key, "127.0.0.1", 0, 0, peer, no_mdns, mdns_interface, transport, ice_server)
@@ -349,8 +354,12 @@ def run(
 
     try:
         result = asyncio.run(run_swarm(cfg, path, tokens, params, client_cfg, discover_s=discover, on_token=on_token))
-    except (NoRouteError, HopFailed, EngineError) as exc:
+    except (NoRouteError, HopFailed, EngineError, PolicyError, WeightsError, TimeoutError, OSError) as exc:
         _fail(str(exc))
+    local = [h["range"] for h in result.stats.get("path", []) if h["peer_id"] == "local"]
+    if local:
+        typer.secho(f"note: no peer served layers {', '.join(local)}; this device ran them (--no-local-fallback to refuse)",
+                    err=True, fg=typer.colors.YELLOW)
     if as_json:
         d = result.to_dict()
         d["path"] = result.stats.get("path", [])

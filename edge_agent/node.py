@@ -234,6 +234,7 @@ class JoinOptions:
     idle_timeout_s: float = 600.0  # free the KV cache of a request idle this long
     model_hash: str | None = None  # with model=None: the model whose weights to fetch from a peer
     test_claim_model_hash: str | None = None  # test only: advertise this hash (a lying peer)
+    share_weights: bool = True  # let peers that lack the model fetch layer ranges from us
 
 
 def measure_ms_per_layer(engine, steps: int = 8) -> float:
@@ -289,7 +290,7 @@ async def join(config: AgentConfig, opts: JoinOptions, on_ready=None, on_progres
 
             engine = await asyncio.to_thread(LlamaCppEngine, source, eopts)
         else:
-            info = inspect_model(opts.model)
+            info = await asyncio.to_thread(inspect_model, opts.model)  # hashing a big model takes a while
             model_hash = info.model_hash
             if opts.layers is None:
                 await asyncio.sleep(opts.discover_s)
@@ -299,8 +300,9 @@ async def join(config: AgentConfig, opts: JoinOptions, on_ready=None, on_progres
         ms = await asyncio.to_thread(measure_ms_per_layer, engine)
         server = HopServer([engine], agent.identity.agent_id, idle_timeout_s=opts.idle_timeout_s, test_delay_ms=opts.test_delay_ms)
         extra = ()
-        if opts.model is not None:
+        if opts.model is not None and opts.share_weights:
             server.weights = WeightSource(opts.model, shards_dir)
+            server.loader = lambda a, b: load_engine(opts.backend, opts.model, a, b, eopts, shards_dir)
             extra = (("w", "1"),)  # this node can share the model's weights
         caps = Capabilities(agent.identity.agent_id, shards=((model_hash[:16], *opts.layers),), free_mem_mb=_free_memory_mb(),
                             ms_per_layer=ms if opts.test_advertise_ms is None else opts.test_advertise_ms,
@@ -325,18 +327,31 @@ async def fetch_weights(agent: Agent, opts: JoinOptions, dest: Path, on_progress
     final = dest / f"{opts.model_hash[:16]}-{a}-{b}.gguf"
     if final.is_file():
         return final  # fetched (and verified) before
+    from edge_agent.split.links import HopFailed
+    from edge_agent.split.weights import WeightsError
+
     directory = PeerDirectory(agent, opts.model_hash)
     deadline = time.monotonic() + timeout_s
+    failures: dict[str, str] = {}
     try:
         while time.monotonic() < deadline:
             for entry in agent.table.peers():
                 c = entry.caps
-                if dict(c.extra).get("w") == "1" and any(opts.model_hash.startswith(h) for h, _, _ in c.shards):
+                if c.agent_id in failures or dict(c.extra).get("w") != "1":
+                    continue
+                if not any(opts.model_hash.startswith(h) for h, _, _ in c.shards):
+                    continue
+                try:
                     link = await directory.link(c.agent_id)
                     return await fetch_shard(link, opts.model_hash, a, b, dest, on_progress)
+                except (HopFailed, WeightsError) as exc:  # a dead or lying peer: try the next one
+                    failures[c.agent_id] = str(exc)
+                    log.warning("weights from %s refused: %s", c.agent_id[:12], exc)
             await asyncio.sleep(0.2)
     finally:
         await directory.close()
+    if failures:
+        raise WeightsError("no peer gave verifiable weights: " + "; ".join(f"{k[:12]}: {v}" for k, v in failures.items()))
     raise TimeoutError(f"no peer sharing the weights of model {opts.model_hash[:16]} was found in {timeout_s:.0f} s")
 
 

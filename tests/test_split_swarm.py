@@ -273,3 +273,13 @@ def test_idle_requests_are_evicted_and_say_so(stories_path):
 
     err = asyncio.run(main())
     assert err.code == "evicted" and "replay" in err.reason
+
+
+def test_node_serves_part_of_its_range_when_the_planner_asks(tmp_path, peers, stories_path):
+    a = peers(stories_path, "1:4", "--test-advertise-ms", "50")  # slow: the planner gives it layer 1 only
+    b = peers(stories_path, "2:4", "--test-advertise-ms", "0.001")
+    # a loose deadline: b over-promises, and a tight one would (rightly) move its hop to a
+    prompt, res = swarm_generate(tmp_path, stories_path, "Once upon a time", 24, [a, b], target_tbt_ms=60_000)
+    assert res.token_ids == reference_tokens(stories_path, prompt, 24)
+    assert [(h["peer_id"], h["range"]) for h in res.stats["path"]] == [(a.agent_id, "1:2"), (b.agent_id, "2:4")]
+    assert res.stats["reroutes"] == []

@@ -330,8 +330,9 @@ class LlamaCppEngine:
             b.logits[i] = self._wants_output(s, r)
         if not self._takes_tokens:
             block = np.ascontiguousarray(np.concatenate([steps[si].data[r : r + 1] for si, r in chunk]), dtype=np.float32)
+            if block.shape != (len(chunk), n_embd):  # never copy past the batch's buffer
+                raise InputShapeError(f"hidden block {block.shape} does not fit the batch ({len(chunk)}, {n_embd})")
             ctypes.memmove(b.embd, block.ctypes.data, block.nbytes)
-            assert block.shape == (len(chunk), n_embd)
 
     def _collect_logits(self, steps, chunk, logits) -> None:
         for i, (si, r) in enumerate(chunk):

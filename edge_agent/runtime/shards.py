@@ -308,7 +308,7 @@ def write_shard(
     arch = info.arch
     n_layer_new = end - start
 
-    tmp = out_path.with_suffix(out_path.suffix + ".partial")
+    tmp = out_path.with_suffix(f"{out_path.suffix}.{os.getpid()}.{os.urandom(4).hex()}.partial")  # concurrent writers
     out_path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(tmp), arch)
     vocabless = role == "middle"

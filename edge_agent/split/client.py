@@ -31,7 +31,8 @@ from edge_agent.split.serve import parse_error
 from edge_agent.split.observe import HopRecord, Observers, digest
 from edge_agent.split.planner import Hop, NoRouteError, PeerCapability, Plan, has_alternative, plan_path
 from edge_agent.split.policy import PrivacyPolicy
-from edge_agent.transport import Flag, Frame, MsgType
+from edge_agent.runtime.engine import CapacityError
+from edge_agent.transport import DType, Flag, Frame, FrameError, MsgType, PeerLostError
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class _Request:
     reroutes: list[dict] = field(default_factory=list)
     step_index: int = 0
     routed: bool = False  # chain mode: the hops know their next hop
+    generation: int = 0  # bumped when every hop was rebuilt: the current step restarts at hop 0
     histories_complete: bool = True  # False once a chain step ran: only hop 0's inputs are known
     chain_ms: float = 0.0
 
@@ -119,16 +121,18 @@ class SwarmClient:
     # -- planning ---------------------------------------------------------------------------
     def _plan(self, previous: Plan | None = None, exclude=(), replace_hops=()) -> Plan:
         caps = self.peers.capabilities()
+        me = PeerCapability(LOCAL_PEER_ID, (self.config.policy.remote_range(self.n_layer),), 1e9,
+                            self.config.local_ms_per_layer, 0.0)
+        if previous is not None and LOCAL_PEER_ID in previous.peer_ids:
+            caps = [*caps, me]  # a hop we run ourselves stays ours
         kw = dict(target_tbt_ms=self.config.target_tbt_ms, local_ms=self._local_ms, previous=previous, exclude=exclude,
                   replace_hops=replace_hops, mode=self.config.mode)
         try:
             return plan_path(self.n_layer, self.config.policy, caps, **kw)
         except NoRouteError:
-            if not self.config.local_fallback or LOCAL_PEER_ID in exclude:
+            if not self.config.local_fallback or LOCAL_PEER_ID in exclude or me in caps:
                 raise
         # no peer can take some layers: this device can, since it holds the whole model
-        me = PeerCapability(LOCAL_PEER_ID, (self.config.policy.remote_range(self.n_layer),), 1e9,
-                            self.config.local_ms_per_layer, 0.0)
         return plan_path(self.n_layer, self.config.policy, [*caps, me], **kw)
 
     async def _link(self, peer_id: str):
@@ -159,8 +163,8 @@ class SwarmClient:
         if f.type != MsgType.ACTIVATION or f.step != pos or (f.layer_start, f.layer_end) != (hs.hop.start, hs.hop.end):
             raise HopFailed(hs.link.peer_id, "reply does not match the request (wrong type, step or layers)", "bad_reply")
         out = f.array()
-        if out.shape != x.shape or not np.isfinite(out).all():
-            raise HopFailed(hs.link.peer_id, f"reply has shape {out.shape}, expected {x.shape}, or non-finite values", "bad_reply")
+        if f.dtype != DType.F32 or out.shape != x.shape or not np.isfinite(out).all():
+            raise HopFailed(hs.link.peer_id, f"reply is {f.dtype.name} {out.shape}, expected F32 {x.shape}, or not finite", "bad_reply")
         compute_ms = getattr(f, "compute_us", 0) / 1000.0
         if self.observers.callbacks:
             self.observers.emit(HopRecord("client", req.rid.hex(), hs.link.peer_id, hs.hop.start, hs.hop.end, pos, x.shape[0],
@@ -168,13 +172,17 @@ class SwarmClient:
         return np.array(out), compute_ms, reply.wall_ms
 
     # -- failure handling -------------------------------------------------------------------
-    async def _reroute(self, req: _Request, index: int, reason: str, permanent: bool) -> None:
-        """Replace hop ``index`` (new peer(s) for its layers) and rebuild their KV caches by replay."""
-        if not req.histories_complete:
-            return await self._reset(req, req.hops[index].hop.peer_id if permanent else None, reason, index)
+    async def _reroute(self, req: _Request, index: int, reason: str, permanent: bool, pos: int) -> None:
+        """Replace hop ``index`` (new peer(s) for its layers) and rebuild their KV caches by replay.
+
+        Falls back to rebuilding every hop (``_reset``) when the failed hop's inputs are not
+        known (after chain steps) or the new plan changes more than that hop's layers.
+        """
         failed = req.hops[index]
         if permanent:
             req.excluded.add(failed.hop.peer_id)
+        if not req.histories_complete:
+            return await self._reset(req, reason, pos, failed.hop.peer_id)
         await failed.link.send(Frame(MsgType.END_REQUEST, request_id=req.rid))
         while True:
             if len(req.reroutes) >= self.config.max_reroutes:
@@ -186,21 +194,31 @@ class SwarmClient:
                                    f"{', '.join(sorted(p[:12] for p in req.excluded))}",
                                    what="no replacement: no other peer serves") from None
             keep = {(h.hop.peer_id, h.hop.start, h.hop.end): h for i, h in enumerate(req.hops) if i != index}
+            kept = [h for h in new_plan.hops if (h.peer_id, h.start, h.end) in keep]
+            fresh = [h for h in new_plan.hops if (h.peer_id, h.start, h.end) not in keep]
+            if len(kept) != len(keep) or not fresh or (fresh[0].start, fresh[-1].end) != (failed.hop.start, failed.hop.end):
+                return await self._reset(req, reason, pos, failed.hop.peer_id)  # more changed: rebuild all
+            new: list[_HopState] = []
             try:
                 states = await self._open(new_plan, keep)
-                new = [s for s in states if s not in keep.values()]
+                new = [st for st in states if all(st is not k for k in keep.values())]
                 req.reroutes.append({"step": req.step_index, "layers": f"{failed.hop.start}:{failed.hop.end}",
-                                     "from": failed.hop.peer_id, "to": [s.hop.peer_id for s in new], "reason": reason})
+                                     "from": failed.hop.peer_id, "to": [st.hop.peer_id for st in new], "reason": reason})
                 log.info("re-route %s: layers %d:%d from %s (%s) to %s", req.rid.hex()[:8], failed.hop.start,
-                         failed.hop.end, failed.hop.peer_id[:12], reason, [s.hop.peer_id[:12] for s in new])
+                         failed.hop.end, failed.hop.peer_id[:12], reason, [st.hop.peer_id[:12] for st in new])
                 await self._replay(req, failed.history, new)
             except HopFailed as exc:  # the replacement failed too: route around it as well
                 reason = f"replacement failed: {exc.code}: {exc.reason}"
                 req.excluded.add(exc.peer_id)
+                await self._end(req, new)  # replayed ones must start clean next time
                 continue
             req.plan, req.hops = new_plan, states
             req.tracker.adopt(new_plan)
             return
+
+    async def _end(self, req: _Request, states) -> None:
+        for st in states:
+            await st.link.send(Frame(MsgType.END_REQUEST, request_id=req.rid))
 
     async def _replay(self, req: _Request, inputs: list[tuple[int, np.ndarray]], new: list[_HopState]) -> None:
         """Re-send a lost hop's inputs, in the chunks first sent, through its replacement(s)."""
@@ -212,34 +230,34 @@ class SwarmClient:
                 outs.append((pos, y))
             inputs = outs
 
-    async def _reset(self, req: _Request, blamed: str | None, reason: str, index: int | None = None) -> None:
-        """Chain-mode recovery: only hop 0's inputs are known, so rebuild every hop from them."""
-        if blamed:
-            req.excluded.add(blamed)
-        inputs = list(req.hops[0].history)
-        for hs in req.hops:
-            await hs.link.send(Frame(MsgType.END_REQUEST, request_id=req.rid))
+    async def _reset(self, req: _Request, reason: str, pos: int, blamed: str = "") -> None:
+        """Rebuild every hop from hop 0's inputs before ``pos`` (the only inputs always known).
+
+        Used after chain steps (the client never saw the middle activations) or when a
+        replan moved more than one hop. The caller restarts the current step at hop 0.
+        """
+        inputs = [(p, x) for p, x in req.hops[0].history if p < pos]
+        await self._end(req, req.hops)
         while True:
             if len(req.reroutes) >= self.config.max_reroutes:
                 raise NoRouteError([(req.plan.start, req.plan.end)], f"gave up after {len(req.reroutes)} re-routes")
             try:
-                plan = self._plan(previous=req.plan, exclude=req.excluded,
-                                  replace_hops=[index] if index is not None and not blamed else ())
+                plan = self._plan(exclude=req.excluded)
             except NoRouteError as exc:
-                raise NoRouteError(exc.missing, f"chain failed: {reason}", what="no replacement: no other peer serves") from None
-            req.reroutes.append({"step": req.step_index, "layers": f"{req.plan.start}:{req.plan.end}",
-                                 "from": blamed or "", "to": [h.peer_id for h in plan.hops], "reason": reason})
+                raise NoRouteError(exc.missing, f"after: {reason}", what="no replacement: no other peer serves") from None
+            req.reroutes.append({"step": req.step_index, "layers": f"{req.plan.start}:{req.plan.end}", "from": blamed,
+                                 "to": [h.peer_id for h in plan.hops], "reason": f"rebuild all hops: {reason}"})
+            states: list[_HopState] = []
             try:
                 states = await self._open(plan, {})
-                for st in states:
-                    st.history = []
                 await self._replay(req, inputs, states)
             except HopFailed as exc:
                 reason = f"replacement failed: {exc.code}: {exc.reason}"
                 req.excluded.add(exc.peer_id)
-                blamed = exc.peer_id
+                await self._end(req, states)
                 continue
             req.plan, req.hops, req.routed, req.histories_complete = plan, states, False, True
+            req.generation += 1
             req.tracker.adopt(plan)
             return
 
@@ -256,8 +274,6 @@ class SwarmClient:
 
     async def _remote_chain(self, req: _Request, pos: int, x: np.ndarray) -> np.ndarray:
         """Chain mode: send to the first hop; each hop forwards; the last answers us."""
-        if not req.routed:
-            await self._set_routes(req)
         first, last = req.hops[0], req.hops[-1]
         seq = first.link.next_seq()
         key = (req.rid, seq)
@@ -269,6 +285,8 @@ class SwarmClient:
         t0 = time.perf_counter()
         blamed, reason = None, "chain step timed out"
         try:
+            if not req.routed:
+                await self._set_routes(req)
             await first.link.channel.send(frame)
             done, _ = await asyncio.wait(futs.values(), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             for peer_id, fut in futs.items():
@@ -287,7 +305,7 @@ class SwarmClient:
                     break
                 out = f.array()
                 if peer_id == last.link.peer_id and (f.layer_start, f.layer_end) == (last.hop.start, last.hop.end) \
-                        and out.shape == x.shape and np.isfinite(out).all():
+                        and f.dtype == DType.F32 and f.step == pos and out.shape == x.shape and np.isfinite(out).all():
                     first.history.append((pos, x))
                     req.histories_complete = len(req.hops) == 1
                     req.chain_ms += (time.perf_counter() - t0) * 1000.0
@@ -295,20 +313,26 @@ class SwarmClient:
                 blamed, reason = peer_id, "chain reply does not match the request"
         except HopFailed as exc:
             blamed, reason = exc.peer_id, f"{exc.code}: {exc.reason}"
+        except (PeerLostError, FrameError) as exc:
+            blamed, reason = first.hop.peer_id, f"peer_lost: {exc}"
         finally:
             for hs in req.hops:
                 hs.link.forget(key)
-        await self._reset(req, blamed, reason)
+        if blamed:
+            req.excluded.add(blamed)
+        await self._reset(req, reason, pos, blamed or "")
         return await self._remote_star(req, pos, x)  # this step in star mode; chain resumes next step
 
     # -- the token loop ---------------------------------------------------------------------
     async def _remote(self, req: _Request, pos: int, x: np.ndarray) -> np.ndarray:
-        if req.plan.mode == "chain" and len(req.hops) > 1 and all(h.hop.peer_id != LOCAL_PEER_ID for h in req.hops):
+        ids = [h.hop.peer_id for h in req.hops]
+        if req.plan.mode == "chain" and len(ids) > 1 and LOCAL_PEER_ID not in ids and len(set(ids)) == len(ids):
             return await self._remote_chain(req, pos, x)
         return await self._remote_star(req, pos, x)
 
     async def _remote_star(self, req: _Request, pos: int, x: np.ndarray) -> np.ndarray:
         decode = x.shape[0] == 1
+        x0, gen = x, req.generation
         observed: list[float] = []
         i = 0
         while i < len(req.hops):
@@ -321,7 +345,11 @@ class SwarmClient:
             try:
                 y, compute_ms, wall_ms = await self._call(req, hs, pos, x, timeout)
             except HopFailed as exc:
-                await self._reroute(req, i, f"{exc.code}: {exc.reason}", exc.permanent)
+                if exc.code == "CapacityError" and "exceed the context" in exc.reason:
+                    raise CapacityError(f"the request outgrew the context of the peers: {exc.reason}") from None
+                await self._reroute(req, i, f"{exc.code}: {exc.reason}", exc.permanent, pos)
+                if req.generation != gen:  # every hop was rebuilt up to this step: run it again from hop 0
+                    x, gen, observed, i = x0, req.generation, [], 0
                 continue  # retry the same layers on the replacement
             hs.history.append((pos, x))
             hs.compute_ms += compute_ms
@@ -330,21 +358,31 @@ class SwarmClient:
             observed.append(wall_ms)
             x = y
             i += 1
-        if decode and req.hops:
+        if decode and req.hops and len(observed) == len(req.hops):
             caps = self.peers.capabilities()
             alts = [j for j in range(len(req.hops)) if has_alternative(req.plan, j, caps, req.excluded)]
             report = req.tracker.observe(observed, alts)
-            for advice in report.replace:
-                if advice.hop_index in alts:
-                    # a slow peer loses its hop; it stays usable for other requests
-                    await self._reroute(req, advice.hop_index, f"deadline: {advice.reason}", permanent=True)
+            advice = next((a for a in report.replace if a.hop_index in alts), None)
+            if advice is not None:  # one per step: indexes change once the path does
+                # a slow peer loses its hop for this request; it stays usable for others
+                await self._reroute(req, advice.hop_index, f"deadline: {advice.reason}", True, pos + x0.shape[0])
         return x
 
     async def generate(self, prompt_tokens: Sequence[int], params: SamplingParams,
                        on_token: Callable[[int, str], None] | None = None) -> GenerationResult:
         rid = uuid.uuid4().bytes
-        plan = self._plan()
-        req = _Request(rid, plan, DeadlineTracker(plan, self.config.deadline), await self._open(plan, {}))
+        excluded: set[str] = set()
+        for _ in range(self.config.max_reroutes + 1):  # peers that cannot be reached are planned around
+            plan = self._plan(exclude=excluded)
+            try:
+                states = await self._open(plan, {})
+                break
+            except HopFailed as exc:
+                log.info("peer %s unreachable: %s", exc.peer_id[:12], exc.reason)
+                excluded.add(exc.peer_id)
+        else:
+            raise NoRouteError([(plan.start, plan.end)], "no reachable peers")
+        req = _Request(rid, plan, DeadlineTracker(plan, self.config.deadline), states, excluded)
         decoder = Decoder(self.tokenizer, params, list(prompt_tokens))
         feed = decoder.first_feed()
         pos = 0

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from edge_agent.split.serve import parse_error
-from edge_agent.transport import Frame, MsgType, PeerLostError
+from edge_agent.transport import Frame, FrameError, MsgType, PeerLostError
 
 
 class HopFailed(Exception):
@@ -62,6 +62,8 @@ class PeerLink:
             self._fail(f"connection lost ({exc})")
         except asyncio.CancelledError:
             self._fail("link closed")
+        except Exception as exc:  # noqa: BLE001 - a dead reader must not look like a live link
+            self._fail(f"link reader failed: {exc!r}")
 
     def _fail(self, reason: str) -> None:
         self._lost = reason
@@ -81,7 +83,7 @@ class PeerLink:
         try:
             await self.channel.send(frame)
             reply = await asyncio.wait_for(fut, timeout_s)
-        except PeerLostError as exc:
+        except (PeerLostError, FrameError) as exc:
             self._fail(f"connection lost ({exc})")
             raise HopFailed(self.peer_id, str(exc), "peer_lost") from None
         except asyncio.TimeoutError:
@@ -117,7 +119,13 @@ class PeerLink:
         frame = Frame.from_bytes(MsgType.CONTROL, json.dumps({"op": "info"}).encode(), request_id=b"\x00" * 16, seq=self.next_seq())
         reply = await self.request(frame, timeout_s)
         self.rtt_ms = reply.wall_ms if self.rtt_ms is None else min(self.rtt_ms, reply.wall_ms)
-        return json.loads(bytes(reply.frame.payload).decode("utf-8"))
+        try:
+            info = json.loads(bytes(reply.frame.payload).decode("utf-8"))
+        except (ValueError, RecursionError) as exc:
+            raise HopFailed(self.peer_id, f"malformed info reply: {exc!r}", "bad_reply") from None
+        if not isinstance(info, dict):
+            raise HopFailed(self.peer_id, "malformed info reply", "bad_reply")
+        return info
 
     async def close(self) -> None:
         self._reader.cancel()

@@ -32,6 +32,8 @@ from edge_agent.transport import DType, Flag, Frame, MsgType, PeerLostError
 
 log = logging.getLogger(__name__)
 MAX_CONTROL_BYTES = 64 * 1024
+MAX_PENDING_PER_SHARD = 256  # queued steps beyond this are refused: a peer cannot fill our memory
+MAX_TRACKED = 4096
 
 
 def error_frame(request_id: bytes, step: int, code: str, message: str, start: int = 0, end: int = 0, seq: int = 0) -> Frame:
@@ -44,15 +46,16 @@ def parse_error(frame: Frame) -> tuple[str, str]:
     try:
         body = json.loads(bytes(frame.payload[:MAX_CONTROL_BYTES]).decode("utf-8"))
         return str(body.get("code", "error"))[:64], str(body.get("message", ""))[:2000]
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return "error", bytes(frame.payload[:200]).decode("utf-8", "replace")
 
 
 @dataclass
 class _Job:
     channel: object
-    frame: Frame
-    step: StepInput
+    frame: Frame | None
+    step: StepInput | None
+    end_request: str | None = None  # an END marker: free this request after its queued steps
 
 
 @dataclass
@@ -74,7 +77,9 @@ class HopServer:
         self.extra_info = lambda: {}  # node.py adds the signed capability record here
         self.weights = None  # a split.weights.WeightSource when this node can share its model file
         self.connect = None  # async (peer_id, host, port) -> PeerLink, for chain forwarding (node.py)
+        self.loader = None  # (start, end) -> Engine: serve a sub-range of a held range on demand (node.py)
         self.routes: dict[str, tuple[object, dict | None]] = {}  # request -> (client channel, next hop)
+        self.owners: dict[str, object] = {}  # request -> the channel that first sent it work
         self._next_links: dict[str, object] = {}
         self._tasks: list[asyncio.Task] = []
 
@@ -88,6 +93,9 @@ class HopServer:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        for link in self._next_links.values():
+            await link.close()
+        self._next_links.clear()
 
     def info(self) -> dict:
         return {
@@ -104,17 +112,24 @@ class HopServer:
     # -- per channel -----------------------------------------------------------------------
     async def handle(self, channel) -> None:
         """Read loop for one connected peer; returns when the peer goes away."""
-        try:
-            while True:
+        while True:
+            try:
                 frame = await channel.recv()
+            except PeerLostError:
+                return
+            try:
                 await self._dispatch(channel, frame)
-        except PeerLostError:
-            return
+            except Exception as exc:  # noqa: BLE001 - one bad frame must not end the peer's session
+                log.warning("refused a frame from %s: %r", getattr(channel, "peer_id", "?")[:12], exc)
+                await self._reply(channel, error_frame(frame.request_id, frame.step, "bad_frame", f"frame refused: {exc!r}"[:500],
+                                                       frame.layer_start, frame.layer_end, frame.seq))
 
     async def _dispatch(self, channel, frame: Frame) -> None:
         rid = frame.request_id.hex()
         if frame.type == MsgType.ACTIVATION:
             shard = self.shards.get((frame.layer_start, frame.layer_end))
+            if shard is None:
+                shard = await self._load_subrange(frame.layer_start, frame.layer_end)
             if shard is None:
                 held = ", ".join(f"{a}:{b}" for a, b in self.shards) or "none"
                 await self._reply(channel, error_frame(frame.request_id, frame.step, "no_shard",
@@ -125,33 +140,66 @@ class HopServer:
                 await self._reply(channel, error_frame(frame.request_id, frame.step, "bad_dtype",
                                   "hidden states must be f32 (f16 would change the arithmetic)", frame.layer_start, frame.layer_end, frame.seq))
                 return
-            # positions and shapes are checked by engine.forward when the step runs (a request's
-            # earlier frames may still be queued); a bad step is isolated there
-            step = StepInput(rid, frame.step, frame.array())
+            arr = frame.array()
+            info, opts = shard.engine.info, shard.engine.options
+            refusal = None
+            if arr.ndim != 2 or arr.shape[1] != info.n_embd or not 0 < arr.shape[0] <= opts.n_ctx_per_request:
+                refusal = ("InputShapeError", f"hidden states must be (n <= {opts.n_ctx_per_request}, {info.n_embd}), got {arr.shape}")
+            elif shard.queue.qsize() >= MAX_PENDING_PER_SHARD:
+                refusal = ("busy", f"node busy: {MAX_PENDING_PER_SHARD} steps queued on layers {info.start}:{info.end}")
+            if refusal:
+                await self._reply(channel, error_frame(frame.request_id, frame.step, *refusal, frame.layer_start, frame.layer_end, frame.seq))
+                return
+            # positions are checked by engine.forward when the step runs (earlier frames of the
+            # request may still be queued); a bad step is isolated there
+            if rid not in self.owners and len(self.owners) >= MAX_TRACKED:
+                self.owners.pop(next(iter(self.owners)))
+            self.owners.setdefault(rid, channel)
             shard.last_used[rid] = time.monotonic()
-            shard.queue.put_nowait(_Job(channel, frame, step))
+            shard.queue.put_nowait(_Job(channel, frame, StepInput(rid, frame.step, arr)))
         elif frame.type == MsgType.END_REQUEST:
+            route = self.routes.get(rid)
+            if channel is not self.owners.get(rid) and (route is None or route[0] is not channel):
+                return  # only who sent the work (or set its route) may end it
             self.routes.pop(rid, None)
+            self.owners.pop(rid, None)
             for shard in self.shards.values():
-                shard.engine.end_request(rid)
                 shard.last_used.pop(rid, None)
+                shard.queue.put_nowait(_Job(channel, None, None, end_request=rid))  # after its queued steps
         elif frame.type == MsgType.CONTROL:
             await self._control(channel, frame)
         # other types (ACK, REPLAY marker frames, ...) are ignored by design
+
+    async def _load_subrange(self, start: int, end: int):
+        """The planner may give us part of a range we hold; load that part once, keep it."""
+        if self.loader is None or not any(a <= start < end <= b for a, b in self.shards):
+            return None
+        try:
+            engine = await asyncio.to_thread(self.loader, start, end)
+        except EngineError as exc:
+            log.warning("cannot load layers %d:%d: %s", start, end, exc)
+            return None
+        shard = self.shards.setdefault((start, end), _Shard(engine))
+        if shard.engine is not engine:
+            engine.close()  # another frame loaded it meanwhile
+        elif self._tasks:
+            self._tasks.append(asyncio.create_task(self._worker(shard)))
+        return shard
 
     async def _control(self, channel, frame: Frame) -> None:
         try:
             msg = json.loads(bytes(frame.payload[:MAX_CONTROL_BYTES]).decode("utf-8"))
             op = msg.get("op") if isinstance(msg, dict) else None
-        except ValueError:
+        except (ValueError, RecursionError):
             msg, op = None, None
         if op == "info":
             await self._reply(channel, Frame.from_bytes(MsgType.CONTROL, json.dumps(self.info()).encode(), seq=frame.seq))
         elif op == "route" and isinstance(msg.get("request"), str) and len(msg["request"]) == 32:
             nxt = msg.get("next")
-            if nxt is not None and not (isinstance(nxt, dict) and self.connect is not None
-                                        and all(k in nxt for k in ("peer_id", "host", "port", "start", "end"))):
-                await self._reply(channel, error_frame(frame.request_id, 0, "bad_route", "malformed route or chain unsupported", seq=frame.seq))
+            owner = self.routes.get(msg["request"])
+            if (nxt is not None and not _valid_next(nxt, self.connect is not None)) or (owner is not None and owner[0] is not channel):
+                await self._reply(channel, error_frame(frame.request_id, 0, "bad_route", "malformed route, chain unsupported, "
+                                                       "or the request belongs to another peer", seq=frame.seq))
                 return
             if len(self.routes) >= 4096 and msg["request"] not in self.routes:
                 self.routes.pop(next(iter(self.routes)))
@@ -160,7 +208,7 @@ class HopServer:
         elif isinstance(msg, dict) and isinstance(msg.get("weights"), dict) and self.weights is not None:
             try:
                 head, body = await asyncio.to_thread(self.weights.handle, msg["weights"])
-            except (ValueError, TypeError, EngineError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - any bad request gets an error, never a dead node
                 await self._reply(channel, error_frame(frame.request_id, 0, "weights", str(exc), seq=frame.seq))
                 return
             payload = json.dumps(head).encode() + b"\n" + body
@@ -185,19 +233,34 @@ class HopServer:
     # -- compute ---------------------------------------------------------------------------
     async def _worker(self, shard: _Shard) -> None:
         while True:
-            jobs = [await shard.queue.get()]
-            while not shard.queue.empty():
-                jobs.append(shard.queue.get_nowait())
-            # one step per request per forward: a request's later frames wait for the next round
-            batch: list[_Job] = []
-            later: list[_Job] = []
-            seen: set[str] = set()
-            for job in jobs:
-                (later if job.step.request_id in seen else batch).append(job)
-                seen.add(job.step.request_id)
-            for job in later:
+            try:
+                await self._work_once(shard)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the loop must survive anything a step does
+                log.exception("hop worker error on layers %d:%d", shard.engine.info.start, shard.engine.info.end)
+
+    async def _work_once(self, shard: _Shard) -> None:
+        jobs = [await shard.queue.get()]
+        while not shard.queue.empty():
+            jobs.append(shard.queue.get_nowait())
+        # steps up to the first END marker form this round, one step per request (a request's
+        # later frames wait for the next round); everything else goes back, in order
+        cut = next((i for i, j in enumerate(jobs) if j.end_request is not None), len(jobs))
+        if cut == 0:
+            for job in jobs[1:]:
                 shard.queue.put_nowait(job)
-            await self._run(shard, batch)
+            await asyncio.to_thread(shard.engine.end_request, jobs[0].end_request)
+            return
+        batch: list[_Job] = []
+        later: list[_Job] = []
+        seen: set[str] = set()
+        for job in jobs[:cut]:
+            (later if job.step.request_id in seen else batch).append(job)
+            seen.add(job.step.request_id)
+        for job in later + jobs[cut:]:
+            shard.queue.put_nowait(job)
+        await self._run(shard, batch)
 
     async def _run(self, shard: _Shard, batch: list[_Job]) -> None:
         if self.test_delay_ms:
@@ -213,6 +276,9 @@ class HopServer:
                     results.append((job, (await asyncio.to_thread(shard.engine.forward, [job.step]))[0], None))
                 except EngineError as exc:
                     results.append((job, None, exc))
+        except Exception as exc:  # noqa: BLE001 - an engine bug: every waiter gets an answer
+            log.exception("engine failure on layers %d:%d", shard.engine.info.start, shard.engine.info.end)
+            results = [(job, None, EngineError(f"internal engine error: {exc!r}")) for job in batch]
         for job, out, exc in results:
             f = job.frame
             back = job.channel
@@ -238,18 +304,18 @@ class HopServer:
     async def _forward(self, route, reply: Frame) -> None:
         """Chain mode: hand our output to the next hop as its input (same request, step, seq)."""
         client, nxt = route
-        fwd = Frame(MsgType.ACTIVATION, request_id=reply.request_id, step=reply.step, n_positions=reply.n_positions,
-                    layer_start=int(nxt["start"]), layer_end=int(nxt["end"]), dtype=reply.dtype, shape=reply.shape,
-                    seq=reply.seq, flags=reply.flags | int(Flag.CHAIN), payload=reply.payload)
         try:
+            fwd = Frame(MsgType.ACTIVATION, request_id=reply.request_id, step=reply.step, n_positions=reply.n_positions,
+                        layer_start=nxt["start"], layer_end=nxt["end"], dtype=reply.dtype, shape=reply.shape,
+                        seq=reply.seq, flags=reply.flags | int(Flag.CHAIN), payload=reply.payload)
             link = self._next_links.get(nxt["peer_id"])
             if link is None or not link.alive:
-                link = await self.connect(str(nxt["peer_id"]), str(nxt["host"]), int(nxt["port"]))
+                link = await asyncio.wait_for(self.connect(nxt["peer_id"], nxt["host"], nxt["port"]), 5.0)
                 self._next_links[nxt["peer_id"]] = link
             await link.channel.send(fwd)
         except Exception as exc:  # noqa: BLE001 - any failure to reach the next hop is the client's to route around
             await self._reply(client, error_frame(reply.request_id, reply.step, "next_hop_unreachable",
-                                                  f"cannot forward to {str(nxt['peer_id'])[:12]}: {exc}",
+                                                  f"cannot forward to {str(nxt.get('peer_id'))[:12]}: {exc!r}"[:500],
                                                   reply.layer_start, reply.layer_end, reply.seq))
 
     async def _evict_loop(self) -> None:
@@ -260,9 +326,23 @@ class HopServer:
             for shard in self.shards.values():
                 for rid, t in list(shard.last_used.items()):
                     if now - t > self.idle_timeout_s:
-                        shard.engine.end_request(rid)
                         del shard.last_used[rid]
+                        self.owners.pop(rid, None)
+                        self.routes.pop(rid, None)
+                        await asyncio.to_thread(shard.engine.end_request, rid)
                         self.evicted[rid] = now
                         while len(self.evicted) > 4096:
                             self.evicted.popitem(last=False)
                         log.info("evicted idle request %s from %d:%d", rid[:8], shard.engine.info.start, shard.engine.info.end)
+
+
+def _valid_next(nxt, chain_supported: bool) -> bool:
+    """A chain route's next hop, as sent by an untrusted client: types and ranges checked."""
+    if not chain_supported or not isinstance(nxt, dict):
+        return False
+    ints = [nxt.get(k) for k in ("port", "start", "end")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
+        return False
+    port, start, end = ints
+    return (isinstance(nxt.get("peer_id"), str) and len(nxt["peer_id"]) == 64 and isinstance(nxt.get("host"), str)
+            and len(nxt["host"]) <= 255 and 0 < port < 65536 and 0 <= start < end <= 65535)

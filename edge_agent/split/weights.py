@@ -11,6 +11,7 @@ advertises.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from dataclasses import asdict
@@ -22,6 +23,8 @@ from edge_agent.transport import Frame, MsgType
 
 CHUNK_BYTES = 4 << 20
 MAX_MANIFEST_BYTES = 16 << 20
+MAX_RANGES_SERVED = 8  # distinct shard files a node writes on peers' behalf
+METADATA_ALLOWANCE = 64 << 20  # a shard file = its tensors + metadata (vocabulary) + alignment
 
 
 class WeightsError(Exception):
@@ -32,23 +35,34 @@ class WeightSource:
     """Serves this node's model file to peers that lack it (the hop server calls ``handle``)."""
 
     def __init__(self, model_path: Path, cache_dir: Path):
+        import threading
+
         self.model_path = Path(model_path)
         self.cache_dir = Path(cache_dir)
         self.info = inspect_model(self.model_path)
+        self._lock = threading.Lock()
+        self._ranges: set[tuple[int, int]] = set()
 
     def handle(self, msg: dict) -> tuple[dict, bytes]:
         op = msg.get("op")
         if op == "manifest":
             entries = [asdict(e) for e in tensor_manifest(self.model_path)]
             return {"model_hash": self.info.model_hash, "n_layer": self.info.n_layer}, json.dumps(entries).encode()
-        start, end = int(msg.get("start", -1)), int(msg.get("end", -1))
-        path = ensure_shard(self.model_path, start, end, self.cache_dir)  # validates the range
+        start, end = msg.get("start"), msg.get("end")
+        if not (isinstance(start, int) and isinstance(end, int)) or (start, end) == (0, self.info.n_layer):
+            raise ValueError("weights are shared per layer range, not as a whole model")
+        with self._lock:  # one writer per shard file; a bounded number of them
+            if (start, end) not in self._ranges and len(self._ranges) >= MAX_RANGES_SERVED:
+                raise ValueError(f"this node already prepared {MAX_RANGES_SERVED} ranges for peers")
+            path = ensure_shard(self.model_path, start, end, self.cache_dir)  # validates the range
+            self._ranges.add((start, end))
         if op == "shard_info":
             return {"size": path.stat().st_size}, b""
         if op == "chunk":
-            offset, length = int(msg.get("offset", 0)), min(int(msg.get("length", CHUNK_BYTES)), CHUNK_BYTES)
-            if offset < 0 or length < 0:
-                raise ValueError("negative offset or length")
+            offset, length = msg.get("offset", 0), msg.get("length", CHUNK_BYTES)
+            if not (isinstance(offset, int) and isinstance(length, int)) or offset < 0 or length < 0:
+                raise ValueError("offset and length must be non-negative integers")
+            length = min(length, CHUNK_BYTES)
             with open(path, "rb") as f:
                 f.seek(offset)
                 return {"offset": offset}, f.read(length)
@@ -65,6 +79,8 @@ def verify_shard(path: Path, manifest: list[TensorEntry], model_hash: str, start
     import re
 
     block = re.compile(r"^blk\.(\d+)\.(.+)$")
+    expected = {n for n in by_name if (m := block.match(n)) and start <= int(m.group(1)) < end}
+    present: set[str] = set()
     for e in tensor_manifest(path):
         m = block.match(e.name)
         src = f"blk.{int(m.group(1)) + start}.{m.group(2)}" if m else e.name
@@ -73,6 +89,9 @@ def verify_shard(path: Path, manifest: list[TensorEntry], model_hash: str, start
         want = by_name.get(src)
         if want is None or (want.sha256, want.type, want.shape) != (e.sha256, e.type, e.shape):
             raise WeightsError(f"tensor {src} does not match the manifest of model {model_hash[:16]} (tampered weights)")
+        present.add(src)
+    if not expected <= present:
+        raise WeightsError(f"shard lacks {len(expected - present)} tensors of layers {start}:{end} (incomplete or tampered)")
 
 
 async def fetch_shard(link, model_hash: str, start: int, end: int, dest_dir: Path,
@@ -88,7 +107,10 @@ async def fetch_shard(link, model_hash: str, start: int, end: int, dest_dir: Pat
     if _manifest_hash(manifest) != model_hash:
         raise WeightsError(f"peer {link.peer_id[:12]} offers a manifest whose hash is not {model_hash[:16]}: wrong or tampered model")
     head, _ = await _ask(link, {"op": "shard_info", "start": start, "end": end})
-    size = int(head["size"])
+    expected = sum(e.nbytes for e in manifest) + METADATA_ALLOWANCE  # a shard is never larger than its model
+    size = head.get("size") if isinstance(head, dict) else None
+    if not isinstance(size, int) or not 0 < size <= expected:
+        raise WeightsError(f"peer {link.peer_id[:12]} announces an implausible shard size {size!r}")
     dest_dir.mkdir(parents=True, exist_ok=True)
     final = dest_dir / f"{model_hash[:16]}-{start}-{end}.gguf"
     partial = final.with_suffix(".gguf.partial")
@@ -96,17 +118,18 @@ async def fetch_shard(link, model_hash: str, start: int, end: int, dest_dir: Pat
     with open(partial, "ab") as f:
         while done < size:
             _, data = await _ask(link, {"op": "chunk", "start": start, "end": end, "offset": done, "length": CHUNK_BYTES})
-            if not data:
-                raise WeightsError("peer sent an empty chunk before the end of the shard")
+            if not data or len(data) > CHUNK_BYTES:
+                raise WeightsError("peer sent an empty or oversized chunk")
+            data = data[: size - done]
             f.write(data)
             done += len(data)
             if progress:
                 progress(done, size)
     try:
-        verify_shard(partial, manifest, model_hash, start, end)
-    except WeightsError:
+        await asyncio.to_thread(verify_shard, partial, manifest, model_hash, start, end)
+    except Exception as exc:  # noqa: BLE001 - whatever is wrong with the file, it goes
         partial.unlink(missing_ok=True)
-        raise
+        raise exc if isinstance(exc, WeightsError) else WeightsError(f"downloaded shard is unusable: {exc}") from exc
     os.replace(partial, final)
     return final
 
@@ -119,5 +142,5 @@ async def _ask(link, msg: dict) -> tuple[dict, bytes]:
     head, _, body = raw.partition(b"\n")
     try:
         return json.loads(head.decode("utf-8")), body
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise WeightsError(f"malformed weights reply: {exc}") from None
