@@ -12,7 +12,6 @@ the same computations in the same shapes, which llama.cpp reproduces bit for bit
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -25,14 +24,14 @@ from edge_agent.runtime.engine import EngineOptions, StepInput
 from edge_agent.runtime.generation import Decoder, GenerationResult
 from edge_agent.runtime.sampling import SamplingParams
 from edge_agent.split.deadlines import DeadlineConfig, DeadlineTracker
+from edge_agent.split.chain import remote_chain
 from edge_agent.split.links import HopFailed, PeerLink
 from edge_agent.split.local import LOCAL_PEER_ID, LocalLink
-from edge_agent.split.serve import parse_error
 from edge_agent.split.observe import HopRecord, Observers, digest
 from edge_agent.split.planner import Hop, NoRouteError, PeerCapability, Plan, has_alternative, plan_path
 from edge_agent.split.policy import PrivacyPolicy
 from edge_agent.runtime.engine import CapacityError
-from edge_agent.transport import DType, Flag, Frame, FrameError, MsgType, PeerLostError
+from edge_agent.transport import DType, Flag, Frame, MsgType
 
 log = logging.getLogger(__name__)
 
@@ -175,14 +174,14 @@ class SwarmClient:
     async def _reroute(self, req: _Request, index: int, reason: str, permanent: bool, pos: int) -> None:
         """Replace hop ``index`` (new peer(s) for its layers) and rebuild their KV caches by replay.
 
-        Falls back to rebuilding every hop (``_reset``) when the failed hop's inputs are not
+        Falls back to rebuilding every hop (``rebuild_all``) when the failed hop's inputs are not
         known (after chain steps) or the new plan changes more than that hop's layers.
         """
         failed = req.hops[index]
         if permanent:
             req.excluded.add(failed.hop.peer_id)
         if not req.histories_complete:
-            return await self._reset(req, reason, pos, failed.hop.peer_id)
+            return await self.rebuild_all(req, reason, pos, failed.hop.peer_id)
         await failed.link.send(Frame(MsgType.END_REQUEST, request_id=req.rid))
         while True:
             if len(req.reroutes) >= self.config.max_reroutes:
@@ -197,7 +196,7 @@ class SwarmClient:
             kept = [h for h in new_plan.hops if (h.peer_id, h.start, h.end) in keep]
             fresh = [h for h in new_plan.hops if (h.peer_id, h.start, h.end) not in keep]
             if len(kept) != len(keep) or not fresh or (fresh[0].start, fresh[-1].end) != (failed.hop.start, failed.hop.end):
-                return await self._reset(req, reason, pos, failed.hop.peer_id)  # more changed: rebuild all
+                return await self.rebuild_all(req, reason, pos, failed.hop.peer_id)  # more changed: rebuild all
             new: list[_HopState] = []
             try:
                 states = await self._open(new_plan, keep)
@@ -230,7 +229,7 @@ class SwarmClient:
                 outs.append((pos, y))
             inputs = outs
 
-    async def _reset(self, req: _Request, reason: str, pos: int, blamed: str = "") -> None:
+    async def rebuild_all(self, req: _Request, reason: str, pos: int, blamed: str = "") -> None:
         """Rebuild every hop from hop 0's inputs before ``pos`` (the only inputs always known).
 
         Used after chain steps (the client never saw the middle activations) or when a
@@ -261,76 +260,14 @@ class SwarmClient:
             req.tracker.adopt(plan)
             return
 
-    async def _set_routes(self, req: _Request) -> None:
-        for i, hs in enumerate(req.hops):
-            nxt = None
-            if i + 1 < len(req.hops):
-                h = req.hops[i + 1].hop
-                host, port = self.peers.address(h.peer_id)
-                nxt = {"peer_id": h.peer_id, "host": host, "port": port, "start": h.start, "end": h.end}
-            body = json.dumps({"op": "route", "request": req.rid.hex(), "next": nxt}).encode()
-            await hs.link.request(Frame.from_bytes(MsgType.CONTROL, body, seq=hs.link.next_seq()), 10.0)
-        req.routed = True
-
-    async def _remote_chain(self, req: _Request, pos: int, x: np.ndarray) -> np.ndarray:
-        """Chain mode: send to the first hop; each hop forwards; the last answers us."""
-        first, last = req.hops[0], req.hops[-1]
-        seq = first.link.next_seq()
-        key = (req.rid, seq)
-        futs = {hs.link.peer_id: hs.link.expect(key) for hs in req.hops}
-        flags = Flag.CHAIN | (Flag.PREFILL if x.shape[0] > 1 else 0)
-        frame = Frame.from_array(MsgType.ACTIVATION, x, request_id=req.rid, step=pos, n_positions=x.shape[0],
-                                 layer_start=first.hop.start, layer_end=first.hop.end, seq=seq, flags=int(flags))
-        timeout = self.config.prefill_timeout_s if x.shape[0] > 1 else max(self.config.hop_timeout_s, req.plan.budget_ms / 1000)
-        t0 = time.perf_counter()
-        blamed, reason = None, "chain step timed out"
-        try:
-            if not req.routed:
-                await self._set_routes(req)
-            await first.link.channel.send(frame)
-            done, _ = await asyncio.wait(futs.values(), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            for peer_id, fut in futs.items():
-                if fut not in done:
-                    continue
-                if fut.exception() is not None:
-                    blamed, reason = peer_id, str(fut.exception())
-                    break
-                f = fut.result()
-                if f.type == MsgType.ERROR:
-                    code, message = parse_error(f)
-                    idx = next(i for i, h in enumerate(req.hops) if h.link.peer_id == peer_id)
-                    if code == "next_hop_unreachable" and idx + 1 < len(req.hops):
-                        idx += 1
-                    blamed, reason = req.hops[idx].hop.peer_id, f"{code}: {message}"
-                    break
-                out = f.array()
-                if peer_id == last.link.peer_id and (f.layer_start, f.layer_end) == (last.hop.start, last.hop.end) \
-                        and f.dtype == DType.F32 and f.step == pos and out.shape == x.shape and np.isfinite(out).all():
-                    first.history.append((pos, x))
-                    req.histories_complete = len(req.hops) == 1
-                    req.chain_ms += (time.perf_counter() - t0) * 1000.0
-                    return np.array(out)
-                blamed, reason = peer_id, "chain reply does not match the request"
-        except HopFailed as exc:
-            blamed, reason = exc.peer_id, f"{exc.code}: {exc.reason}"
-        except (PeerLostError, FrameError) as exc:
-            blamed, reason = first.hop.peer_id, f"peer_lost: {exc}"
-        finally:
-            for hs in req.hops:
-                hs.link.forget(key)
-        if blamed:
-            req.excluded.add(blamed)
-        await self._reset(req, reason, pos, blamed or "")
-        return await self._remote_star(req, pos, x)  # this step in star mode; chain resumes next step
-
     # -- the token loop ---------------------------------------------------------------------
     async def _remote(self, req: _Request, pos: int, x: np.ndarray) -> np.ndarray:
         ids = [h.hop.peer_id for h in req.hops]
         if req.plan.mode == "chain" and len(ids) > 1 and LOCAL_PEER_ID not in ids and len(set(ids)) == len(ids):
-            return await self._remote_chain(req, pos, x)
-        return await self._remote_star(req, pos, x)
+            return await remote_chain(self, req, pos, x)
+        return await self.run_star(req, pos, x)
 
-    async def _remote_star(self, req: _Request, pos: int, x: np.ndarray) -> np.ndarray:
+    async def run_star(self, req: _Request, pos: int, x: np.ndarray) -> np.ndarray:
         decode = x.shape[0] == 1
         x0, gen = x, req.generation
         observed: list[float] = []
