@@ -103,7 +103,12 @@ class SwarmClient:
         self.tokenizer = Tokenizer(model_path)
         backend = self.config.backend
         self.head = load_engine(backend, model_path, h0, h1, self.options, cache_dir)
-        self.tail = load_engine(backend, model_path, t0, t1, self.options, cache_dir)
+        try:
+            self.tail = load_engine(backend, model_path, t0, t1, self.options, cache_dir)
+        except Exception:
+            self.head.close()
+            self.tokenizer.close()
+            raise
         self.observers = Observers()
         self._local_ms = 0.0
         self.model_path = model_path
