@@ -123,12 +123,13 @@ def main() -> None:
         print(f"{r['quant']:8} {r['llama_cpp_tok_s']:10.2f} {r['pipeline_1mid_tok_s']:11.2f} {r['ratio_1mid']:6.3f} "
               f"{r['pipeline_3mid_tok_s']:11.2f} {r['ratio_3mid']:6.3f} | {r['rss_mb']:8.1f}MB {r['file_mb']:6.1f}MB "
               f"{r['kv_mb']:5.1f}MB {r['budget_mb']:6.1f}MB {'ok' if r['ok'] else 'OVER'}")
-    if args.onnx:
+    if args.onnx:  # ms/layer/token of the same middle shard on llama.cpp and ONNX Runtime
         sys.path.insert(0, str(ROOT / "bench"))
         from runtime_onnx import onnx_rows  # noqa: E402
 
-        for r in onnx_rows(None, args.threads):
-            print(r)
+        for q in args.quants.split(","):
+            for r in onnx_rows(CACHE / f"random-{tag}-{q}.gguf", args.threads):
+                print(q, r)
     print(json.dumps(rows))
 
 
