@@ -39,10 +39,11 @@ class Peer:
                 self.kill()
 
 
-def start_peer(model: Path | None, layers: str, data_dir: Path, *extra: str, mdns: bool = False) -> Peer:
+def start_peer(model: Path | None, layers: str | None, data_dir: Path, *extra: str, mdns: bool = False) -> Peer:
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir / "join.log"
-    args = [sys.executable, "-m", "edge_agent", "join", *(["--model", str(model)] if model else []), "--layers", layers,
+    args = [sys.executable, "-m", "edge_agent", "join", *(["--model", str(model)] if model else []),
+            *(["--layers", layers] if layers else []),
             "--data-dir", str(data_dir), "--host", "127.0.0.1", "--threads", "1", "--ctx", "512", *extra]
     args += ["--mdns-interface", "127.0.0.1"] if mdns else ["--no-mdns"]
     env = dict(os.environ, EDGE_AGENT_DATA_DIR=str(data_dir))

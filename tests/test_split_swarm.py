@@ -283,3 +283,10 @@ def test_node_serves_part_of_its_range_when_the_planner_asks(tmp_path, peers, st
     assert res.token_ids == reference_tokens(stories_path, prompt, 24)
     assert [(h["peer_id"], h["range"]) for h in res.stats["path"]] == [(a.agent_id, "1:2"), (b.agent_id, "2:4")]
     assert res.stats["reroutes"] == []
+
+
+def test_joining_without_layers_fills_the_least_served_span(tmp_path, peers, stories_path):
+    first = peers(stories_path, "1:3")
+    # room for one layer (stories260K: ~0.24 MB a layer); layers 1-2 are served, layer 3 is not
+    newcomer = peers(stories_path, None, "--max-memory", "0.3M", "--peer", first.address)
+    assert newcomer.ready["layers"] == [3, 4]
