@@ -189,3 +189,12 @@ def validate_step(step: StepInput, info: ShardInfo, options: EngineOptions, *, t
         raise CapacityError(f"request {step.request_id!r}: {held + n} positions exceed the context of {options.n_ctx_per_request}")
     if held == 0 and step.pos == 0 and not has_free_slot:
         raise CapacityError(f"all {options.max_requests} request slots are busy")
+
+
+def validate_batch(steps: Sequence[StepInput], check) -> None:
+    """One forward call's steps: each request at most once, and every step valid (under the engine's lock)."""
+    ids = [s.request_id for s in steps]
+    if len(set(ids)) != len(ids):
+        raise InputShapeError("one forward call may hold each request once")
+    for s in steps:
+        check(s)

@@ -33,6 +33,7 @@ from edge_agent.runtime.engine import (
     StepInput,
     StepOutput,
     UnsupportedModelError,
+    validate_batch,
     validate_step,
 )
 from edge_agent.runtime.shards import SUPPORTED_ARCHS, ensure_shard, inspect_model
@@ -208,12 +209,8 @@ class LlamaCppEngine:
     def forward(self, steps: Sequence[StepInput]) -> list[StepOutput]:
         if not steps:
             return []
-        ids = [s.request_id for s in steps]
-        if len(set(ids)) != len(ids):
-            raise InputShapeError("one forward call may hold each request once")
         with self._lock:
-            for s in steps:
-                self.check(s)
+            validate_batch(steps, self.check)
             new = [s for s in steps if s.request_id not in self._slots]
             if len(new) > len(self._free):
                 raise CapacityError(f"all {self.options.max_requests} request slots are busy")

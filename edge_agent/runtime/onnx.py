@@ -32,11 +32,11 @@ from edge_agent.runtime.engine import (
     CorruptModelError,
     EngineError,
     EngineOptions,
-    InputShapeError,
     ShardInfo,
     StepInput,
     StepOutput,
     UnsupportedModelError,
+    validate_batch,
     validate_step,
 )
 from edge_agent.runtime.onnx_graph import GRAPH_VERSION, GraphSpec, build_model, rope_tables
@@ -205,12 +205,8 @@ class OnnxEngine:
     def forward(self, steps: Sequence[StepInput]) -> list[StepOutput]:
         if not steps:
             return []
-        ids = [s.request_id for s in steps]
-        if len(set(ids)) != len(ids):
-            raise InputShapeError("one forward call may hold each request once")
         with self._lock:
-            for s in steps:
-                self.check(s)
+            validate_batch(steps, self.check)
             if len([s for s in steps if s.request_id not in self._requests]) + len(self._requests) > self.options.max_requests:
                 raise CapacityError(f"all {self.options.max_requests} request slots are busy")
             t0 = time.perf_counter()
