@@ -301,8 +301,10 @@ class SwarmClient:
             x = y
             i += 1
         if decode and req.hops and len(observed) == len(req.hops):
-            caps = self.peers.capabilities()
-            alts = [j for j in range(len(req.hops)) if has_alternative(req.plan, j, caps, req.excluded)]
+            alts: list[int] = []
+            if any(o > hs.hop.budget_ms for o, hs in zip(observed, req.hops)):  # only a late hop can be replaced
+                caps = self.peers.capabilities()
+                alts = [j for j in range(len(req.hops)) if has_alternative(req.plan, j, caps, req.excluded)]
             report = req.tracker.observe(observed, alts)
             advice = next((a for a in report.replace if a.hop_index in alts), None)
             if advice is not None:  # one per step: indexes change once the path does
