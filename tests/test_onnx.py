@@ -77,11 +77,11 @@ def test_k_quant_mapping_is_exact(random_models):
 
 
 # -- agreement with llama.cpp --------------------------------------------------------------
-def test_stories_head_middle_tail_match_llama_cpp(stories_path, cache):
+def test_tiny_head_middle_tail_match_llama_cpp(tiny_model, cache):
     tokens = np.array([1, 403, 407, 261, 378, 31, 9, 100, 55, 17], dtype=np.int32)
     pairs = {}
     for a, b in ((0, 2), (2, 4), (4, 5)):
-        pairs[(a, b)] = (OnnxEngine.from_model(stories_path, a, b, OPTS, cache), LlamaCppEngine.from_model(stories_path, a, b, OPTS, cache))
+        pairs[(a, b)] = (OnnxEngine.from_model(tiny_model, a, b, OPTS, cache), LlamaCppEngine.from_model(tiny_model, a, b, OPTS, cache))
     try:
         data = tokens
         for (a, b), (ox, lc) in pairs.items():
@@ -124,9 +124,9 @@ def pipeline_tokens(model, split, shards, prompt, n, backend, cache):
         pipe.close()
 
 
-def test_stories_greedy_tokens_match_llama_cpp(stories_path, cache):
-    toks, got = pipeline_tokens(stories_path, (1, 1), [(1, 3), (3, 4)], "Once upon a time", 48, "onnx", cache)
-    assert got == reference_tokens(stories_path, toks, 48)
+def test_tiny_greedy_tokens_match_llama_cpp(tiny_model, cache):
+    toks, got = pipeline_tokens(tiny_model, (1, 1), [(1, 3), (3, 4)], "Once upon a time", 48, "onnx", cache)
+    assert got == reference_tokens(tiny_model, toks, 48)
 
 
 def test_smollm_greedy_tokens_match_llama_cpp(smollm_path, cache):
@@ -192,8 +192,8 @@ def test_mixed_pipeline_llama_cpp_then_onnx(random_models, cache):
 
 
 # -- contract ------------------------------------------------------------------------------
-def test_requests_interleave_truncate_and_replay(stories_path, cache):
-    eng = OnnxEngine.from_model(stories_path, 1, 4, OPTS, cache)
+def test_requests_interleave_truncate_and_replay(tiny_model, cache):
+    eng = OnnxEngine.from_model(tiny_model, 1, 4, OPTS, cache)
     rng = np.random.default_rng(0)
     hs = [rng.standard_normal((7, 64)).astype(np.float32) for _ in range(2)]
     try:
@@ -211,8 +211,8 @@ def test_requests_interleave_truncate_and_replay(stories_path, cache):
         eng.close()
 
 
-def test_bad_inputs_get_the_same_errors_as_llama_cpp(stories_path, cache, tmp_path):
-    eng = OnnxEngine.from_model(stories_path, 1, 4, EngineOptions(n_ctx_per_request=8, max_requests=1, n_threads=THREADS), cache)
+def test_bad_inputs_get_the_same_errors_as_llama_cpp(tiny_model, cache, tmp_path):
+    eng = OnnxEngine.from_model(tiny_model, 1, 4, EngineOptions(n_ctx_per_request=8, max_requests=1, n_threads=THREADS), cache)
     ok = np.zeros((3, 64), dtype=np.float32)
     try:
         with pytest.raises(InputShapeError, match="shape"):
@@ -239,17 +239,17 @@ def test_bad_inputs_get_the_same_errors_as_llama_cpp(stories_path, cache, tmp_pa
     finally:
         eng.close()
     with pytest.raises(ShardRangeError):
-        OnnxEngine.from_model(stories_path, 3, 3, OPTS, cache)
+        OnnxEngine.from_model(tiny_model, 3, 3, OPTS, cache)
     with pytest.raises(ShardRangeError):
-        OnnxEngine.from_model(stories_path, 2, 9, OPTS, cache)
+        OnnxEngine.from_model(tiny_model, 2, 9, OPTS, cache)
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + os.urandom(64))
     with pytest.raises(CorruptModelError):
         OnnxEngine.from_model(bad, 0, 1, OPTS, cache)
 
 
-def test_shard_files_are_refused(stories_path, cache):
-    lc = LlamaCppEngine.from_model(stories_path, 1, 3, OPTS, cache)
+def test_shard_files_are_refused(tiny_model, cache):
+    lc = LlamaCppEngine.from_model(tiny_model, 1, 3, OPTS, cache)
     try:
         with pytest.raises(UnsupportedModelError, match="source model"):
             OnnxEngine.from_model(lc.path, 0, 1, OPTS, cache)
@@ -257,24 +257,24 @@ def test_shard_files_are_refused(stories_path, cache):
         lc.close()
 
 
-def test_graph_is_cached_by_shard_hash_and_options(stories_path, tmp_path):
-    first = load_engine("onnx", stories_path, 1, 3, OPTS, tmp_path)
+def test_graph_is_cached_by_shard_hash_and_options(tiny_model, tmp_path):
+    first = load_engine("onnx", tiny_model, 1, 3, OPTS, tmp_path)
     assert isinstance(first, OnnxEngine)
     mtime = first.graph_path.stat().st_mtime_ns
-    again = OnnxEngine.from_model(stories_path, 1, 3, OPTS, tmp_path)
+    again = OnnxEngine.from_model(tiny_model, 1, 3, OPTS, tmp_path)
     assert again.graph_path == first.graph_path and again.graph_path.stat().st_mtime_ns == mtime
-    f32_kv = OnnxEngine.from_model(stories_path, 1, 3, EngineOptions(n_threads=THREADS, kv_type="f32"), tmp_path)
+    f32_kv = OnnxEngine.from_model(tiny_model, 1, 3, EngineOptions(n_threads=THREADS, kv_type="f32"), tmp_path)
     assert f32_kv.graph_path != first.graph_path
     assert len(list((tmp_path / "onnx").iterdir())) == 2  # no leftover temp dirs
     for e in (first, again, f32_kv):
         e.close()
 
 
-def test_long_prefill_runs_in_n_batch_chunks(stories_path, cache):
+def test_long_prefill_runs_in_n_batch_chunks(tiny_model, cache):
     """A prefill longer than n_batch is cut into chunks; the KV cache carries across them."""
     h = np.random.default_rng(5).standard_normal((11, 64)).astype(np.float32)
-    whole = OnnxEngine.from_model(stories_path, 1, 4, OPTS, cache)
-    chunked = OnnxEngine.from_model(stories_path, 1, 4, EngineOptions(n_ctx_per_request=N_CTX, n_threads=THREADS, n_batch=4), cache)
+    whole = OnnxEngine.from_model(tiny_model, 1, 4, OPTS, cache)
+    chunked = OnnxEngine.from_model(tiny_model, 1, 4, EngineOptions(n_ctx_per_request=N_CTX, n_threads=THREADS, n_batch=4), cache)
     try:
         a = whole.forward([StepInput("w", 0, h)])[0].data
         b = chunked.forward([StepInput("c", 0, h)])[0].data
@@ -285,12 +285,12 @@ def test_long_prefill_runs_in_n_batch_chunks(stories_path, cache):
     assert rel_rms(b, a).max() < 1e-5
 
 
-def test_damaged_graph_cache_is_rebuilt(stories_path, tmp_path):
-    first = OnnxEngine.from_model(stories_path, 1, 3, OPTS, tmp_path)
+def test_damaged_graph_cache_is_rebuilt(tiny_model, tmp_path):
+    first = OnnxEngine.from_model(tiny_model, 1, 3, OPTS, tmp_path)
     want = first.forward([StepInput("a", 0, np.ones((2, 64), dtype=np.float32))])[0].data
     first.close()
     (first.graph_path.parent / "weights.bin").write_bytes(b"truncated")
-    again = OnnxEngine.from_model(stories_path, 1, 3, OPTS, tmp_path)
+    again = OnnxEngine.from_model(tiny_model, 1, 3, OPTS, tmp_path)
     try:
         assert np.array_equal(again.forward([StepInput("a", 0, np.ones((2, 64), dtype=np.float32))])[0].data, want)
     finally:

@@ -22,9 +22,9 @@ from edge_agent.runtime.shards import inspect_model, shard_hash, write_shard
 OPTS = EngineOptions(n_ctx_per_request=N_CTX, max_requests=4, n_threads=THREADS)
 
 
-def hidden_inputs(stories_path, prompts):
+def hidden_inputs(tiny_model, prompts):
     """Head outputs for a few prompts, used as middle-shard inputs."""
-    head = LlamaCppEngine.from_model(stories_path, 0, 1, OPTS)
+    head = LlamaCppEngine.from_model(tiny_model, 0, 1, OPTS)
     try:
         return [head.forward([StepInput(f"h{i}", 0, np.asarray(p, dtype=np.int32))])[0].data for i, p in enumerate(prompts)]
     finally:
@@ -40,10 +40,10 @@ def run_alone(engine, rid, h, split_at):
     return np.concatenate(outs)
 
 
-def test_interleaved_and_batched_requests_equal_alone(stories_path):
+def test_interleaved_and_batched_requests_equal_alone(tiny_model):
     prompts = [[1, 403, 407, 261, 378, 31, 9, 100], [1, 200, 201, 202, 203, 204, 205, 206], [1, 50, 60, 70, 80, 90, 99, 98]]
-    hs = hidden_inputs(stories_path, prompts)
-    mid = LlamaCppEngine.from_model(stories_path, 1, 4, OPTS)
+    hs = hidden_inputs(tiny_model, prompts)
+    mid = LlamaCppEngine.from_model(tiny_model, 1, 4, OPTS)
     try:
         alone = [run_alone(mid, f"solo{i}", h, 4) for i, h in enumerate(hs)]
         # interleaved one request at a time
@@ -89,8 +89,8 @@ def test_batched_decode_is_exact_for_quantized_weights(random_models, ftype):
         mid.close()
 
 
-def test_end_request_frees_slot_and_forgets(stories_path):
-    mid = LlamaCppEngine.from_model(stories_path, 1, 4, EngineOptions(n_ctx_per_request=N_CTX, max_requests=1, n_threads=THREADS))
+def test_end_request_frees_slot_and_forgets(tiny_model):
+    mid = LlamaCppEngine.from_model(tiny_model, 1, 4, EngineOptions(n_ctx_per_request=N_CTX, max_requests=1, n_threads=THREADS))
     h = np.zeros((2, 64), dtype=np.float32)
     try:
         mid.forward([StepInput("a", 0, h)])
@@ -104,8 +104,8 @@ def test_end_request_frees_slot_and_forgets(stories_path):
         mid.close()
 
 
-def test_bad_inputs_get_clear_errors(stories_path):
-    mid = LlamaCppEngine.from_model(stories_path, 1, 4, OPTS)
+def test_bad_inputs_get_clear_errors(tiny_model):
+    mid = LlamaCppEngine.from_model(tiny_model, 1, 4, OPTS)
     ok = np.zeros((3, 64), dtype=np.float32)
     try:
         with pytest.raises(InputShapeError, match="shape"):
@@ -126,7 +126,7 @@ def test_bad_inputs_get_clear_errors(stories_path):
         mid.forward([StepInput("x", 3, ok[:1])])
     finally:
         mid.close()
-    head = LlamaCppEngine.from_model(stories_path, 0, 1, OPTS)
+    head = LlamaCppEngine.from_model(tiny_model, 0, 1, OPTS)
     try:
         with pytest.raises(InputShapeError, match="token"):
             head.forward([StepInput("t", 0, np.asarray([1, 99999], dtype=np.int32))])
@@ -137,13 +137,13 @@ def test_bad_inputs_get_clear_errors(stories_path):
 
 
 @pytest.mark.parametrize("rng", [(0, 0), (3, 2), (0, 6), (-1, 2), (5, 9)])
-def test_bad_ranges_refused_before_loading(stories_path, tmp_path, rng):
+def test_bad_ranges_refused_before_loading(tiny_model, tmp_path, rng):
     with pytest.raises(ShardRangeError):
-        LlamaCppEngine.from_model(stories_path, *rng, OPTS, cache_dir=tmp_path)
+        LlamaCppEngine.from_model(tiny_model, *rng, OPTS, cache_dir=tmp_path)
 
 
-def test_corrupt_and_truncated_gguf(stories_path, tmp_path):
-    data = stories_path.read_bytes()
+def test_corrupt_and_truncated_gguf(tiny_model, tmp_path):
+    data = tiny_model.read_bytes()
     trunc = tmp_path / "trunc.gguf"
     trunc.write_bytes(data[: len(data) // 3])
     junk = tmp_path / "junk.gguf"
@@ -153,10 +153,10 @@ def test_corrupt_and_truncated_gguf(stories_path, tmp_path):
             LlamaCppEngine.from_model(bad, 1, 2, OPTS, cache_dir=tmp_path)
 
 
-def test_non_llama_architecture_refused(stories_path, tmp_path):
+def test_non_llama_architecture_refused(tiny_model, tmp_path):
     import gguf
 
-    src = gguf.GGUFReader(str(stories_path))
+    src = gguf.GGUFReader(str(tiny_model))
     out = tmp_path / "gpt2.gguf"
     w = gguf.GGUFWriter(str(out), "gpt2")
     w.add_block_count(2)
@@ -170,22 +170,22 @@ def test_non_llama_architecture_refused(stories_path, tmp_path):
         LlamaCppEngine.from_model(out, 0, 1, OPTS, cache_dir=tmp_path)
 
 
-def test_shard_files_keep_bytes_and_hash(stories_path, tmp_path):
+def test_shard_files_keep_bytes_and_hash(tiny_model, tmp_path):
     import gguf
 
-    info = write_shard(stories_path, tmp_path / "mid.gguf", 1, 3)
+    info = write_shard(tiny_model, tmp_path / "mid.gguf", 1, 3)
     assert info.role == "middle" and info.n_layer == 2 and info.layer_range == (1, 3)
-    assert info.shard_hash == shard_hash(stories_path, 1, 3)
-    assert info.source_model_hash == inspect_model(stories_path).model_hash
-    src = {t.name: t for t in gguf.GGUFReader(str(stories_path)).tensors}
+    assert info.shard_hash == shard_hash(tiny_model, 1, 3)
+    assert info.source_model_hash == inspect_model(tiny_model).model_hash
+    src = {t.name: t for t in gguf.GGUFReader(str(tiny_model)).tensors}
     for t in gguf.GGUFReader(str(tmp_path / "mid.gguf")).tensors:
         if t.name.startswith("blk."):
             layer = int(t.name.split(".")[1]) + 1
             orig = src["blk.%d.%s" % (layer, t.name.split(".", 2)[2])]
             assert t.tensor_type == orig.tensor_type
             assert bytes(t.data.tobytes()) == bytes(orig.data.tobytes())
-    head = write_shard(stories_path, tmp_path / "head.gguf", 0, 2)
-    tail = write_shard(stories_path, tmp_path / "tail.gguf", 3, 5)
+    head = write_shard(tiny_model, tmp_path / "head.gguf", 0, 2)
+    tail = write_shard(tiny_model, tmp_path / "tail.gguf", 3, 5)
     assert (head.role, tail.role) == ("head", "tail")
     assert head.n_vocab == tail.n_vocab == 512 and info.n_vocab == 1
     assert len({head.shard_hash, tail.shard_hash, info.shard_hash}) == 3

@@ -27,14 +27,14 @@ def control(link, body: bytes):
     return Frame.from_bytes(MsgType.CONTROL, body, seq=link.next_seq())
 
 
-async def with_node(stories_path, body, cache_dir):
+async def with_node(tiny_model, body, cache_dir):
     from edge_agent.split.weights import WeightSource
 
     ident, swarm = Identity.generate(), SwarmKey.from_secret(None)
-    engine = LlamaCppEngine.from_model(stories_path, 1, 4, EngineOptions(n_ctx_per_request=64, max_requests=2))
+    engine = LlamaCppEngine.from_model(tiny_model, 1, 4, EngineOptions(n_ctx_per_request=64, max_requests=2))
     server = HopServer([engine], ident.agent_id)
     server.connect = lambda *a: None  # chain supported, but routes below are refused before any use
-    server.weights = WeightSource(stories_path, cache_dir)
+    server.weights = WeightSource(tiny_model, cache_dir)
     await server.start()
     srv = await tls.listen(ident, swarm, "127.0.0.1", 0, server.handle)
     links = [PeerLink(ident.agent_id, await tls.connect(Identity.generate(), swarm, "127.0.0.1", srv.port)) for _ in range(2)]
@@ -48,7 +48,7 @@ async def with_node(stories_path, body, cache_dir):
         engine.close()
 
 
-def test_hostile_frames_get_errors_and_the_node_keeps_serving(stories_path, tmp_path):
+def test_hostile_frames_get_errors_and_the_node_keeps_serving(tiny_model, tmp_path):
     x = np.zeros((2, 64), dtype=np.float32)
 
     async def body(links):
@@ -77,7 +77,7 @@ def test_hostile_frames_get_errors_and_the_node_keeps_serving(stories_path, tmp_
         again = await a.request(act(a, x[:1], step=2), 10)
         return codes, ok_b, again
 
-    codes, ok_b, again = asyncio.run(with_node(stories_path, body, tmp_path))
+    codes, ok_b, again = asyncio.run(with_node(tiny_model, body, tmp_path))
     assert codes == ["bad_control", "bad_route", "weights", "InputShapeError", "InputShapeError", "no_shard",
                      "bad_dtype", "UnknownRequestError"]
     assert ok_b.frame.array().shape == (2, 64) and again.frame.step == 2

@@ -45,10 +45,10 @@ def swarm_generate(tmp_path, model, prompt, n, peer_list, *, mdns=False, policy=
 
 
 @pytest.mark.parametrize("mode", ["star", "chain"])
-def test_two_peers_match_llama_cpp_stories(tmp_path, peers, stories_path, mode):
-    a, b = peers(stories_path, "1:3"), peers(stories_path, "3:4")
-    prompt, res = swarm_generate(tmp_path, stories_path, "Once upon a time", 40, [a, b], mode=mode)
-    assert res.token_ids == reference_tokens(stories_path, prompt, 40)
+def test_two_peers_match_llama_cpp_tiny(tmp_path, peers, tiny_model, mode):
+    a, b = peers(tiny_model, "1:3"), peers(tiny_model, "3:4")
+    prompt, res = swarm_generate(tmp_path, tiny_model, "Once upon a time", 40, [a, b], mode=mode)
+    assert res.token_ids == reference_tokens(tiny_model, prompt, 40)
     assert res.stats["mode"] == mode
     assert [(h["peer_id"], h["range"]) for h in res.stats["path"]] == [(a.agent_id, "1:3"), (b.agent_id, "3:4")]
     assert res.stats["reroutes"] == []
@@ -62,10 +62,10 @@ def test_three_peers_over_mdns_match_llama_cpp_smollm(tmp_path, peers, smollm_pa
     assert [h["range"] for h in res.stats["path"]] == ["1:10", "10:20", "20:29"]
 
 
-def test_killed_peer_in_chain_is_routed_around(tmp_path, peers, stories_path):
-    a = peers(stories_path, "1:2")
-    b = peers(stories_path, "2:4", "--test-advertise-ms", "0.001")  # the planner's first choice for 2:4
-    c = peers(stories_path, "2:4", "--test-advertise-ms", "5")
+def test_killed_peer_in_chain_is_routed_around(tmp_path, peers, tiny_model):
+    a = peers(tiny_model, "1:2")
+    b = peers(tiny_model, "2:4", "--test-advertise-ms", "0.001")  # the planner's first choice for 2:4
+    c = peers(tiny_model, "2:4", "--test-advertise-ms", "5")
     seen = []
 
     def on_token(tok, _text):
@@ -73,15 +73,15 @@ def test_killed_peer_in_chain_is_routed_around(tmp_path, peers, stories_path):
         if len(seen) == 8:
             b.kill()  # the last hop of the chain dies mid-generation
 
-    prompt, res = swarm_generate(tmp_path, stories_path, "Once upon a time", 30, [a, b, c], on_token=on_token, mode="chain")
-    assert res.token_ids == reference_tokens(stories_path, prompt, 30)
+    prompt, res = swarm_generate(tmp_path, tiny_model, "Once upon a time", 30, [a, b, c], on_token=on_token, mode="chain")
+    assert res.token_ids == reference_tokens(tiny_model, prompt, 30)
     assert len(res.stats["reroutes"]) == 1 and res.stats["reroutes"][0]["from"] == b.agent_id
     assert [h["peer_id"] for h in res.stats["path"]] == [a.agent_id, c.agent_id]
     assert res.stats["mode"] == "chain"
 
 
-def test_killed_peer_is_routed_around_with_unchanged_output(tmp_path, peers, stories_path):
-    a, b = peers(stories_path, "1:4"), peers(stories_path, "1:4")
+def test_killed_peer_is_routed_around_with_unchanged_output(tmp_path, peers, tiny_model):
+    a, b = peers(tiny_model, "1:4"), peers(tiny_model, "1:4")
     ids = {a.agent_id: a, b.agent_id: b}
     seen = []
 
@@ -103,47 +103,47 @@ def test_killed_peer_is_routed_around_with_unchanged_output(tmp_path, peers, sto
 
     client_mod.SwarmClient._open = spy
     try:
-        prompt, res = swarm_generate(tmp_path, stories_path, "Once upon a time", 40, [a, b], on_token=on_token)
+        prompt, res = swarm_generate(tmp_path, tiny_model, "Once upon a time", 40, [a, b], on_token=on_token)
     finally:
         client_mod.SwarmClient._open = orig
-    assert res.token_ids == reference_tokens(stories_path, prompt, 40)
+    assert res.token_ids == reference_tokens(tiny_model, prompt, 40)
     assert len(res.stats["reroutes"]) == 1
     r = res.stats["reroutes"][0]
     assert r["from"] == first_path[0] and r["to"] == [next(i for i in ids if i != first_path[0])]
     assert r["step"] >= 10
 
 
-def test_slow_peer_loses_its_hop(tmp_path, peers, stories_path):
-    slow = peers(stories_path, "1:4", "--test-delay-ms", "300", "--test-advertise-ms", "0.001")
-    fast = peers(stories_path, "1:4")
-    prompt, res = swarm_generate(tmp_path, stories_path, "Once upon a time", 24, [slow, fast], target_tbt_ms=100.0)
-    assert res.token_ids == reference_tokens(stories_path, prompt, 24)
+def test_slow_peer_loses_its_hop(tmp_path, peers, tiny_model):
+    slow = peers(tiny_model, "1:4", "--test-delay-ms", "300", "--test-advertise-ms", "0.001")
+    fast = peers(tiny_model, "1:4")
+    prompt, res = swarm_generate(tmp_path, tiny_model, "Once upon a time", 24, [slow, fast], target_tbt_ms=100.0)
+    assert res.token_ids == reference_tokens(tiny_model, prompt, 24)
     assert [r["from"] for r in res.stats["reroutes"]] == [slow.agent_id]
     assert "deadline" in res.stats["reroutes"][0]["reason"]
     assert res.stats["path"][0]["peer_id"] == fast.agent_id
     assert res.stats["deadline_misses"] >= 1
 
 
-def test_node_without_model_fetches_its_range_and_serves_exact_tokens(tmp_path, peers, stories_path):
+def test_node_without_model_fetches_its_range_and_serves_exact_tokens(tmp_path, peers, tiny_model):
     from edge_agent.runtime.shards import inspect_model
 
-    model_hash = inspect_model(stories_path).model_hash
-    source = peers(stories_path, "1:2")
+    model_hash = inspect_model(tiny_model).model_hash
+    source = peers(tiny_model, "1:2")
     fetched = peers(None, "2:4", "--model-hash", model_hash, "--peer", source.address)
     assert fetched.ready["layers"] == [2, 4]
-    prompt, res = swarm_generate(tmp_path, stories_path, "Once upon a time", 24, [source, fetched])
-    assert res.token_ids == reference_tokens(stories_path, prompt, 24)
+    prompt, res = swarm_generate(tmp_path, tiny_model, "Once upon a time", 24, [source, fetched])
+    assert res.token_ids == reference_tokens(tiny_model, prompt, 24)
     assert [h["peer_id"] for h in res.stats["path"]] == [source.agent_id, fetched.agent_id]
 
 
-def test_peer_with_tampered_weights_is_refused(tmp_path, peers, stories_path):
+def test_peer_with_tampered_weights_is_refused(tmp_path, peers, tiny_model):
     import gguf
 
     from edge_agent.runtime.shards import inspect_model
 
-    model_hash = inspect_model(stories_path).model_hash
+    model_hash = inspect_model(tiny_model).model_hash
     bad = tmp_path / "tampered.gguf"
-    bad.write_bytes(stories_path.read_bytes())
+    bad.write_bytes(tiny_model.read_bytes())
     t = next(t for t in gguf.GGUFReader(str(bad)).tensors if t.name == "blk.2.ffn_up.weight")
     with open(bad, "r+b") as f:  # flip one weight: the file is still a valid model
         f.seek(t.data_offset + 8)
@@ -156,14 +156,14 @@ def test_peer_with_tampered_weights_is_refused(tmp_path, peers, stories_path):
     assert not list((tmp_path / "peer1" / "shards").glob("*.gguf"))
 
 
-def test_tampered_shard_file_fails_tensor_check(tmp_path, stories_path):
+def test_tampered_shard_file_fails_tensor_check(tmp_path, tiny_model):
     from edge_agent.runtime.shards import inspect_model, tensor_manifest, write_shard
     from edge_agent.split.weights import WeightsError, verify_shard
 
-    info = inspect_model(stories_path)
+    info = inspect_model(tiny_model)
     shard = tmp_path / "s.gguf"
-    write_shard(stories_path, shard, 2, 4)
-    verify_shard(shard, tensor_manifest(stories_path), info.model_hash, 2, 4)  # genuine: accepted
+    write_shard(tiny_model, shard, 2, 4)
+    verify_shard(shard, tensor_manifest(tiny_model), info.model_hash, 2, 4)  # genuine: accepted
     import gguf
 
     t = next(t for t in gguf.GGUFReader(str(shard)).tensors if t.name == "blk.1.ffn_down.weight")
@@ -172,11 +172,11 @@ def test_tampered_shard_file_fails_tensor_check(tmp_path, stories_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(bytes(data))
     with pytest.raises(WeightsError, match="tampered"):
-        verify_shard(bad, tensor_manifest(stories_path), info.model_hash, 2, 4)
+        verify_shard(bad, tensor_manifest(tiny_model), info.model_hash, 2, 4)
 
 
-def test_layers_no_peer_serves_run_on_the_client(tmp_path, peers, stories_path):
-    only = peers(stories_path, "1:4")
+def test_layers_no_peer_serves_run_on_the_client(tmp_path, peers, tiny_model):
+    only = peers(tiny_model, "1:4")
     seen = []
 
     def on_token(tok, _text):
@@ -184,21 +184,21 @@ def test_layers_no_peer_serves_run_on_the_client(tmp_path, peers, stories_path):
         if len(seen) == 6:
             only.kill()  # no other peer holds 1:4: the client takes the layers itself
 
-    prompt, res = swarm_generate(tmp_path, stories_path, "Once upon a time", 24, [only], on_token=on_token)
-    assert res.token_ids == reference_tokens(stories_path, prompt, 24)
+    prompt, res = swarm_generate(tmp_path, tiny_model, "Once upon a time", 24, [only], on_token=on_token)
+    assert res.token_ids == reference_tokens(tiny_model, prompt, 24)
     assert res.stats["reroutes"][0]["to"] == ["local"]
     assert [h["peer_id"] for h in res.stats["path"]] == ["local"]
 
 
-def test_no_route_error_names_the_missing_layers(tmp_path, peers, stories_path):
+def test_no_route_error_names_the_missing_layers(tmp_path, peers, tiny_model):
     from edge_agent.node import AgentConfig, run
     from edge_agent.split.planner import NoRouteError
 
-    only = peers(stories_path, "1:3")
+    only = peers(tiny_model, "1:3")
     cfg = AgentConfig(tmp_path / "c", manual_peers=[("127.0.0.1", only.ready["tls_port"])], mdns=False, host="127.0.0.1")
     cfg.data_dir.mkdir()
     with pytest.raises(NoRouteError, match="layer 3"):
-        asyncio.run(run(cfg, stories_path, lambda tok: tok.encode("Hi"), SamplingParams(max_tokens=4),
+        asyncio.run(run(cfg, tiny_model, lambda tok: tok.encode("Hi"), SamplingParams(max_tokens=4),
                         ClientConfig(local_fallback=False), discover_s=3.0, n_ctx=512))
 
 
@@ -235,7 +235,7 @@ def test_concurrent_requests_share_the_peers(tmp_path, peers, random_models):
         assert res.token_ids == reference_tokens(model, p, 16)
 
 
-def test_idle_requests_are_evicted_and_say_so(stories_path):
+def test_idle_requests_are_evicted_and_say_so(tiny_model):
     """A node frees the KV cache of an abandoned request and tells a returning client why."""
     import numpy as np
 
@@ -248,7 +248,7 @@ def test_idle_requests_are_evicted_and_say_so(stories_path):
 
     async def main():
         ident, swarm = Identity.generate(), SwarmKey.from_secret(None)
-        server = HopServer([LlamaCppEngine.from_model(stories_path, 1, 4, EngineOptions(n_ctx_per_request=512, max_requests=2))],
+        server = HopServer([LlamaCppEngine.from_model(tiny_model, 1, 4, EngineOptions(n_ctx_per_request=512, max_requests=2))],
                            ident.agent_id, idle_timeout_s=0.3)
         await server.start()
         srv = await tls.listen(ident, swarm, "127.0.0.1", 0, server.handle)
@@ -275,18 +275,18 @@ def test_idle_requests_are_evicted_and_say_so(stories_path):
     assert err.code == "evicted" and "replay" in err.reason
 
 
-def test_node_serves_part_of_its_range_when_the_planner_asks(tmp_path, peers, stories_path):
-    a = peers(stories_path, "1:4", "--test-advertise-ms", "50")  # slow: the planner gives it layer 1 only
-    b = peers(stories_path, "2:4", "--test-advertise-ms", "0.001")
+def test_node_serves_part_of_its_range_when_the_planner_asks(tmp_path, peers, tiny_model):
+    a = peers(tiny_model, "1:4", "--test-advertise-ms", "50")  # slow: the planner gives it layer 1 only
+    b = peers(tiny_model, "2:4", "--test-advertise-ms", "0.001")
     # a loose deadline: b over-promises, and a tight one would (rightly) move its hop to a
-    prompt, res = swarm_generate(tmp_path, stories_path, "Once upon a time", 24, [a, b], target_tbt_ms=60_000)
-    assert res.token_ids == reference_tokens(stories_path, prompt, 24)
+    prompt, res = swarm_generate(tmp_path, tiny_model, "Once upon a time", 24, [a, b], target_tbt_ms=60_000)
+    assert res.token_ids == reference_tokens(tiny_model, prompt, 24)
     assert [(h["peer_id"], h["range"]) for h in res.stats["path"]] == [(a.agent_id, "1:2"), (b.agent_id, "2:4")]
     assert res.stats["reroutes"] == []
 
 
-def test_joining_without_layers_fills_the_least_served_span(tmp_path, peers, stories_path):
-    first = peers(stories_path, "1:3")
-    # room for one layer (stories260K: ~0.24 MB a layer); layers 1-2 are served, layer 3 is not
-    newcomer = peers(stories_path, None, "--max-memory", "0.3M", "--peer", first.address)
+def test_joining_without_layers_fills_the_least_served_span(tmp_path, peers, tiny_model):
+    first = peers(tiny_model, "1:3")
+    # room for one layer (the tiny model: ~0.24 MB a layer); layers 1-2 are served, layer 3 is not
+    newcomer = peers(tiny_model, None, "--max-memory", "0.3M", "--peer", first.address)
     assert newcomer.ready["layers"] == [3, 4]

@@ -13,29 +13,36 @@ from pathlib import Path
 import numpy as np
 
 FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k_m": 15}
+EOS_ID = 2
+
+
+# Common words first, so that English prompts tokenize into whole words and detokenized
+# output reads as words: the tokenizer and the sampler see realistic ids, not only bytes.
+WORDS = (
+    "the a and to of was in it he she they you i is that for on with as his her had at but be "
+    "said one day there little once upon time girl boy big happy dog cat ball tree sun park "
+    "play saw went wanted very friend mom home fun named lily tom ben sam went into out up "
+    "down not so then all were what from have this we me my hello world capital france paris "
+    "is are how why who when where can will would could after before under over run ran jump "
+    "red blue green small old new good bad sea poem write short about tell story"
+).split()
 
 
 def _vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
     types = [2, 3, 3] + [6] * 256
-    i = 0
-    while len(tokens) < n_vocab:
-        tokens.append("\u2581" + _word(i))
-        types.append(1)
+    words = list(dict.fromkeys(WORDS))
+    seen, i = set(words), 0
+    while len(words) < n_vocab:  # then made-up words, each once
+        if _word(i) not in seen:
+            words.append(_word(i))
         i += 1
+    for word in words[: max(0, n_vocab - len(tokens))]:
+        tokens.append("\u2581" + word)
+        types.append(1)
     tokens, types = tokens[:n_vocab], types[:n_vocab]
     scores = [0.0] * 3 + [0.0] * 256 + [-float(j) for j in range(n_vocab - 259)]
     return tokens, scores[:n_vocab], types
-
-
-def _word(i: int) -> str:
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    i += 1
-    while i:
-        i, r = divmod(i - 1, 26)
-        out = letters[r] + out
-    return out
 
 
 def write_random_f32(path: Path, *, n_layer: int, n_embd: int, n_head: int, n_head_kv: int, n_ff: int, n_vocab: int, seed: int, tied: bool,
@@ -62,7 +69,7 @@ def write_random_f32(path: Path, *, n_layer: int, n_embd: int, n_head: int, n_he
     w.add_token_scores(scores)
     w.add_token_types(types)
     w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    w.add_eos_token_id(EOS_ID)
     w.add_unk_token_id(0)
 
     def mat(rows: int, cols: int, scale: float) -> np.ndarray:
@@ -91,7 +98,12 @@ def write_random_f32(path: Path, *, n_layer: int, n_embd: int, n_head: int, n_he
         w.add_tensor(f"blk.{i}.ffn_down.weight", mat(n_embd, n_ff, 1.0 / np.sqrt(n_ff)))
     w.add_tensor("output_norm.weight", norm())
     if not tied:
-        w.add_tensor("output.weight", mat(n_vocab, n_embd, s_in))
+        # A zero row for EOS gives it logit 0 while the best of the other random logits is
+        # always positive, so greedy decoding never stops early: exactness tests compare
+        # full-length outputs, never two empty ones.
+        output = mat(n_vocab, n_embd, s_in)
+        output[EOS_ID] = 0.0
+        w.add_tensor("output.weight", output)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
