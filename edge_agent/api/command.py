@@ -1,0 +1,69 @@
+"""The `edge-agent serve` command (registered by edge_agent.cli; heavy imports stay inside)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from edge_agent.cli import DataDirOpt, ModelOpt, PeerOpt, SwarmKeyOpt, _agent_config, _fail, _resolve_model
+
+
+def serve_command(
+    model: Optional[Path] = ModelOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="HTTP address. Anything but loopback needs --api-key or --no-auth."),
+    port: int = typer.Option(8000, "--port", help="HTTP port (0: any free port)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EDGE_AGENT_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' (prefer $EDGE_AGENT_API_KEY: ps shows arguments)."),
+    no_auth: bool = typer.Option(False, "--no-auth", help="Serve a non-loopback address without an API key, on purpose."),
+    split: str = typer.Option("1:1", "--split", help="K:M - keep the first K and last M layers on this device."),
+    target_tbt_ms: float = typer.Option(250.0, "--target-tbt-ms", help="Target time between tokens (deadline budget)."),
+    mode: str = typer.Option("star", "--mode", help="star, chain or auto."),
+    ctx: int = typer.Option(2048, "--ctx", help="Context positions per request (prompt + answer)."),
+    max_concurrent: int = typer.Option(8, "--max-concurrent", help="Generations at once; more requests wait for a slot."),
+    discover: float = typer.Option(5.0, "--discover", help="Seconds to wait at start for peers covering the layers."),
+    backend: str = typer.Option("llamacpp", "--backend", help="Runtime for this device's layers: llamacpp, onnx or auto."),
+    no_local_fallback: bool = typer.Option(False, "--no-local-fallback", help="Fail (503) instead of running uncovered layers here."),
+    data_dir: Optional[Path] = DataDirOpt,
+    swarm_key: Optional[str] = SwarmKeyOpt,
+    peer: list[str] = PeerOpt,
+    no_mdns: bool = typer.Option(False, "--no-mdns"),
+    mdns_interface: list[str] = typer.Option([], "--mdns-interface"),
+    transport: str = typer.Option("auto", "--transport", help="auto, tls or webrtc."),
+    ice_server: list[str] = typer.Option([], "--ice-server"),
+) -> None:
+    """Serve an OpenAI-compatible API, /metrics and a dashboard, generating through the swarm."""
+    import asyncio
+
+    from edge_agent.api.server import ServeError, ServeOptions, serve
+    from edge_agent.runtime.engine import EngineError
+    from edge_agent.runtime.shards import parse_range
+    from edge_agent.split.client import ClientConfig
+    from edge_agent.split.policy import PolicyError, PrivacyPolicy
+
+    path = _resolve_model(model, data_dir)
+    cfg = _agent_config(data_dir, swarm_key, "127.0.0.1", 0, 0, peer, no_mdns, mdns_interface, transport, ice_server)
+    if mode not in ("star", "chain", "auto"):
+        _fail("--mode must be star, chain or auto")
+    if ctx < 16 or max_concurrent < 1:
+        _fail("--ctx must be >= 16 and --max-concurrent >= 1")
+    try:
+        k, m = parse_range(split)
+        client_cfg = ClientConfig(policy=PrivacyPolicy(k, m), target_tbt_ms=target_tbt_ms, mode=mode, backend=backend,
+                                  local_fallback=not no_local_fallback)
+    except (EngineError, PolicyError, ValueError) as exc:
+        _fail(str(exc))
+    opts = ServeOptions(host, port, api_key, no_auth, ctx, max_concurrent, discover)
+
+    def ready(info: dict) -> None:
+        typer.echo(json.dumps({"ready": info}))
+        sys.stdout.flush()
+        typer.echo(f"serving {info['model']} on {info['url']} (dashboard at /, OpenAI API at /v1)", err=True)
+
+    try:
+        asyncio.run(serve(cfg, path, client_cfg, opts, ready))
+    except (ServeError, EngineError, PolicyError, OSError) as exc:
+        _fail(str(exc))

@@ -1,0 +1,134 @@
+"""`edge-agent serve`: a full agent (discovery, transport, split client) with the HTTP API in front.
+
+Wires what node.run wires for one request (Agent, PeerDirectory, SwarmClient), keeps it
+up, and serves the API, /metrics and the dashboard with uvicorn on the same event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    no_auth: bool = False
+    n_ctx: int = 2048
+    max_concurrent: int = 8  # generations at once (one KV slot each on this device)
+    discover_s: float = 5.0
+
+
+class ServeError(ValueError):
+    """A configuration mistake, reported in one line."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_auth(opts: ServeOptions) -> None:
+    if opts.api_key is not None and len(opts.api_key) < 8:
+        raise ServeError("--api-key must be at least 8 characters")
+    if not is_loopback(opts.host) and opts.api_key is None and not opts.no_auth:
+        raise ServeError(f"binding {opts.host} exposes the API beyond this machine: give --api-key KEY "
+                         "(or $EDGE_AGENT_API_KEY), or --no-auth to serve it open on purpose")
+
+
+def swarm_view(directory, client, model_id: str) -> Callable[[], dict]:
+    """A callable: the model's layers, this device's ranges and the live peers that serve them."""
+    from edge_agent.split.planner import coverage
+
+    n_layer = client.n_layer
+    head, tail = client.head.info, client.tail.info
+    lo, hi = client.config.policy.remote_range(n_layer)
+
+    def view() -> dict:
+        caps = directory.capabilities()
+        peers = []
+        for c in caps:
+            entry = directory.agent.table.get(c.peer_id)
+            peers.append({"peer_id": c.peer_id, "ranges": [list(r) for r in c.ranges], "ms_per_layer": c.ms_per_layer,
+                          "free_mem_mb": c.free_memory_mb, "rtt_ms": round(c.rtt_ms, 3), "transport": c.transport,
+                          "backend": entry.caps.backend if entry is not None else "?"})
+        cov = coverage(n_layer, caps)
+        return {"model": model_id, "n_layer": n_layer, "local": [[head.start, head.end], [tail.start, tail.end]],
+                "remote": [lo, hi], "covered": all(c > 0 for c in cov[lo:hi]), "peers": peers,
+                "agent_id": directory.agent.identity.agent_id}
+
+    return view
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror} (another server there? try --port)") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+async def serve(config, model: Path, client_config, opts: ServeOptions, on_ready=None) -> None:
+    """Join the swarm as a client and serve the API until SIGINT/SIGTERM."""
+    import uvicorn
+
+    from edge_agent.api.app import ApiServices, create_app
+    from edge_agent.api.dashboard import dashboard_routes
+    from edge_agent.api.engine import ApiEngine
+    from edge_agent.api.metrics import ApiMetrics
+    from edge_agent.node import Agent, PeerDirectory
+    from edge_agent.runtime.engine import EngineOptions
+    from edge_agent.runtime.shards import inspect_model
+    from edge_agent.split.client import SwarmClient
+
+    check_auth(opts)
+    sock = bind_socket(opts.host, opts.port)  # fail fast, before loading anything
+    info = await asyncio.to_thread(inspect_model, model)
+    agent = Agent(config)
+    await agent.start()
+    directory = PeerDirectory(agent, info.model_hash)
+    client = engine = None
+    try:
+        await directory.wait_for_coverage(info.n_layer, client_config.policy, opts.discover_s)
+        eopts = EngineOptions(n_ctx_per_request=opts.n_ctx, max_requests=opts.max_concurrent)
+        client = await asyncio.to_thread(SwarmClient, model, directory, client_config, eopts, config.data_dir / "shards")
+        model_id = model.name.removesuffix(".gguf")
+        view = swarm_view(directory, client, model_id)
+        metrics = ApiMetrics(lambda: view()["peers"], bytes_per_row=4 * info.n_embd)
+        engine = ApiEngine(client, max_concurrent=opts.max_concurrent, on_gap=metrics.gap, on_finish=metrics.finished)
+        metrics.in_flight.set_function(lambda: len(engine.flights))
+        client.observers.add(engine.observe)
+        services = ApiServices(engine, metrics, model_id, opts.n_ctx, view, opts.api_key)
+        app = create_app(services, dashboard_routes(services))
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5))
+        host, port = sock.getsockname()[:2]
+        if on_ready:
+            on_ready({"url": f"http://{host}:{port}", "model": model_id, "agent_id": agent.identity.agent_id,
+                      "peers": len(view()["peers"]), "auth": opts.api_key is not None})
+        await server.serve(sockets=[sock])
+    finally:
+        sock.close()
+        if engine is not None:
+            await engine.close()
+        if client is not None:
+            client.close()
+        await directory.close()
+        await agent.close()

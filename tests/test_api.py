@@ -1,0 +1,228 @@
+"""`edge-agent serve` through a real client + 2 peers swarm (separate processes, loopback), driven
+by the official `openai` package: exact greedy output, streaming, concurrency, errors, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import time
+from urllib.parse import urlparse
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from api_util import API_KEY, start_server, start_swarm
+from conftest import reference_tokens
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def swarm(smollm_path, tmp_path_factory):
+    peers, server = start_swarm(smollm_path, tmp_path_factory.mktemp("api"), "--api-key", API_KEY, "--max-concurrent", "10",
+                                peer_extra=("--max-requests", "10"))
+    yield peers, server
+    server.stop()
+    for p in peers:
+        p.stop()
+
+
+@pytest.fixture(scope="module")
+def tok(smollm_path):
+    from edge_agent.runtime.tokenizer import Tokenizer
+
+    t = Tokenizer(smollm_path)
+    yield t
+    t.close()
+
+
+@pytest.fixture(scope="module")
+def client(swarm):
+    return openai.OpenAI(base_url=swarm[1].url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def model_id(swarm) -> str:
+    return swarm[1].ready["model"]
+
+
+def chat_prompt(tok, messages) -> list[int]:
+    return tok.encode(tok.apply_chat_template(messages), add_special=True, parse_special=True)
+
+
+def expected_chat(tok, model, messages, n) -> str:
+    return tok.decode(reference_tokens(model, chat_prompt(tok, messages), n))
+
+
+def raw(server, method: str, path: str, body: bytes | None = None, key: str | None = API_KEY) -> tuple[int, dict]:
+    u = urlparse(server.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    conn.request(method, path, body=body, headers=headers)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, (json.loads(data) if resp.getheader("Content-Type", "").startswith("application/json") else {"text": data.decode()})
+
+
+def test_models_and_health(swarm, client):
+    assert [m.id for m in client.models.list().data] == [model_id(swarm)]
+    status, body = raw(swarm[1], "GET", "/health", key=None)
+    assert status == 200 and body["peers"] == 2 and body["covered"] is True
+
+
+def test_chat_matches_llama_cpp_with_path_and_usage(swarm, client, tok, smollm_path):
+    peers = swarm[0]
+    r = client.chat.completions.create(model=model_id(swarm), messages=CHAT, temperature=0, max_tokens=24)
+    want = reference_tokens(smollm_path, chat_prompt(tok, CHAT), 24)
+    assert r.choices[0].message.content == tok.decode(want)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(chat_prompt(tok, CHAT)), len(want))
+    ext = r.model_extra["x_edge_agent"]
+    assert [(h["peer_id"], h["range"]) for h in ext["path"]] == [(peers[0].agent_id, "1:15"), (peers[1].agent_id, "15:29")]
+    assert sorted(ext["activations_seen_by"]) == sorted(p.agent_id for p in peers)
+    assert all(h["compute_ms"] > 0 and h["steps"] == r.usage.completion_tokens for h in ext["hops"])
+    assert ext["reroutes"] == [] and ext["local_layers"] == ["0:1", "29:30"] and ext["slack_ms"] is not None
+
+
+def test_streamed_chat_equals_whole_answer(swarm, client, tok, smollm_path):
+    stream = client.chat.completions.create(model=model_id(swarm), messages=CHAT, temperature=0, max_tokens=24, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected_chat(tok, smollm_path, CHAT, 24)
+    assert chunks[-1].usage.completion_tokens == 24 and chunks[-1].model_extra["x_edge_agent"]["path"]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completions_match_llama_cpp(swarm, client, tok, smollm_path, stream):
+    prompt = "The capital of France is"
+    want = tok.decode(reference_tokens(smollm_path, tok.encode(prompt), 16))
+    r = client.completions.create(model=model_id(swarm), prompt=prompt, temperature=0, max_tokens=16, stream=stream)
+    text = "".join(c.choices[0].text for c in r if c.choices) if stream else r.choices[0].text
+    assert text == want
+    if not stream:
+        assert r.usage.prompt_tokens == len(tok.encode(prompt)) and r.usage.completion_tokens == 16
+
+
+def test_stop_string_is_never_streamed(swarm, client):
+    kw = dict(model=model_id(swarm), prompt="The capital of France is", temperature=0, max_tokens=16, stop=[" capital"])
+    whole = client.completions.create(**kw).choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True) if c.choices)
+    assert streamed == whole and " capital" not in whole
+
+
+def test_ten_concurrent_streaming_clients(swarm, tok, smollm_path):
+    questions = ["What is the capital of France?", "Name a colour.", "What is 2 + 2?"]
+    convs = [[{"role": "user", "content": questions[i % 3]}] for i in range(10)]
+    want = {q: expected_chat(tok, smollm_path, [{"role": "user", "content": q}], 12) for q in questions}
+
+    async def one(c, messages):
+        stream = await c.chat.completions.create(model=model_id(swarm), messages=messages, temperature=0, max_tokens=12,
+                                                 stream=True)
+        return "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
+
+    async def main():
+        c = openai.AsyncOpenAI(base_url=swarm[1].url + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
+        try:
+            return await asyncio.gather(*(one(c, m) for m in convs))
+        finally:
+            await c.close()
+
+    got = asyncio.run(main())
+    assert got == [want[m[0]["content"]] for m in convs]
+
+
+def test_bad_requests_get_openai_errors(swarm, client):
+    s, m = swarm[1], model_id(swarm)
+    cases = [
+        (b"{not json", 400, "invalid_json", None),
+        (json.dumps({"model": m, "messages": "hello"}).encode(), 400, "invalid_value", "messages"),
+        (json.dumps({"model": m, "messages": CHAT, "max_tokens": "many"}).encode(), 400, "invalid_value", "max_tokens"),
+        (json.dumps({"model": m, "messages": CHAT, "temperature": 9}).encode(), 400, "invalid_value", "temperature"),
+        (json.dumps({"model": "gpt-4", "messages": CHAT}).encode(), 404, "model_not_found", "model"),
+        (json.dumps({"model": m, "messages": CHAT, "max_tokens": 100000}).encode(), 400, "context_length_exceeded", "max_tokens"),
+        (json.dumps({"model": m, "messages": [{"role": "user", "content": "word " * 700}]}).encode(), 400,
+         "context_length_exceeded", "messages"),
+        (json.dumps({"model": m, "messages": CHAT, "n": 2}).encode(), 400, "invalid_value", "n"),
+    ]
+    for body, status, code, param in cases:
+        got, err = raw(s, "POST", "/v1/chat/completions", body)
+        assert (got, err["error"]["code"], err["error"]["param"]) == (status, code, param), err
+        assert set(err["error"]) == {"message", "type", "param", "code"}
+    assert raw(s, "POST", "/v1/chat/completions", json.dumps({"model": m, "messages": CHAT}).encode(), key=None)[0] == 401
+    assert raw(s, "POST", "/v1/completions", json.dumps({"model": m, "prompt": "x"}).encode(), key="wrong-key-123")[0] == 401
+    assert raw(s, "GET", "/v1/nothing-here")[1]["error"]["code"] == "not_found"
+    with pytest.raises(openai.NotFoundError, match="not served here") as info:
+        client.completions.create(model="gpt-4", prompt="hi")
+    assert info.value.code == "model_not_found"
+    assert client.completions.create(model=m, prompt="Hi", max_tokens=2).usage.completion_tokens == 2  # still serving
+
+
+def _disconnect_mid_stream(server) -> None:
+    u = urlparse(server.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    body = json.dumps({"model": server.ready["model"], "prompt": "Once upon a time", "max_tokens": 400, "stream": True})
+    conn.request("POST", "/v1/completions", body=body, headers={"Authorization": f"Bearer {API_KEY}"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    seen = 0
+    while seen < 3:
+        seen += resp.readline().startswith(b"data: ")
+    conn.sock.close()  # the client goes away mid-answer
+    conn.close()
+
+
+def test_disconnect_ends_the_request_on_every_hop(swarm, client):
+    # The peers hold 10 KV slots each: were a disconnected request's KV kept on any hop,
+    # twelve disconnects would leave no slot and the next request would fail.
+    server = swarm[1]
+    for _ in range(12):
+        _disconnect_mid_stream(server)
+    deadline = time.monotonic() + 30
+    while raw(server, "GET", "/health")[1]["requests_in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert raw(server, "GET", "/health")[1]["requests_in_flight"] == 0
+    r = client.completions.create(model=model_id(swarm), prompt="The capital of France is", temperature=0, max_tokens=4)
+    assert r.model_extra["x_edge_agent"]["reroutes"] == [] and "local" not in str(r.model_extra["x_edge_agent"]["path"])
+    families = {f.name: f for f in text_string_to_metric_families(raw(server, "GET", "/metrics")[1]["text"])}
+    cancelled = [smp.value for smp in families["edge_agent_requests"].samples
+                 if smp.name.endswith("_total") and smp.labels.get("outcome") == "cancelled"]
+    assert sum(cancelled) >= 12
+
+
+def test_metrics_parse_as_prometheus_text(swarm, client):
+    client.completions.create(model=model_id(swarm), prompt="Hello", max_tokens=3, temperature=0)
+    text = raw(swarm[1], "GET", "/metrics", key=None)[1]["text"]
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("edge_agent_time_to_first_token_seconds", "edge_agent_time_between_tokens_seconds",
+                 "edge_agent_request_duration_seconds", "edge_agent_step_slack_seconds"):
+        assert families[name].type == "histogram"
+    for name in ("edge_agent_requests", "edge_agent_prompt_tokens", "edge_agent_completion_tokens", "edge_agent_hop_compute_seconds",
+                 "edge_agent_hop_transfer_seconds", "edge_agent_deadline_misses", "edge_agent_reroutes",
+                 "edge_agent_activation_bytes_sent"):
+        assert families[name].type == "counter"
+
+    def value(name, **labels):
+        return sum(s.value for s in families[name].samples if all(s.labels.get(k) == v for k, v in labels.items())
+                   and not s.name.endswith("_created"))
+
+    assert value("edge_agent_peers") == 2 and value("edge_agent_requests_in_flight") == 0
+    assert {s.labels["layers"] for s in families["edge_agent_peer_layers"].samples} == {"1:15", "15:29"}
+    assert value("edge_agent_requests", outcome="ok") >= 1 and value("edge_agent_completion_tokens") >= 3
+    assert value("edge_agent_hop_compute_seconds", layers="1:15") > 0 and value("edge_agent_hop_compute_seconds", layers="15:29") > 0
+    assert value("edge_agent_activation_bytes_per_token") > 0
+    ttft_count = [s.value for s in families["edge_agent_time_to_first_token_seconds"].samples if s.name.endswith("_count")]
+    assert sum(ttft_count) >= 1
+
+
+def test_no_route_is_503_naming_the_missing_layers(swarm, smollm_path, tmp_path):
+    only_first = swarm[0][:1]  # serves 1:15; nobody serves 15:29
+    server = start_server(smollm_path, only_first, tmp_path / "api", "--no-local-fallback", "--discover", "0.5")
+    try:
+        status, body = raw(server, "POST", "/v1/completions", json.dumps({"model": server.ready["model"], "prompt": "Hi"}).encode())
+        assert status == 503 and body["error"]["code"] == "no_route" and "layers 15-28" in body["error"]["message"]
+        assert raw(server, "GET", "/health")[1]["covered"] is False
+    finally:
+        server.stop()
