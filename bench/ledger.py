@@ -1,0 +1,134 @@
+"""Ledger benchmark: receipts stored per second, 100k-receipt sync, signing cost per token, bytes on the wire.
+
+    .venv/bin/python bench/ledger.py [--quick] [--sync-receipts 100000] [--split MODEL]
+
+* store: signed receipts (two Ed25519 signatures each) queued in small batches, as the
+  recorder does, until the writer thread has committed them all; and signing + storing.
+* sync: a ledger-only agent in its own process (``edge-agent ledger serve``) and this
+  process each hold half of N receipts (plus 4% in common); wall time of the first sync
+  (reconcile + pull + push, every record verified on ingest) and bytes of a second one.
+* per token: the node recorder's observe + commitment signing, and the client's check of a
+  chain (signatures, links, hashes), per token at C = 32.
+* wire: bytes a hop adds per request and per chunk (ledger messages + frame headers).
+* split (``--split MODEL``): decode tok/s through client + 2 peer processes, ledger on vs
+  off, interleaved rounds (needs the wiring in node.py; see docs/ledger.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from edge_agent.discovery.identity import Identity, SwarmKey  # noqa: E402
+from edge_agent.ledger import wire  # noqa: E402
+from edge_agent.ledger.encoding import COMMITMENT_WIRE_SIZE, RECEIPT, SIG_SIZE  # noqa: E402
+from edge_agent.ledger.recorder import CHUNK_SIZE, ClientRecorder, NodeRecorder, _check_chain, chunks_of  # noqa: E402
+from edge_agent.ledger.service import sync_peer  # noqa: E402
+from edge_agent.ledger.store import LedgerStore  # noqa: E402
+from edge_agent.split.observe import HopRecord  # noqa: E402
+from edge_agent.transport.frames import HEADER_SIZE  # noqa: E402
+from ledger_util import make_receipt, start_ledger_agent  # noqa: E402
+
+
+def bench_store(n: int, tmp: Path) -> dict:
+    node, client = Identity.generate(), Identity.generate()
+    t0 = time.perf_counter()
+    receipts = [make_receipt(node, client, i) for i in range(n)]
+    sign_s = time.perf_counter() - t0
+    store = LedgerStore.open(tmp / "store")
+    t0 = time.perf_counter()
+    futures = [store.add(receipts=receipts[i:i + 50]) for i in range(0, n, 50)]
+    for f in futures:
+        f.result()
+    store_s = time.perf_counter() - t0
+    store.close()
+    return {"receipts": n, "stored_per_s": round(n / store_s), "signed_and_stored_per_s": round(n / (sign_s + store_s)),
+            "sign_us_per_receipt": round(sign_s / n * 1e6, 1)}
+
+
+def bench_sync(n: int, tmp: Path) -> dict:
+    node, client = Identity.generate(), Identity.generate()
+    receipts = [make_receipt(node, client, i) for i in range(n)]
+    half, common = n // 2, n // 25
+    theirs, mine = LedgerStore.open(tmp / "a"), LedgerStore.open(tmp / "b")
+    theirs.add(receipts=receipts[:half + common // 2]).result()
+    mine.add(receipts=receipts[half - common // 2:]).result()
+    theirs.close()
+    agent = start_ledger_agent(tmp / "a")
+    me = Identity.load_or_create(tmp / "b")
+    try:
+        first = asyncio.run(sync_peer(me, SwarmKey(None), "127.0.0.1", agent.ready["tls_port"], mine))
+        mine.flush()
+        second = asyncio.run(sync_peer(me, SwarmKey(None), "127.0.0.1", agent.ready["tls_port"], mine))
+        total = mine.stats()["receipts"]
+    finally:
+        mine.close()
+        agent.stop()
+    assert total == n, (total, n)
+    b1, b2 = first.bytes_sent + first.bytes_received, second.bytes_sent + second.bytes_received
+    return {"receipts_total": n, "moved": first.pulled + first.pushed, "first_sync_s": round(first.seconds, 2),
+            "first_bytes": b1, "second_sync_s": round(second.seconds, 3), "second_bytes": b2,
+            "second_over_first": f"{b2 / b1:.2e}", "rounds": first.rounds}
+
+
+def bench_per_token(tokens: int, tmp: Path) -> dict:
+    node_id, client_id = Identity.generate(), Identity.generate()
+    store = LedgerStore.open(tmp / "tok")
+    node = NodeRecorder(node_id, store, lambda a, b: ("ab" * 32, "cd" * 32))
+    client = ClientRecorder(client_id, store, "ab" * 32)
+    rid = os.urandom(16).hex()
+    recs = [HopRecord("node", rid, node_id.agent_id, 1, 15, p, 1, os.urandom(16), os.urandom(16), 1.0) for p in range(tokens)]
+    t0 = time.perf_counter()
+    for r in recs:
+        node.observe(r)
+    node_s = time.perf_counter() - t0
+    for r in recs:
+        client.observe(HopRecord("client", rid, node_id.agent_id, 1, 15, r.step, 1, r.input_digest, r.output_digest, 1.0, 2.0, 10.0))
+    chain = node.chains[(rid, 1, 15)]
+    hop = client.hops[(rid, node_id.agent_id, 1, 15)]
+    t0 = time.perf_counter()
+    problem = _check_chain(chain.signed, chunks_of(hop.steps, CHUNK_SIZE), node_id.public_key, rid, 1, 15, bytes.fromhex("ab" * 32))
+    check_s = time.perf_counter() - t0
+    assert problem is None, problem
+    store.close()
+    return {"tokens": tokens, "chunk": CHUNK_SIZE, "node_observe_and_sign_us_per_token": round(node_s / tokens * 1e6, 2),
+            "client_check_us_per_token": round(check_s / tokens * 1e6, 2)}
+
+
+def wire_bytes() -> dict:
+    """Bytes one hop adds: COMMITS_GET + COMMITS + RECEIPT_SIGN + RECEIPT_SIGNED, each in a CONTROL frame."""
+    fixed = (HEADER_SIZE + len(wire.commits_get(bytes(16), 0, 1))) + (HEADER_SIZE + len(wire.items(wire.Msg.COMMITS, [])))
+    fixed += (HEADER_SIZE + len(wire.receipt_sign(bytes(RECEIPT.size), bytes(SIG_SIZE)))) + (HEADER_SIZE + 5 + SIG_SIZE)
+    return {"per_chunk_bytes": COMMITMENT_WIRE_SIZE, "per_request_fixed_bytes": fixed,
+            "per_token_bytes_at_C32": round(COMMITMENT_WIRE_SIZE / CHUNK_SIZE, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sync-receipts", type=int, default=100_000)
+    ap.add_argument("--split", type=Path, default=None, help="GGUF model: also measure split decode tok/s, ledger on vs off")
+    args = ap.parse_args()
+    n_sync = 10_000 if args.quick else args.sync_receipts
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        results = {"store": bench_store(5_000 if args.quick else 50_000, tmp), "per_token": bench_per_token(3200, tmp),
+                   "wire": wire_bytes(), "sync": bench_sync(n_sync, tmp)}
+        if args.split:
+            from split_ledger_bench import bench_split  # noqa: PLC0415 - only with --split
+
+            results["split"] = bench_split(args.split, tmp)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

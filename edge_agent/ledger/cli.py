@@ -1,0 +1,168 @@
+"""``edge-agent ledger ...``: each command is one call into the Python API (store, sync, jsonl)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+ledger_app = typer.Typer(help="This agent's ledger of signed receipts and commitments.", no_args_is_help=True)
+DataDirOpt = typer.Option(None, "--data-dir", help="Data directory (default: $EDGE_AGENT_DATA_DIR or $XDG_DATA_HOME/edge-agent).")
+MaxMbOpt = typer.Option(None, "--ledger-max-mb", help="Bound on the ledger's size; old commitments are pruned (receipts and chain heads stay).")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _store(data_dir: Optional[Path], max_mb: Optional[float] = None):
+    from edge_agent.config import data_dir as default_data_dir
+    from edge_agent.ledger.store import LedgerStore
+
+    try:
+        return LedgerStore.open(data_dir or default_data_dir(), max_mb)
+    except Exception as exc:  # noqa: BLE001 - unreadable file, newer schema: one line, not a traceback
+        _fail(f"cannot open the ledger: {exc}")
+    raise AssertionError
+
+
+@ledger_app.command("show")
+def show(data_dir: Optional[Path] = DataDirOpt, as_json: bool = typer.Option(False, "--json", help="JSON lines."),
+         peer: Optional[str] = typer.Option(None, "--peer", help="Only receipts where this agent id (or a prefix) is node or client."),
+         request: Optional[str] = typer.Option(None, "--request", help="Only this request id (or a prefix)."),
+         limit: int = typer.Option(1000, "--limit")) -> None:
+    """Receipts, oldest first."""
+    from edge_agent.ledger.jsonl import describe
+    from edge_agent.ledger.store import receipt_from_row
+
+    store = _store(data_dir)
+    try:
+        for row in store.receipts(peer=peer, request=request, limit=limit):
+            f = describe(receipt_from_row(row))
+            if as_json:
+                typer.echo(json.dumps({"id": row["id"].hex(), **f}))
+            else:
+                typer.echo(f"{row['id'].hex()[:16]}  request {f['request_id'][:12]}  node {f['node'][:12]}  client {f['client'][:12]}"
+                           f"  layers {f['layer_start']}:{f['layer_end']}  steps {f['steps']}  chunks {f['chunks']}"
+                           f"  deadlines {f['deadlines_met']}/{f['deadlines_met'] + f['deadlines_missed']}")
+    finally:
+        store.close()
+
+
+@ledger_app.command("verify")
+def verify(data_dir: Optional[Path] = DataDirOpt) -> None:
+    """Re-check every signature, column and chain link; each bad row with its reason; exit 1 if any."""
+    store = _store(data_dir)
+    try:
+        bad = store.verify()
+        integrity = store.db.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        store.close()
+    for table, rid, reason in bad:
+        typer.echo(f"{table} {rid}: {reason}")
+    if integrity != "ok":
+        typer.echo(f"sqlite integrity_check: {integrity}")
+    if bad or integrity != "ok":
+        raise typer.Exit(1)
+    typer.echo("ok")
+
+
+@ledger_app.command("stats")
+def stats(data_dir: Optional[Path] = DataDirOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Row counts, chain heads, size on disk, schema version."""
+    store = _store(data_dir)
+    try:
+        s = store.stats()
+    finally:
+        store.close()
+    typer.echo(json.dumps(s, indent=2) if as_json else "\n".join(f"{k:>15}: {v}" for k, v in s.items()))
+
+
+@ledger_app.command("export")
+def export(data_dir: Optional[Path] = DataDirOpt, output: Optional[Path] = typer.Option(None, "-o", "--output", help="File (default: stdout).")) -> None:
+    """Every record as JSON lines (signed bytes + decoded fields)."""
+    from edge_agent.ledger.jsonl import export_lines
+
+    store = _store(data_dir)
+    out = open(output, "w") if output else sys.stdout
+    try:
+        for line in export_lines(store):
+            out.write(line + "\n")
+    finally:
+        store.close()
+        if output:
+            out.close()
+
+
+@ledger_app.command("import")
+def import_(file: Path = typer.Argument(..., help="JSON lines from `ledger export`."), data_dir: Optional[Path] = DataDirOpt) -> None:
+    """Verify and add records; refused ones are listed with their reason (exit 1 unless all were duplicates)."""
+    from edge_agent.ledger.jsonl import import_lines
+
+    if not file.is_file():
+        _fail(f"{file}: no such file")
+    store = _store(data_dir)
+    try:
+        with open(file, encoding="utf-8", errors="replace") as f:
+            result = import_lines(store, f)
+    finally:
+        store.close()
+    for lineno, rid, reason in result.refused:
+        typer.echo(f"line {lineno}: refused {rid[:16]} {reason}".replace("  ", " "))
+    typer.echo(f"imported {result.accepted} receipts, refused {len(result.refused)}")
+    if any(not reason.startswith("duplicate") for _, _, reason in result.refused):
+        raise typer.Exit(1)
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        _fail(f"--peer {value!r}: expected HOST:PORT (the TLS port a node prints in its ready line)")
+    return host, int(port)
+
+
+@ledger_app.command("sync")
+def sync(peer: str = typer.Option(..., "--peer", help="HOST:PORT of the peer's TLS listener."), data_dir: Optional[Path] = DataDirOpt,
+         swarm_key: Optional[str] = typer.Option(None, "--swarm-key", envvar="EDGE_AGENT_SWARM_KEY"),
+         max_mb: Optional[float] = MaxMbOpt) -> None:
+    """Exchange receipts with one peer now (both ways); prints what moved, as JSON."""
+    from edge_agent.config import data_dir as default_data_dir
+    from edge_agent.discovery.identity import Identity, SwarmKey
+    from edge_agent.ledger.service import sync_peer
+    from edge_agent.ledger.sync import SyncError
+    from edge_agent.transport import TransportError
+
+    host, port = _host_port(peer)
+    root = data_dir or default_data_dir()
+    store = _store(root, max_mb)
+    try:
+        report = asyncio.run(sync_peer(Identity.load_or_create(root), SwarmKey.resolve(swarm_key, root), host, port, store))
+        store.flush()
+    except (SyncError, TransportError, OSError, asyncio.TimeoutError) as exc:
+        _fail(f"sync with {peer} failed: {exc}", 1)
+    finally:
+        store.close()
+    typer.echo(json.dumps(report.to_dict()))
+
+
+@ledger_app.command("serve")
+def serve(data_dir: Optional[Path] = DataDirOpt, host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(0, "--port"),
+          swarm_key: Optional[str] = typer.Option(None, "--swarm-key", envvar="EDGE_AGENT_SWARM_KEY"),
+          max_mb: Optional[float] = MaxMbOpt) -> None:
+    """Answer ledger sync from peers (no hops served) until SIGTERM; prints a ready line with the port."""
+    from edge_agent.config import data_dir as default_data_dir
+    from edge_agent.discovery.identity import Identity, SwarmKey
+    from edge_agent.ledger.service import serve_ledger
+
+    root = data_dir or default_data_dir()
+    store = _store(root, max_mb)
+    try:
+        asyncio.run(serve_ledger(Identity.load_or_create(root), SwarmKey.resolve(swarm_key, root), host, port, store,
+                                 on_ready=lambda info: print(json.dumps({"ready": info}), flush=True)))
+    finally:
+        store.close()
