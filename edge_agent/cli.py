@@ -103,52 +103,87 @@ def model_split(
     typer.echo(f"wrote {out} ({info.role} shard, layers {start}:{end}, {info.file_size / 1e6:.1f} MB, shard hash {info.shard_hash[:16]}...)")
 
 
+BackendOpt = typer.Option("llamacpp", "--backend", help="Runtime of the middle layers: llamacpp, onnx or auto (head and "
+                          "tail run on llama.cpp). Changes the arithmetic: a swarm's nodes must match.")
+ThreadsOpt = typer.Option(None, "--threads", help="Compute threads (default: every core this process may use).")
+CtxOpt = typer.Option(2048, "--ctx", help="Context positions per request.")
+FlashAttnOpt = typer.Option(False, "--flash-attn/--no-flash-attn",
+                            help="Flash attention. Changes the arithmetic: a swarm's nodes must match.")
+UbatchOpt = typer.Option(512, "--ubatch", min=1, help="Micro-batch rows (llama.cpp n_ubatch). Changes the arithmetic: "
+                         "a swarm's nodes must match.")
+MaxTokensOpt = typer.Option(64, "--max-tokens", "-n")
+TemperatureOpt = typer.Option(0.0, "--temperature", "-t", help="0 = greedy.")
+TopKOpt = typer.Option(40, "--top-k")
+TopPOpt = typer.Option(0.95, "--top-p")
+RepeatPenaltyOpt = typer.Option(1.0, "--repeat-penalty")
+SeedOpt = typer.Option(None, "--seed")
+StopOpt = typer.Option([], "--stop", help="Stop string (repeatable).")
+ChatOpt = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template.")
+
+
+def _engine_options(ctx: int, threads: Optional[int], flash_attn: bool, ubatch: int, max_requests: int):
+    from edge_agent.runtime.engine import EngineOptions
+
+    return EngineOptions(n_ctx_per_request=ctx, max_requests=max_requests, n_threads=threads, flash_attn=flash_attn,
+                         n_ubatch=ubatch)
+
+
+def _sampling(max_tokens, temperature, top_k, top_p, repeat_penalty, seed, stop):
+    from edge_agent.runtime.sampling import SamplingParams
+
+    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repeat_penalty=repeat_penalty, seed=seed,
+                          max_tokens=max_tokens, stop=tuple(stop))
+
+
+def _stream_to_stdout(as_json: bool):
+    def on_token(_token: int, text: str) -> None:
+        if not as_json:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    return on_token
+
+
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="Prompt text."),
     model: Optional[Path] = ModelOpt,
     split: str = typer.Option("1:1", "--split", help="K:M - the client keeps the first K and last M layers."),
     shards: Optional[str] = typer.Option(None, "--shards", help="Middle shards, e.g. 1:10,10:29 (default: one shard)."),
-    max_tokens: int = typer.Option(64, "--max-tokens", "-n"),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
-    top_k: int = typer.Option(40, "--top-k"),
-    top_p: float = typer.Option(0.95, "--top-p"),
-    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
-    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
-    backend: str = typer.Option("llamacpp", "--backend", help="Middle-shard backend: llamacpp, onnx or auto."),
-    threads: Optional[int] = typer.Option(None, "--threads"),
-    ctx: int = typer.Option(2048, "--ctx", help="Context positions per request."),
+    max_tokens: int = MaxTokensOpt,
+    temperature: float = TemperatureOpt,
+    top_k: int = TopKOpt,
+    top_p: float = TopPOpt,
+    repeat_penalty: float = RepeatPenaltyOpt,
+    seed: Optional[int] = SeedOpt,
+    stop: list[str] = StopOpt,
+    chat: bool = ChatOpt,
+    backend: str = BackendOpt,
+    threads: Optional[int] = ThreadsOpt,
+    ctx: int = CtxOpt,
+    flash_attn: bool = FlashAttnOpt,
+    ubatch: int = UbatchOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token_ids, stats)."),
     data_dir: Optional[Path] = DataDirOpt,
 ) -> None:
     """Generate in one process: head -> each middle shard -> tail (proves the runtime, no network)."""
     from edge_agent.config import shard_cache_dir
-    from edge_agent.runtime.engine import EngineError, EngineOptions
+    from edge_agent.runtime.engine import EngineError
     from edge_agent.runtime.pipeline import LocalPipeline
-    from edge_agent.runtime.sampling import SamplingParams
     from edge_agent.runtime.shards import parse_range
 
     path = _resolve_model(model, data_dir)
     try:
         k, m = parse_range(split)
         mids = [parse_range(s) for s in shards.split(",")] if shards else None
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repeat_penalty=repeat_penalty,
-                                seed=seed, max_tokens=max_tokens, stop=tuple(stop))
-        opts = EngineOptions(n_ctx_per_request=ctx, max_requests=1, n_threads=threads)
+        params = _sampling(max_tokens, temperature, top_k, top_p, repeat_penalty, seed, stop)
+        opts = _engine_options(ctx, threads, flash_attn, ubatch, max_requests=1)
         pipe = LocalPipeline(path, (k, m), mids, opts, backend=backend, cache_dir=shard_cache_dir(data_dir))
     except (EngineError, ValueError) as exc:
         _fail(str(exc))
-
-    def on_token(_token: int, text: str) -> None:
-        if not as_json:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-
     try:
-        result = pipe.generate(prompt, params, chat=chat, on_token=on_token)
-    except EngineError as exc:
+        result = pipe.generate(prompt, params, chat=chat, on_token=_stream_to_stdout(as_json))
+    except (EngineError, ValueError) as exc:
         _fail(str(exc))
     finally:
         pipe.close()
@@ -197,24 +232,36 @@ def peers(
     swarm_key: Optional[str] = SwarmKeyOpt,
     timeout: float = typer.Option(3.0, "--timeout", help="Seconds to listen for mDNS adverts."),
     mdns_interface: list[str] = typer.Option([], "--mdns-interface", help="Interface address for mDNS (repeatable; default all)."),
+    backend: str = BackendOpt,
+    flash_attn: bool = FlashAttnOpt,
+    ubatch: int = UbatchOpt,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """List the peers of this swarm that this agent sees on the LAN."""
+    """List the peers of this swarm that this agent sees on the LAN, and which `run` with these
+    settings would refuse (other arithmetic settings change the output)."""
     import asyncio
 
     from edge_agent.config import data_dir as resolve_data_dir
+    from edge_agent.directory import arithmetic_mismatch
+    from edge_agent.discovery.capabilities import ARITH_KEY
     from edge_agent.discovery.mdns import list_peers
+    from edge_agent.discovery.peers import format_peers
+    from edge_agent.runtime.backends import resolve_backend
+    from edge_agent.runtime.engine import EngineError
 
+    try:
+        mine = _engine_options(2048, None, flash_attn, ubatch, 1).arithmetic(resolve_backend(backend))
+    except EngineError as exc:
+        _fail(str(exc))
     found = asyncio.run(list_peers(resolve_data_dir(data_dir), swarm_key, timeout, list(mdns_interface) or None))
+    for row in found:
+        row["incompatible"] = arithmetic_mismatch(mine, row["extra"].get(ARITH_KEY)) if row["role"] == "peer" else None
     if as_json:
         typer.echo(json.dumps(found, indent=2))
-        return
-    if not found:
+    elif not found:
         typer.echo("no peers seen (same swarm key? multicast allowed? try --peer HOST:PORT on join/run)")
-    for p in found:
-        shards = ", ".join(f"{s['start']}:{s['end']}" for s in p.get("shards", [])) or "-"
-        typer.echo(f"{p['agent_id'][:16]}  {p['role']:6} layers {shards:12} {p['backend']:9} "
-                   f"{p['ms_per_layer']:.3f} ms/layer  tls {p['tls_port']}  {','.join(p.get('addresses', []))}")
+    else:
+        typer.echo(format_peers(found))
 
 
 @app.command()
@@ -223,9 +270,11 @@ def join(
     layers: Optional[str] = typer.Option(None, "--layers", help="Serve layers A:B (default: the swarm's least-served span)."),
     share_gpu: bool = typer.Option(False, "--share-gpu", help="Offload to a GPU when llama.cpp has one (harmless without)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory for weights, e.g. 2G or 500M."),
-    threads: Optional[int] = typer.Option(None, "--threads"),
-    backend: str = typer.Option("llamacpp", "--backend", help="llamacpp, onnx or auto."),
-    ctx: int = typer.Option(2048, "--ctx", help="Context positions per request."),
+    threads: Optional[int] = ThreadsOpt,
+    backend: str = BackendOpt,
+    ctx: int = CtxOpt,
+    flash_attn: bool = FlashAttnOpt,
+    ubatch: int = UbatchOpt,
     max_requests: int = typer.Option(8, "--max-requests", help="Requests served at once (one KV cache each)."),
     idle_timeout: float = typer.Option(600.0, "--idle-timeout", help="Seconds before an idle request's KV cache is freed."),
     data_dir: Optional[Path] = DataDirOpt,
@@ -248,6 +297,7 @@ def join(
     import asyncio
 
     from edge_agent.node import JoinOptions
+    from edge_agent.split.testhooks import TestHooks
     from edge_agent.node import join as run_join
     from edge_agent.runtime.engine import EngineError
     from edge_agent.runtime.shards import parse_range
@@ -261,10 +311,9 @@ def join(
         mem = _parse_size_mb(max_memory) if max_memory else None
     except (EngineError, ValueError) as exc:
         _fail(str(exc))
-    opts = JoinOptions(path, rng, backend, share_gpu, mem, threads, ctx, max_requests, idle_timeout_s=idle_timeout,
-                       test_delay_ms=test_delay_ms,
-                       test_advertise_ms=test_advertise_ms, model_hash=model_hash, test_claim_model_hash=test_claim_model_hash,
-                       share_weights=not no_share_weights)
+    opts = JoinOptions(path, rng, backend, share_gpu, mem, threads, ctx, max_requests, flash_attn=flash_attn, n_ubatch=ubatch,
+                       idle_timeout_s=idle_timeout, model_hash=model_hash, share_weights=not no_share_weights,
+                       hooks=TestHooks(test_delay_ms, test_advertise_ms, test_claim_model_hash))
 
     def ready(info: dict) -> None:
         typer.echo(json.dumps({"ready": info}), err=False)
@@ -277,7 +326,7 @@ def join(
             last[0] = done
             typer.echo(f"fetching weights: {done / 1e6:.1f} / {total / 1e6:.1f} MB", err=True)
 
-    from edge_agent.split.links import HopFailed
+    from edge_agent.split.protocol import HopFailed
     from edge_agent.split.weights import WeightsError
 
     try:
@@ -300,15 +349,21 @@ def run(
     model: Optional[Path] = ModelOpt,
     split: str = typer.Option("1:1", "--split", help="K:M - keep the first K and last M layers on this device."),
     target_tbt_ms: float = typer.Option(250.0, "--target-tbt-ms", help="Target time between tokens (deadline budget)."),
-    max_tokens: int = typer.Option(64, "--max-tokens", "-n"),
-    temperature: float = typer.Option(0.0, "--temperature", "-t"),
-    top_k: int = typer.Option(40, "--top-k"),
-    top_p: float = typer.Option(0.95, "--top-p"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+    max_tokens: int = MaxTokensOpt,
+    temperature: float = TemperatureOpt,
+    top_k: int = TopKOpt,
+    top_p: float = TopPOpt,
+    repeat_penalty: float = RepeatPenaltyOpt,
+    seed: Optional[int] = SeedOpt,
+    stop: list[str] = StopOpt,
+    chat: bool = ChatOpt,
     mode: str = typer.Option("star", "--mode", help="star (client talks to every hop), chain (hops forward to each other) or auto."),
     discover: float = typer.Option(5.0, "--discover", help="Seconds to wait for peers covering the layers."),
-    backend: str = typer.Option("llamacpp", "--backend", help="Runtime for this device's layers: llamacpp, onnx or auto."),
+    backend: str = BackendOpt,
+    threads: Optional[int] = ThreadsOpt,
+    ctx: int = CtxOpt,
+    flash_attn: bool = FlashAttnOpt,
+    ubatch: int = UbatchOpt,
     no_local_fallback: bool = typer.Option(False, "--no-local-fallback", help="Fail instead of running uncovered layers here."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token_ids, path, stats)."),
     data_dir: Optional[Path] = DataDirOpt,
@@ -324,12 +379,11 @@ def run(
 
     from edge_agent.node import run as run_swarm
     from edge_agent.runtime.engine import EngineError
-    from edge_agent.runtime.sampling import SamplingParams
     from edge_agent.runtime.shards import parse_range
     from edge_agent.split.client import ClientConfig
-    from edge_agent.split.links import HopFailed
     from edge_agent.split.planner import NoRouteError
     from edge_agent.split.policy import PolicyError, PrivacyPolicy
+    from edge_agent.split.protocol import HopFailed
     from edge_agent.split.weights import WeightsError
 
     path = _resolve_model(model, data_dir)
@@ -340,23 +394,14 @@ def run(
         k, m = parse_range(split)
         client_cfg = ClientConfig(policy=PrivacyPolicy(k, m), target_tbt_ms=target_tbt_ms, mode=mode, backend=backend,
                                   local_fallback=not no_local_fallback)
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_tokens=max_tokens)
+        params = _sampling(max_tokens, temperature, top_k, top_p, repeat_penalty, seed, stop)
+        opts = _engine_options(ctx, threads, flash_attn, ubatch, max_requests=2)
     except (EngineError, PolicyError, ValueError) as exc:
         _fail(str(exc))
-
-    def tokens(tok):
-        if chat:
-            return tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}]), parse_special=True)
-        return tok.encode(prompt)
-
-    def on_token(_t: int, text: str) -> None:
-        if not as_json:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-
     try:
-        result = asyncio.run(run_swarm(cfg, path, tokens, params, client_cfg, discover_s=discover, on_token=on_token))
-    except (NoRouteError, HopFailed, EngineError, PolicyError, WeightsError, TimeoutError, OSError) as exc:
+        result = asyncio.run(run_swarm(cfg, path, lambda tok: tok.prompt_tokens(prompt, chat), params, client_cfg,
+                                       discover_s=discover, options=opts, on_token=_stream_to_stdout(as_json)))
+    except (NoRouteError, HopFailed, EngineError, PolicyError, WeightsError, TimeoutError, OSError, ValueError) as exc:
         _fail(str(exc))
     local = [h["range"] for h in result.stats.get("path", []) if h["peer_id"] == "local"]
     if local:
@@ -369,10 +414,6 @@ def run(
     else:
         typer.echo("")
 
-
-from edge_agent.api.command import serve_command  # noqa: E402 - after the shared options it imports
-
-app.command("serve")(serve_command)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -1,9 +1,9 @@
 """The one place that wires engine + discovery + transport + planner (for join and run).
 
 ``Agent`` is a running edge-agent: identity, swarm key, peer table (mDNS + manual peers),
-transport listeners and, when it shares compute, a hop server. ``PeerDirectory`` turns
-the peer table into what the split client needs: capabilities for the planner and live
-links to peers (TLS where the peer is reachable directly, else WebRTC).
+transport listeners and, when it shares compute, a hop server. ``join`` builds a node that
+serves layers; ``swarm_client`` builds an agent with a ``SwarmClient`` (what ``run`` and any
+long-lived server use); ``directory.PeerDirectory`` is the client's view of the peer table.
 """
 
 from __future__ import annotations
@@ -12,15 +12,18 @@ import asyncio
 import base64
 import logging
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import AsyncIterator
 
-from edge_agent.discovery.capabilities import Capabilities
+from edge_agent.discovery.capabilities import ARITH_KEY, Capabilities
 from edge_agent.discovery.identity import Identity, SwarmKey
 from edge_agent.discovery.peers import PeerTable
+from edge_agent.directory import PeerDirectory
+from edge_agent.runtime.engine import EngineOptions
 from edge_agent.split.links import PeerLink
-from edge_agent.split.planner import PeerCapability
-from edge_agent.transport import TransportError
+from edge_agent.split.testhooks import TestHooks
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +40,6 @@ class AgentConfig:
     manual_peers: list[tuple[str, int]] = field(default_factory=list)  # TLS host:port
     transport: str = "auto"  # auto | tls | webrtc
     ice_servers: list[str] = field(default_factory=list)  # STUN/TURN URLs, only if the user gives them
-
-
-def _ice(urls: list[str]):
-    if not urls:
-        return None
-    from aiortc import RTCIceServer
-
-    return [RTCIceServer(urls=u) for u in urls]
 
 
 class Agent:
@@ -70,16 +65,17 @@ class Agent:
             await self._browser.start()
 
     async def serve(self, server, caps: Capabilities) -> Capabilities:
-        """Share compute: listen on TLS and WebRTC, advertise ``caps`` (ports filled in)."""
+        """Share compute: listen on TLS and WebRTC, advertise ``caps`` (ports filled in).
+
+        ``server`` is a HopServer built with ``info_extra=agent.info_extra`` and
+        ``connect=agent.connect_next``."""
         from edge_agent.transport import tls, webrtc
 
         self.server = server
-        server.extra_info = self._info_extra
-        server.connect = self._connect_next
         await server.start()
         tls_srv = await tls.listen(self.identity, self.swarm, self.config.host, self.config.tls_port, server.handle)
         rtc_srv = await webrtc.listen(self.identity, self.swarm, self.config.host, self.config.signal_port, server.handle,
-                                      ice_servers=_ice(self.config.ice_servers))
+                                      ice_servers=self.config.ice_servers)
         self._closers += [tls_srv.close, rtc_srv.close]
         self.caps = caps.with_changes(tls_port=tls_srv.port, signal_port=rtc_srv.port).sealed(self.identity, self.swarm)
         if self.config.mdns:
@@ -90,13 +86,13 @@ class Agent:
             await self._advertiser.start()
         return self.caps
 
-    async def _connect_next(self, peer_id: str, host: str, port: int) -> PeerLink:
+    async def connect_next(self, peer_id: str, host: str, port: int) -> PeerLink:
         """Chain mode: a hop opens its own authenticated link to the next hop."""
         from edge_agent.transport import tls
 
         return PeerLink(peer_id, await tls.connect(self.identity, self.swarm, host, port, expect_peer_id=peer_id))
 
-    def _info_extra(self) -> dict:
+    def info_extra(self) -> dict:
         return {"caps": base64.b64encode(self.caps.to_txt()).decode()} if self.caps else {}
 
     async def _probe(self, host: str, port: int) -> Capabilities:
@@ -131,91 +127,6 @@ class Agent:
                     pass
 
 
-class PeerDirectory:
-    """The split client's view of the swarm (implements ``split.client.PeerSource``)."""
-
-    def __init__(self, agent: Agent, model_hash: str):
-        self.agent = agent
-        self.model_hash = model_hash
-        self._links: dict[str, PeerLink] = {}
-
-    def capabilities(self) -> list[PeerCapability]:
-        caps = []
-        for entry in self.agent.table.peers():
-            c = entry.caps
-            ranges = tuple((s, e) for h, s, e in c.shards if self.model_hash.startswith(h))
-            if not ranges or c.role != "peer":
-                continue
-            link = self._links.get(c.agent_id)
-            rtt = link.rtt_ms if link is not None and link.rtt_ms is not None else 1.0
-            caps.append(PeerCapability(c.agent_id, ranges, float(c.free_mem_mb), max(c.ms_per_layer, 0.001), rtt,
-                                       transport="tls" if c.tls_port else "webrtc"))
-        return caps
-
-    def address(self, peer_id: str) -> tuple[str, int]:
-        entry = self.agent.table.get(peer_id)
-        if entry is None or not entry.caps.tls_port:
-            from edge_agent.split.links import HopFailed
-
-            raise HopFailed(peer_id, "no direct (TLS) address for chain forwarding", "unreachable")
-        return (entry.addresses or ["127.0.0.1"])[0], entry.caps.tls_port
-
-    async def wait_for_coverage(self, n_layer: int, policy, timeout_s: float) -> bool:
-        """Wait (bounded) until the discovered peers cover the remote layers."""
-        from edge_agent.split.planner import coverage
-
-        lo, hi = policy.remote_range(n_layer)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            cov = coverage(n_layer, self.capabilities())
-            if all(c > 0 for c in cov[lo:hi]):
-                return True
-            await asyncio.sleep(0.2)
-        return False
-
-    async def link(self, peer_id: str) -> PeerLink:
-        link = self._links.get(peer_id)
-        if link is not None and link.alive:
-            return link
-        entry = self.agent.table.get(peer_id)
-        if entry is None:
-            from edge_agent.split.links import HopFailed
-
-            raise HopFailed(peer_id, "peer is no longer in the peer table", "peer_lost")
-        channel = await self._connect(entry)
-        link = PeerLink(peer_id, channel, on_traffic=self.agent.table.heartbeat)
-        self._links[peer_id] = link
-        try:
-            await link.info(timeout_s=5.0)  # measures the RTT the planner uses
-        except Exception as exc:  # noqa: BLE001 - surfaced as a failed hop by the caller
-            log.info("info from %s failed: %s", peer_id[:12], exc)
-        return link
-
-    async def _connect(self, entry):
-        from edge_agent.split.links import HopFailed
-        from edge_agent.transport import tls, webrtc
-
-        c, mode = entry.caps, self.agent.config.transport
-        errors = []
-        for host in entry.addresses or ["127.0.0.1"]:
-            if mode in ("auto", "tls") and c.tls_port:
-                try:
-                    return await tls.connect(self.agent.identity, self.agent.swarm, host, c.tls_port, expect_peer_id=c.agent_id)
-                except (TransportError, OSError) as exc:
-                    errors.append(f"tls {host}:{c.tls_port}: {exc}")
-            if mode in ("auto", "webrtc") and c.signal_port:
-                try:
-                    return await webrtc.connect(self.agent.identity, self.agent.swarm, host, c.signal_port,
-                                                ice_servers=_ice(self.agent.config.ice_servers), expect_peer_id=c.agent_id)
-                except (TransportError, OSError) as exc:
-                    errors.append(f"webrtc {host}:{c.signal_port}: {exc}")
-        raise HopFailed(entry.agent_id, "cannot connect: " + "; ".join(errors), "unreachable")
-
-    async def close(self) -> None:
-        for link in self._links.values():
-            await link.close()
-
-
 # -- join: share compute ------------------------------------------------------------------
 
 @dataclass
@@ -228,13 +139,17 @@ class JoinOptions:
     threads: int | None = None
     n_ctx: int = 2048
     max_requests: int = 8
-    test_delay_ms: float = 0.0
-    test_advertise_ms: float | None = None  # test only: advertise this ms/layer (a peer that over-promises)
+    flash_attn: bool = False  # arithmetic settings: clients route only to nodes whose settings equal theirs
+    n_ubatch: int = 512
     discover_s: float = 2.0
     idle_timeout_s: float = 600.0  # free the KV cache of a request idle this long
     model_hash: str | None = None  # with model=None: the model whose weights to fetch from a peer
-    test_claim_model_hash: str | None = None  # test only: advertise this hash (a lying peer)
     share_weights: bool = True  # let peers that lack the model fetch layer ranges from us
+    hooks: TestHooks = field(default_factory=TestHooks)  # test only: a slow or lying node
+
+    def engine_options(self, gpu_layers: int = 0) -> EngineOptions:
+        return EngineOptions(n_ctx_per_request=self.n_ctx, max_requests=self.max_requests, n_threads=self.threads,
+                             gpu_layers=gpu_layers, flash_attn=self.flash_attn, n_ubatch=self.n_ubatch)
 
 
 def measure_ms_per_layer(engine, steps: int = 8) -> float:
@@ -270,16 +185,16 @@ async def join(config: AgentConfig, opts: JoinOptions, on_ready=None, on_progres
     """Run a node that serves a layer range until SIGTERM/SIGINT."""
     from edge_agent.discovery.mdns import install_shutdown_handler
     from edge_agent.runtime.backends import load_engine
-    from edge_agent.runtime.engine import EngineOptions
     from edge_agent.runtime.shards import inspect_model
     from edge_agent.split.serve import HopServer
     from edge_agent.split.weights import WeightSource
 
+    opts.hooks.check_enabled()
     agent = Agent(config)
     await agent.start()
     try:
         gpu = gpu_layers(opts.share_gpu)
-        eopts = EngineOptions(n_ctx_per_request=opts.n_ctx, max_requests=opts.max_requests, n_threads=opts.threads, gpu_layers=gpu)
+        eopts = opts.engine_options(gpu)
         shards_dir = config.data_dir / "shards"
         if opts.model is None:
             if not (opts.model_hash and opts.layers):
@@ -296,17 +211,19 @@ async def join(config: AgentConfig, opts: JoinOptions, on_ready=None, on_progres
                 await asyncio.sleep(opts.discover_s)
                 opts.layers = choose_layers(agent, info, opts)
             engine = await asyncio.to_thread(load_engine, opts.backend, opts.model, *opts.layers, eopts, shards_dir)
-            model_hash = opts.test_claim_model_hash or model_hash
+            model_hash = opts.hooks.claim_model_hash or model_hash
         ms = await asyncio.to_thread(measure_ms_per_layer, engine)
-        server = HopServer([engine], agent.identity.agent_id, idle_timeout_s=opts.idle_timeout_s, test_delay_ms=opts.test_delay_ms)
-        extra = ()
-        if opts.model is not None and opts.share_weights:
-            server.weights = WeightSource(opts.model, shards_dir)
-            server.loader = lambda a, b: load_engine(opts.backend, opts.model, a, b, eopts, shards_dir)
-            extra = (("w", "1"),)  # this node can share the model's weights
+        sharing = opts.model is not None and opts.share_weights
+        server = HopServer([engine], agent.identity.agent_id, idle_timeout_s=opts.idle_timeout_s, hooks=opts.hooks,
+                           info_extra=agent.info_extra, connect=agent.connect_next,
+                           weights=WeightSource(opts.model, shards_dir) if sharing else None,
+                           loader=(lambda a, b: load_engine(opts.backend, opts.model, a, b, eopts, shards_dir)) if opts.model else None)
+        extra = [(ARITH_KEY, eopts.arithmetic(engine.backend).to_text())]
+        if sharing:
+            extra.append(("w", "1"))  # this node can share the model's weights
         caps = Capabilities(agent.identity.agent_id, shards=((model_hash[:16], *opts.layers),), free_mem_mb=_free_memory_mb(),
-                            ms_per_layer=ms if opts.test_advertise_ms is None else opts.test_advertise_ms,
-                            backend=("gpu" if gpu else type(engine).__name__.replace("Engine", "").lower()), extra=extra)
+                            ms_per_layer=ms if opts.hooks.advertise_ms is None else opts.hooks.advertise_ms,
+                            backend=("gpu" if gpu else engine.backend), extra=tuple(extra))
         caps = await agent.serve(server, caps)
         ready = {"agent_id": agent.identity.agent_id, "layers": list(opts.layers), "tls_port": caps.tls_port,
                  "signal_port": caps.signal_port, "ms_per_layer": round(ms, 4), "gpu_layers": gpu,
@@ -327,7 +244,7 @@ async def fetch_weights(agent: Agent, opts: JoinOptions, dest: Path, on_progress
     final = dest / f"{opts.model_hash[:16]}-{a}-{b}.gguf"
     if final.is_file():
         return final  # fetched (and verified) before
-    from edge_agent.split.links import HopFailed
+    from edge_agent.split.protocol import HopFailed
     from edge_agent.split.weights import WeightsError
 
     directory = PeerDirectory(agent, opts.model_hash)
@@ -378,25 +295,47 @@ def _free_memory_mb() -> int:
 
 # -- run: generate through the swarm --------------------------------------------------------
 
-async def run(config: AgentConfig, model: Path, prompt_tokens_fn, params, client_config, *, discover_s: float = 5.0,
-              n_ctx: int = 2048, on_token=None):
-    """Discover peers, plan, and generate one completion through the swarm."""
-    from edge_agent.runtime.engine import EngineOptions
+def kv_mb_per_layer(info, options: EngineOptions) -> float:
+    """KV-cache memory one layer of one request takes (the planner's per-layer memory cost)."""
+    n_embd_kv = info.n_embd * info.n_head_kv // max(1, info.n_head)
+    bytes_per_value = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}[options.kv_type]
+    return max(1e-6, options.n_ctx_per_request * n_embd_kv * 2 * bytes_per_value / 1e6)
+
+
+@asynccontextmanager
+async def swarm_client(config: AgentConfig, model: Path, client_config, options: EngineOptions, *,
+                       discover_s: float = 5.0) -> AsyncIterator:
+    """An agent on the swarm and a ``SwarmClient`` for ``model`` (shared by ``run`` and servers).
+
+    Waits (at most ``discover_s``) for peers covering the remote layers. The client routes only
+    to peers whose arithmetic settings equal ``options``' on ``client_config.backend``."""
+    from edge_agent.runtime.backends import resolve_backend
     from edge_agent.runtime.shards import inspect_model
     from edge_agent.split.client import SwarmClient
 
-    info = inspect_model(model)
+    info = await asyncio.to_thread(inspect_model, model)
+    arithmetic = options.arithmetic(resolve_backend(client_config.backend))
     agent = Agent(config)
     await agent.start()
-    directory = PeerDirectory(agent, info.model_hash)
+    directory = PeerDirectory(agent, info.model_hash, arithmetic, kv_mb_per_layer(info, options))
     client = None
     try:
         await directory.wait_for_coverage(info.n_layer, client_config.policy, discover_s)
-        opts = EngineOptions(n_ctx_per_request=n_ctx, max_requests=2)
-        client = await asyncio.to_thread(SwarmClient, model, directory, client_config, opts, config.data_dir / "shards")
-        return await client.generate(prompt_tokens_fn(client.tokenizer), params, on_token)
+        client = await SwarmClient.create(model, directory, client_config, options, config.data_dir / "shards")
+        yield client
     finally:
         if client is not None:
             client.close()
         await directory.close()
         await agent.close()
+
+
+async def run(config: AgentConfig, model: Path, prompt_tokens_fn, params, client_config, *, discover_s: float = 5.0,
+              n_ctx: int = 2048, options: EngineOptions | None = None, on_token=None):
+    """Discover peers, plan, and generate one completion through the swarm.
+
+    ``prompt_tokens_fn(tokenizer)`` gives the prompt's token ids; ``options`` (default: ``n_ctx``
+    positions) are this device's engine settings, arithmetic included."""
+    options = options or EngineOptions(n_ctx_per_request=n_ctx, max_requests=2)
+    async with swarm_client(config, model, client_config, options, discover_s=discover_s) as client:
+        return await client.generate(prompt_tokens_fn(client.tokenizer), params, on_token)

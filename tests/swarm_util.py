@@ -46,7 +46,7 @@ def start_peer(model: Path | None, layers: str | None, data_dir: Path, *extra: s
             *(["--layers", layers] if layers else []),
             "--data-dir", str(data_dir), "--host", "127.0.0.1", "--threads", "1", "--ctx", "512", *extra]
     args += ["--mdns-interface", "127.0.0.1"] if mdns else ["--no-mdns"]
-    env = dict(os.environ, EDGE_AGENT_DATA_DIR=str(data_dir))
+    env = dict(os.environ, EDGE_AGENT_DATA_DIR=str(data_dir), EDGE_AGENT_TEST_HOOKS="1")  # allows --test-* options
     out = open(data_dir / "stdout.log", "w+")
     proc = subprocess.Popen(args, stdout=out, stderr=open(log, "w"), env=env, cwd=Path(__file__).parent.parent)
     deadline = time.monotonic() + READY_TIMEOUT_S

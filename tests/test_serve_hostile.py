@@ -11,8 +11,9 @@ import pytest
 from edge_agent.discovery.identity import Identity, SwarmKey
 from edge_agent.runtime.engine import EngineOptions
 from edge_agent.runtime.llamacpp import LlamaCppEngine
-from edge_agent.split.links import HopFailed, PeerLink
-from edge_agent.split.serve import HopServer, parse_error
+from edge_agent.split.links import PeerLink
+from edge_agent.split.protocol import HopFailed, parse_error
+from edge_agent.split.serve import HopServer
 from edge_agent.transport import DType, Frame, MsgType, tls
 
 RID = b"q" * 16
@@ -32,9 +33,8 @@ async def with_node(tiny_model, body, cache_dir):
 
     ident, swarm = Identity.generate(), SwarmKey.from_secret(None)
     engine = LlamaCppEngine.from_model(tiny_model, 1, 4, EngineOptions(n_ctx_per_request=64, max_requests=2))
-    server = HopServer([engine], ident.agent_id)
-    server.connect = lambda *a: None  # chain supported, but routes below are refused before any use
-    server.weights = WeightSource(tiny_model, cache_dir)
+    # chain supported (connect), but the routes below are refused before any use
+    server = HopServer([engine], ident.agent_id, connect=lambda *a: None, weights=WeightSource(tiny_model, cache_dir))
     await server.start()
     srv = await tls.listen(ident, swarm, "127.0.0.1", 0, server.handle)
     links = [PeerLink(ident.agent_id, await tls.connect(Identity.generate(), swarm, "127.0.0.1", srv.port)) for _ in range(2)]

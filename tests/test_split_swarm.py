@@ -91,9 +91,9 @@ def test_killed_peer_is_routed_around_with_unchanged_output(tmp_path, peers, tin
             ids[first_path[0]].kill()
 
     first_path = []
-    import edge_agent.split.client as client_mod
+    from edge_agent.split.strategy import Router
 
-    orig = client_mod.SwarmClient._open
+    orig = Router.open
 
     async def spy(self, plan, keep):
         states = await orig(self, plan, keep)
@@ -101,11 +101,11 @@ def test_killed_peer_is_routed_around_with_unchanged_output(tmp_path, peers, tin
             first_path.append(plan.hops[0].peer_id)
         return states
 
-    client_mod.SwarmClient._open = spy
+    Router.open = spy
     try:
         prompt, res = swarm_generate(tmp_path, tiny_model, "Once upon a time", 40, [a, b], on_token=on_token)
     finally:
-        client_mod.SwarmClient._open = orig
+        Router.open = orig
     assert res.token_ids == reference_tokens(tiny_model, prompt, 40)
     assert len(res.stats["reroutes"]) == 1
     r = res.stats["reroutes"][0]

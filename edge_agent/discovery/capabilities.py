@@ -37,6 +37,7 @@ MAX_LAYER = 9999
 MAX_FREE_MEM_MB = 99_999_999
 MAX_US_PER_LAYER = 10_000_000  # 10 s per layer per token: anything slower is nonsense
 MAC_BYTES = 16
+ARITH_KEY = "ar"  # extra entry: the settings that change arithmetic (backend/n_ubatch/flash_attn/kv_type)
 ROLES = ("peer", "client")
 
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
@@ -143,6 +144,11 @@ class Capabilities:
                 swarm_key.prove(msg)[:MAC_BYTES], self.mac):
             return False
         return ed25519_verify(bytes.fromhex(self.agent_id), msg, self.signature)
+
+    @property
+    def arithmetic(self) -> str | None:
+        """The node's arithmetic settings as it advertises them (``runtime.engine.Arithmetic.to_text``)."""
+        return dict(self.extra).get(ARITH_KEY)
 
     def with_changes(self, **changes: Any) -> "Capabilities":
         """A copy with fields changed and the seal dropped (re-seal before advertising)."""

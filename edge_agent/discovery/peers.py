@@ -246,10 +246,11 @@ def parse_peer_arg(text: str) -> tuple[str, int]:
 
 
 def format_peers(rows: list[dict[str, Any]]) -> str:
-    """Human-readable table of `list_peers()` rows for `edge-agent peers` (no --json)."""
+    """Human-readable table of `list_peers()` rows for `edge-agent peers` (no --json); a row's
+    ``incompatible`` reason (set by the caller) ends its line."""
     if not rows:
         return "no peers found"
-    head = ("AGENT", "ROLE", "ADDRESS", "SHARDS", "FREE MB", "MS/LAYER", "BACKEND", "AGE S")
+    head = ("AGENT", "ROLE", "ADDRESS", "SHARDS", "FREE MB", "MS/LAYER", "BACKEND", "AGE S", "NOTE")
     lines = [head]
     for r in rows:
         addr = (r.get("addresses") or ["?"])[0]
@@ -257,6 +258,7 @@ def format_peers(rows: list[dict[str, Any]]) -> str:
         shards = ",".join(f"{s['model'][:8]}:{s['start']}-{s['end']}" for s in r.get("shards", []))
         lines.append((r["agent_id"][:16], r.get("role", ""), f"{addr}:{port}", shards or "-",
                       str(r.get("free_mem_mb", "")), f"{r.get('ms_per_layer', 0):g}",
-                      r.get("backend", ""), f"{r.get('age_s', 0):.1f}"))
+                      r.get("backend", ""), f"{r.get('age_s', 0):.1f}",
+                      f"incompatible: {r['incompatible']}" if r.get("incompatible") else ""))
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)

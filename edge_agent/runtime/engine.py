@@ -15,6 +15,7 @@ the agent runs them in a worker thread so its event loop stays free.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, Sequence, runtime_checkable
 
@@ -53,6 +54,10 @@ class PositionError(EngineError):
 
 class CapacityError(EngineError):
     """No free KV-cache slot or context space for this request."""
+
+
+class ContextFullError(CapacityError):
+    """The request has more positions than a request's context holds (no other node helps)."""
 
 
 @dataclass(frozen=True)
@@ -97,13 +102,51 @@ class StepOutput:
     compute_ms: float = 0.0
 
 
+def default_threads() -> int:
+    """Compute threads when the user gives none: every core this process may run on."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """The settings that change results bit-wise: every hop of a request must run with the
+    client's own, or greedy output would silently differ from llama.cpp alone.
+
+    Nodes advertise theirs (capability record ``ar``, hop server ``info``); the client never
+    routes to a node whose settings differ (``differences``)."""
+
+    backend: str  # "llamacpp" or "onnx": other kernels, other rounding
+    n_ubatch: int  # micro-batch rows: the matmul shapes of a prefill chunk
+    flash_attn: bool
+    kv_type: str
+
+    def to_text(self) -> str:
+        """Compact form for the capability record, e.g. ``llamacpp/512/0/f16``."""
+        return f"{self.backend}/{self.n_ubatch}/{int(self.flash_attn)}/{self.kv_type}"
+
+    @classmethod
+    def from_text(cls, text: str) -> "Arithmetic":
+        """Parse ``to_text``'s form (untrusted: raises ValueError on anything else)."""
+        parts = text.split("/") if isinstance(text, str) and len(text) <= 64 else []
+        if len(parts) != 4 or not parts[1].isdigit() or parts[2] not in ("0", "1") or not all(parts):
+            raise ValueError(f"malformed arithmetic settings {str(text)[:64]!r}")
+        return cls(parts[0], int(parts[1]), parts[2] == "1", parts[3])
+
+    def describe(self) -> dict[str, str]:
+        return {"backend": self.backend, "n_ubatch": str(self.n_ubatch), "flash_attn": "on" if self.flash_attn else "off",
+                "kv_type": self.kv_type}
+
+    def differences(self, theirs: "Arithmetic", whose: str = "peer") -> list[str]:
+        """One line per setting that differs, naming both values (empty: compatible)."""
+        mine, other = self.describe(), theirs.describe()
+        return [f"{k} {other[k]} on the {whose}, {mine[k]} on this device" for k in mine if mine[k] != other[k]]
+
+
 @dataclass
 class EngineOptions:
-    """Settings that change arithmetic must be identical on every node and the reference.
-
-    ``n_ubatch``, ``flash_attn`` and the KV cache type all change results bit-wise, so they
-    travel with a request's plan and a node refuses a hop whose settings differ from its own.
-    """
+    """How a shard runs. The settings that change arithmetic (``arithmetic``) must be equal
+    on every node of a request and on the reference; the client routes only to nodes whose
+    advertised settings equal its own."""
 
     n_ctx_per_request: int = 2048
     max_requests: int = 8
@@ -119,9 +162,10 @@ class EngineOptions:
     batch_decode: Literal["auto", "on", "off"] = "auto"
     extra: dict = field(default_factory=dict)
 
-    def arithmetic_key(self) -> tuple:
-        """The settings that must match across nodes for token-exact output."""
-        return (self.n_ubatch, self.flash_attn, self.kv_type)
+    def arithmetic(self, backend: str) -> Arithmetic:
+        """The settings that must match across nodes for token-exact output (``n_ubatch`` as
+        llama.cpp applies it: never above ``n_batch``)."""
+        return Arithmetic(backend, min(self.n_batch, self.n_ubatch), self.flash_attn, self.kv_type)
 
 
 @runtime_checkable
@@ -130,6 +174,7 @@ class Engine(Protocol):
 
     info: ShardInfo
     options: EngineOptions
+    backend: str  # "llamacpp" | "onnx" (see ``Arithmetic``)
 
     def forward(self, steps: Sequence[StepInput]) -> list[StepOutput]:
         """Run the shard for one or more requests, batched into one decode where possible.
@@ -186,7 +231,7 @@ def validate_step(step: StepInput, info: ShardInfo, options: EngineOptions, *, t
         kind = "gap" if step.pos > held else "overlap"
         raise PositionError(f"request {step.request_id!r}: position {step.pos} does not follow the {held} held ({kind})")
     if held + n > options.n_ctx_per_request:
-        raise CapacityError(f"request {step.request_id!r}: {held + n} positions exceed the context of {options.n_ctx_per_request}")
+        raise ContextFullError(f"request {step.request_id!r}: {held + n} positions exceed the context of {options.n_ctx_per_request}")
     if held == 0 and step.pos == 0 and not has_free_slot:
         raise CapacityError(f"all {options.max_requests} request slots are busy")
 

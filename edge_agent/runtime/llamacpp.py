@@ -33,6 +33,7 @@ from edge_agent.runtime.engine import (
     StepInput,
     StepOutput,
     UnsupportedModelError,
+    default_threads,
     validate_batch,
     validate_step,
 )
@@ -99,12 +100,10 @@ def release_file_pages(path: Path) -> int:
     return total
 
 
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
-
-
 class LlamaCppEngine:
     """A loaded shard (see ``runtime.engine.Engine``)."""
+
+    backend = "llamacpp"
 
     def __init__(self, shard_path: Path | str, options: EngineOptions | None = None):
         init_backend()

@@ -36,6 +36,7 @@ from edge_agent.runtime.engine import (
     StepInput,
     StepOutput,
     UnsupportedModelError,
+    default_threads,
     validate_batch,
     validate_step,
 )
@@ -52,10 +53,6 @@ from edge_agent.runtime.shards import (
 )
 
 ONNX_ARCHS = ("llama",)
-
-
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 class _Meta:
@@ -103,6 +100,8 @@ class _Request:
 
 class OnnxEngine:
     """Layers [start, end) of a GGUF llama model on ONNX Runtime (see ``runtime.engine.Engine``)."""
+
+    backend = "onnx"
 
     def __init__(
         self, model_path: Path | str, start: int, end: int, options: EngineOptions | None = None, cache_dir: Path | str | None = None

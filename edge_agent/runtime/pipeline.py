@@ -88,10 +88,7 @@ class LocalPipeline:
         return self.stream(self.prompt_tokens(prompt, chat), params, on_token)
 
     def prompt_tokens(self, prompt: str, chat: bool = False) -> list[int]:
-        if chat:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-            return self.tokenizer.encode(text, add_special=True, parse_special=True)
-        return self.tokenizer.encode(prompt)
+        return self.tokenizer.prompt_tokens(prompt, chat)
 
     def close(self) -> None:
         for s in self.stages:

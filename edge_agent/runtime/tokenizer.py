@@ -41,6 +41,12 @@ class Tokenizer:
             n = lc.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
         return list(buf[:n])
 
+    def prompt_tokens(self, prompt: str, chat: bool = False) -> list[int]:
+        """A user's prompt as token ids; ``chat`` wraps it in the model's chat template first."""
+        if chat:
+            return self.encode(self.apply_chat_template([{"role": "user", "content": prompt}]), parse_special=True)
+        return self.encode(prompt)
+
     def piece(self, token: int) -> bytes:
         cached = self._piece_cache.get(token)
         if cached is None:

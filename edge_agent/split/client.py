@@ -1,12 +1,11 @@
-"""The requesting device: drives one request across hops, under deadlines, around failures.
+"""The requesting device: drives requests across hops, under deadlines, around failures.
 
-Per token: tokens -> local head (embedding + first k layers) -> each remote hop (star:
-the client sends to every hop and hears back) -> local tail (last m layers, norm, LM
-head) -> sampling. Tokens and logits never leave this process.
+Per token: token -> local head (embedding + first k layers) -> the remote hops (one step of
+a strategy: ``star.StarStrategy`` or ``chain.ChainStrategy``) -> local tail (last m layers,
+norm, LM head) -> sampling. Tokens and logits never leave this process.
 
-Recovery keeps output unchanged: the client keeps, per hop, every input it sent (in the
-exact chunks it sent them), so a replacement node rebuilds the lost KV cache by replaying
-the same computations in the same shapes, which llama.cpp reproduces bit for bit.
+One ``SwarmClient`` serves many concurrent requests (``generate``); cancelling the task
+running one ends that request on every hop, which frees its KV caches there.
 """
 
 from __future__ import annotations
@@ -16,30 +15,39 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
-
-import numpy as np
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 from edge_agent.runtime.engine import EngineOptions, StepInput
 from edge_agent.runtime.generation import Decoder, GenerationResult
 from edge_agent.runtime.sampling import SamplingParams
+from edge_agent.split.chain import ChainStrategy
 from edge_agent.split.deadlines import DeadlineConfig, DeadlineTracker
-from edge_agent.split.chain import remote_chain
-from edge_agent.split.links import HopFailed, PeerLink
+from edge_agent.split.links import PeerLink
 from edge_agent.split.local import LOCAL_PEER_ID, LocalLink
-from edge_agent.split.observe import HopRecord, Observers, digest
-from edge_agent.split.planner import Hop, NoRouteError, PeerCapability, Plan, has_alternative, plan_path
+from edge_agent.split.observe import Observers
+from edge_agent.split.planner import NoRouteError, PeerCapability, Plan, format_layers, plan_path
 from edge_agent.split.policy import PrivacyPolicy
-from edge_agent.runtime.engine import CapacityError
-from edge_agent.transport import DType, Flag, Frame, MsgType
+from edge_agent.split.protocol import HopFailed
+from edge_agent.split.star import StarStrategy
+from edge_agent.split.strategy import RequestState, Router, Strategy
 
 log = logging.getLogger(__name__)
+
+
+class IncompatiblePeer(NamedTuple):
+    """A peer that serves the model but would change the arithmetic (never routed to)."""
+
+    peer_id: str
+    ranges: tuple[tuple[int, int], ...]
+    reason: str  # e.g. "flash_attn on on the peer, off on this device"
 
 
 class PeerSource(Protocol):
     """Who is out there and how to reach them (discovery + transport, wired in node.py)."""
 
-    def capabilities(self) -> list[PeerCapability]: ...
+    def capabilities(self) -> list[PeerCapability]: ...  # peers the client may route to
+
+    def incompatible(self) -> list[IncompatiblePeer]: ...
 
     async def link(self, peer_id: str) -> PeerLink: ...
 
@@ -55,37 +63,17 @@ class ClientConfig:
     hop_timeout_s: float = 10.0  # a decode hop that says nothing this long is replaced
     prefill_timeout_s: float = 120.0
     max_reroutes: int = 8
-    backend: str = "llamacpp"  # runtime for the layers this device runs (head, tail, fallback)
+    backend: str = "llamacpp"  # runtime of the middle layers: the peers' (must match) and local fallback's
     local_fallback: bool = True  # run layers no peer can take on this device (it has the model)
     local_ms_per_layer: float = 1000.0  # planner cost of a local layer: a last resort, never preferred
 
 
-@dataclass(eq=False)  # identity matters: states are kept across re-routes
-class _HopState:
-    hop: Hop
-    link: PeerLink
-    history: list[tuple[int, np.ndarray]] = field(default_factory=list)  # inputs sent, in send order
-    compute_ms: float = 0.0
-    transfer_ms: float = 0.0
-    steps: int = 0
-
-
-@dataclass
-class _Request:
-    rid: bytes
-    plan: Plan
-    tracker: DeadlineTracker
-    hops: list[_HopState]
-    excluded: set[str] = field(default_factory=set)
-    reroutes: list[dict] = field(default_factory=list)
-    step_index: int = 0
-    routed: bool = False  # chain mode: the hops know their next hop
-    generation: int = 0  # bumped when every hop was rebuilt: the current step restarts at hop 0
-    histories_complete: bool = True  # False once a chain step ran: only hop 0's inputs are known
-    chain_ms: float = 0.0
-
-
 class SwarmClient:
+    """Loads this device's layers (head, tail) and runs requests through the swarm.
+
+    ``await SwarmClient.create(...)`` loads off the event loop; ``close()`` frees the engines.
+    """
+
     def __init__(self, model_path, peers: PeerSource, config: ClientConfig | None = None, options: EngineOptions | None = None,
                  cache_dir=None):
         from edge_agent.runtime.backends import load_engine
@@ -101,19 +89,32 @@ class SwarmClient:
         self.config.policy.validate(self.n_layer)
         (h0, h1), (t0, t1) = self.config.policy.client_ranges(self.n_layer)
         self.tokenizer = Tokenizer(model_path)
-        backend = self.config.backend
-        self.head = load_engine(backend, model_path, h0, h1, self.options, cache_dir)
+        cfg = self.config
+        # head and tail hold the tokenizer and LM head: llama.cpp, as in runtime.pipeline;
+        # ``backend`` runs the middle layers (peers must run it too, see ``Arithmetic``)
+        load_with = lambda backend: lambda a, b: load_engine(backend, model_path, a, b, self.options, cache_dir)  # noqa: E731
+        self._load = load_with(cfg.backend)
+        self.head = load_with("llamacpp")(h0, h1)
         try:
-            self.tail = load_engine(backend, model_path, t0, t1, self.options, cache_dir)
+            self.tail = load_with("llamacpp")(t0, t1)
         except Exception:
             self.head.close()
             self.tokenizer.close()
             raise
-        self.observers = Observers()
+        self.observers = Observers()  # HopRecord of every hop step this client accepts
         self._local_ms = 0.0
-        self.model_path = model_path
-        self._cache_dir = cache_dir
-        self._local_link = None
+        self._local_link: LocalLink | None = None
+        router = Router(self._plan, self._link, self.observers, max_reroutes=cfg.max_reroutes,
+                        replay_timeout_s=cfg.prefill_timeout_s)
+        self.router = router
+        self.star = StarStrategy(router, peers.capabilities, hop_timeout_s=cfg.hop_timeout_s,
+                                 prefill_timeout_s=cfg.prefill_timeout_s)
+        self.chain = ChainStrategy(router, peers.address, self.star, hop_timeout_s=cfg.hop_timeout_s,
+                                   prefill_timeout_s=cfg.prefill_timeout_s)
+
+    @classmethod
+    async def create(cls, *args, **kwargs) -> "SwarmClient":
+        return await asyncio.to_thread(cls, *args, **kwargs)
 
     def close(self) -> None:
         if self._local_link is not None:
@@ -133,210 +134,63 @@ class SwarmClient:
                   replace_hops=replace_hops, mode=self.config.mode)
         try:
             return plan_path(self.n_layer, self.config.policy, caps, **kw)
-        except NoRouteError:
+        except NoRouteError as exc:
             if not self.config.local_fallback or LOCAL_PEER_ID in exclude or me in caps:
-                raise
+                raise self._explain(exc) from None
         # no peer can take some layers: this device can, since it holds the whole model
         return plan_path(self.n_layer, self.config.policy, [*caps, me], **kw)
+
+    def _explain(self, exc: NoRouteError) -> NoRouteError:
+        """Name the settings that kept a peer off the path, when one could have served the layers."""
+        reasons = [f"peer {p.peer_id[:12]} ({', '.join(format_layers(r) for r in p.ranges)}): {p.reason}"
+                   for p in self.peers.incompatible()
+                   if any(a < e and s < b for a, b in p.ranges for s, e in exc.missing)]
+        if not reasons:
+            return exc
+        return NoRouteError(exc.missing, "only peers with other arithmetic settings serve them: " + "; ".join(reasons)
+                            + " (match them with --flash-attn/--no-flash-attn, --ubatch, --backend)")
 
     async def _link(self, peer_id: str):
         if peer_id != LOCAL_PEER_ID:
             return await self.peers.link(peer_id)
         if self._local_link is None:
-            from edge_agent.runtime.backends import load_engine
-
-            self._local_link = LocalLink(lambda a, b: load_engine(self.config.backend, self.model_path, a, b, self.options,
-                                                                  self._cache_dir))
+            self._local_link = LocalLink(self._load)
         return self._local_link
 
-    async def _open(self, plan: Plan, keep: dict[tuple[str, int, int], _HopState]) -> list[_HopState]:
-        states = []
-        for hop in plan.hops:
-            old = keep.get((hop.peer_id, hop.start, hop.end))
-            states.append(old if old is not None else _HopState(hop, await self._link(hop.peer_id)))
-            states[-1].hop = hop
-        return states
-
-    # -- one hop ----------------------------------------------------------------------------
-    async def _call(self, req: _Request, hs: _HopState, pos: int, x: np.ndarray, timeout_s: float, replay: bool = False) -> tuple[np.ndarray, float, float]:
-        flags = (Flag.PREFILL if x.shape[0] > 1 else 0) | (Flag.REPLAY if replay else 0)
-        frame = Frame.from_array(MsgType.ACTIVATION, x, request_id=req.rid, step=pos, n_positions=x.shape[0],
-                                 layer_start=hs.hop.start, layer_end=hs.hop.end, seq=hs.link.next_seq(), flags=int(flags))
-        reply = await hs.link.request(frame, timeout_s)
-        f = reply.frame
-        if f.type != MsgType.ACTIVATION or f.step != pos or (f.layer_start, f.layer_end) != (hs.hop.start, hs.hop.end):
-            raise HopFailed(hs.link.peer_id, "reply does not match the request (wrong type, step or layers)", "bad_reply")
-        out = f.array()
-        if f.dtype != DType.F32 or out.shape != x.shape or not np.isfinite(out).all():
-            raise HopFailed(hs.link.peer_id, f"reply is {f.dtype.name} {out.shape}, expected F32 {x.shape}, or not finite", "bad_reply")
-        compute_ms = getattr(f, "compute_us", 0) / 1000.0
-        if self.observers.callbacks:
-            self.observers.emit(HopRecord("client", req.rid.hex(), hs.link.peer_id, hs.hop.start, hs.hop.end, pos, x.shape[0],
-                                          digest(x.tobytes()), digest(f.payload), compute_ms, reply.wall_ms, hs.hop.budget_ms, replay))
-        return np.array(out), compute_ms, reply.wall_ms
-
-    # -- failure handling -------------------------------------------------------------------
-    async def _reroute(self, req: _Request, index: int, reason: str, permanent: bool, pos: int) -> None:
-        """Replace hop ``index`` (new peer(s) for its layers) and rebuild their KV caches by replay.
-
-        Falls back to rebuilding every hop (``rebuild_all``) when the failed hop's inputs are not
-        known (after chain steps) or the new plan changes more than that hop's layers.
-        """
-        failed = req.hops[index]
-        if permanent:
-            req.excluded.add(failed.hop.peer_id)
-        if not req.histories_complete:
-            return await self.rebuild_all(req, reason, pos, failed.hop.peer_id)
-        await failed.link.send(Frame(MsgType.END_REQUEST, request_id=req.rid))
-        while True:
-            if len(req.reroutes) >= self.config.max_reroutes:
-                raise NoRouteError([(failed.hop.start, failed.hop.end)], f"gave up after {len(req.reroutes)} re-routes")
-            try:
-                new_plan = self._plan(previous=req.plan, exclude=req.excluded, replace_hops=[index])
-            except NoRouteError as exc:
-                raise NoRouteError(exc.missing, f"peer {failed.hop.peer_id[:12]} failed: {reason}; excluded: "
-                                   f"{', '.join(sorted(p[:12] for p in req.excluded))}",
-                                   what="no replacement: no other peer serves") from None
-            keep = {(h.hop.peer_id, h.hop.start, h.hop.end): h for i, h in enumerate(req.hops) if i != index}
-            kept = [h for h in new_plan.hops if (h.peer_id, h.start, h.end) in keep]
-            fresh = [h for h in new_plan.hops if (h.peer_id, h.start, h.end) not in keep]
-            if len(kept) != len(keep) or not fresh or (fresh[0].start, fresh[-1].end) != (failed.hop.start, failed.hop.end):
-                return await self.rebuild_all(req, reason, pos, failed.hop.peer_id)  # more changed: rebuild all
-            new: list[_HopState] = []
-            try:
-                states = await self._open(new_plan, keep)
-                new = [st for st in states if all(st is not k for k in keep.values())]
-                req.reroutes.append({"step": req.step_index, "layers": f"{failed.hop.start}:{failed.hop.end}",
-                                     "from": failed.hop.peer_id, "to": [st.hop.peer_id for st in new], "reason": reason})
-                log.info("re-route %s: layers %d:%d from %s (%s) to %s", req.rid.hex()[:8], failed.hop.start,
-                         failed.hop.end, failed.hop.peer_id[:12], reason, [st.hop.peer_id[:12] for st in new])
-                await self._replay(req, failed.history, new)
-            except HopFailed as exc:  # the replacement failed too: route around it as well
-                reason = f"replacement failed: {exc.code}: {exc.reason}"
-                req.excluded.add(exc.peer_id)
-                await self._end(req, new)  # replayed ones must start clean next time
-                continue
-            req.plan, req.hops = new_plan, states
-            req.tracker.adopt(new_plan)
-            return
-
-    async def _end(self, req: _Request, states) -> None:
-        for st in states:
-            await st.link.send(Frame(MsgType.END_REQUEST, request_id=req.rid))
-
-    async def _replay(self, req: _Request, inputs: list[tuple[int, np.ndarray]], new: list[_HopState]) -> None:
-        """Re-send a lost hop's inputs, in the chunks first sent, through its replacement(s)."""
-        for s in new:
-            outs = []
-            for pos, x in inputs:
-                y, _, _ = await self._call(req, s, pos, x, self.config.prefill_timeout_s, replay=True)
-                s.history.append((pos, x))
-                outs.append((pos, y))
-            inputs = outs
-
-    async def rebuild_all(self, req: _Request, reason: str, pos: int, blamed: str = "") -> None:
-        """Rebuild every hop from hop 0's inputs before ``pos`` (the only inputs always known).
-
-        Used after chain steps (the client never saw the middle activations) or when a
-        replan moved more than one hop. The caller restarts the current step at hop 0.
-        """
-        inputs = [(p, x) for p, x in req.hops[0].history if p < pos]
-        await self._end(req, req.hops)
-        while True:
-            if len(req.reroutes) >= self.config.max_reroutes:
-                raise NoRouteError([(req.plan.start, req.plan.end)], f"gave up after {len(req.reroutes)} re-routes")
-            try:
-                plan = self._plan(exclude=req.excluded)
-            except NoRouteError as exc:
-                raise NoRouteError(exc.missing, f"after: {reason}", what="no replacement: no other peer serves") from None
-            req.reroutes.append({"step": req.step_index, "layers": f"{req.plan.start}:{req.plan.end}", "from": blamed,
-                                 "to": [h.peer_id for h in plan.hops], "reason": f"rebuild all hops: {reason}"})
-            states: list[_HopState] = []
-            try:
-                states = await self._open(plan, {})
-                await self._replay(req, inputs, states)
-            except HopFailed as exc:
-                reason = f"replacement failed: {exc.code}: {exc.reason}"
-                req.excluded.add(exc.peer_id)
-                await self._end(req, states)
-                continue
-            req.plan, req.hops, req.routed, req.histories_complete = plan, states, False, True
-            req.generation += 1
-            req.tracker.adopt(plan)
-            return
-
-    # -- the token loop ---------------------------------------------------------------------
-    async def _remote(self, req: _Request, pos: int, x: np.ndarray) -> np.ndarray:
+    def _strategy(self, req: RequestState) -> Strategy:
         ids = [h.hop.peer_id for h in req.hops]
         if req.plan.mode == "chain" and len(ids) > 1 and LOCAL_PEER_ID not in ids and len(set(ids)) == len(ids):
-            return await remote_chain(self, req, pos, x)
-        return await self.run_star(req, pos, x)
+            return self.chain
+        return self.star  # a path through this device or through one peer twice runs in star mode
 
-    async def run_star(self, req: _Request, pos: int, x: np.ndarray) -> np.ndarray:
-        decode = x.shape[0] == 1
-        x0, gen = x, req.generation
-        observed: list[float] = []
-        i = 0
-        while i < len(req.hops):
-            hs = req.hops[i]
-            if decode:
-                budget = req.tracker.budgets(observed)[i]
-                timeout = max(self.config.hop_timeout_s, budget / 1000.0)
-            else:
-                timeout = self.config.prefill_timeout_s
-            try:
-                y, compute_ms, wall_ms = await self._call(req, hs, pos, x, timeout)
-            except HopFailed as exc:
-                if exc.code == "CapacityError" and "exceed the context" in exc.reason:
-                    raise CapacityError(f"the request outgrew the context of the peers: {exc.reason}") from None
-                await self._reroute(req, i, f"{exc.code}: {exc.reason}", exc.permanent, pos)
-                if req.generation != gen:  # every hop was rebuilt up to this step: run it again from hop 0
-                    x, gen, observed, i = x0, req.generation, [], 0
-                continue  # retry the same layers on the replacement
-            hs.history.append((pos, x))
-            hs.compute_ms += compute_ms
-            hs.transfer_ms += max(0.0, wall_ms - compute_ms)
-            hs.steps += 1
-            observed.append(wall_ms)
-            x = y
-            i += 1
-        if decode and req.hops and len(observed) == len(req.hops):
-            alts: list[int] = []
-            if any(o > hs.hop.budget_ms for o, hs in zip(observed, req.hops)):  # only a late hop can be replaced
-                caps = self.peers.capabilities()
-                alts = [j for j in range(len(req.hops)) if has_alternative(req.plan, j, caps, req.excluded)]
-            report = req.tracker.observe(observed, alts)
-            advice = next((a for a in report.replace if a.hop_index in alts), None)
-            if advice is not None:  # one per step: indexes change once the path does
-                # a slow peer loses its hop for this request; it stays usable for others
-                await self._reroute(req, advice.hop_index, f"deadline: {advice.reason}", True, pos + x0.shape[0])
-        return x
-
-    async def generate(self, prompt_tokens: Sequence[int], params: SamplingParams,
-                       on_token: Callable[[int, str], None] | None = None) -> GenerationResult:
-        rid = uuid.uuid4().bytes
+    async def _start(self, rid: bytes) -> RequestState:
+        """Plan a path and open its links; peers that cannot be reached are planned around."""
         excluded: set[str] = set()
-        for _ in range(self.config.max_reroutes + 1):  # peers that cannot be reached are planned around
+        for _ in range(self.config.max_reroutes + 1):
             plan = self._plan(exclude=excluded)
             try:
-                states = await self._open(plan, {})
-                break
+                states = await self.router.open(plan, {})
+                return RequestState(rid, plan, DeadlineTracker(plan, self.config.deadline), states, excluded)
             except HopFailed as exc:
                 log.info("peer %s unreachable: %s", exc.peer_id[:12], exc.reason)
                 excluded.add(exc.peer_id)
-        else:
-            raise NoRouteError([(plan.start, plan.end)], "no reachable peers")
-        req = _Request(rid, plan, DeadlineTracker(plan, self.config.deadline), states, excluded)
+        raise NoRouteError([(plan.start, plan.end)], "no reachable peers")
+
+    # -- the token loop ---------------------------------------------------------------------
+    async def generate(self, prompt_tokens: Sequence[int], params: SamplingParams,
+                       on_token: Callable[[int, str], None] | None = None) -> GenerationResult:
+        """One completion; ``on_token(token_id, new_text)`` streams it. Safe to run many at once."""
+        rid = uuid.uuid4().bytes
+        req = await self._start(rid)
         decoder = Decoder(self.tokenizer, params, list(prompt_tokens))
         feed = decoder.first_feed()
-        pos = 0
-        sid = rid.hex()
+        pos, sid = 0, rid.hex()
         try:
             while feed is not None:
                 t0 = time.perf_counter()
                 x = (await asyncio.to_thread(self.head.forward, [StepInput(sid, pos, feed)]))[0].data
                 t1 = time.perf_counter()
-                x = await self._remote(req, pos, x)
+                x = await self._strategy(req).step(req, pos, x)
                 t2 = time.perf_counter()
                 logits = (await asyncio.to_thread(self.tail.forward, [StepInput(sid, pos, x)]))[0].data
                 if feed.shape[0] == 1:
@@ -344,14 +198,13 @@ class SwarmClient:
                 pos += feed.shape[0]
                 req.step_index += 1
                 feed = decoder.advance(logits, on_token)
-        finally:
+        finally:  # also on cancellation: free the request everywhere
             self.head.end_request(sid)
             self.tail.end_request(sid)
-            for hs in req.hops:
-                await hs.link.send(Frame(MsgType.END_REQUEST, request_id=rid))
+            await self.router.end(req, req.hops)
         return decoder.result(self._stats(req))
 
-    def _stats(self, req: _Request) -> dict:
+    def _stats(self, req: RequestState) -> dict:
         tel = req.tracker.telemetry()
         return {
             "mode": req.plan.mode,

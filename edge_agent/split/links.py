@@ -9,20 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import time
 from dataclasses import dataclass
 
-from edge_agent.split.serve import parse_error
+from edge_agent.split.protocol import ErrorCode, HopFailed, control_frame, parse_control, parse_error
 from edge_agent.transport import Frame, FrameError, MsgType, PeerLostError
 
-
-class HopFailed(Exception):
-    """A hop could not produce its step: peer lost, error reply, or deadline overrun."""
-
-    def __init__(self, peer_id: str, reason: str, code: str = "error", permanent: bool = True):
-        super().__init__(f"peer {peer_id[:12]}: {reason}")
-        self.peer_id, self.reason, self.code, self.permanent = peer_id, reason, code, permanent
+__all__ = ["HopFailed", "PeerLink", "Reply"]
 
 
 @dataclass
@@ -69,37 +62,45 @@ class PeerLink:
         self._lost = reason
         for fut in self._pending.values():
             if not fut.done():
-                fut.set_exception(HopFailed(self.peer_id, reason, "peer_lost"))
+                fut.set_exception(HopFailed(self.peer_id, reason, ErrorCode.PEER_LOST))
         self._pending.clear()
 
     async def request(self, frame: Frame, timeout_s: float | None) -> Reply:
         """Send a frame and wait for the reply with the same (request id, seq)."""
         if self._lost is not None:
-            raise HopFailed(self.peer_id, self._lost, "peer_lost")
+            raise HopFailed(self.peer_id, self._lost, ErrorCode.PEER_LOST)
         key = (frame.request_id, frame.seq)
         fut = asyncio.get_running_loop().create_future()
         self._pending[key] = fut
         t0 = time.perf_counter()
         try:
-            await self.channel.send(frame)
-            reply = await asyncio.wait_for(fut, timeout_s)
-        except (PeerLostError, FrameError) as exc:
-            self._fail(f"connection lost ({exc})")
-            raise HopFailed(self.peer_id, str(exc), "peer_lost") from None
-        except asyncio.TimeoutError:
+            await self.post(frame)
+            async with asyncio.timeout(timeout_s):  # no extra waiter future, unlike wait_for on 3.11
+                reply = await fut
+        except TimeoutError:
             self._pending.pop(key, None)
-            raise HopFailed(self.peer_id, f"no answer within {timeout_s * 1000:.0f} ms", "deadline", permanent=False) from None
+            raise HopFailed(self.peer_id, f"no answer within {timeout_s * 1000:.0f} ms", ErrorCode.DEADLINE, permanent=False) from None
         wall = (time.perf_counter() - t0) * 1000.0
         if reply.type == MsgType.ERROR:
             code, message = parse_error(reply)
             raise HopFailed(self.peer_id, message, code)
         return Reply(reply, wall)
 
+    async def post(self, frame: Frame) -> None:
+        """Send without waiting for an answer here (chain mode: it comes on another link)."""
+        if self._lost is not None:
+            raise HopFailed(self.peer_id, self._lost, ErrorCode.PEER_LOST)
+        try:
+            await self.channel.send(frame)
+        except (PeerLostError, FrameError) as exc:
+            self._fail(f"connection lost ({exc})")
+            raise HopFailed(self.peer_id, str(exc), ErrorCode.PEER_LOST) from None
+
     def expect(self, key: tuple[bytes, int]) -> asyncio.Future:
         """A future for a reply that another peer's frame will cause (chain mode)."""
         fut = asyncio.get_running_loop().create_future()
         if self._lost is not None:
-            fut.set_exception(HopFailed(self.peer_id, self._lost, "peer_lost"))
+            fut.set_exception(HopFailed(self.peer_id, self._lost, ErrorCode.PEER_LOST))
         else:
             self._pending[key] = fut
         return fut
@@ -116,15 +117,11 @@ class PeerLink:
                 self._fail("connection lost")
 
     async def info(self, timeout_s: float = 5.0) -> dict:
-        frame = Frame.from_bytes(MsgType.CONTROL, json.dumps({"op": "info"}).encode(), request_id=b"\x00" * 16, seq=self.next_seq())
-        reply = await self.request(frame, timeout_s)
+        reply = await self.request(control_frame({"op": "info"}, self.next_seq()), timeout_s)
         self.rtt_ms = reply.wall_ms if self.rtt_ms is None else min(self.rtt_ms, reply.wall_ms)
-        try:
-            info = json.loads(bytes(reply.frame.payload).decode("utf-8"))
-        except (ValueError, RecursionError) as exc:
-            raise HopFailed(self.peer_id, f"malformed info reply: {exc!r}", "bad_reply") from None
-        if not isinstance(info, dict):
-            raise HopFailed(self.peer_id, "malformed info reply", "bad_reply")
+        info = parse_control(reply.frame)
+        if info is None:
+            raise HopFailed(self.peer_id, "malformed info reply", ErrorCode.BAD_REPLY)
         return info
 
     async def close(self) -> None:

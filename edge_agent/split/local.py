@@ -11,7 +11,8 @@ import asyncio
 import time
 
 from edge_agent.runtime.engine import EngineError, StepInput
-from edge_agent.split.links import HopFailed, Reply
+from edge_agent.split.links import Reply
+from edge_agent.split.protocol import HopFailed, engine_error_code
 from edge_agent.transport import Frame, MsgType
 
 LOCAL_PEER_ID = "local"
@@ -40,7 +41,7 @@ class LocalLink:
                 engine = self._engines[key] = await asyncio.to_thread(self._load, *key)
             out = (await asyncio.to_thread(engine.forward, [StepInput(frame.request_id.hex(), frame.step, frame.array())]))[0]
         except EngineError as exc:
-            raise HopFailed(LOCAL_PEER_ID, str(exc), type(exc).__name__) from None
+            raise HopFailed(LOCAL_PEER_ID, str(exc), engine_error_code(exc)) from None
         reply = Frame.from_array(MsgType.ACTIVATION, out.data, request_id=frame.request_id, step=frame.step,
                                  n_positions=frame.n_positions, layer_start=frame.layer_start, layer_end=frame.layer_end,
                                  seq=frame.seq, compute_us=int(out.compute_ms * 1000))

@@ -24,30 +24,17 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-
+from typing import Awaitable, Callable
 
 from edge_agent.runtime.engine import EngineError, StepInput, UnknownRequestError
 from edge_agent.split.observe import HopRecord, Observers, digest
+from edge_agent.split.protocol import ErrorCode, engine_error_code, error_frame, error_reply, parse_control, valid_next
+from edge_agent.split.testhooks import TestHooks
 from edge_agent.transport import DType, Flag, Frame, MsgType, PeerLostError
 
 log = logging.getLogger(__name__)
-MAX_CONTROL_BYTES = 64 * 1024
 MAX_PENDING_PER_SHARD = 256  # queued steps beyond this are refused: a peer cannot fill our memory
 MAX_TRACKED = 4096
-
-
-def error_frame(request_id: bytes, step: int, code: str, message: str, start: int = 0, end: int = 0, seq: int = 0) -> Frame:
-    body = json.dumps({"code": code, "message": message}).encode()
-    return Frame.from_bytes(MsgType.ERROR, body, request_id=request_id, step=step, layer_start=start, layer_end=end, seq=seq)
-
-
-def parse_error(frame: Frame) -> tuple[str, str]:
-    """(code, message) of an ERROR frame; tolerant of junk (the peer is untrusted)."""
-    try:
-        body = json.loads(bytes(frame.payload[:MAX_CONTROL_BYTES]).decode("utf-8"))
-        return str(body.get("code", "error"))[:64], str(body.get("message", ""))[:2000]
-    except (ValueError, AttributeError, RecursionError):
-        return "error", bytes(frame.payload[:200]).decode("utf-8", "replace")
 
 
 @dataclass
@@ -66,18 +53,27 @@ class _Shard:
 
 
 class HopServer:
-    def __init__(self, engines, agent_id: str = "", *, idle_timeout_s: float = 600.0, test_delay_ms: float = 0.0):
+    """``info_extra``: more fields for ``info`` (node.py: the signed capability record).
+    ``connect``: async (peer_id, host, port) -> PeerLink, for chain forwarding (None: no chain).
+    ``weights``: a ``split.weights.WeightSource`` when this node shares its model file.
+    ``loader``: (start, end) -> Engine, to serve a sub-range of a held range on demand."""
+
+    def __init__(self, engines, agent_id: str = "", *, idle_timeout_s: float = 600.0,
+                 info_extra: Callable[[], dict] | None = None,
+                 connect: Callable[[str, str, int], Awaitable[object]] | None = None,
+                 weights=None, loader: Callable[[int, int], object] | None = None, hooks: TestHooks = TestHooks()):
+        hooks.check_enabled()
         self.agent_id = agent_id
         self.shards = {(e.info.start, e.info.end): _Shard(e) for e in engines}
         self.idle_timeout_s = idle_timeout_s
-        self.test_delay_ms = test_delay_ms  # test-only: makes this node deliberately slow
+        self.hooks = hooks
         self.observers = Observers()
         self.evicted: OrderedDict[str, float] = OrderedDict()
         self.steps_served = 0
-        self.extra_info = lambda: {}  # node.py adds the signed capability record here
-        self.weights = None  # a split.weights.WeightSource when this node can share its model file
-        self.connect = None  # async (peer_id, host, port) -> PeerLink, for chain forwarding (node.py)
-        self.loader = None  # (start, end) -> Engine: serve a sub-range of a held range on demand (node.py)
+        self.info_extra = info_extra or dict
+        self.weights = weights
+        self.connect = connect
+        self.loader = loader
         self.routes: dict[str, tuple[object, dict | None]] = {}  # request -> (client channel, next hop)
         self.owners: dict[str, object] = {}  # request -> the channel that first sent it work
         self._next_links: dict[str, object] = {}
@@ -99,12 +95,12 @@ class HopServer:
 
     def info(self) -> dict:
         return {
-            **self.extra_info(),
+            **self.info_extra(),
             "agent_id": self.agent_id,
             "shards": [
                 {"start": s.engine.info.start, "end": s.engine.info.end, "model_hash": s.engine.info.model_hash,
                  "shard_hash": s.engine.info.shard_hash, "n_embd": s.engine.info.n_embd,
-                 "arith": list(s.engine.options.arithmetic_key()), "backend": type(s.engine).__name__}
+                 "arith": s.engine.options.arithmetic(s.engine.backend).to_text()}
                 for s in self.shards.values()
             ],
         }
@@ -121,8 +117,7 @@ class HopServer:
                 await self._dispatch(channel, frame)
             except Exception as exc:  # noqa: BLE001 - one bad frame must not end the peer's session
                 log.warning("refused a frame from %s: %r", getattr(channel, "peer_id", "?")[:12], exc)
-                await self._reply(channel, error_frame(frame.request_id, frame.step, "bad_frame", f"frame refused: {exc!r}"[:500],
-                                                       frame.layer_start, frame.layer_end, frame.seq))
+                await self._reply(channel, error_reply(frame, ErrorCode.BAD_FRAME, f"frame refused: {exc!r}"[:500]))
 
     async def _dispatch(self, channel, frame: Frame) -> None:
         rid = frame.request_id.hex()
@@ -132,23 +127,21 @@ class HopServer:
                 shard = await self._load_subrange(frame.layer_start, frame.layer_end)
             if shard is None:
                 held = ", ".join(f"{a}:{b}" for a, b in self.shards) or "none"
-                await self._reply(channel, error_frame(frame.request_id, frame.step, "no_shard",
-                                  f"this node does not serve layers {frame.layer_start}:{frame.layer_end} (it serves {held})",
-                                  frame.layer_start, frame.layer_end, frame.seq))
+                await self._reply(channel, error_reply(frame, ErrorCode.NO_SHARD, f"this node does not serve layers "
+                                                       f"{frame.layer_start}:{frame.layer_end} (it serves {held})"))
                 return
             if frame.dtype != DType.F32:
-                await self._reply(channel, error_frame(frame.request_id, frame.step, "bad_dtype",
-                                  "hidden states must be f32 (f16 would change the arithmetic)", frame.layer_start, frame.layer_end, frame.seq))
+                await self._reply(channel, error_reply(frame, ErrorCode.BAD_DTYPE, "hidden states must be f32 (f16 would change the arithmetic)"))
                 return
             arr = frame.array()
             info, opts = shard.engine.info, shard.engine.options
             refusal = None
             if arr.ndim != 2 or arr.shape[1] != info.n_embd or not 0 < arr.shape[0] <= opts.n_ctx_per_request:
-                refusal = ("InputShapeError", f"hidden states must be (n <= {opts.n_ctx_per_request}, {info.n_embd}), got {arr.shape}")
+                refusal = (ErrorCode.INPUT_SHAPE, f"hidden states must be (n <= {opts.n_ctx_per_request}, {info.n_embd}), got {arr.shape}")
             elif shard.queue.qsize() >= MAX_PENDING_PER_SHARD:
-                refusal = ("busy", f"node busy: {MAX_PENDING_PER_SHARD} steps queued on layers {info.start}:{info.end}")
+                refusal = (ErrorCode.BUSY, f"node busy: {MAX_PENDING_PER_SHARD} steps queued on layers {info.start}:{info.end}")
             if refusal:
-                await self._reply(channel, error_frame(frame.request_id, frame.step, *refusal, frame.layer_start, frame.layer_end, frame.seq))
+                await self._reply(channel, error_reply(frame, *refusal))
                 return
             # positions are checked by engine.forward when the step runs (earlier frames of the
             # request may still be queued); a bad step is isolated there
@@ -168,7 +161,7 @@ class HopServer:
                 shard.queue.put_nowait(_Job(channel, None, None, end_request=rid))  # after its queued steps
         elif frame.type == MsgType.CONTROL:
             await self._control(channel, frame)
-        # other types (ACK, REPLAY marker frames, ...) are ignored by design
+        # other types (HELLO, ACK, ...) are ignored by design
 
     async def _load_subrange(self, start: int, end: int):
         """The planner may give us part of a range we hold; load that part once, keep it."""
@@ -187,42 +180,38 @@ class HopServer:
         return shard
 
     async def _control(self, channel, frame: Frame) -> None:
-        try:
-            msg = json.loads(bytes(frame.payload[:MAX_CONTROL_BYTES]).decode("utf-8"))
-            op = msg.get("op") if isinstance(msg, dict) else None
-        except (ValueError, RecursionError):
-            msg, op = None, None
+        msg = parse_control(frame)
+        op = msg.get("op") if msg is not None else None
         if op == "info":
             await self._reply(channel, Frame.from_bytes(MsgType.CONTROL, json.dumps(self.info()).encode(), seq=frame.seq))
         elif op == "route" and isinstance(msg.get("request"), str) and len(msg["request"]) == 32:
             nxt = msg.get("next")
             owner = self.routes.get(msg["request"])
-            if (nxt is not None and not _valid_next(nxt, self.connect is not None)) or (owner is not None and owner[0] is not channel):
-                await self._reply(channel, error_frame(frame.request_id, 0, "bad_route", "malformed route, chain unsupported, "
+            if (nxt is not None and not valid_next(nxt, self.connect is not None)) or (owner is not None and owner[0] is not channel):
+                await self._reply(channel, error_frame(frame.request_id, 0, ErrorCode.BAD_ROUTE, "malformed route, chain unsupported, "
                                                        "or the request belongs to another peer", seq=frame.seq))
                 return
             if len(self.routes) >= 4096 and msg["request"] not in self.routes:
                 self.routes.pop(next(iter(self.routes)))
             self.routes[msg["request"]] = (channel, nxt)
             await self._reply(channel, Frame.from_bytes(MsgType.CONTROL, b"{}", seq=frame.seq))
-        elif isinstance(msg, dict) and isinstance(msg.get("weights"), dict) and self.weights is not None:
+        elif msg is not None and isinstance(msg.get("weights"), dict) and self.weights is not None:
             try:
                 head, body = await asyncio.to_thread(self.weights.handle, msg["weights"])
             except Exception as exc:  # noqa: BLE001 - any bad request gets an error, never a dead node
-                await self._reply(channel, error_frame(frame.request_id, 0, "weights", str(exc), seq=frame.seq))
+                await self._reply(channel, error_frame(frame.request_id, 0, ErrorCode.WEIGHTS, str(exc), seq=frame.seq))
                 return
             payload = json.dumps(head).encode() + b"\n" + body
             await self._reply(channel, Frame.from_bytes(MsgType.CONTROL, payload, seq=frame.seq))
         else:
-            await self._reply(channel, error_frame(frame.request_id, 0, "bad_control", "unknown or malformed control message", seq=frame.seq))
+            await self._reply(channel, error_frame(frame.request_id, 0, ErrorCode.BAD_CONTROL, "unknown or malformed control message", seq=frame.seq))
 
     def _engine_error(self, frame: Frame, exc: EngineError) -> Frame:
-        rid = frame.request_id.hex()
-        code = type(exc).__name__
+        code = engine_error_code(exc)
         message = str(exc)
-        if isinstance(exc, UnknownRequestError) and rid in self.evicted:
-            code, message = "evicted", f"request was evicted after {self.idle_timeout_s:.0f} s idle; replay it from position 0"
-        return error_frame(frame.request_id, frame.step, code, message, frame.layer_start, frame.layer_end, frame.seq)
+        if isinstance(exc, UnknownRequestError) and frame.request_id.hex() in self.evicted:
+            code, message = ErrorCode.EVICTED, f"request was evicted after {self.idle_timeout_s:.0f} s idle; replay it from position 0"
+        return error_reply(frame, code, message)
 
     async def _reply(self, channel, frame: Frame) -> None:
         try:
@@ -263,8 +252,8 @@ class HopServer:
         await self._run(shard, batch)
 
     async def _run(self, shard: _Shard, batch: list[_Job]) -> None:
-        if self.test_delay_ms:
-            await asyncio.sleep(self.test_delay_ms / 1000.0)
+        if self.hooks.delay_ms:
+            await asyncio.sleep(self.hooks.delay_ms / 1000.0)
         try:
             outs = await asyncio.to_thread(shard.engine.forward, [j.step for j in batch])
             results = list(zip(batch, outs, [None] * len(batch)))
@@ -312,11 +301,10 @@ class HopServer:
             if link is None or not link.alive:
                 link = await asyncio.wait_for(self.connect(nxt["peer_id"], nxt["host"], nxt["port"]), 5.0)
                 self._next_links[nxt["peer_id"]] = link
-            await link.channel.send(fwd)
+            await link.post(fwd)
         except Exception as exc:  # noqa: BLE001 - any failure to reach the next hop is the client's to route around
-            await self._reply(client, error_frame(reply.request_id, reply.step, "next_hop_unreachable",
-                                                  f"cannot forward to {str(nxt.get('peer_id'))[:12]}: {exc!r}"[:500],
-                                                  reply.layer_start, reply.layer_end, reply.seq))
+            await self._reply(client, error_reply(reply, ErrorCode.NEXT_HOP_UNREACHABLE,
+                                                  f"cannot forward to {str(nxt.get('peer_id'))[:12]}: {exc!r}"[:500]))
 
     async def _evict_loop(self) -> None:
         """Free KV caches of requests idle past the timeout (abandoned clients)."""
@@ -335,14 +323,3 @@ class HopServer:
                             self.evicted.popitem(last=False)
                         log.info("evicted idle request %s from %d:%d", rid[:8], shard.engine.info.start, shard.engine.info.end)
 
-
-def _valid_next(nxt, chain_supported: bool) -> bool:
-    """A chain route's next hop, as sent by an untrusted client: types and ranges checked."""
-    if not chain_supported or not isinstance(nxt, dict):
-        return False
-    ints = [nxt.get(k) for k in ("port", "start", "end")]
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
-        return False
-    port, start, end = ints
-    return (isinstance(nxt.get("peer_id"), str) and len(nxt["peer_id"]) == 64 and isinstance(nxt.get("host"), str)
-            and len(nxt["host"]) <= 255 and 0 < port < 65536 and 0 <= start < end <= 65535)

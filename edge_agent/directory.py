@@ -1,0 +1,154 @@
+"""The split client's view of the swarm: peers from the peer table, links to them.
+
+``PeerDirectory`` implements ``split.client.PeerSource`` on top of a running ``node.Agent``:
+capabilities for the planner (only peers whose arithmetic settings equal the client's),
+the incompatible ones with the reason, and live links (TLS where the peer is reachable
+directly, else WebRTC).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from edge_agent.runtime.engine import Arithmetic
+from edge_agent.split.client import IncompatiblePeer
+from edge_agent.split.links import PeerLink
+from edge_agent.split.planner import PeerCapability
+from edge_agent.split.protocol import ErrorCode, HopFailed
+from edge_agent.transport import TransportError
+
+if TYPE_CHECKING:
+    from edge_agent.node import Agent
+
+log = logging.getLogger(__name__)
+
+
+def arithmetic_mismatch(mine: Arithmetic | None, advertised: str | None) -> str | None:
+    """Why a peer's advertised arithmetic settings keep it off our paths (None: they match)."""
+    if mine is None:
+        return None
+    try:
+        theirs = Arithmetic.from_text(advertised or "")
+    except ValueError:
+        return "it does not advertise valid arithmetic settings (an older or foreign node)"
+    return "; ".join(mine.differences(theirs)) or None
+
+
+class PeerDirectory:
+    """The split client's view of the swarm (implements ``split.client.PeerSource``).
+
+    Only peers whose arithmetic settings equal ``arithmetic`` (the client's) are offered to
+    the planner; the others are listed by ``incompatible()`` with the reason.
+    ``layer_bytes_mb``: KV memory one layer of one request needs (planner's memory check).
+    """
+
+    def __init__(self, agent: Agent, model_hash: str, arithmetic: Arithmetic | None = None,
+                 layer_bytes_mb: float | None = None):
+        self.agent = agent
+        self.model_hash = model_hash
+        self.arithmetic = arithmetic
+        self.layer_bytes_mb = layer_bytes_mb
+        self._links: dict[str, PeerLink] = {}
+
+    def _serving(self):
+        """(entry, ranges) of every peer serving this model."""
+        for entry in self.agent.table.peers():
+            c = entry.caps
+            ranges = tuple((s, e) for h, s, e in c.shards if self.model_hash.startswith(h))
+            if ranges and c.role == "peer":
+                yield entry, ranges
+
+    def capabilities(self) -> list[PeerCapability]:
+        caps = []
+        for entry, ranges in self._serving():
+            c = entry.caps
+            if arithmetic_mismatch(self.arithmetic, c.arithmetic) is not None:
+                continue
+            link = self._links.get(c.agent_id)
+            rtt = link.rtt_ms if link is not None and link.rtt_ms is not None else 1.0
+            caps.append(PeerCapability(c.agent_id, ranges, float(c.free_mem_mb), max(c.ms_per_layer, 0.001), rtt,
+                                       layer_bytes_mb=self.layer_bytes_mb))
+        return caps
+
+    def incompatible(self) -> list[IncompatiblePeer]:
+        out = []
+        for entry, ranges in self._serving():
+            reason = arithmetic_mismatch(self.arithmetic, entry.caps.arithmetic)
+            if reason is not None:
+                out.append(IncompatiblePeer(entry.caps.agent_id, ranges, reason))
+        return out
+
+    def address(self, peer_id: str) -> tuple[str, int]:
+        entry = self.agent.table.get(peer_id)
+        if entry is None or not entry.caps.tls_port:
+            raise HopFailed(peer_id, "no direct (TLS) address for chain forwarding", ErrorCode.UNREACHABLE)
+        return (entry.addresses or ["127.0.0.1"])[0], entry.caps.tls_port
+
+    async def wait_for_coverage(self, n_layer: int, policy, timeout_s: float) -> bool:
+        """Wait (bounded) until the discovered peers cover the remote layers."""
+        from edge_agent.split.planner import coverage
+
+        lo, hi = policy.remote_range(n_layer)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            cov = coverage(n_layer, self.capabilities())
+            if all(c > 0 for c in cov[lo:hi]):
+                return True
+            await asyncio.sleep(0.2)
+        return False
+
+    async def link(self, peer_id: str) -> PeerLink:
+        link = self._links.get(peer_id)
+        if link is not None and link.alive:
+            return link
+        entry = self.agent.table.get(peer_id)
+        if entry is None:
+            raise HopFailed(peer_id, "peer is no longer in the peer table", ErrorCode.PEER_LOST)
+        channel = await self._connect(entry)
+        link = PeerLink(peer_id, channel, on_traffic=self.agent.table.heartbeat)
+        try:
+            info = await link.info(timeout_s=5.0)  # measures the RTT the planner uses
+        except Exception as exc:  # noqa: BLE001 - surfaced as a failed hop by the caller
+            log.info("info from %s failed: %s", peer_id[:12], exc)
+            info = {}
+        reason = self._served_mismatch(info)
+        if reason is not None:
+            await link.close()
+            raise HopFailed(peer_id, f"other arithmetic settings: {reason}", ErrorCode.INCOMPATIBLE)
+        self._links[peer_id] = link
+        return link
+
+    def _served_mismatch(self, info: dict) -> str | None:
+        """What the node says it runs must match too (its advert could be stale)."""
+        for shard in info.get("shards") or []:
+            if isinstance(shard, dict) and self.model_hash.startswith(str(shard.get("model_hash", ""))[:16]):
+                reason = arithmetic_mismatch(self.arithmetic, shard.get("arith"))
+                if reason is not None:
+                    return reason
+        return None
+
+    async def _connect(self, entry):
+        from edge_agent.transport import tls, webrtc
+
+        c, mode = entry.caps, self.agent.config.transport
+        errors = []
+        for host in entry.addresses or ["127.0.0.1"]:
+            if mode in ("auto", "tls") and c.tls_port:
+                try:
+                    return await tls.connect(self.agent.identity, self.agent.swarm, host, c.tls_port, expect_peer_id=c.agent_id)
+                except (TransportError, OSError) as exc:
+                    errors.append(f"tls {host}:{c.tls_port}: {exc}")
+            if mode in ("auto", "webrtc") and c.signal_port:
+                try:
+                    return await webrtc.connect(self.agent.identity, self.agent.swarm, host, c.signal_port,
+                                                ice_servers=self.agent.config.ice_servers, expect_peer_id=c.agent_id)
+                except (TransportError, OSError) as exc:
+                    errors.append(f"webrtc {host}:{c.signal_port}: {exc}")
+        raise HopFailed(entry.agent_id, "cannot connect: " + "; ".join(errors), "unreachable")
+
+    async def close(self) -> None:
+        for link in self._links.values():
+            await link.close()

@@ -1,0 +1,200 @@
+"""What star and chain share: a request's hops, one hop call, and recovery (written once).
+
+A *strategy* moves one step of a request through its remote hops: request, position and
+hidden state in, hidden state out (``Strategy.step``), and rebuilds the path after a
+failure (``Strategy.rebuild``). ``star.StarStrategy`` calls each hop itself;
+``chain.ChainStrategy`` lets the hops forward to each other. Both recover through the
+same ``Router``: replace the failed hop (or every hop) with what the planner offers, and
+replay the stored inputs in the chunks first sent, so the rebuilt KV caches are
+bit-identical and the output does not change.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Protocol
+
+import numpy as np
+
+from edge_agent.split.deadlines import DeadlineTracker
+from edge_agent.split.observe import HopRecord, Observers, digest
+from edge_agent.split.planner import Hop, NoRouteError, Plan
+from edge_agent.split.protocol import HopFailed, activation, check_reply
+from edge_agent.transport import Flag, Frame, MsgType
+
+log = logging.getLogger(__name__)
+
+
+class Link(Protocol):
+    """A request/reply link to one hop: ``links.PeerLink`` (a peer) or ``local.LocalLink`` (this device)."""
+
+    peer_id: str
+
+    def next_seq(self) -> int: ...
+
+    async def request(self, frame: Frame, timeout_s: float | None): ...  # -> links.Reply
+
+    async def send(self, frame: Frame) -> None: ...
+
+
+@dataclass(eq=False)  # identity matters: states are kept across re-routes
+class HopState:
+    """One hop of one request, as the client sees it."""
+
+    hop: Hop
+    link: Link
+    history: list[tuple[int, np.ndarray]] = field(default_factory=list)  # inputs sent, in send order (replay)
+    compute_ms: float = 0.0
+    transfer_ms: float = 0.0
+    steps: int = 0
+
+    def record(self, pos: int, x: np.ndarray, compute_ms: float, wall_ms: float) -> None:
+        self.history.append((pos, x))
+        self.compute_ms += compute_ms
+        self.transfer_ms += max(0.0, wall_ms - compute_ms)
+        self.steps += 1
+
+
+@dataclass
+class RequestState:
+    """One request's path and what recovery needs to rebuild it."""
+
+    rid: bytes
+    plan: Plan
+    tracker: DeadlineTracker
+    hops: list[HopState]
+    excluded: set[str] = field(default_factory=set)
+    reroutes: list[dict] = field(default_factory=list)
+    step_index: int = 0
+    routed: bool = False  # chain mode: the hops know their next hop
+    histories_complete: bool = True  # False once a chain step ran: only hop 0's inputs are known
+    chain_ms: float = 0.0
+
+    def end_frame(self) -> Frame:
+        return Frame(MsgType.END_REQUEST, request_id=self.rid)
+
+
+PlanFn = Callable[..., Plan]  # (previous=, exclude=, replace_hops=) -> Plan, or NoRouteError
+LinkFn = Callable[[str], Awaitable[Link]]
+
+
+class Router:
+    """Hop calls and recovery, shared by both strategies."""
+
+    def __init__(self, plan: PlanFn, link: LinkFn, observers: Observers, *, max_reroutes: int, replay_timeout_s: float):
+        self.plan, self.link, self.observers = plan, link, observers
+        self.max_reroutes, self.replay_timeout_s = max_reroutes, replay_timeout_s
+
+    async def open(self, plan: Plan, keep: dict[tuple[str, int, int], HopState]) -> list[HopState]:
+        """States for ``plan``'s hops: kept ones where (peer, layers) match, new links otherwise."""
+        states = []
+        for hop in plan.hops:
+            old = keep.get((hop.peer_id, hop.start, hop.end))
+            states.append(old if old is not None else HopState(hop, await self.link(hop.peer_id)))
+            states[-1].hop = hop
+        return states
+
+    async def call(self, req: RequestState, hs: HopState, pos: int, x: np.ndarray, timeout_s: float,
+                   replay: bool = False) -> tuple[np.ndarray, float, float]:
+        """One hop, one step: (output rows, compute ms the node reported, round trip ms)."""
+        frame = activation(req.rid, pos, x, hs.hop.start, hs.hop.end, hs.link.next_seq(), int(Flag.REPLAY) if replay else 0)
+        reply = await hs.link.request(frame, timeout_s)
+        out = check_reply(hs.link.peer_id, reply.frame, pos, hs.hop.start, hs.hop.end, x.shape)
+        compute_ms = reply.frame.compute_us / 1000.0
+        if self.observers.callbacks:
+            self.observers.emit(HopRecord("client", req.rid.hex(), hs.link.peer_id, hs.hop.start, hs.hop.end, pos, x.shape[0],
+                                          digest(x.tobytes()), digest(reply.frame.payload), compute_ms, reply.wall_ms,
+                                          hs.hop.budget_ms, replay))
+        return out, compute_ms, reply.wall_ms
+
+    async def end(self, req: RequestState, states) -> None:
+        for st in states:
+            await st.link.send(req.end_frame())
+
+    async def recover(self, req: RequestState, reason: str, pos: int, *, index: int | None = None, blamed: str = "",
+                      permanent: bool = True) -> bool:
+        """Replace hop ``index`` with new peer(s) for its layers, or (``index`` None) rebuild every
+        hop from hop 0's inputs before ``pos``; replay the inputs so the KV caches match again.
+
+        A single hop becomes a full rebuild when its inputs are not known (after chain steps)
+        or the new plan changes more than that hop's layers. Returns True after a full
+        rebuild: the caller restarts the current step at hop 0.
+        """
+        failed = req.hops[index] if index is not None else None
+        if failed is not None:
+            blamed = failed.hop.peer_id
+            if permanent:
+                req.excluded.add(blamed)
+            await failed.link.send(req.end_frame())
+            if not req.histories_complete:
+                failed = None
+        if failed is None:
+            await self.end(req, req.hops)
+        while True:
+            if len(req.reroutes) >= self.max_reroutes:
+                raise NoRouteError([(req.plan.start, req.plan.end)], f"gave up after {len(req.reroutes)} re-routes")
+            try:
+                plan = self.plan(previous=req.plan if failed else None, exclude=req.excluded,
+                                 replace_hops=[index] if failed else ())
+            except NoRouteError as exc:
+                who = f"peer {blamed[:12]} failed" if blamed else "after"
+                excluded = ", ".join(sorted(p[:12] for p in req.excluded)) or "none"
+                raise NoRouteError(exc.missing, f"{who}: {reason}; excluded: {excluded}",
+                                   what="no replacement: no other peer serves") from None
+            if failed is not None:
+                keep = {(h.hop.peer_id, h.hop.start, h.hop.end): h for i, h in enumerate(req.hops) if i != index}
+                fresh = [h for h in plan.hops if (h.peer_id, h.start, h.end) not in keep]
+                if len(plan.hops) - len(fresh) != len(keep) or not fresh or \
+                        (fresh[0].start, fresh[-1].end) != (failed.hop.start, failed.hop.end):
+                    failed = None  # more than that hop changed: rebuild every hop
+                    await self.end(req, req.hops)
+                    continue
+                inputs, layers, to_note = failed.history, f"{failed.hop.start}:{failed.hop.end}", ""
+            else:
+                keep = {}
+                inputs = [(p, x) for p, x in req.hops[0].history if p < pos]
+                layers, to_note = f"{req.plan.start}:{req.plan.end}", "rebuild all hops: "
+            new: list[HopState] = []
+            try:
+                states = await self.open(plan, keep)
+                new = [st for st in states if all(st is not k for k in keep.values())]
+                req.reroutes.append({"step": req.step_index, "layers": layers, "from": blamed,
+                                     "to": [st.hop.peer_id for st in new], "reason": to_note + reason})
+                log.info("re-route %s: layers %s from %s (%s) to %s", req.rid.hex()[:8], layers, blamed[:12], reason,
+                         [st.hop.peer_id[:12] for st in new])
+                await self._replay(req, inputs, new)
+            except HopFailed as exc:  # the replacement failed too: route around it as well
+                reason = f"replacement failed: {exc.code}: {exc.reason}"
+                req.excluded.add(exc.peer_id)
+                await self.end(req, new)  # replayed ones must start clean next time
+                continue
+            req.plan, req.hops = plan, states
+            req.tracker.adopt(plan)
+            if failed is None:
+                req.routed, req.histories_complete = False, True
+            return failed is None
+
+    async def _replay(self, req: RequestState, inputs: list[tuple[int, np.ndarray]], new: list[HopState]) -> None:
+        """Re-send inputs, in the chunks first sent, through the new hop(s) in order."""
+        for st in new:
+            outs = []
+            for pos, x in inputs:
+                y, _, _ = await self.call(req, st, pos, x, self.replay_timeout_s, replay=True)
+                st.history.append((pos, x))
+                outs.append((pos, y))
+            inputs = outs
+
+
+class Strategy:
+    """One step of a request through its remote hops, and a rebuild after a failure."""
+
+    def __init__(self, router: Router):
+        self.router = router
+
+    async def step(self, req: RequestState, pos: int, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    async def rebuild(self, req: RequestState, reason: str, pos: int, blamed: str = "") -> None:
+        """Every hop anew, from hop 0's inputs before ``pos`` (the only inputs always known)."""
+        await self.router.recover(req, reason, pos, blamed=blamed)
