@@ -1,6 +1,6 @@
 """Ledger benchmark: receipts stored per second, 100k-receipt sync, signing cost per token, bytes on the wire.
 
-    .venv/bin/python bench/ledger.py [--quick] [--sync-receipts 100000] [--split MODEL]
+    .venv/bin/python bench/ledger.py [--quick] [--sync-receipts 100000]
 
 * store: signed receipts (two Ed25519 signatures each) queued in small batches, as the
   recorder does, until the writer thread has committed them all; and signing + storing.
@@ -10,8 +10,6 @@
 * per token: the node recorder's observe + commitment signing, and the client's check of a
   chain (signatures, links, hashes), per token at C = 32.
 * wire: bytes a hop adds per request and per chunk (ledger messages + frame headers).
-* split (``--split MODEL``): decode tok/s through client + 2 peer processes, ledger on vs
-  off, interleaved rounds (needs the wiring in node.py; see docs/ledger.md).
 """
 
 from __future__ import annotations
@@ -116,17 +114,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sync-receipts", type=int, default=100_000)
-    ap.add_argument("--split", type=Path, default=None, help="GGUF model: also measure split decode tok/s, ledger on vs off")
     args = ap.parse_args()
     n_sync = 10_000 if args.quick else args.sync_receipts
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         results = {"store": bench_store(5_000 if args.quick else 50_000, tmp), "per_token": bench_per_token(3200, tmp),
                    "wire": wire_bytes(), "sync": bench_sync(n_sync, tmp)}
-        if args.split:
-            from split_ledger_bench import bench_split  # noqa: PLC0415 - only with --split
-
-            results["split"] = bench_split(args.split, tmp)
     print(json.dumps(results, indent=2))
 
 
