@@ -415,5 +415,9 @@ def run(
         typer.echo("")
 
 
+from edge_agent.api.command import serve_command  # noqa: E402 - after the shared options it imports
+
+app.command("serve")(serve_command)
+
 if __name__ == "__main__":  # pragma: no cover
     app()
