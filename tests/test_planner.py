@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -35,6 +34,9 @@ from edge_agent.split import planner as planner_mod
 from edge_agent.split.policy import PolicyError, PrivacyPolicy
 
 P = PeerCapability
+# Share of the swarms routed by the exact search that the greedy memory repair must route
+# too (measured: see test_greedy_memory_repair_stays_feasible's printout).
+GREEDY_ROUTE_SHARE = 0.9
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -289,19 +291,45 @@ def test_memory_summed_over_a_peers_hops():
 
 
 @FAST
-@given(swarms(max_layers=10, max_peers=5))
-def test_greedy_memory_repair_stays_feasible(swarm):
-    """Past its work limit the planner repairs memory overuse greedily: still feasible.
-    (The limit is forced to 0 here to reach that path on small swarms.)"""
-    n_layer, pol, peers = swarm
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(planner_mod, "_MAX_WORK", 0)
+def random_swarm(rnd: random.Random, n_layer: int, n_peers: int) -> list[PeerCapability]:
+    """Peers with one or two ranges each and tight memory, so many plans must repair it."""
+    peers = []
+    for i in range(n_peers):
+        ranges = []
+        for _ in range(rnd.randint(1, 2)):
+            a = rnd.randrange(0, n_layer)
+            ranges.append((a, rnd.randint(a + 1, n_layer)))
+        peers.append(P(f"p{i}", ranges, float(rnd.randint(1, 8)), float(rnd.randint(0, 20)), float(rnd.randint(0, 40)),
+                       layer_bytes_mb=1.0))
+    return peers
+
+
+def test_greedy_memory_repair_stays_feasible():
+    """Past its work limit the planner repairs memory overuse greedily (the limit is forced
+    to 0 here to reach that path on small swarms). Every plan it returns fits in memory,
+    and it routes nearly every swarm that the exact search routes."""
+    rnd = random.Random(5)
+    exact_routes = greedy_routes = 0
+    for _ in range(300):
+        n_layer, pol = rnd.randint(6, 10), PrivacyPolicy(1, 1)
+        peers = random_swarm(rnd, n_layer, rnd.randint(2, 5))
         try:
-            plan = plan_path(n_layer, pol, peers, target_tbt_ms=100)
+            plan_path(n_layer, pol, peers, target_tbt_ms=100)
         except NoRouteError:
-            return
-    check_plan(plan, n_layer, pol, peers)
-    check_memory(plan, peers)
+            continue
+        exact_routes += 1
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(planner_mod, "_MAX_WORK", 0)
+            try:
+                plan = plan_path(n_layer, pol, peers, target_tbt_ms=100)
+            except NoRouteError:
+                continue
+        greedy_routes += 1
+        check_plan(plan, n_layer, pol, peers)
+        check_memory(plan, peers)
+    print(f"greedy repair routed {greedy_routes} of the {exact_routes} swarms that the exact search routed")
+    assert exact_routes >= 100
+    assert greedy_routes >= GREEDY_ROUTE_SHARE * exact_routes
 
 
 def test_budgets_proportional_to_expected():
@@ -359,17 +387,22 @@ def test_has_alternative():
     assert not has_alternative(plan, 0, peers, exclude={"c"})
 
 
-def test_large_swarm_is_fast():
-    rng = random.Random(7)
+def large_swarm(seed: int = 7) -> list[PeerCapability]:
+    """40 peers with random ranges and memory over an 80-layer model, plus one backbone
+    (bench/planner.py times planning this swarm)."""
+    rng = random.Random(seed)
     peers = []
     for i in range(40):
         a = rng.randrange(0, 70)
         peers.append(P(f"n{i:02d}", [(a, min(80, a + rng.randrange(8, 40)))], rng.uniform(50, 500),
                        rng.uniform(0.5, 5), rng.uniform(1, 30), layer_bytes_mb=10.0))
     peers.append(P("backbone", [(0, 80)], 10_000, 8, 40))
-    t0 = time.perf_counter()
+    return peers
+
+
+def test_large_swarm_plan_is_feasible():
+    peers = large_swarm()
     plan = plan_path(80, PrivacyPolicy(), peers, target_tbt_ms=400, local_ms=15)
-    assert time.perf_counter() - t0 < 5.0
     check_plan(plan, 80, PrivacyPolicy(), peers)
     check_memory(plan, peers)
 

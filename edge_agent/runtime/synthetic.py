@@ -16,33 +16,52 @@ FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k_m": 15}
 EOS_ID = 2
 
 
-# Common words first, so that English prompts tokenize into whole words and detokenized
-# output reads as words: the tokenizer and the sampler see realistic ids, not only bytes.
+# Common words first, each with all its prefixes (llama.cpp's SentencePiece tokenizer builds
+# a word by merging pieces that are in the vocabulary), so that English prompts tokenize
+# into whole words and output detokenizes into words: the tokenizer and the sampler see
+# realistic ids, not only bytes.
 WORDS = (
-    "the a and to of was in it he she they you i is that for on with as his her had at but be "
-    "said one day there little once upon time girl boy big happy dog cat ball tree sun park "
-    "play saw went wanted very friend mom home fun named lily tom ben sam went into out up "
-    "down not so then all were what from have this we me my hello world capital france paris "
-    "is are how why who when where can will would could after before under over run ran jump "
-    "red blue green small old new good bad sea poem write short about tell story"
+    "Once upon a time there was little girl named Lily She loved to play in the park and "
+    "The capital of France is Paris Write short poem about sea Hi hello world abc dog cat "
+    "sun day one big happy he it with his her friend you I"
 ).split()
+
+
+def _pieces(words: list[str]) -> list[str]:
+    out: dict[str, None] = {}
+    for word in words:
+        for n in range(1, len(word) + 1):
+            out["\u2581" + word[:n]] = None
+    return list(out)
 
 
 def _vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
     types = [2, 3, 3] + [6] * 256
-    words = list(dict.fromkeys(WORDS))
-    seen, i = set(words), 0
-    while len(words) < n_vocab:  # then made-up words, each once
-        if _word(i) not in seen:
-            words.append(_word(i))
+    pieces = _pieces(WORDS)
+    seen, i = set(pieces), 0
+    while len(pieces) < n_vocab:  # then made-up words, each once
+        if "\u2581" + _word(i) not in seen:
+            pieces.append("\u2581" + _word(i))
         i += 1
-    for word in words[: max(0, n_vocab - len(tokens))]:
-        tokens.append("\u2581" + word)
+    for piece in pieces[: max(0, n_vocab - len(tokens))]:
+        tokens.append(piece)
         types.append(1)
     tokens, types = tokens[:n_vocab], types[:n_vocab]
-    scores = [0.0] * 3 + [0.0] * 256 + [-float(j) for j in range(n_vocab - 259)]
-    return tokens, scores[:n_vocab], types
+    # longer pieces score higher, so merges prefer whole words
+    scores = [0.0] * 259 + [len(t) - j * 1e-4 for j, t in enumerate(tokens[259:])]
+    return tokens, scores, types
+
+
+def _word(i: int) -> str:
+    """The i-th made-up word: a, b, ..., z, aa, ab, ..."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    i += 1
+    while i:
+        i, r = divmod(i - 1, 26)
+        out = letters[r] + out
+    return out
 
 
 def write_random_f32(path: Path, *, n_layer: int, n_embd: int, n_head: int, n_head_kv: int, n_ff: int, n_vocab: int, seed: int, tied: bool,

@@ -44,20 +44,6 @@ def mixed_frame(i: int, big_every: int = 500) -> Frame:
                             layer_end=12, seq=i, flags=0)
 
 
-async def receive_mix(ch: Any, count: int, big_every: int) -> int:
-    """Receive `count` frames of the standard mix and check each is intact, in order, once.
-    Returns the payload bytes received; raises AssertionError naming the first bad frame."""
-    total = 0
-    for i in range(count):
-        got = await ch.recv()
-        want = mixed_frame(i, big_every)
-        if got != want:
-            raise AssertionError(f"frame {i}: got seq={got.seq} step={got.step} len={len(got.payload)}, "
-                                 f"want seq={want.seq} len={len(want.payload)}")
-        total += len(got.payload)
-    return total
-
-
 async def open_channel(kind: str, identity: Identity, swarm: SwarmKey, host: str, port: int, **kw: Any) -> Any:
     if kind == "tls":
         from . import tls
