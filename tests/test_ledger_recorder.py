@@ -53,7 +53,10 @@ def test_request_leaves_matching_countersigned_receipts(tmp_path, corrupt):
         ask = ChannelRequester(ch)
         try:
             _play(node_rec, client_rec, node, rid, _steps(2, 40), corrupt_at=20 if corrupt else None)
-            return await client_rec.finalize(rid, {node.agent_id: ask}, [(0, 1), (3, 4)], 56)
+            async def request_for(peer_id):
+                return ask if peer_id == node.agent_id else None
+
+            return await client_rec.finalize(rid, request_for, [(node.agent_id, 1, 3)], [(0, 1), (3, 4)], 56)
         finally:
             ask.close()
             await ch.close()

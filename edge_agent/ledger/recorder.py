@@ -190,6 +190,7 @@ class ClientRecorder:
         self.bytes_per_position = bytes_per_position  # n_embd * 4: activation bytes per position, each way
         self.hops: OrderedDict[tuple[str, str, int, int], _Hop] = OrderedDict()
         self.failures: list[str] = []  # hops whose commitments did not check out (for telemetry and tests)
+        self._tasks: set[asyncio.Task] = set()
 
     def observe(self, rec) -> None:
         if rec.side != "client":
@@ -203,46 +204,66 @@ class ClientRecorder:
         hop.steps.append(_Step(rec.step, rec.n_positions, rec.input_digest, rec.output_digest, rec.compute_ms, rec.replay,
                                rec.wall_ms, rec.budget_ms))
 
-    async def finalize(self, request_id: str, requesters: dict[str, Callable], local: list[tuple[int, int]],
-                       local_steps: int) -> list[Receipt]:
-        """Close a request: a countersigned receipt per remote hop, a self-signed one per local range."""
+    def request_ended(self, request_id: str, hops: list[tuple[str, int, int]], local: list[tuple[int, int]],
+                      positions: int, request_for: Callable) -> None:
+        """The client's hook at the end of a request: finalize it in the background (``drain`` waits)."""
+        task = asyncio.get_running_loop().create_task(self.finalize(request_id, request_for, hops, local, positions))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self, timeout_s: float = 30.0) -> None:
+        """Wait for requests still being finalized (before closing the links they use)."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout_s)
+
+    async def finalize(self, request_id: str, request_for: Callable, hops: list[tuple[str, int, int]],
+                       local: list[tuple[int, int]], positions: int) -> list[Receipt]:
+        """Close a request: a countersigned receipt per remote hop, a self-signed one per local range.
+
+        ``request_for(peer_id)`` -> an async ledger request function for that peer, or None for
+        this device's own fallback hop. ``hops`` (the final path) adds hops the client has no
+        records of: chain mode, where it never sees the middle activations.
+        """
         out = []
-        for key in [k for k in self.hops if k[0] == request_id]:
-            hop = self.hops.pop(key)
+        keys = [k for k in self.hops if k[0] == request_id]
+        keys += [(request_id, *h) for h in hops if (request_id, *h) not in keys]
+        for key in keys:
+            hop = self.hops.pop(key, None)
             _, peer_id, start, end = key
-            request = requesters.get(peer_id)
-            if request is None:  # the client's own fallback hop: like its head and tail
-                local = [*local, (start, end)]
-                continue
             try:
+                request = await request_for(peer_id)
+                if request is None:  # the client's own fallback hop: like its head and tail
+                    local = [*local, (start, end)]
+                    continue
                 out.append(await self._remote_receipt(request_id, peer_id, start, end, hop, request))
-            except (ReceiptRefused, EncodingError, OSError, asyncio.TimeoutError) as exc:
-                reason = getattr(exc, "reason", None) or str(exc)
+            except Exception as exc:  # noqa: BLE001 - a refusal, a dead peer, junk: no receipt, never a crash
+                reason = getattr(exc, "reason", None) or repr(exc)
                 self.failures.append(f"{peer_id[:12]} {start}:{end}: {reason}")
                 log.warning("no receipt from %s for layers %d:%d: %s", peer_id[:12], start, end, reason)
         ended = int(time.time() * 1000)
         for start, end in local:
             body = ReceiptBody(bytes.fromhex(request_id), self.identity.public_key, self.identity.public_key, start, end,
-                               self.model_hash, local_steps, 0, ZERO32, 0, 0, 0, 0, 0, ended)
+                               self.model_hash, positions, 0, ZERO32, 0, 0, 0, 0, 0, ended)
             out.append(Receipt.sign_both(self.identity, body))
-        self.store.add(receipts=[r for r in out if r.fields.node == self.identity.public_key])
+        await asyncio.wrap_future(self.store.add(receipts=[r for r in out if r.fields.node == self.identity.public_key]))
         return out
 
     async def _remote_receipt(self, request_id: str, peer_id: str, start: int, end: int, hop: _Hop, request) -> Receipt:
         node = public_key_from_agent_id(peer_id)
         reply = await _ask(request, wire.commits_get(bytes.fromhex(request_id), start, end), Msg.COMMITS)
         commitments = [Commitment.from_bytes(x) for x in wire.read_commitments(reply)]
-        expected = chunks_of(hop.steps, self.chunk_size)
+        steps = hop.steps if hop is not None else None
+        expected = chunks_of(steps, self.chunk_size) if steps is not None else None
         problem = await asyncio.to_thread(_check_chain, commitments, expected, node, request_id, start, end, self.model_hash)
         if problem:
             raise ReceiptRefused(problem)
-        decode = [s for s in hop.steps if s.n == 1 and s.budget_ms is not None]
+        decode = [s for s in steps or () if s.n == 1 and s.budget_ms is not None]
         met = sum(1 for s in decode if s.wall_ms <= s.budget_ms)
-        positions = sum(s.n for s in hop.steps)
+        positions = sum(s.n for s in steps) if steps is not None else sum(c.fields.step_end - c.fields.step_start for c in commitments)
         body = ReceiptBody(bytes.fromhex(request_id), node, self.identity.public_key, start, end, self.model_hash, positions,
                            len(commitments), commitments[-1].id if commitments else ZERO32, met, len(decode) - met,
                            positions * self.bytes_per_position, positions * self.bytes_per_position,
-                           int(sum(s.compute_ms for s in hop.steps) * 1000), int(time.time() * 1000))
+                           sum(c.fields.compute_us for c in commitments), int(time.time() * 1000))
         raw = Receipt.encode_body(body)
         client_sig = Receipt.client_signature(self.identity, raw)
         signed = await _ask(request, wire.receipt_sign(raw, client_sig), Msg.RECEIPT_SIGNED)
@@ -270,13 +291,16 @@ async def _ask(request, payload: bytes, expect: Msg) -> wire.Reader:
     return r
 
 
-def _check_chain(commitments: list[Commitment], expected: list[list[_Step]], node: bytes | None, request_id: str,
+def _check_chain(commitments: list[Commitment], expected: list[list[_Step]] | None, node: bytes | None, request_id: str,
                  start: int, end: int, model_hash: bytes) -> str | None:
-    """Signatures, linkage, and agreement with what the client itself sent and received."""
-    if len(commitments) != len(expected):
+    """Signatures, linkage, and agreement with what the client itself sent and received
+    (``expected`` None: chain mode, the client saw no activations of this hop)."""
+    if expected is not None and len(commitments) != len(expected):
         return f"{len(commitments)} commitments for {len(expected)} chunks the client saw"
+    if not commitments:
+        return "no commitments"
     prev = ZERO32
-    for i, (c, chunk) in enumerate(zip(commitments, expected)):
+    for i, c in enumerate(commitments):
         problem = c.problem()
         if problem:
             return f"chunk {i}: {problem}"
@@ -284,10 +308,13 @@ def _check_chain(commitments: list[Commitment], expected: list[list[_Step]], nod
         if (f.node, f.request_id.hex(), f.layer_start, f.layer_end, f.chunk, f.prev, f.model_hash) != (
                 node, request_id, start, end, i, prev, model_hash):
             return f"chunk {i}: not this hop's chain"
+        prev = c.id
+        if expected is None:
+            continue
+        chunk = expected[i]
         if (f.step_start, f.step_end) != (chunk[0].step, chunk[-1].step + chunk[-1].n):
             return f"chunk {i}: steps {f.step_start}:{f.step_end} differ from what the client sent"
         if f.inputs_hash != chunk_hash([s.input_digest for s in chunk]) or f.outputs_hash != chunk_hash(
                 [s.output_digest for s in chunk]):
             return f"chunk {i}: activation hashes differ from what the client sent and received"
-        prev = c.id
     return None
