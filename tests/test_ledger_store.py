@@ -133,6 +133,9 @@ def test_retention_prunes_old_commitments_but_keeps_receipts_and_heads(tmp_path)
         assert store.verify() == []
     finally:
         store.close()
+    again = LedgerStore.open(tmp_path)  # the bound is remembered: `join` and `run` keep it
+    assert again.max_bytes == int(0.5 * 2**20)
+    again.close()
 
 
 def test_kill_minus_9_during_heavy_writes_loses_nothing_acknowledged(tmp_path):

@@ -12,7 +12,8 @@ import typer
 
 ledger_app = typer.Typer(help="This agent's ledger of signed receipts and commitments.", no_args_is_help=True)
 DataDirOpt = typer.Option(None, "--data-dir", help="Data directory (default: $EDGE_AGENT_DATA_DIR or $XDG_DATA_HOME/edge-agent).")
-MaxMbOpt = typer.Option(None, "--ledger-max-mb", help="Bound on the ledger's size; old commitments are pruned (receipts and chain heads stay).")
+MaxMbOpt = typer.Option(None, "--ledger-max-mb", help="Bound on the ledger's size, remembered in the ledger (join and run keep it); "
+                        "old commitments are pruned, receipts and chain heads stay.")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -73,9 +74,9 @@ def verify(data_dir: Optional[Path] = DataDirOpt) -> None:
 
 
 @ledger_app.command("stats")
-def stats(data_dir: Optional[Path] = DataDirOpt, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Row counts, chain heads, size on disk, schema version."""
-    store = _store(data_dir)
+def stats(data_dir: Optional[Path] = DataDirOpt, as_json: bool = typer.Option(False, "--json"), max_mb: Optional[float] = MaxMbOpt) -> None:
+    """Row counts, chain heads, size on disk, schema version (``--ledger-max-mb`` sets the bound)."""
+    store = _store(data_dir, max_mb)
     try:
         s = store.stats()
     finally:

@@ -191,11 +191,13 @@ class ClientRecorder:
         self.hops: OrderedDict[tuple[str, str, int, int], _Hop] = OrderedDict()
         self.failures: list[str] = []  # hops whose commitments did not check out (for telemetry and tests)
         self._tasks: set[asyncio.Task] = set()
+        self.peers: set[str] = set()  # every peer that did work for us (the end-of-run sync pushes to them)
 
     def observe(self, rec) -> None:
         if rec.side != "client":
             return
         key = (rec.request_id, rec.peer_id, rec.start, rec.end)
+        self.peers.add(rec.peer_id)
         hop = self.hops.get(key)
         if hop is None:
             hop = self.hops[key] = _Hop()
@@ -207,6 +209,7 @@ class ClientRecorder:
     def request_ended(self, request_id: str, hops: list[tuple[str, int, int]], local: list[tuple[int, int]],
                       positions: int, request_for: Callable) -> None:
         """The client's hook at the end of a request: finalize it in the background (``drain`` waits)."""
+        self.peers.update(h[0] for h in hops)
         task = asyncio.get_running_loop().create_task(self.finalize(request_id, request_for, hops, local, positions))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -29,6 +29,11 @@ class LedgerService:
         self.sync = SyncResponder(store, budget)
         self.node_recorder = node_recorder  # answers COMMITS_GET / RECEIPT_SIGN when this agent serves hops
 
+    @staticmethod
+    def accepts(payload: bytes) -> bool:
+        """Is this CONTROL payload ours (the hop server asks before its JSON control messages)?"""
+        return wire.is_ledger_message(payload)
+
     async def handle(self, payload: bytes, peer_id: str) -> bytes:
         try:
             kind, r = wire.unpack(payload)

@@ -62,7 +62,12 @@ def _v2(db: sqlite_utils.Database) -> None:
     db["reputation"].create({"agent_id": str, "score": float, "updated_ms": int}, pk="agent_id")
 
 
-MIGRATIONS = (_v1, _v2)
+def _v3(db: sqlite_utils.Database) -> None:
+    """Settings that outlive a command line: ``max_mb`` from ``--ledger-max-mb``."""
+    db["settings"].create({"key": str, "value": str}, pk="key")
+
+
+MIGRATIONS = (_v1, _v2, _v3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -123,6 +128,11 @@ class LedgerStore:
         setup = _connect(self.path)
         try:
             migrate(setup)
+            if max_bytes is not None:  # remembered: `join` and `run` keep the bound a ledger command set
+                setup["settings"].upsert({"key": "max_bytes", "value": str(max_bytes)}, pk="key")
+            else:
+                row = setup.execute("SELECT value FROM settings WHERE key = 'max_bytes'").fetchone()
+                self.max_bytes = int(row[0]) if row else None
         finally:
             setup.conn.close()
         self._local = threading.local()
