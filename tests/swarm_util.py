@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -9,6 +10,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 READY_TIMEOUT_S = 90.0
 
@@ -60,3 +63,39 @@ def start_peer(model: Path | None, layers: str | None, data_dir: Path, *extra: s
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"peer not ready in {READY_TIMEOUT_S} s: {log.read_text()[-2000:]}")
+
+
+@pytest.fixture
+def peers(tmp_path):
+    """``peers(model, layers, *join_args, mdns=False)`` starts one; all are stopped after the test."""
+    started = []
+
+    def start(model, layers, *extra, mdns=False):
+        p = start_peer(model, layers, tmp_path / f"peer{len(started)}", *extra, mdns=mdns)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+def swarm_generate(tmp_path, model, prompt, n, peer_list, *, mdns=False, on_token=None, discover_s=30.0, **client):
+    """(prompt token ids, result) of ``node.run`` through ``peer_list`` (TLS addresses, or mDNS);
+    ``client``: ``ClientConfig`` fields."""
+    from edge_agent.node import AgentConfig, run
+    from edge_agent.runtime.sampling import SamplingParams
+    from edge_agent.split.client import ClientConfig
+
+    cfg = AgentConfig(tmp_path / "client", manual_peers=[] if mdns else [("127.0.0.1", p.ready["tls_port"]) for p in peer_list],
+                      mdns=mdns, interfaces=["127.0.0.1"] if mdns else None, host="127.0.0.1")
+    cfg.data_dir.mkdir(exist_ok=True)
+    box = {}
+
+    def tokens(tok):
+        box["prompt"] = tok.encode(prompt)
+        return box["prompt"]
+
+    res = asyncio.run(run(cfg, model, tokens, SamplingParams(max_tokens=n), ClientConfig(**client), discover_s=discover_s,
+                          n_ctx=512, on_token=on_token))
+    return box["prompt"], res

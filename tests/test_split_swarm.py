@@ -7,41 +7,9 @@ import asyncio
 import pytest
 
 from conftest import reference_tokens
-from edge_agent.node import AgentConfig, run
 from edge_agent.runtime.sampling import SamplingParams
 from edge_agent.split.client import ClientConfig
-from edge_agent.split.policy import PrivacyPolicy
-from swarm_util import start_peer
-
-
-@pytest.fixture
-def peers(tmp_path):
-    started = []
-
-    def start(model, layers, *extra, mdns=False):
-        p = start_peer(model, layers, tmp_path / f"peer{len(started)}", *extra, mdns=mdns)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.stop()
-
-
-def swarm_generate(tmp_path, model, prompt, n, peer_list, *, mdns=False, policy=PrivacyPolicy(), target_tbt_ms=250.0,
-                   on_token=None, mode="star"):
-    cfg = AgentConfig(tmp_path / "client", manual_peers=[] if mdns else [("127.0.0.1", p.ready["tls_port"]) for p in peer_list],
-                      mdns=mdns, interfaces=["127.0.0.1"] if mdns else None, host="127.0.0.1")
-    cfg.data_dir.mkdir(exist_ok=True)
-    box = {}
-
-    def tokens(tok):
-        box["prompt"] = tok.encode(prompt)
-        return box["prompt"]
-
-    res = asyncio.run(run(cfg, model, tokens, SamplingParams(max_tokens=n), ClientConfig(policy=policy, target_tbt_ms=target_tbt_ms, mode=mode),
-                          discover_s=30.0, n_ctx=512, on_token=on_token))
-    return box["prompt"], res
+from swarm_util import peers, swarm_generate  # noqa: F401 - peers is a fixture
 
 
 @pytest.mark.parametrize("mode", ["star", "chain"])
@@ -203,36 +171,34 @@ def test_no_route_error_names_the_missing_layers(tmp_path, peers, tiny_model):
 
 
 def test_concurrent_requests_share_the_peers(tmp_path, peers, random_models):
-    """Three requests at once through the same two peers (quantized weights: nodes batch them)."""
-    from edge_agent.node import Agent, AgentConfig, PeerDirectory
+    """Three requests at once through one client and the same two peers (quantized weights:
+    nodes batch them); a fourth, cancelled mid-way, ends on every hop."""
+    from edge_agent.node import AgentConfig, swarm_client
     from edge_agent.runtime.engine import EngineOptions
-    from edge_agent.runtime.shards import inspect_model
-    from edge_agent.split.client import SwarmClient
 
     model = random_models("q8_0")
-    a, b = peers(model, "1:3"), peers(model, "3:5")
+    # room for the three requests only: the cancelled one must give its KV slots back
+    a, b = peers(model, "1:3", "--max-requests", "3"), peers(model, "3:5", "--max-requests", "3")
     prompts = [[1, 300, 301, 302], [1, 400, 401, 402, 403, 404], [1, 500]]
 
     async def main():
         cfg = AgentConfig(tmp_path / "c", manual_peers=[("127.0.0.1", p.ready["tls_port"]) for p in (a, b)], mdns=False)
         cfg.data_dir.mkdir()
-        agent = Agent(cfg)
-        await agent.start()
-        directory = PeerDirectory(agent, inspect_model(model).model_hash)
-        client = None
-        try:
-            await directory.wait_for_coverage(6, ClientConfig().policy, 30)
-            client = SwarmClient(model, directory, ClientConfig(), EngineOptions(n_ctx_per_request=512, max_requests=4))
+        opts = EngineOptions(n_ctx_per_request=512, max_requests=4)
+        async with swarm_client(cfg, model, ClientConfig(local_fallback=False), opts, discover_s=30) as client:
+            started = asyncio.Event()
+            doomed = asyncio.create_task(client.generate([1, 600], SamplingParams(max_tokens=400),
+                                                         lambda _t, _s: started.set()))
+            await started.wait()
+            doomed.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await doomed
             return await asyncio.gather(*(client.generate(p, SamplingParams(max_tokens=16)) for p in prompts))
-        finally:
-            if client:
-                client.close()
-            await directory.close()
-            await agent.close()
 
     results = asyncio.run(main())
     for p, res in zip(prompts, results):
         assert res.token_ids == reference_tokens(model, p, 16)
+        assert res.stats["reroutes"] == []
 
 
 def test_idle_requests_are_evicted_and_say_so(tiny_model):
