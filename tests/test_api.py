@@ -113,6 +113,7 @@ def test_stop_string_is_never_streamed(swarm, client):
     assert streamed == whole and " capital" not in whole
 
 
+@pytest.mark.slow
 def test_ten_concurrent_streaming_clients(swarm, tok, smollm_path):
     questions = ["What is the capital of France?", "Name a colour.", "What is 2 + 2?"]
     convs = [[{"role": "user", "content": questions[i % 3]}] for i in range(10)]
@@ -217,6 +218,7 @@ def test_metrics_parse_as_prometheus_text(swarm, client):
     assert sum(ttft_count) >= 1
 
 
+@pytest.mark.slow
 def test_no_route_is_503_naming_the_missing_layers(swarm, smollm_path, tmp_path):
     only_first = swarm[0][:1]  # serves 1:15; nobody serves 15:29
     server = start_server(smollm_path, only_first, tmp_path / "api", "--no-local-fallback", "--discover", "0.5")

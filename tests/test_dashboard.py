@@ -53,6 +53,7 @@ def test_page_shows_both_peers_and_the_layer_bar(swarm, page):
     assert page.locator("#layer-bar rect.uncovered").count() == 0
 
 
+@pytest.mark.slow
 def test_chat_box_streams_an_exact_answer(swarm, page, smollm_path):
     from edge_agent.runtime.tokenizer import Tokenizer
 

@@ -53,7 +53,7 @@ def error_response(err: ApiError) -> JSONResponse:
 def as_api_error(exc: BaseException) -> ApiError:
     """The swarm's failures in OpenAI's error shape, with the status a client can act on."""
     from edge_agent.runtime.engine import CapacityError, EngineError
-    from edge_agent.split.links import HopFailed
+    from edge_agent.split.protocol import HopFailed
     from edge_agent.split.planner import NoRouteError, format_layers
 
     if isinstance(exc, ApiError):

@@ -9,7 +9,8 @@ from typing import Optional
 
 import typer
 
-from edge_agent.cli import DataDirOpt, ModelOpt, PeerOpt, SwarmKeyOpt, _agent_config, _fail, _resolve_model
+from edge_agent.cli import (BackendOpt, CtxOpt, DataDirOpt, FlashAttnOpt, ModelOpt, PeerOpt, SwarmKeyOpt, ThreadsOpt, UbatchOpt,
+                            _agent_config, _engine_options, _fail, _resolve_model)
 
 
 def serve_command(
@@ -22,10 +23,13 @@ def serve_command(
     split: str = typer.Option("1:1", "--split", help="K:M - keep the first K and last M layers on this device."),
     target_tbt_ms: float = typer.Option(250.0, "--target-tbt-ms", help="Target time between tokens (deadline budget)."),
     mode: str = typer.Option("star", "--mode", help="star, chain or auto."),
-    ctx: int = typer.Option(2048, "--ctx", help="Context positions per request (prompt + answer)."),
     max_concurrent: int = typer.Option(8, "--max-concurrent", help="Generations at once; more requests wait for a slot."),
     discover: float = typer.Option(5.0, "--discover", help="Seconds to wait at start for peers covering the layers."),
-    backend: str = typer.Option("llamacpp", "--backend", help="Runtime for this device's layers: llamacpp, onnx or auto."),
+    backend: str = BackendOpt,
+    threads: Optional[int] = ThreadsOpt,
+    ctx: int = CtxOpt,
+    flash_attn: bool = FlashAttnOpt,
+    ubatch: int = UbatchOpt,
     no_local_fallback: bool = typer.Option(False, "--no-local-fallback", help="Fail (503) instead of running uncovered layers here."),
     data_dir: Optional[Path] = DataDirOpt,
     swarm_key: Optional[str] = SwarmKeyOpt,
@@ -54,9 +58,10 @@ def serve_command(
         k, m = parse_range(split)
         client_cfg = ClientConfig(policy=PrivacyPolicy(k, m), target_tbt_ms=target_tbt_ms, mode=mode, backend=backend,
                                   local_fallback=not no_local_fallback)
+        engine_opts = _engine_options(ctx, threads, flash_attn, ubatch, max_requests=max_concurrent)
     except (EngineError, PolicyError, ValueError) as exc:
         _fail(str(exc))
-    opts = ServeOptions(host, port, api_key, no_auth, ctx, max_concurrent, discover)
+    opts = ServeOptions(host, port, api_key, no_auth, max_concurrent, discover)
 
     def ready(info: dict) -> None:
         typer.echo(json.dumps({"ready": info}))
@@ -64,6 +69,6 @@ def serve_command(
         typer.echo(f"serving {info['model']} on {info['url']} (dashboard at /, OpenAI API at /v1)", err=True)
 
     try:
-        asyncio.run(serve(cfg, path, client_cfg, opts, ready))
+        asyncio.run(serve(cfg, path, client_cfg, engine_opts, opts, ready))
     except (ServeError, EngineError, PolicyError, OSError) as exc:
         _fail(str(exc))

@@ -1,12 +1,11 @@
 """`edge-agent serve`: a full agent (discovery, transport, split client) with the HTTP API in front.
 
-Wires what node.run wires for one request (Agent, PeerDirectory, SwarmClient), keeps it
-up, and serves the API, /metrics and the dashboard with uvicorn on the same event loop.
+Keeps what ``node.swarm_client`` wires (agent, peer directory, split client) up for many
+requests, and serves the API, /metrics and the dashboard with uvicorn on the same event loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import socket
@@ -23,7 +22,6 @@ class ServeOptions:
     port: int = 8000
     api_key: str | None = None
     no_auth: bool = False
-    n_ctx: int = 2048
     max_concurrent: int = 8  # generations at once (one KV slot each on this device)
     discover_s: float = 5.0
 
@@ -66,8 +64,10 @@ def swarm_view(directory, client, model_id: str) -> Callable[[], dict]:
                           "free_mem_mb": c.free_memory_mb, "rtt_ms": round(c.rtt_ms, 3), "transport": c.transport,
                           "backend": entry.caps.backend if entry is not None else "?"})
         cov = coverage(n_layer, caps)
+        others = [{"peer_id": p.peer_id, "ranges": [list(r) for r in p.ranges], "reason": p.reason}
+                  for p in directory.incompatible()]
         return {"model": model_id, "n_layer": n_layer, "local": [[head.start, head.end], [tail.start, tail.end]],
-                "remote": [lo, hi], "covered": all(c > 0 for c in cov[lo:hi]), "peers": peers,
+                "remote": [lo, hi], "covered": all(c > 0 for c in cov[lo:hi]), "peers": peers, "incompatible": others,
                 "agent_id": directory.agent.identity.agent_id}
 
     return view
@@ -86,49 +86,39 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(config, model: Path, client_config, opts: ServeOptions, on_ready=None) -> None:
-    """Join the swarm as a client and serve the API until SIGINT/SIGTERM."""
+async def serve(config, model: Path, client_config, engine_options, opts: ServeOptions, on_ready=None) -> None:
+    """Join the swarm as a client and serve the API until SIGINT/SIGTERM.
+
+    ``engine_options``: this device's engine settings (context per request, arithmetic);
+    ``opts.max_concurrent`` of its KV slots serve requests at once."""
     import uvicorn
 
     from edge_agent.api.app import ApiServices, create_app
     from edge_agent.api.dashboard import dashboard_routes
     from edge_agent.api.engine import ApiEngine
     from edge_agent.api.metrics import ApiMetrics
-    from edge_agent.node import Agent, PeerDirectory
-    from edge_agent.runtime.engine import EngineOptions
-    from edge_agent.runtime.shards import inspect_model
-    from edge_agent.split.client import SwarmClient
+    from edge_agent.node import swarm_client
 
     check_auth(opts)
     sock = bind_socket(opts.host, opts.port)  # fail fast, before loading anything
-    info = await asyncio.to_thread(inspect_model, model)
-    agent = Agent(config)
-    await agent.start()
-    directory = PeerDirectory(agent, info.model_hash)
-    client = engine = None
     try:
-        await directory.wait_for_coverage(info.n_layer, client_config.policy, opts.discover_s)
-        eopts = EngineOptions(n_ctx_per_request=opts.n_ctx, max_requests=opts.max_concurrent)
-        client = await asyncio.to_thread(SwarmClient, model, directory, client_config, eopts, config.data_dir / "shards")
-        model_id = model.name.removesuffix(".gguf")
-        view = swarm_view(directory, client, model_id)
-        metrics = ApiMetrics(lambda: view()["peers"], bytes_per_row=4 * info.n_embd)
-        engine = ApiEngine(client, max_concurrent=opts.max_concurrent, on_gap=metrics.gap, on_finish=metrics.finished)
-        metrics.in_flight.set_function(lambda: len(engine.flights))
-        client.observers.add(engine.observe)
-        services = ApiServices(engine, metrics, model_id, opts.n_ctx, view, opts.api_key)
-        app = create_app(services, dashboard_routes(services))
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5))
-        host, port = sock.getsockname()[:2]
-        if on_ready:
-            on_ready({"url": f"http://{host}:{port}", "model": model_id, "agent_id": agent.identity.agent_id,
-                      "peers": len(view()["peers"]), "auth": opts.api_key is not None})
-        await server.serve(sockets=[sock])
+        async with swarm_client(config, model, client_config, engine_options, discover_s=opts.discover_s) as client:
+            model_id = model.name.removesuffix(".gguf")
+            view = swarm_view(client.peers, client, model_id)
+            metrics = ApiMetrics(lambda: view()["peers"], bytes_per_row=4 * client.head.info.n_embd)
+            engine = ApiEngine(client, max_concurrent=opts.max_concurrent, on_gap=metrics.gap, on_finish=metrics.finished)
+            metrics.in_flight.set_function(lambda: len(engine.flights))
+            client.observers.add(engine.observe)
+            services = ApiServices(engine, metrics, model_id, engine_options.n_ctx_per_request, view, opts.api_key)
+            app = create_app(services, dashboard_routes(services))
+            server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5))
+            host, port = sock.getsockname()[:2]
+            if on_ready:
+                on_ready({"url": f"http://{host}:{port}", "model": model_id, "agent_id": client.peers.agent.identity.agent_id,
+                          "peers": len(view()["peers"]), "auth": opts.api_key is not None})
+            try:
+                await server.serve(sockets=[sock])
+            finally:
+                await engine.close()  # every hop ends its requests before the links close
     finally:
         sock.close()
-        if engine is not None:
-            await engine.close()
-        if client is not None:
-            client.close()
-        await directory.close()
-        await agent.close()
