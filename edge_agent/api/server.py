@@ -60,9 +60,11 @@ def swarm_view(directory, client, model_id: str) -> Callable[[], dict]:
         peers = []
         for c in caps:
             entry = directory.agent.table.get(c.peer_id)
+            advert = entry.caps if entry is not None else None
             peers.append({"peer_id": c.peer_id, "ranges": [list(r) for r in c.ranges], "ms_per_layer": c.ms_per_layer,
-                          "free_mem_mb": c.free_memory_mb, "rtt_ms": round(c.rtt_ms, 3), "transport": c.transport,
-                          "backend": entry.caps.backend if entry is not None else "?"})
+                          "free_mem_mb": c.free_memory_mb, "rtt_ms": round(c.rtt_ms, 3),
+                          "transport": "tls" if advert is not None and advert.tls_port else "webrtc",
+                          "backend": advert.backend if advert is not None else "?"})
         cov = coverage(n_layer, caps)
         others = [{"peer_id": p.peer_id, "ranges": [list(r) for r in p.ranges], "reason": p.reason}
                   for p in directory.incompatible()]

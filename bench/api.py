@@ -1,0 +1,131 @@
+"""API benchmark: `edge-agent serve` vs. the split client `run` uses, on the same client + 2 peers swarm.
+
+    .venv/bin/python bench/api.py [--rounds N] [--tokens N]
+
+SmolLM2-135M-Instruct (the packaged model), peers on layers 1:15 and 15:29 as separate
+processes on loopback, and a `serve` process in front of them. Interleaved rounds, medians:
+- TTFT: a streamed chat request (HTTP client: send -> first content chunk) against
+  SwarmClient.generate in this process (what `run` does after start-up) for the same prompt;
+- TBT: the gaps between streamed chunks against the token loop's own gaps;
+- aggregate tokens/s with 1, 4 and 8 concurrent streaming clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from api_util import start_swarm  # noqa: E402
+
+MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
+
+
+async def stream_chat(session, url: str, model: str, n_tokens: int) -> dict:
+    """One streamed chat request; client-side TTFT, chunk gaps and token count."""
+    body = {"model": model, "messages": MESSAGES, "max_tokens": n_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    stamps, usage = [], None
+    async with session.post(url + "/v1/chat/completions", json=body) as resp:
+        resp.raise_for_status()
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                stamps.append(time.perf_counter())
+            usage = chunk.get("usage") or usage
+    gaps = [(b - a) * 1000 for a, b in zip(stamps, stamps[1:])]
+    return {"ttft_ms": (stamps[0] - t0) * 1000, "tbt_ms": statistics.median(gaps), "tokens": usage["completion_tokens"],
+            "wall_s": time.perf_counter() - t0}
+
+
+async def generate_direct(client, prompt: list[int], params) -> dict:
+    """Measured like the API side: call -> first token delivered, then the gaps between tokens."""
+    stamps = []
+    t0 = time.perf_counter()
+    await client.generate(prompt, params, lambda _t, _text: stamps.append(time.perf_counter()))
+    gaps = [(b - a) * 1000 for a, b in zip(stamps, stamps[1:])]
+    return {"ttft_ms": (stamps[0] - t0) * 1000, "tbt_ms": statistics.median(gaps)}
+
+
+@asynccontextmanager
+async def direct_client(model: Path, peers):
+    """The split client `run` drives (node.swarm_client), in this process, on the same peers."""
+    from edge_agent.node import AgentConfig, swarm_client
+    from edge_agent.runtime.engine import EngineOptions
+    from edge_agent.split.client import ClientConfig
+
+    with tempfile.TemporaryDirectory() as d:
+        cfg = AgentConfig(Path(d), mdns=False, manual_peers=[("127.0.0.1", p.ready["tls_port"]) for p in peers])
+        async with swarm_client(cfg, model, ClientConfig(), EngineOptions(n_ctx_per_request=512, max_requests=2),
+                                discover_s=60) as client:
+            yield client
+
+
+async def measure(model: Path, peers, server, rounds: int, n_tokens: int) -> dict:
+    import aiohttp
+
+    from edge_agent.runtime.sampling import SamplingParams
+
+    async with direct_client(model, peers) as client:
+        tok = client.tokenizer
+        prompt = tok.encode(tok.apply_chat_template(MESSAGES), add_special=True, parse_special=True)
+        params = SamplingParams(max_tokens=n_tokens)
+        api, direct = [], []
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
+            model_id = server.ready["model"]
+            await stream_chat(s, server.url, model_id, 4)  # warm-up: connections, page cache
+            await client.generate(prompt, SamplingParams(max_tokens=4))
+            for _ in range(rounds):  # interleaved so both see the same machine load
+                api.append(await stream_chat(s, server.url, model_id, n_tokens))
+                direct.append(await generate_direct(client, prompt, params))
+            throughput = {}
+            for n in (1, 4, 8):
+                t0 = time.perf_counter()
+                runs = await asyncio.gather(*(stream_chat(s, server.url, model_id, n_tokens) for _ in range(n)))
+                throughput[n] = round(sum(r["tokens"] for r in runs) / (time.perf_counter() - t0), 2)
+    med = lambda rows, key: round(statistics.median(r[key] for r in rows), 3)  # noqa: E731
+    return {
+        "rounds": rounds, "tokens": n_tokens, "prompt_tokens": len(prompt),
+        "ttft_ms": {"api": med(api, "ttft_ms"), "run": med(direct, "ttft_ms"),
+                    "added": round(med(api, "ttft_ms") - med(direct, "ttft_ms"), 3)},
+        "tbt_ms": {"api": med(api, "tbt_ms"), "run": med(direct, "tbt_ms"),
+                   "added": round(med(api, "tbt_ms") - med(direct, "tbt_ms"), 3)},
+        "aggregate_tok_s": throughput,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--tokens", type=int, default=32)
+    args = ap.parse_args()
+    from edge_agent.config import resolve_model
+
+    model = resolve_model()
+    with tempfile.TemporaryDirectory() as d:
+        peers, server = start_swarm(model, Path(d), "--max-concurrent", "8", peer_extra=("--max-requests", "10"))
+        try:
+            out = asyncio.run(measure(model, peers, server, args.rounds, args.tokens))
+        finally:
+            server.stop()
+            for p in peers:
+                p.stop()
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
