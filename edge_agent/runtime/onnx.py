@@ -91,7 +91,7 @@ def _graph_spec(reader, meta: _Meta, start: int, end: int, role: str, o: EngineO
     return spec, float(_field(reader, f"{arch}.rope.freq_base", 10000.0)), freq_scale
 
 
-class _Request:
+class _RequestCache:
     __slots__ = ("k", "v", "pos")
 
     def __init__(self, k: list[np.ndarray], v: list[np.ndarray]):
@@ -135,7 +135,7 @@ class OnnxEngine:
         self.batches_requests = False  # requests run one after another (their past lengths differ)
         self._out_names = [x.name for x in self._session.get_outputs()]
         self._lock = threading.Lock()
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, _RequestCache] = {}
 
     @classmethod
     def from_model(
@@ -235,14 +235,14 @@ class OnnxEngine:
         self._session = None
 
     # -- decoding --------------------------------------------------------------------------
-    def _run_step(self, step: StepInput) -> tuple[np.ndarray, _Request]:
+    def _run_step(self, step: StepInput) -> tuple[np.ndarray, _RequestCache]:
         """Run one request's rows in n_batch chunks; returns the output and its new state."""
         s = self.spec
         old = self._requests.get(step.request_id)
         if old is None:
             empty = np.zeros((s.n_head_kv, 0, s.head_dim), dtype=self._kv_dtype)
-            old = _Request([empty] * (s.end - s.start), [empty] * (s.end - s.start))
-        state = _Request(list(old.k), list(old.v))
+            old = _RequestCache([empty] * (s.end - s.start), [empty] * (s.end - s.start))
+        state = _RequestCache(list(old.k), list(old.v))
         state.pos = old.pos
         outs = []
         n_batch = max(1, self.options.n_batch)
@@ -253,7 +253,7 @@ class OnnxEngine:
             return (logits if step.all_logits else logits[-1]), state
         return np.concatenate(outs), state
 
-    def _run_chunk(self, state: _Request, data: np.ndarray) -> np.ndarray:
+    def _run_chunk(self, state: _RequestCache, data: np.ndarray) -> np.ndarray:
         n, past = data.shape[0], state.pos
         pos = np.arange(past, past + n)
         cos, sin = rope_tables(pos, self.spec.n_rot, self.freq_base, self.freq_scale)

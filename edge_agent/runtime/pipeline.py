@@ -20,12 +20,16 @@ from edge_agent.runtime.shards import inspect_model, validate_range
 
 
 def plan_local_ranges(n_layer: int, split: tuple[int, int] = (1, 1), shards: Sequence[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
-    """Layer ranges of head, middles and tail: [0,k), the given middle shards (or one), [L-m, L)."""
+    """Layer ranges of head, middles and tail: [0,k), the given middle shards (or one), [L-m, L).
+
+    Head and tail follow the swarm's privacy split (``split.policy``), checked in one place."""
+    from edge_agent.split.policy import PolicyError, PrivacyPolicy
+
     k, m = split
-    if k < 1 or m < 1:
-        raise ShardRangeError("--split K:M needs K >= 1 and M >= 1 (the client keeps the first K and last M layers)")
-    if k + m > n_layer:
-        raise ShardRangeError(f"--split {k}:{m} keeps {k + m} layers but the model has {n_layer}")
+    try:
+        PrivacyPolicy(k, m).validate(n_layer)
+    except PolicyError as exc:
+        raise ShardRangeError(f"--split {k}:{m}: {exc}") from None
     mids = list(shards) if shards else ([(k, n_layer - m)] if k < n_layer - m else [])
     expect = k
     for a, b in mids:

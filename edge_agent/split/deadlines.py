@@ -170,7 +170,7 @@ class DeadlineTelemetry:
     hops: tuple[HopTelemetry, ...]
 
 
-class _HopState:
+class _HopCounters:
     """Running counters of one hop (kept across a replan while the hop is unchanged)."""
 
     def __init__(self) -> None:
@@ -197,7 +197,7 @@ class DeadlineTracker:
         self._last_total: Optional[float] = None
         self._max_total: Optional[float] = None
         self._plan = plan
-        self._hops = [_HopState() for _ in plan.hops]
+        self._hops = [_HopCounters() for _ in plan.hops]
 
     @property
     def plan(self) -> "Plan":
@@ -206,7 +206,7 @@ class DeadlineTracker:
     def adopt(self, plan: "Plan") -> None:
         """Switch to a replanned path; hops with the same (peer, start, end) keep their history."""
         old = {(h.peer_id, h.start, h.end): st for h, st in zip(self._plan.hops, self._hops)}
-        self._hops = [old.get((h.peer_id, h.start, h.end)) or _HopState() for h in plan.hops]
+        self._hops = [old.get((h.peer_id, h.start, h.end)) or _HopCounters() for h in plan.hops]
         self._plan = plan
 
     def budgets(self, observed_upstream: Sequence[Optional[float]] = ()) -> list[float]:

@@ -74,9 +74,12 @@ class PeerLink:
         self._pending[key] = fut
         t0 = time.perf_counter()
         try:
-            await self.post(frame)
+            await self.channel.send(frame)
             async with asyncio.timeout(timeout_s):  # no extra waiter future, unlike wait_for on 3.11
                 reply = await fut
+        except (PeerLostError, FrameError) as exc:
+            self._fail(f"connection lost ({exc})")
+            raise HopFailed(self.peer_id, str(exc), ErrorCode.PEER_LOST) from None
         except TimeoutError:
             self._pending.pop(key, None)
             raise HopFailed(self.peer_id, f"no answer within {timeout_s * 1000:.0f} ms", ErrorCode.DEADLINE, permanent=False) from None

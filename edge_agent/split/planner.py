@@ -56,7 +56,8 @@ def capacity_layers(free_memory_mb: float, layer_bytes_mb: Optional[float]) -> O
 class PeerCapability:
     """What a peer advertises. ``ranges``: half-open layer ranges it serves; a hop must
     fit inside one of them. ``layer_bytes_mb``: memory one layer of one request needs
-    there (None: unknown, memory unchecked). ``reputation`` in [0, 1] or None (unknown)."""
+    there (None: unknown, memory unchecked; ``directory.PeerDirectory`` sets the KV cache of
+    one request). ``reputation`` in [0, 1] or None (unknown; the ledger's to set)."""
 
     peer_id: str
     ranges: tuple[LayerRange, ...]
@@ -65,7 +66,6 @@ class PeerCapability:
     rtt_ms: float  # client <-> peer round trip
     reputation: Optional[float] = None
     layer_bytes_mb: Optional[float] = None
-    transport: str = "webrtc"
 
     def __post_init__(self) -> None:
         if not isinstance(self.peer_id, str) or not self.peer_id:
@@ -87,8 +87,6 @@ class PeerCapability:
             raise ValueError(f"reputation must be in [0, 1], got {self.reputation}")
         if self.layer_bytes_mb is not None:
             _num("layer_bytes_mb", self.layer_bytes_mb, positive=True)
-        if not isinstance(self.transport, str):
-            raise ValueError("transport must be a string")
 
     def serves(self, start: int, end: int) -> bool:
         """True when one advertised range contains ``[start, end)``."""

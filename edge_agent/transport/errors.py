@@ -11,10 +11,6 @@ class FrameError(ValueError):
         self.reason = reason
 
 
-class SequenceError(FrameError):
-    """A frame broke per-request ordering: duplicate, gap or reordering of (request, seq)."""
-
-
 class TransportError(Exception):
     """Base class of the channel errors below."""
 

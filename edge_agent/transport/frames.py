@@ -14,14 +14,14 @@ Header (little-endian, 96 bytes, struct format `HEADER_FMT`):
     8 16   request_id       opaque 16 bytes (uuid4 bytes on the client)
    24  4   step             token position of the first position in this frame
    28  4   n_positions      positions carried (1 for decode, N for a prefill chunk)
-   32  2   layer_start      layer range [start, end) this frame is input/output for
-   34  2   layer_end
+   32  2   layer_start      layer range [start, end): opaque to the transport, the
+   34  2   layer_end        split protocol's routing key (docs/split.md)
    36  1   dtype            DType
    37  1   ndim             0..2
    38  2   reserved         must be 0
    40  4   shape0
    44  4   shape1
-   48  8   deadline_ms      absolute deadline, ms since the Unix epoch (0 = none)
+   48  8   reserved3        must be 0
    56  8   seq              per-(sender, request) sequence number
    64  8   payload_len      bytes after the header
    72 16   payload_hash     blake2b-128 of the payload when Flag.HASHED, else zeros
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .errors import FrameError, SequenceError  # re-exported
+from .errors import FrameError  # re-exported
 
 MAGIC = b"EAF\x01"
 PROTOCOL_VERSION = 1
@@ -54,17 +54,15 @@ assert HEADER_SIZE == 96, HEADER_SIZE
 
 
 class MsgType(enum.IntEnum):
-    """Frame types.  New types get new numbers; a peer refuses numbers it does not know."""
+    """Frame types.  New types get new numbers; a peer refuses numbers it does not know.
+    2, 3 and 9 (TOKENS, LOGITS, REPLAY of early drafts) are retired: never reuse them."""
 
     ACTIVATION = 1   # hidden states between hops (f16/f32, shape [n_positions, hidden])
-    TOKENS = 2       # token ids (i32) - only ever client-local or for a trusted full-model peer
-    LOGITS = 3       # logits (f32/f16)
-    ERROR = 4        # payload: utf-8 reason (u8)
+    ERROR = 4        # payload: JSON {"code", "message"} (u8), see split/protocol.py
     HEARTBEAT = 5    # liveness; no payload; never surfaced to `Channel.recv`
     HELLO = 6        # transport handshake message (u8 payload, see handshake.py)
     END_REQUEST = 7  # free per-request state (KV cache) on the receiver
     ACK = 8          # acknowledges (request_id, seq)
-    REPLAY = 9       # activations re-sent to a replacement node to rebuild its KV cache
     CONTROL = 10     # small application message (u8 payload, e.g. JSON) outside the hot path
     CLOSE = 11       # graceful close; the receiver's recv raises PeerLostError("closed by peer")
 
@@ -73,12 +71,12 @@ class Flag(enum.IntFlag):
     NONE = 0
     HASHED = 1 << 0    # payload_hash is set and was verified on decode
     PREFILL = 1 << 1   # frame is (part of) a prefill, not a single decode step
-    LAST = 1 << 2      # last frame of the request from this sender
-    REPLAY = 1 << 3    # frame replays earlier work (see MsgType.REPLAY)
+    # bit 2 (LAST of early drafts) is retired
+    REPLAY = 1 << 3    # activations re-sent to a replacement node to rebuild its KV cache
     CHAIN = 1 << 4     # chain mode: the node forwards its output to the next hop of the request's route
 
 
-KNOWN_FLAGS = int(Flag.HASHED | Flag.PREFILL | Flag.LAST | Flag.REPLAY | Flag.CHAIN)
+KNOWN_FLAGS = int(Flag.HASHED | Flag.PREFILL | Flag.REPLAY | Flag.CHAIN)
 _HASHED = int(Flag.HASHED)  # plain ints on the hot path: IntFlag arithmetic is slow
 
 
@@ -117,7 +115,6 @@ class Frame:
     layer_end: int = 0
     dtype: DType = DType.U8
     shape: tuple[int, ...] = ()
-    deadline_ms: int = 0
     seq: int = 0
     flags: int = 0
     compute_us: int = 0
@@ -200,7 +197,7 @@ def encode_parts(frame: Frame, max_payload: int = DEFAULT_MAX_PAYLOAD) -> tuple[
     try:
         header = HEADER.pack(MAGIC, PROTOCOL_VERSION, frame.type, flags, frame.request_id,
                              frame.step, frame.n_positions, frame.layer_start, frame.layer_end,
-                             frame.dtype, ndim, 0, s0, s1, frame.deadline_ms, frame.seq, plen,
+                             frame.dtype, ndim, 0, s0, s1, 0, frame.seq, plen,
                              digest, frame.compute_us, 0)
     except struct.error as exc:
         raise FrameError(f"field out of range: {exc}") from None
@@ -223,7 +220,7 @@ def check_header(buf: bytes | bytearray | memoryview, max_payload: int = DEFAULT
         raise FrameError(f"short header: {len(buf)} < {HEADER_SIZE}")
     fields = HEADER.unpack_from(buf, 0)
     (magic, version, mtype, flags, _rid, _step, _npos, lstart, lend, dtype, ndim, rsv,
-     s0, s1, _deadline, _seq, plen, _digest, _compute_us, rsv2) = fields
+     s0, s1, rsv3, _seq, plen, _digest, _compute_us, rsv2) = fields
     if magic != MAGIC:
         raise FrameError("bad magic")
     if version != PROTOCOL_VERSION:
@@ -236,7 +233,7 @@ def check_header(buf: bytes | bytearray | memoryview, max_payload: int = DEFAULT
         raise FrameError(f"unknown dtype {dtype}")
     if ndim > MAX_NDIM:
         raise FrameError(f"ndim {ndim} > {MAX_NDIM}")
-    if rsv != 0 or rsv2 != 0:
+    if rsv != 0 or rsv2 != 0 or rsv3 != 0:
         raise FrameError("reserved bits set")
     if lstart > lend:
         raise FrameError(f"layer range [{lstart}, {lend}) is inverted")
@@ -274,7 +271,7 @@ def decode_parts(header: bytes | bytearray | memoryview, payload: bytes | bytear
     if fields is None:
         fields = check_header(header, max_payload)
     (_m, _v, mtype, flags, rid, step, npos, lstart, lend, dtype, ndim, _r,
-     s0, s1, deadline, seq, plen, digest, compute_us, _r2) = fields
+     s0, s1, _r3, seq, plen, digest, compute_us, _r2) = fields
     if len(header) != HEADER_SIZE or len(payload) != plen:
         raise FrameError(f"payload length {len(payload)} != declared {plen}")
     if not isinstance(payload, (bytes, bytearray)):
@@ -288,14 +285,13 @@ def decode_parts(header: bytes | bytearray | memoryview, payload: bytes | bytear
         digest = b""
     return Frame(type=_MSG_BY_VALUE[mtype], request_id=rid, step=step, n_positions=npos,
                  layer_start=lstart, layer_end=lend, dtype=_DTYPE_BY_VALUE[dtype], shape=(s0, s1)[:ndim],
-                 deadline_ms=deadline, seq=seq, flags=flags, compute_us=compute_us, payload=payload,
+                 seq=seq, flags=flags, compute_us=compute_us, payload=payload,
                  payload_hash=digest)
 
 
-# Fragmentation and ordering live in their own modules; re-exported so callers need one import.
+# Fragmentation lives in its own module; re-exported so callers need one import.
 from .fragments import FRAGMENT_HEADER_SIZE, Reassembler, fragment  # noqa: E402
-from .sequence import SequenceGuard  # noqa: E402
 
-__all__ = ["MAGIC", "PROTOCOL_VERSION", "HEADER_SIZE", "DEFAULT_MAX_PAYLOAD", "FrameError", "SequenceError",
+__all__ = ["MAGIC", "PROTOCOL_VERSION", "HEADER_SIZE", "DEFAULT_MAX_PAYLOAD", "FrameError",
            "MsgType", "Flag", "DType", "Frame", "encode", "encode_parts", "decode", "decode_parts",
-           "peek_header", "payload_hash", "fragment", "Reassembler", "FRAGMENT_HEADER_SIZE", "SequenceGuard"]
+           "peek_header", "payload_hash", "fragment", "Reassembler", "FRAGMENT_HEADER_SIZE"]
