@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ class AgentConfig:
     manual_peers: list[tuple[str, int]] = field(default_factory=list)  # TLS host:port
     transport: str = "auto"  # auto | tls | webrtc
     ice_servers: list[str] = field(default_factory=list)  # STUN/TURN URLs, only if the user gives them
+    # signed commitments/receipts in <data_dir>/ledger.db, synced with peers (EDGE_AGENT_LEDGER=off: none)
+    ledger: bool = field(default_factory=lambda: os.environ.get("EDGE_AGENT_LEDGER", "on") != "off")
 
 
 class Agent:
@@ -91,6 +94,18 @@ class Agent:
         from edge_agent.transport import tls
 
         return PeerLink(peer_id, await tls.connect(self.identity, self.swarm, host, port, expect_peer_id=peer_id))
+
+    def open_ledger(self):
+        """This agent's ledger (closed with the agent), or None when it keeps none."""
+        if not self.config.ledger:
+            return None
+        from edge_agent.ledger.background import Ledger
+
+        ledger = Ledger.open(self.config.data_dir, self.identity, self.swarm)
+        self._closers.append(ledger.close)
+        ledger.start_sync(lambda: [(e.caps.agent_id, (e.addresses or ["127.0.0.1"])[0], e.caps.tls_port)
+                                   for e in self.table.peers() if e.caps.tls_port])
+        return ledger
 
     def info_extra(self) -> dict:
         return {"caps": base64.b64encode(self.caps.to_txt()).decode()} if self.caps else {}
@@ -169,14 +184,17 @@ def measure_ms_per_layer(engine, steps: int = 8) -> float:
 
 
 def choose_layers(agent: Agent, info, opts: JoinOptions) -> tuple[int, int]:
-    """No --layers: fill the swarm's weakest coverage, within our memory (Petals' rule)."""
+    """No --layers: fill the swarm's weakest coverage, within our memory (Petals' rule); only
+    nodes with our arithmetic settings count (the others serve other clients)."""
+    from edge_agent.runtime.backends import resolve_backend
     from edge_agent.split.planner import choose_range_to_serve
     from edge_agent.split.policy import PrivacyPolicy
 
     policy = PrivacyPolicy()
     layer_mb = info.file_size / 1e6 / max(1, info.n_layer)
     capacity = info.n_layer if opts.max_memory_mb is None else max(1, int(opts.max_memory_mb // max(layer_mb, 1e-6)))
-    peers = PeerDirectory(agent, info.model_hash).capabilities()
+    arithmetic = opts.engine_options().arithmetic(resolve_backend(opts.backend))
+    peers = PeerDirectory(agent, info.model_hash, arithmetic).capabilities()
     return choose_range_to_serve(info.n_layer, policy, peers, capacity)
 
 
@@ -224,6 +242,10 @@ async def join(config: AgentConfig, opts: JoinOptions, on_ready=None, on_progres
         caps = Capabilities(agent.identity.agent_id, shards=((model_hash[:16], *opts.layers),), free_mem_mb=_free_memory_mb(),
                             ms_per_layer=ms if opts.hooks.advertise_ms is None else opts.hooks.advertise_ms,
                             backend=("gpu" if gpu else engine.backend), extra=tuple(extra))
+        ledger = agent.open_ledger()
+        if ledger is not None:  # commitments per chunk, receipts countersigned, sync answered on the hop listener
+            server.ledger = ledger.service
+            server.observers.add(ledger.node_recorder(lambda a, b: (model_hash, server.shards[(a, b)].engine.info.shard_hash)).observe)
         caps = await agent.serve(server, caps)
         ready = {"agent_id": agent.identity.agent_id, "layers": list(opts.layers), "tls_port": caps.tls_port,
                  "signal_port": caps.signal_port, "ms_per_layer": round(ms, 4), "gpu_layers": gpu,
@@ -318,12 +340,20 @@ async def swarm_client(config: AgentConfig, model: Path, client_config, options:
     agent = Agent(config)
     await agent.start()
     directory = PeerDirectory(agent, info.model_hash, arithmetic, kv_mb_per_layer(info, options))
-    client = None
+    client = ledger = None
     try:
         await directory.wait_for_coverage(info.n_layer, client_config.policy, discover_s)
         client = await SwarmClient.create(model, directory, client_config, options, config.data_dir / "shards")
+        ledger = agent.open_ledger()
+        if ledger is not None:  # checks the hops' commitments and countersigns receipts after each request
+            recorder = ledger.client_recorder(info.model_hash, info.n_embd)
+            client.observers.add(recorder.observe)
+            request_for = ledger.requester_via(directory.link)
+            client.end_hooks.append(lambda end: recorder.request_ended(*end, request_for=request_for))
         yield client
     finally:
+        if ledger is not None:
+            await ledger.finish_client(recorder, directory.address)
         if client is not None:
             client.close()
         await directory.close()
