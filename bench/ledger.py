@@ -1,6 +1,6 @@
 """Ledger benchmark: receipts stored per second, 100k-receipt sync, signing cost per token, bytes on the wire.
 
-    .venv/bin/python bench/ledger.py [--quick] [--sync-receipts 100000]
+    .venv/bin/python bench/ledger.py [--quick] [--sync-receipts 100000] [--split [MODEL]]
 
 * store: signed receipts (two Ed25519 signatures each) queued in small batches, as the
   recorder does, until the writer thread has committed them all; and signing + storing.
@@ -10,6 +10,9 @@
 * per token: the node recorder's observe + commitment signing, and the client's check of a
   chain (signatures, links, hashes), per token at C = 32.
 * wire: bytes a hop adds per request and per chunk (ledger messages + frame headers).
+* split (``--split``, default model SmolLM2): decode tok/s through client + 2 peer processes
+  (``edge-agent join``), ledger on vs off (two peer pairs, one started with
+  ``EDGE_AGENT_LEDGER=off``; the client's ``AgentConfig.ledger`` follows), interleaved rounds.
 """
 
 from __future__ import annotations
@@ -110,16 +113,57 @@ def wire_bytes() -> dict:
             "per_token_bytes_at_C32": round(COMMITMENT_WIRE_SIZE / CHUNK_SIZE, 1)}
 
 
+def bench_split(model: Path | None, tmp: Path, rounds: int, n_tokens: int = 64) -> dict:
+    import statistics
+
+    from edge_agent.config import resolve_model
+    from edge_agent.node import AgentConfig, run
+    from edge_agent.runtime.sampling import SamplingParams
+    from edge_agent.runtime.shards import inspect_model
+    from edge_agent.split.client import ClientConfig
+    from swarm_util import start_peer
+
+    model = model or resolve_model()
+    n = inspect_model(model).n_layer
+    cut = n // 2
+    pairs, started = {}, []
+    try:
+        for mode in ("on", "off"):
+            os.environ["EDGE_AGENT_LEDGER"] = mode  # the peers inherit it
+            pairs[mode] = [start_peer(model, f"1:{cut}", tmp / f"{mode}-a"), start_peer(model, f"{cut}:{n - 1}", tmp / f"{mode}-b")]
+            started += pairs[mode]
+        os.environ.pop("EDGE_AGENT_LEDGER")
+        rates: dict[str, list[float]] = {"on": [], "off": []}
+        for _ in range(rounds):
+            for mode in ("on", "off"):
+                cfg = AgentConfig(tmp / f"client-{mode}", manual_peers=[("127.0.0.1", p.ready["tls_port"]) for p in pairs[mode]],
+                                  mdns=False, host="127.0.0.1", ledger=mode == "on")
+                cfg.data_dir.mkdir(exist_ok=True)
+                res = asyncio.run(run(cfg, model, lambda tok: tok.encode("The capital of France is"),
+                                      SamplingParams(max_tokens=n_tokens), ClientConfig(), discover_s=30.0, n_ctx=512))
+                rates[mode].append(res.stats["tokens_per_s"])
+    finally:
+        for p in started:
+            p.stop()
+    on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
+    return {"model": Path(model).name, "tokens": n_tokens, "rounds": rounds, "tok_s_on": round(on, 2), "tok_s_off": round(off, 2),
+            "on_over_off": round(on / off, 3), "all_on": rates["on"], "all_off": rates["off"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sync-receipts", type=int, default=100_000)
+    ap.add_argument("--split", nargs="?", const="", default=None, help="also split decode tok/s, ledger on vs off (GGUF; default SmolLM2)")
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     n_sync = 10_000 if args.quick else args.sync_receipts
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         results = {"store": bench_store(5_000 if args.quick else 50_000, tmp), "per_token": bench_per_token(3200, tmp),
                    "wire": wire_bytes(), "sync": bench_sync(n_sync, tmp)}
+        if args.split is not None:
+            results["split"] = bench_split(Path(args.split) if args.split else None, tmp, args.rounds)
     print(json.dumps(results, indent=2))
 
 

@@ -74,6 +74,7 @@ class HopServer:
         self.weights = weights
         self.connect = connect
         self.loader = loader
+        self.ledger = None  # a ledger.LedgerService (node.py): answers ledger messages (binary CONTROL payloads)
         self.routes: dict[str, tuple[object, dict | None]] = {}  # request -> (client channel, next hop)
         self.owners: dict[str, object] = {}  # request -> the channel that first sent it work
         self._next_links: dict[str, object] = {}
@@ -159,6 +160,8 @@ class HopServer:
             for shard in self.shards.values():
                 shard.last_used.pop(rid, None)
                 shard.queue.put_nowait(_Job(channel, None, None, end_request=rid))  # after its queued steps
+        elif frame.type == MsgType.CONTROL and self.ledger is not None and self.ledger.accepts(frame.payload):
+            await self.ledger.reply_to(channel, frame)  # commitments, receipts, sync: the control plane's business
         elif frame.type == MsgType.CONTROL:
             await self._control(channel, frame)
         # other types (HELLO, ACK, ...) are ignored by design
