@@ -46,6 +46,9 @@ class ErrorCode(str, enum.Enum):
     UNREACHABLE = "unreachable"
     INCOMPATIBLE = "incompatible"  # the peer's arithmetic settings differ from the client's
 
+    def __str__(self) -> str:  # the wire form, also in f-strings and messages
+        return self.value
+
 
 class HopFailed(Exception):
     """A hop could not produce its step: peer lost, error reply, bad reply or no answer in time."""
@@ -61,7 +64,7 @@ def engine_error_code(exc: Exception) -> str:
 
 
 def error_frame(request_id: bytes, step: int, code: str, message: str, start: int = 0, end: int = 0, seq: int = 0) -> Frame:
-    body = json.dumps({"code": str(code.value if isinstance(code, ErrorCode) else code), "message": message}).encode()
+    body = json.dumps({"code": str(code), "message": message}).encode()
     return Frame.from_bytes(MsgType.ERROR, body, request_id=request_id, step=step, layer_start=start, layer_end=end, seq=seq)
 
 
