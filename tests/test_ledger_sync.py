@@ -159,3 +159,26 @@ def test_id_ranges_split_evenly_and_fingerprints_agree():
     assert sum(s.bounds(1, k)[1] - s.bounds(1, k)[0] for k in range(16)) == 1000
     assert s.summary(0, 0) == IdSet(list(ids)).summary(0, 0) != IdSet(ids[1:]).summary(0, 0)
     assert s.in_range(2, 0x3a) == [i for i in ids if i[0] == 0x3a]
+
+
+def test_background_sync_reaches_the_peers_it_is_given(tmp_path, agents):
+    from edge_agent.ledger.background import Ledger
+
+    good = _ledger_with(tmp_path / "a", 120)
+    agent = agents(tmp_path / "a")
+    peer = (agent.agent_id, "127.0.0.1", agent.ready["tls_port"])
+
+    async def main() -> int:
+        ledger = Ledger.open(tmp_path / "b", Identity.load_or_create(tmp_path / "b"), SwarmKey(None))
+        ledger.start_sync(lambda: [peer, ("f" * 64, "127.0.0.1", 1)], interval_s=0.1)  # a dead peer is only logged
+        try:
+            for _ in range(200):
+                await asyncio.sleep(0.05)
+                if ledger.store.stats()["receipts"] == len(good):
+                    break
+            return ledger.syncs
+        finally:
+            await ledger.close()
+
+    assert asyncio.run(main()) >= 1
+    assert _ids(tmp_path / "b") == {r.id for r in good}

@@ -23,6 +23,7 @@ from edge_agent.ledger.sync import SyncError
 log = logging.getLogger(__name__)
 SYNC_INTERVAL_S = 30.0
 SYNC_TIMEOUT_S = 120.0
+FINISH_TIMEOUT_S = 10.0  # a client closing waits at most this per step for a hung peer
 
 
 class Ledger:
@@ -48,7 +49,7 @@ class Ledger:
         return ClientRecorder(self.identity, self.store, model_hash, bytes_per_position=4 * n_embd)
 
     @staticmethod
-    def requester_via(link: Callable, timeout_s: float = 30.0) -> Callable:
+    def requester_via(link: Callable, timeout_s: float = 10.0) -> Callable:
         """``request_for`` for the client recorder: ledger messages over the hop's own link
         (``link(peer_id)`` -> PeerLink); None for this device's own fallback hop."""
         from edge_agent.split.local import LOCAL_PEER_ID
@@ -72,9 +73,9 @@ class Ledger:
         if self._task is None:
             self._task = asyncio.create_task(self._sync_loop(peers, interval_s))
 
-    async def sync_once(self, agent_id: str, host: str, port: int) -> None:
+    async def sync_once(self, agent_id: str, host: str, port: int, timeout_s: float = SYNC_TIMEOUT_S) -> None:
         try:
-            report = await asyncio.wait_for(sync_peer(self.identity, self.swarm, host, port, self.store, agent_id), SYNC_TIMEOUT_S)
+            report = await asyncio.wait_for(sync_peer(self.identity, self.swarm, host, port, self.store, agent_id), timeout_s)
             self.syncs += 1
             log.info("ledger sync with %s: %s", agent_id[:12], report.to_dict())
         except (SyncError, OSError, asyncio.TimeoutError, ConnectionError) as exc:
@@ -85,13 +86,13 @@ class Ledger:
     async def finish_client(self, recorder: ClientRecorder, address: Callable[[str], tuple[str, int]]) -> None:
         """End of a client's session: finish its receipts, then push them to every peer that worked
         for it (so a short ``run`` leaves the same receipts in every ledger of its path)."""
-        await recorder.drain()
+        await recorder.drain(FINISH_TIMEOUT_S)
         for peer_id in sorted(recorder.peers):
             try:
                 host, port = address(peer_id)
             except Exception:  # noqa: BLE001 - this device's own hop, or a peer that left: nothing to push to
                 continue
-            await self.sync_once(peer_id, host, port)
+            await self.sync_once(peer_id, host, port, FINISH_TIMEOUT_S)
 
     async def _sync_loop(self, peers, interval_s: float) -> None:
         turn = 0
