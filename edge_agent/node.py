@@ -232,8 +232,10 @@ async def join(config: AgentConfig, opts: JoinOptions, on_ready=None, on_progres
             model_hash = opts.hooks.claim_model_hash or model_hash
         ms = await asyncio.to_thread(measure_ms_per_layer, engine)
         sharing = opts.model is not None and opts.share_weights
+        ledger = agent.open_ledger()  # commitments per chunk, receipts countersigned, sync answered on the hop listener
         server = HopServer([engine], agent.identity.agent_id, idle_timeout_s=opts.idle_timeout_s, hooks=opts.hooks,
                            info_extra=agent.info_extra, connect=agent.connect_next,
+                           ledger=ledger.service if ledger is not None else None,
                            weights=WeightSource(opts.model, shards_dir) if sharing else None,
                            loader=(lambda a, b: load_engine(opts.backend, opts.model, a, b, eopts, shards_dir)) if opts.model else None)
         extra = [(ARITH_KEY, eopts.arithmetic(engine.backend).to_text())]
@@ -242,9 +244,7 @@ async def join(config: AgentConfig, opts: JoinOptions, on_ready=None, on_progres
         caps = Capabilities(agent.identity.agent_id, shards=((model_hash[:16], *opts.layers),), free_mem_mb=_free_memory_mb(),
                             ms_per_layer=ms if opts.hooks.advertise_ms is None else opts.hooks.advertise_ms,
                             backend=("gpu" if gpu else engine.backend), extra=tuple(extra))
-        ledger = agent.open_ledger()
-        if ledger is not None:  # commitments per chunk, receipts countersigned, sync answered on the hop listener
-            server.ledger = ledger.service
+        if ledger is not None:
             server.observers.add(ledger.node_recorder(lambda a, b: (model_hash, server.shards[(a, b)].engine.info.shard_hash)).observe)
         caps = await agent.serve(server, caps)
         ready = {"agent_id": agent.identity.agent_id, "layers": list(opts.layers), "tls_port": caps.tls_port,

@@ -56,12 +56,14 @@ class HopServer:
     """``info_extra``: more fields for ``info`` (node.py: the signed capability record).
     ``connect``: async (peer_id, host, port) -> PeerLink, for chain forwarding (None: no chain).
     ``weights``: a ``split.weights.WeightSource`` when this node shares its model file.
-    ``loader``: (start, end) -> Engine, to serve a sub-range of a held range on demand."""
+    ``loader``: (start, end) -> Engine, to serve a sub-range of a held range on demand.
+    ``ledger``: a ``ledger.service.LedgerService`` answering ledger messages (None: no ledger)."""
 
     def __init__(self, engines, agent_id: str = "", *, idle_timeout_s: float = 600.0,
                  info_extra: Callable[[], dict] | None = None,
                  connect: Callable[[str, str, int], Awaitable[object]] | None = None,
-                 weights=None, loader: Callable[[int, int], object] | None = None, hooks: TestHooks = TestHooks()):
+                 weights=None, loader: Callable[[int, int], object] | None = None, ledger=None,
+                 hooks: TestHooks = TestHooks()):
         hooks.check_enabled()
         self.agent_id = agent_id
         self.shards = {(e.info.start, e.info.end): _Shard(e) for e in engines}
@@ -74,7 +76,7 @@ class HopServer:
         self.weights = weights
         self.connect = connect
         self.loader = loader
-        self.ledger = None  # a ledger.LedgerService (node.py): answers ledger messages (binary CONTROL payloads)
+        self.ledger = ledger  # a ledger.LedgerService: answers ledger messages (binary CONTROL payloads)
         self.routes: dict[str, tuple[object, dict | None]] = {}  # request -> (client channel, next hop)
         self.owners: dict[str, object] = {}  # request -> the channel that first sent it work
         self._next_links: dict[str, object] = {}
