@@ -161,6 +161,46 @@ def test_bad_requests_get_openai_errors(swarm, client):
     assert client.completions.create(model=m, prompt="Hi", max_tokens=2).usage.completion_tokens == 2  # still serving
 
 
+def llama_cpp_conversation(model, tok, turns: list[str], n: int) -> list[str]:
+    """llama-cpp-python answering a chat turn by turn with one Llama (it reuses its KV for the prefix)."""
+    import llama_cpp as lc
+
+    llm = lc.Llama(str(model), n_ctx=512, n_batch=512, n_ubatch=512, n_threads=2, n_threads_batch=2, verbose=False)
+    messages, answers = [], []
+    try:
+        for question in turns:
+            messages.append({"role": "user", "content": question})
+            out = []
+            for t in llm.generate(chat_prompt(tok, messages), top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+                if tok.is_end(t) or len(out) >= n:
+                    break
+                out.append(int(t))
+            answers.append(tok.decode(out))
+            messages.append({"role": "assistant", "content": answers[-1]})
+    finally:
+        llm.close()
+    return answers
+
+
+def test_next_turn_extends_the_kept_kv_and_matches_llama_cpp(swarm, client, tok, smollm_path):
+    turns = ["What is the capital of France?", "And the capital of Italy?", "Thanks!"]
+    messages, replies = [], []
+    for question in turns:
+        messages.append({"role": "user", "content": question})
+        replies.append(client.chat.completions.create(model=model_id(swarm), messages=messages, temperature=0, max_tokens=12))
+        messages.append({"role": "assistant", "content": replies[-1].choices[0].message.content})
+    assert [r.choices[0].message.content for r in replies] == llama_cpp_conversation(smollm_path, tok, turns, 12)
+    first = replies[0].model_extra["x_edge_agent"]
+    for before, r in zip(replies, replies[1:]):
+        ext = r.model_extra["x_edge_agent"]
+        # the previous turn's prompt and answer were not recomputed (an answer cut by max_tokens
+        # never fed its last token), neither here nor on the hops: they extended their KV (a hop
+        # without it would have failed and been rebuilt by replay, a re-route)
+        unfed = 1 if before.choices[0].finish_reason == "length" else 0
+        assert ext["kv_reused_tokens"] == before.usage.prompt_tokens + before.usage.completion_tokens - unfed
+        assert ext["path"] == first["path"] and ext["reroutes"] == []
+
+
 def _disconnect_mid_stream(server) -> None:
     u = urlparse(server.url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)

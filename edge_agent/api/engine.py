@@ -7,7 +7,8 @@ generation as its own task and hands its tokens to the HTTP side through a queue
 Cancelling (the HTTP client went away) never cancels a task mid-step: the next token's
 callback raises ``ClientGone`` instead, so the generation unwinds through its own
 ``finally`` (END_REQUEST to every hop, local KV freed) with no engine call in flight.
-A semaphore bounds generations to the client's KV slots; later requests queue for one.
+Generations and kept conversations share the client's KV slots (``conversations``); later
+requests queue for one.
 """
 
 from __future__ import annotations
@@ -20,15 +21,21 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Protocol, Sequence
 
+from edge_agent.api.conversations import Conversations
 from edge_agent.runtime.generation import GenerationResult
 from edge_agent.runtime.sampling import SamplingParams
 
 
 class Backend(Protocol):
+    """What the API needs from the swarm (``split.client.SwarmClient``)."""
+
     tokenizer: object
 
     async def generate(self, prompt_tokens: Sequence[int], params: SamplingParams,
-                       on_token: Callable[[int, str], None] | None = None) -> GenerationResult: ...
+                       on_token: Callable[[int, str], None] | None = None, *, resume=None,
+                       keep: Callable[[object], None] | None = None) -> GenerationResult: ...
+
+    async def release(self, kept) -> None: ...  # end a kept request on this device and every hop
 
 
 # the flight whose task is running: lets the swarm's hop observer attribute hops to a request
@@ -132,10 +139,11 @@ class StopHoldback:
 
 class ApiEngine:
     def __init__(self, backend: Backend, *, max_concurrent: int, on_gap: Callable[[float], None] | None = None,
-                 on_finish: Callable[[Flight, object], None] | None = None):
+                 on_finish: Callable[[Flight, object], None] | None = None, keep_conversations: bool = True):
         self.backend = backend
         self.tokenizer = backend.tokenizer
-        self._slots = asyncio.Semaphore(max_concurrent)
+        self.conversations = Conversations(backend.release, max_concurrent)
+        self.keep_conversations = keep_conversations
         self.flights: dict[str, Flight] = {}
         self.recent: deque[dict] = deque(maxlen=240)  # finished requests, for the dashboard's plots
         self._on_gap, self._on_finish = on_gap, on_finish
@@ -151,10 +159,14 @@ class ApiEngine:
         outcome: object = None
         _current.set(flight)  # this task's own context
         try:
-            async with self._slots:
-                flight.running = True
-                result = await self.backend.generate(prompt_tokens, params, flight.on_token)
-            outcome = result
+            resume = await self.conversations.acquire(prompt_tokens)  # never a kept one when keeping is off
+            flight.running = True
+            kept: list = []
+            try:
+                outcome = await self.backend.generate(prompt_tokens, params, flight.on_token, resume=resume,
+                                                      keep=kept.append if self.keep_conversations else None)
+            finally:
+                await self.conversations.done(kept[0] if kept else None)
         except asyncio.CancelledError:  # cancelled while queued for a slot: nothing started
             outcome = ClientGone(flight.id)
         except Exception as exc:  # noqa: BLE001 - handed to the HTTP side, which maps it to an error body
@@ -187,6 +199,7 @@ class ApiEngine:
             f.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=timeout_s)
+        await self.conversations.close()
 
 
 def extension(stats: dict, flight: Flight) -> dict:
@@ -205,6 +218,7 @@ def extension(stats: dict, flight: Flight) -> dict:
         "deadline_misses": stats.get("deadline_misses", 0),
         "reroutes": stats.get("reroutes", []),
         "activations_seen_by": sorted(saw),
+        "kv_reused_tokens": stats.get("kv_reused_tokens", 0),
         "ttft_ms": round(ttft, 3) if ttft is not None else None,
         "tbt_ms": stats.get("tbt_ms"),
         "tokens_per_s": stats.get("tokens_per_s"),

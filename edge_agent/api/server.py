@@ -84,7 +84,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror} (another server there? try --port)") from None
-    sock.set_inheritable(True)
+    sock.listen(128)  # connections made once "ready" is printed wait for uvicorn instead of being refused
     return sock
 
 
