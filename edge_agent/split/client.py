@@ -42,6 +42,19 @@ class IncompatiblePeer(NamedTuple):
     reason: str  # e.g. "flash_attn on on the peer, off on this device"
 
 
+@dataclass
+class KeptRequest:
+    """A finished request kept alive, its KV on this device and every hop, for a next turn."""
+
+    state: RequestState
+    tokens: list[int]  # every token fed so far: the positions the KV caches hold
+
+    def extended_by(self, prompt: Sequence[int]) -> bool:
+        """True when ``prompt`` starts with these tokens and adds at least one (its logits are needed)."""
+        n = len(self.tokens)
+        return n < len(prompt) and list(prompt[:n]) == self.tokens
+
+
 class PeerSource(Protocol):
     """Who is out there and how to reach them (discovery + transport, wired in node.py)."""
 
@@ -178,13 +191,25 @@ class SwarmClient:
 
     # -- the token loop ---------------------------------------------------------------------
     async def generate(self, prompt_tokens: Sequence[int], params: SamplingParams,
-                       on_token: Callable[[int, str], None] | None = None) -> GenerationResult:
-        """One completion; ``on_token(token_id, new_text)`` streams it. Safe to run many at once."""
-        rid = uuid.uuid4().bytes
-        req = await self._start(rid)
+                       on_token: Callable[[int, str], None] | None = None, *, resume: KeptRequest | None = None,
+                       keep: Callable[[KeptRequest], None] | None = None) -> GenerationResult:
+        """One completion; ``on_token(token_id, new_text)`` streams it. Safe to run many at once.
+
+        Multi-turn KV reuse: ``keep`` receives the finished request still alive instead of it
+        being ended; a later ``generate(resume=that)`` whose prompt extends its tokens computes
+        only the new ones (else it is released and the prompt computed afresh)."""
+        if resume is not None and not resume.extended_by(prompt_tokens):
+            await self.release(resume)
+            resume = None
+        req = resume.state if resume is not None else await self._start(uuid.uuid4().bytes)
+        fed = list(resume.tokens) if resume is not None else []  # what the KV caches hold
+        for hs in req.hops:  # per-turn numbers
+            hs.steps, hs.compute_ms, hs.transfer_ms = 0, 0.0, 0.0
         decoder = Decoder(self.tokenizer, params, list(prompt_tokens))
         feed = decoder.first_feed()
-        pos, sid = 0, rid.hex()
+        feed = feed[len(fed) :] if feed is not None else None
+        pos, sid, reused = len(fed), req.rid.hex(), len(fed)
+        kept = None
         try:
             while feed is not None:
                 t0 = time.perf_counter()
@@ -196,13 +221,26 @@ class SwarmClient:
                 if feed.shape[0] == 1:
                     self._local_ms = (t1 - t0 + time.perf_counter() - t2) * 1000.0
                 pos += feed.shape[0]
+                fed.extend(feed.tolist())
                 req.step_index += 1
                 feed = decoder.advance(logits, on_token)
+            kept = KeptRequest(req, fed) if keep is not None else None
         finally:  # also on cancellation: free the request everywhere
-            self.head.end_request(sid)
-            self.tail.end_request(sid)
-            await self.router.end(req, req.hops)
-        return decoder.result(self._stats(req))
+            if kept is None:
+                await self.release(KeptRequest(req, fed))
+        if kept is not None:
+            keep(kept)
+        result = decoder.result(self._stats(req))
+        result.stats["kv_reused_tokens"] = reused
+        return result
+
+    async def release(self, kept: KeptRequest) -> None:
+        """End a request on this device and every hop (frees its KV caches)."""
+        req = kept.state
+        sid = req.rid.hex()
+        self.head.end_request(sid)
+        self.tail.end_request(sid)
+        await self.router.end(req, req.hops)
 
     def _stats(self, req: RequestState) -> dict:
         tel = req.tracker.telemetry()
