@@ -7,7 +7,9 @@ processes on loopback, and a `serve` process in front of them. Interleaved round
 - TTFT: a streamed chat request (HTTP client: send -> first content chunk) against
   SwarmClient.generate in this process (what `run` does after start-up) for the same prompt;
 - TBT: the gaps between streamed chunks against the token loop's own gaps;
-- aggregate tokens/s with 1, 4 and 8 concurrent streaming clients.
+- aggregate tokens/s with 1, 4 and 8 concurrent streaming clients;
+- turn-2 TTFT of a chat with a ~512-token history: extending turn 1's kept KV against
+  recomputing the whole prompt (same answer asserted).
 """
 
 from __future__ import annotations
@@ -29,14 +31,15 @@ sys.path.insert(0, str(ROOT / "tests"))
 from api_util import start_swarm  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
+CTX = 1024  # room for the ~512-token history of the turn-2 measurement
 
 
-async def stream_chat(session, url: str, model: str, n_tokens: int) -> dict:
-    """One streamed chat request; client-side TTFT, chunk gaps and token count."""
-    body = {"model": model, "messages": MESSAGES, "max_tokens": n_tokens, "temperature": 0, "stream": True,
+async def stream_chat(session, url: str, model: str, n_tokens: int, messages: list[dict] = MESSAGES) -> dict:
+    """One streamed chat request; client-side TTFT, chunk gaps, token count, answer and extension."""
+    body = {"model": model, "messages": messages, "max_tokens": n_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    stamps, usage = [], None
+    stamps, text, last = [], [], {}
     async with session.post(url + "/v1/chat/completions", json=body) as resp:
         resp.raise_for_status()
         async for raw in resp.content:
@@ -46,10 +49,23 @@ async def stream_chat(session, url: str, model: str, n_tokens: int) -> dict:
             chunk = json.loads(line[6:])
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 stamps.append(time.perf_counter())
-            usage = chunk.get("usage") or usage
+                text.append(chunk["choices"][0]["delta"]["content"])
+            last = chunk
     gaps = [(b - a) * 1000 for a, b in zip(stamps, stamps[1:])]
-    return {"ttft_ms": (stamps[0] - t0) * 1000, "tbt_ms": statistics.median(gaps), "tokens": usage["completion_tokens"],
-            "wall_s": time.perf_counter() - t0}
+    return {"ttft_ms": (stamps[0] - t0) * 1000, "tbt_ms": statistics.median(gaps) if gaps else None,
+            "tokens": last["usage"]["completion_tokens"], "text": "".join(text), "ext": last["x_edge_agent"]}
+
+
+async def second_turn(session, url: str, model: str, history_words: int) -> dict:
+    """Turn 2 of a chat whose history is ~512 tokens: reusing turn 1's KV, then recomputing it all."""
+    history = [{"role": "user", "content": "Here are my notes: " + " ".join(f"item{i % 97}" for i in range(history_words))
+                + ". What do they say?"}]
+    first = await stream_chat(session, url, model, 16, history)
+    turn2 = [*history, {"role": "assistant", "content": first["text"]}, {"role": "user", "content": "Say it shorter."}]
+    reused = await stream_chat(session, url, model, 4, turn2)  # extends turn 1's kept KV
+    fresh = await stream_chat(session, url, model, 4, turn2)  # nothing kept matches: the whole prompt again
+    assert reused["text"] == fresh["text"] and fresh["ext"]["kv_reused_tokens"] == 0
+    return {"reused_ms": reused["ttft_ms"], "recompute_ms": fresh["ttft_ms"], "history_tokens": reused["ext"]["kv_reused_tokens"]}
 
 
 async def generate_direct(client, prompt: list[int], params) -> dict:
@@ -70,12 +86,12 @@ async def direct_client(model: Path, peers):
 
     with tempfile.TemporaryDirectory() as d:
         cfg = AgentConfig(Path(d), mdns=False, manual_peers=[("127.0.0.1", p.ready["tls_port"]) for p in peers])
-        async with swarm_client(cfg, model, ClientConfig(), EngineOptions(n_ctx_per_request=512, max_requests=2),
+        async with swarm_client(cfg, model, ClientConfig(), EngineOptions(n_ctx_per_request=CTX, max_requests=2),
                                 discover_s=60) as client:
             yield client
 
 
-async def measure(model: Path, peers, server, rounds: int, n_tokens: int) -> dict:
+async def measure(model: Path, peers, server, rounds: int, n_tokens: int, history_words: int) -> dict:
     import aiohttp
 
     from edge_agent.runtime.sampling import SamplingParams
@@ -97,6 +113,7 @@ async def measure(model: Path, peers, server, rounds: int, n_tokens: int) -> dic
                 t0 = time.perf_counter()
                 runs = await asyncio.gather(*(stream_chat(s, server.url, model_id, n_tokens) for _ in range(n)))
                 throughput[n] = round(sum(r["tokens"] for r in runs) / (time.perf_counter() - t0), 2)
+            turns = [await second_turn(s, server.url, model_id, history_words) for _ in range(max(3, rounds // 2))]
     med = lambda rows, key: round(statistics.median(r[key] for r in rows), 3)  # noqa: E731
     return {
         "rounds": rounds, "tokens": n_tokens, "prompt_tokens": len(prompt),
@@ -105,6 +122,9 @@ async def measure(model: Path, peers, server, rounds: int, n_tokens: int) -> dic
         "tbt_ms": {"api": med(api, "tbt_ms"), "run": med(direct, "tbt_ms"),
                    "added": round(med(api, "tbt_ms") - med(direct, "tbt_ms"), 3)},
         "aggregate_tok_s": throughput,
+        "turn2_ttft_ms": {"history_tokens": turns[0]["history_tokens"], "kv_reused": med(turns, "reused_ms"),
+                          "recomputed": med(turns, "recompute_ms"),
+                          "speedup": round(med(turns, "recompute_ms") / med(turns, "reused_ms"), 2)},
     }
 
 
@@ -112,14 +132,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--history-words", type=int, default=160, help="turn-1 prompt size (160 words + a 16-token answer: ~512 tokens of history)")
     args = ap.parse_args()
     from edge_agent.config import resolve_model
 
     model = resolve_model()
     with tempfile.TemporaryDirectory() as d:
-        peers, server = start_swarm(model, Path(d), "--max-concurrent", "8", peer_extra=("--max-requests", "10"))
+        peers, server = start_swarm(model, Path(d), "--max-concurrent", "8", "--ctx", str(CTX),
+                                    peer_extra=("--max-requests", "10", "--ctx", str(CTX)))
         try:
-            out = asyncio.run(measure(model, peers, server, args.rounds, args.tokens))
+            out = asyncio.run(measure(model, peers, server, args.rounds, args.tokens, args.history_words))
         finally:
             server.stop()
             for p in peers:

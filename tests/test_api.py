@@ -199,6 +199,10 @@ def test_next_turn_extends_the_kept_kv_and_matches_llama_cpp(swarm, client, tok,
         unfed = 1 if before.choices[0].finish_reason == "length" else 0
         assert ext["kv_reused_tokens"] == before.usage.prompt_tokens + before.usage.completion_tokens - unfed
         assert ext["path"] == first["path"] and ext["reroutes"] == []
+    text = raw(swarm[1], "GET", "/metrics", key=None)[1]["text"]
+    reused = [smp.value for f in text_string_to_metric_families(text) if f.name == "edge_agent_prompt_tokens_reused"
+              for smp in f.samples if smp.name.endswith("_total")]
+    assert reused and reused[0] >= sum(r.model_extra["x_edge_agent"]["kv_reused_tokens"] for r in replies)
 
 
 def _disconnect_mid_stream(server) -> None:

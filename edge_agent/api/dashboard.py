@@ -25,6 +25,7 @@ MAX_EVENT_STREAM_S = 3600.0  # a tab left open reconnects after this (bounded lo
 def snapshot(s) -> dict:
     return {**s.swarm(), "model_id": s.model_id, "time": time.time(),
             "in_flight": [f.view() for f in list(s.engine.flights.values())],
+            "kept_conversations": len(s.engine.conversations),
             "recent": list(s.engine.recent)[-120:]}
 
 

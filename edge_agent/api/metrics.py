@@ -60,6 +60,10 @@ class ApiMetrics:
         self.in_flight = Gauge("edge_agent_requests_in_flight", "Requests generating or queued for a KV slot", registry=r)
         self.prompt_tokens = Counter("edge_agent_prompt_tokens", "Prompt tokens processed", registry=r)
         self.completion_tokens = Counter("edge_agent_completion_tokens", "Tokens generated", registry=r)
+        self.reused_tokens = Counter("edge_agent_prompt_tokens_reused", "Prompt tokens found in a kept conversation's KV "
+                                     "(not recomputed)", registry=r)
+        self.kept = Gauge("edge_agent_conversations_kept", "Finished conversations whose KV stays for a next turn",
+                          registry=r)
         self.tokens_per_s = Gauge("edge_agent_decode_tokens_per_second", "Decode speed of the last finished request",
                                   registry=r)
         self.hop_compute = Counter("edge_agent_hop_compute_seconds", "Compute time peers reported per hop",
@@ -94,6 +98,7 @@ class ApiMetrics:
             return
         self.requests.labels(ep, "ok").inc()
         self.prompt_tokens.inc(outcome.prompt_tokens)
+        self.reused_tokens.inc(outcome.stats.get("kv_reused_tokens", 0))
         s = outcome.stats
         if s.get("tokens_per_s"):
             self.tokens_per_s.set(s["tokens_per_s"])

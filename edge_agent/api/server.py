@@ -110,6 +110,7 @@ async def serve(config, model: Path, client_config, engine_options, opts: ServeO
             metrics = ApiMetrics(lambda: view()["peers"], bytes_per_row=4 * client.head.info.n_embd)
             engine = ApiEngine(client, max_concurrent=opts.max_concurrent, on_gap=metrics.gap, on_finish=metrics.finished)
             metrics.in_flight.set_function(lambda: len(engine.flights))
+            metrics.kept.set_function(lambda: len(engine.conversations))
             client.observers.add(engine.observe)
             services = ApiServices(engine, metrics, model_id, engine_options.n_ctx_per_request, view, opts.api_key)
             app = create_app(services, dashboard_routes(services))

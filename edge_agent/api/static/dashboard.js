@@ -135,7 +135,7 @@ function renderPeers(snap) {
 }
 
 function renderFlights(snap) {
-  $("flight-count").textContent = `(${snap.in_flight.length})`;
+  $("flight-count").textContent = `(${snap.in_flight.length}; ${snap.kept_conversations} conversation(s) kept for a next turn)`;
   fillTable("flights", snap.in_flight.map((f) => [
     f.id.slice(0, 16), `${f.prompt_tokens} + ${f.completion_tokens}`, f.age_s.toFixed(1) + " s",
     f.running ? (Object.entries(f.path).map(([r, p]) => `${short(p)} ${r}`).join(" → ") || "prefill") : "queued",
