@@ -12,9 +12,13 @@ import time
 import pytest
 
 from conftest import reference_tokens
+from edge_agent.discovery.identity import Identity, SwarmKey
+from edge_agent.ledger import wire
+from edge_agent.ledger.service import ChannelRequester
 from edge_agent.node import AgentConfig, run
 from edge_agent.runtime.sampling import SamplingParams
 from edge_agent.split.client import ClientConfig
+from edge_agent.transport import tls
 from swarm_util import start_peer
 
 
@@ -77,6 +81,30 @@ def test_a_generation_leaves_matching_signed_receipts_in_all_three_ledgers(tmp_p
     row = json.loads(shown.stdout.splitlines()[0])
     assert row["node"] == a.agent_id and row["chunks"] >= 2 and row["deadlines_met"] + row["deadlines_missed"] == (
         39 if mode == "star" else 0)
+    if mode == "star":
+        _hop_listener_answers_the_ledger(tmp_path, a, client)
+
+
+def _hop_listener_answers_the_ledger(tmp_path, peer, expected):
+    """The node's hop listener refuses junk ledger messages with a reason, then serves a sync."""
+    async def junk() -> list:
+        ch = await tls.connect(Identity.generate(), SwarmKey(None), "127.0.0.1", peer.ready["tls_port"])
+        ask = ChannelRequester(ch, timeout_s=20)
+        body = next(iter(expected.values()))[0]
+        try:
+            return [wire.unpack(await ask(p))[0] for p in (
+                wire.commits_get(bytes(16), 1, 3), wire.receipt_sign(body, bytes(64)), wire.MAGIC + b"\x63",
+                wire.items(wire.Msg.PUT, [bytes(332)]))]
+        finally:
+            ask.close()
+            await ch.close()
+
+    assert asyncio.run(junk()) == [wire.Msg.ERROR, wire.Msg.ERROR, wire.Msg.ERROR, wire.Msg.PUT_REPLY]
+    fresh = tmp_path / "auditor"
+    out = subprocess.run([sys.executable, "-m", "edge_agent", "ledger", "sync", "--peer", f"127.0.0.1:{peer.ready['tls_port']}",
+                          "--data-dir", str(fresh)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and json.loads(out.stdout)["pulled"] == 4, out.stdout + out.stderr
+    assert _receipts(fresh) == expected
 
 
 def client_id(receipts: dict) -> str:
