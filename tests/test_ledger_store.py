@@ -201,3 +201,5 @@ def test_cli_show_stats_export_import(tmp_path, filled):
     assert "line 1: refused" in res.stdout and "line 2: refused" in res.stdout and "imported 1 receipts" in res.stdout
     assert cli("verify", "--data-dir", str(other)).stdout.strip() == "ok"
     assert cli("import", str(tmp_path / "nope.jsonl"), "--data-dir", str(other), check=False).returncode == 2
+    missing = cli("verify", "--data-dir", str(tmp_path / "nowhere"), check=False)
+    assert missing.returncode == 2 and "no ledger at" in missing.stderr and "Traceback" not in missing.stderr

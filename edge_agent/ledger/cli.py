@@ -21,12 +21,15 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _store(data_dir: Optional[Path], max_mb: Optional[float] = None):
+def _store(data_dir: Optional[Path], max_mb: Optional[float] = None, create: bool = True):
     from edge_agent.config import data_dir as default_data_dir
-    from edge_agent.ledger.store import LedgerStore
+    from edge_agent.ledger.store import DB_FILE, LedgerStore
 
+    root = data_dir or default_data_dir()
+    if not create and not (Path(root) / DB_FILE).is_file():
+        _fail(f"no ledger at {Path(root) / DB_FILE} (hint: --data-dir of an agent that ran `join` or `run`)")
     try:
-        return LedgerStore.open(data_dir or default_data_dir(), max_mb)
+        return LedgerStore.open(root, max_mb)
     except Exception as exc:  # noqa: BLE001 - unreadable file, newer schema: one line, not a traceback
         _fail(f"cannot open the ledger: {exc}")
     raise AssertionError
@@ -41,7 +44,7 @@ def show(data_dir: Optional[Path] = DataDirOpt, as_json: bool = typer.Option(Fal
     from edge_agent.ledger.jsonl import describe
     from edge_agent.ledger.store import receipt_from_row
 
-    store = _store(data_dir)
+    store = _store(data_dir, create=False)
     try:
         for row in store.receipts(peer=peer, request=request, limit=limit):
             f = describe(receipt_from_row(row))
@@ -58,7 +61,7 @@ def show(data_dir: Optional[Path] = DataDirOpt, as_json: bool = typer.Option(Fal
 @ledger_app.command("verify")
 def verify(data_dir: Optional[Path] = DataDirOpt) -> None:
     """Re-check every signature, column and chain link; each bad row with its reason; exit 1 if any."""
-    store = _store(data_dir)
+    store = _store(data_dir, create=False)
     try:
         bad = store.verify()
         integrity = store.db.execute("PRAGMA integrity_check").fetchone()[0]
@@ -89,7 +92,7 @@ def export(data_dir: Optional[Path] = DataDirOpt, output: Optional[Path] = typer
     """Every record as JSON lines (signed bytes + decoded fields)."""
     from edge_agent.ledger.jsonl import export_lines
 
-    store = _store(data_dir)
+    store = _store(data_dir, create=False)
     out = open(output, "w") if output else sys.stdout
     try:
         for line in export_lines(store):
