@@ -186,6 +186,7 @@ def test_concurrent_requests_share_the_peers(tmp_path, peers, random_models):
         cfg.data_dir.mkdir()
         opts = EngineOptions(n_ctx_per_request=512, max_requests=4)
         async with swarm_client(cfg, model, ClientConfig(local_fallback=False), opts, discover_s=30) as client:
+            client.end_hooks.append(ends.append)
             started = asyncio.Event()
             doomed = asyncio.create_task(client.generate([1, 600], SamplingParams(max_tokens=400),
                                                          lambda _t, _s: started.set()))
@@ -195,10 +196,12 @@ def test_concurrent_requests_share_the_peers(tmp_path, peers, random_models):
                 await doomed
             return await asyncio.gather(*(client.generate(p, SamplingParams(max_tokens=16)) for p in prompts))
 
+    ends = []  # RequestEnd of every request, the cancelled one included
     results = asyncio.run(main())
     for p, res in zip(prompts, results):
         assert res.token_ids == reference_tokens(model, p, 16)
         assert res.stats["reroutes"] == []
+    assert len(ends) == 4 and all(e.hops == [(a.agent_id, 1, 3), (b.agent_id, 3, 5)] for e in ends)
 
 
 def test_idle_requests_are_evicted_and_say_so(tiny_model):

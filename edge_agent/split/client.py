@@ -42,6 +42,15 @@ class IncompatiblePeer(NamedTuple):
     reason: str  # e.g. "flash_attn on on the peer, off on this device"
 
 
+class RequestEnd(NamedTuple):
+    """What ``SwarmClient.end_hooks`` get when a request ends (finished, failed or cancelled)."""
+
+    request_id: str  # hex, as in HopRecord
+    hops: list[tuple[str, int, int]]  # the final path: (peer_id, start, end)
+    local: list[tuple[int, int]]  # the ranges this device ran besides its fallback hops (head, tail)
+    positions: int  # positions the request reached
+
+
 @dataclass
 class KeptRequest:
     """A finished request kept alive, its KV on this device and every hop, for a next turn."""
@@ -115,6 +124,7 @@ class SwarmClient:
             self.tokenizer.close()
             raise
         self.observers = Observers()  # HopRecord of every hop step this client accepts
+        self.end_hooks: list[Callable[[RequestEnd], None]] = []  # e.g. the ledger's receipts
         self._local_ms = 0.0
         self._local_link: LocalLink | None = None
         router = Router(self._plan, self._link, self.observers, max_reroutes=cfg.max_reroutes,
@@ -169,6 +179,11 @@ class SwarmClient:
         if self._local_link is None:
             self._local_link = LocalLink(self._load)
         return self._local_link
+
+    async def link_for(self, peer_id: str):
+        """The link the client uses for ``peer_id`` (for control messages on the same channel),
+        or None for this device's own fallback hop."""
+        return None if peer_id == LOCAL_PEER_ID else await self.peers.link(peer_id)
 
     def _strategy(self, req: RequestState) -> Strategy:
         ids = [h.hop.peer_id for h in req.hops]
@@ -236,11 +251,18 @@ class SwarmClient:
 
     async def release(self, kept: KeptRequest) -> None:
         """End a request on this device and every hop (frees its KV caches)."""
-        req = kept.state
+        req, pos = kept.state, len(kept.tokens)
         sid = req.rid.hex()
         self.head.end_request(sid)
         self.tail.end_request(sid)
         await self.router.end(req, req.hops)
+        end = RequestEnd(sid, [(h.hop.peer_id, h.hop.start, h.hop.end) for h in req.hops],
+                         [(e.info.start, e.info.end) for e in (self.head, self.tail)], pos)
+        for hook in self.end_hooks:
+            try:
+                hook(end)
+            except Exception:  # noqa: BLE001 - a hook (control plane) never breaks a request
+                log.exception("request end hook failed")
 
     def _stats(self, req: RequestState) -> dict:
         tel = req.tracker.telemetry()
