@@ -33,6 +33,7 @@ from edge_agent.ledger.wire import Msg, Status
 IDS_THRESHOLD = 32  # a range with at most this many ids is answered with the ids
 MAX_IDS_PER_REPLY = 16384
 SYNC_ROUNDS = wire.MAX_DEPTH + 2
+IN_FLIGHT = 2  # GET / PUT batches outstanding per direction
 Request = Callable[[bytes], Awaitable[bytes]]  # send one ledger message, get the reply payload
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="ledger-verify")
 
@@ -207,6 +208,17 @@ class SyncResponder:
         return wire.summary_reply(statuses)
 
 
+async def _window(coros: list, width: int = IN_FLIGHT) -> None:
+    """Run ``coros`` with at most ``width`` at a time, in order of start."""
+    gate = asyncio.Semaphore(width)
+
+    async def gated(coro) -> None:
+        async with gate:
+            await coro
+
+    await asyncio.gather(*(gated(c) for c in coros))
+
+
 def _within(rid: bytes, depth: int, prefix: int) -> bool:
     return depth == 0 or int.from_bytes(rid, "big") >> (256 - 4 * depth) == prefix
 
@@ -275,33 +287,33 @@ async def sync_with(request: Request, store: LedgerStore) -> SyncReport:
                     raise SyncError("peer asked to split a range past the maximum depth")
                 pending += [(depth + 1, (prefix << 4) | k) for k in range(16)]
 
-    async def pull() -> None:
-        for i in range(0, len(need), wire.MAX_RECORDS):
-            want = set(need[i:i + wire.MAX_RECORDS])
-            r = await call(wire.pack(Msg.GET, len(want).to_bytes(4, "little") + b"".join(sorted(want))), Msg.RECORDS)
-            try:
-                raw = wire.read_receipts(r)
-            except EncodingError as exc:
-                raise SyncError(f"peer sent malformed records: {exc.reason}") from None
-            ids = [record_id(x[:RECEIPT.size]) for x in raw]
-            asked = [x for x, rid in zip(raw, ids) if rid in want]
-            report.refused_by_us += [(rid.hex(), "not requested") for rid in ids if rid not in want]
-            report.refused_by_us += [(rid.hex(), "requested but not sent") for rid in want.difference(ids)]
-            result = await ingest_async(store, asked)
-            report.pulled += result.accepted
-            report.refused_by_us += [(rid, reason) for _, rid, reason in result.refused]
+    async def pull(i: int) -> None:
+        want = set(need[i:i + wire.MAX_RECORDS])
+        r = await call(wire.pack(Msg.GET, len(want).to_bytes(4, "little") + b"".join(sorted(want))), Msg.RECORDS)
+        try:
+            raw = wire.read_receipts(r)
+        except EncodingError as exc:
+            raise SyncError(f"peer sent malformed records: {exc.reason}") from None
+        ids = [record_id(x[:RECEIPT.size]) for x in raw]
+        asked = [x for x, rid in zip(raw, ids) if rid in want]
+        report.refused_by_us += [(rid.hex(), "not requested") for rid in ids if rid not in want]
+        report.refused_by_us += [(rid.hex(), "requested but not sent") for rid in want.difference(ids)]
+        result = await ingest_async(store, asked)
+        report.pulled += result.accepted
+        report.refused_by_us += [(rid, reason) for _, rid, reason in result.refused]
 
-    async def push() -> None:
-        for i in range(0, len(have), wire.MAX_RECORDS):
-            records = await asyncio.to_thread(store.get_receipts, have[i:i + wire.MAX_RECORDS])
-            r = await call(wire.items(Msg.PUT, [x.to_bytes() for x in records]), Msg.PUT_REPLY)
-            try:
-                accepted, refused = wire.read_put_reply(r)
-            except EncodingError as exc:
-                raise SyncError(f"peer sent a malformed put reply: {exc.reason}") from None
-            report.pushed += accepted
-            report.refused_by_peer += [reason for _, reason in refused]
+    async def push(i: int) -> None:
+        records = await asyncio.to_thread(store.get_receipts, have[i:i + wire.MAX_RECORDS])
+        r = await call(wire.items(Msg.PUT, [x.to_bytes() for x in records]), Msg.PUT_REPLY)
+        try:
+            accepted, refused = wire.read_put_reply(r)
+        except EncodingError as exc:
+            raise SyncError(f"peer sent a malformed put reply: {exc.reason}") from None
+        report.pushed += accepted
+        report.refused_by_peer += [reason for _, reason in refused]
 
-    await asyncio.gather(pull(), push())
+    # two batches in flight each way: one transfers while the other is verified
+    await asyncio.gather(_window([pull(i) for i in range(0, len(need), wire.MAX_RECORDS)]),
+                         _window([push(i) for i in range(0, len(have), wire.MAX_RECORDS)]))
     report.seconds = time.perf_counter() - t0
     return report
