@@ -129,12 +129,22 @@ def test_tiny_greedy_tokens_match_llama_cpp(tiny_model, cache):
     assert got == reference_tokens(tiny_model, toks, 48)
 
 
+# SmolLM2 Q4_1 whole on ONNX vs llama.cpp, teacher-forced. Derived in docs/onnx.md from
+# bench/onnx_spread.py: 96 positions on each of four kernel paths (ggml built for AVX-512 and
+# for AVX2 only, ONNX Runtime at accuracy levels 4 and 1), each bound 1.5x the worst seen.
+SMOLLM_DEFICIT = 0.6  # ONNX's token is at most this far below llama.cpp's best logit (worst seen 0.40)
+SMOLLM_REL_RMS_MEDIAN = 0.06  # logits, relative RMS per position (worst median seen 0.037)
+SMOLLM_REL_RMS_MAX = 0.45  # (worst seen 0.29)
+
+
 def test_smollm_greedy_tokens_match_llama_cpp(smollm_path, cache):
     """All 30 Q4_1 layers, the embedding and the Q8_0 LM head on ONNX Runtime (role "full").
 
-    Q4_1 cannot be made bit-exact (both runtimes round activations to int8, not identically),
-    so tokens must agree wherever llama.cpp's own top-2 logit margin exceeds 0.1; this prompt's
-    continuation has near-ties (margins 0.05 and 0.01) where either choice is within tolerance.
+    Q4_1 cannot be made bit-exact (both runtimes round activations to int8, not identically,
+    and ggml's own kernels differ between instruction sets), so where llama.cpp's top-2
+    margin is small either choice is right. What must hold: logits close, ONNX's choice
+    always within the measured noise of llama.cpp's best, nearly every argmax equal, and
+    the answer itself (" Paris.\n\nThe") the same when ONNX decodes on its own.
     """
     from edge_agent.runtime.tokenizer import Tokenizer
 
@@ -158,12 +168,15 @@ def test_smollm_greedy_tokens_match_llama_cpp(smollm_path, cache):
     finally:
         ox.close()
         lc.close()
-    top2 = np.sort(ref, axis=-1)[:, -2:]
-    decisive = top2[:, 1] - top2[:, 0] > 0.1
     agree = got.argmax(-1) == ref.argmax(-1)
-    print(f"SmolLM2 Q4_1 on ONNX: {agree.sum()}/{len(agree)} teacher-forced argmax equal, logits rel RMS {np.array2string(rel_rms(got, ref), precision=3)}")
-    assert agree[decisive].all() and decisive.sum() >= 12
-    assert free == want[:5]  # " Paris.\n\nThe"
+    deficit = ref.max(-1) - np.take_along_axis(ref, got.argmax(-1)[:, None], -1)[:, 0]
+    err = rel_rms(got, ref)
+    print(f"SmolLM2 Q4_1 on ONNX: {agree.sum()}/{len(agree)} teacher-forced argmax equal, worst deficit "
+          f"{deficit.max():.3f}, logits rel RMS median {np.median(err):.3f} max {err.max():.3f}")
+    assert deficit.max() <= SMOLLM_DEFICIT
+    assert np.median(err) <= SMOLLM_REL_RMS_MEDIAN and err.max() <= SMOLLM_REL_RMS_MAX
+    assert agree.sum() >= 14  # worst seen: 5 flips in 96 positions
+    assert free == want[:5]
 
 
 def test_mixed_pipeline_llama_cpp_then_onnx(random_models, cache):
