@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
+import subprocess
+import sys
 import time
 from urllib.parse import urlparse
 
@@ -64,6 +67,15 @@ def raw(server, method: str, path: str, body: bytes | None = None, key: str | No
     data = resp.read()
     conn.close()
     return resp.status, (json.loads(data) if resp.getheader("Content-Type", "").startswith("application/json") else {"text": data.decode()})
+
+
+def test_serve_refuses_an_open_lan_api_in_one_line(smollm_path, tmp_path):
+    args = [sys.executable, "-m", "edge_agent", "serve", "--model", str(smollm_path), "--host", "0.0.0.0", "--no-mdns",
+            "--data-dir", str(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if k != "EDGE_AGENT_API_KEY"}
+    res = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 2 and "--api-key" in res.stderr and "--no-auth" in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
 def test_models_and_health(swarm, client):

@@ -134,15 +134,15 @@ async def _answer(request: Request, s: ApiServices, kind: str, body, prompt: lis
     async def stream():
         hold = StopHoldback(params.stop)
         item = first
+        role = kind == "chat"  # the role rides on the first chunk: one write less before the first token
         try:
-            if kind == "chat":
-                yield sse(chunk_body(kind, flight.id, s.model_id, "", role=True))
             while isinstance(item, Token):
                 text = hold.push(item.text)
                 if text:
-                    yield sse(chunk_body(kind, flight.id, s.model_id, text))
+                    yield sse(chunk_body(kind, flight.id, s.model_id, text, role=role))
+                    role = False
                 item = await anext(events)
-            yield sse(chunk_body(kind, flight.id, s.model_id, hold.finish(item.text), item.finish_reason))
+            yield sse(chunk_body(kind, flight.id, s.model_id, hold.finish(item.text), item.finish_reason, role=role))
             yield sse(chunk_body(kind, flight.id, s.model_id, None, choices=False, extension=extension(item.stats, flight),
                                  use=usage(item.prompt_tokens, len(item.token_ids)) if include_usage else None))
             yield sse("[DONE]")
