@@ -303,6 +303,7 @@ async def _next_event(q: asyncio.Queue, kind: str, agent_id: str, timeout: float
             return ev
 
 
+@pytest.mark.slow
 def test_agents_discover_isolate_update_and_leave(tmp_path: Path,
                                                    record_property: Callable) -> None:
     """Three agents + one rogue process on 127.0.0.1; the test process browses too."""

@@ -124,6 +124,7 @@ def pipeline_tokens(model, split, shards, prompt, n, backend, cache):
         pipe.close()
 
 
+@pytest.mark.slow
 def test_tiny_greedy_tokens_match_llama_cpp(tiny_model, cache):
     toks, got = pipeline_tokens(tiny_model, (1, 1), [(1, 3), (3, 4)], "Once upon a time", 48, "onnx", cache)
     assert got == reference_tokens(tiny_model, toks, 48)
@@ -137,6 +138,7 @@ SMOLLM_REL_RMS_MEDIAN = 0.06  # logits, relative RMS per position (worst median 
 SMOLLM_REL_RMS_MAX = 0.45  # (worst seen 0.29)
 
 
+@pytest.mark.slow
 def test_smollm_greedy_tokens_match_llama_cpp(smollm_path, cache):
     """All 30 Q4_1 layers, the embedding and the Q8_0 LM head on ONNX Runtime (role "full").
 

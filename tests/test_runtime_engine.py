@@ -40,6 +40,7 @@ def run_alone(engine, rid, h, split_at):
     return np.concatenate(outs)
 
 
+@pytest.mark.slow
 def test_interleaved_and_batched_requests_equal_alone(tiny_model):
     prompts = [[1, 403, 407, 261, 378, 31, 9, 100], [1, 200, 201, 202, 203, 204, 205, 206], [1, 50, 60, 70, 80, 90, 99, 98]]
     hs = hidden_inputs(tiny_model, prompts)

@@ -32,6 +32,7 @@ def test_tiny_matches_llama_cpp(tiny_model, split, shards):
     assert len(got) == 48  # random models never pick EOS greedily (synthetic.py): a full-length comparison
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split,shards", [((1, 1), None), ((3, 2), [(3, 12), (12, 20), (20, 28)])])
 def test_smollm_matches_llama_cpp(smollm_path, split, shards):
     prompt_tokens, got = pipeline_tokens(smollm_path, split, shards, "The capital of France is", 24)

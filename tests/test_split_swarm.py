@@ -22,6 +22,7 @@ def test_two_peers_match_llama_cpp_tiny(tmp_path, peers, tiny_model, mode):
     assert res.stats["reroutes"] == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["star", "chain"])
 def test_three_peers_over_mdns_match_llama_cpp_smollm(tmp_path, peers, smollm_path, mode):
     ps = [peers(smollm_path, r, mdns=True) for r in ("1:10", "10:20", "20:29")]
@@ -104,6 +105,7 @@ def test_node_without_model_fetches_its_range_and_serves_exact_tokens(tmp_path, 
     assert [h["peer_id"] for h in res.stats["path"]] == [source.agent_id, fetched.agent_id]
 
 
+@pytest.mark.slow
 def test_peer_with_tampered_weights_is_refused(tmp_path, peers, tiny_model):
     import gguf
 
@@ -170,6 +172,7 @@ def test_no_route_error_names_the_missing_layers(tmp_path, peers, tiny_model):
                         ClientConfig(local_fallback=False), discover_s=3.0, n_ctx=512))
 
 
+@pytest.mark.slow
 def test_concurrent_requests_share_the_peers(tmp_path, peers, random_models):
     """Three requests at once through one client and the same two peers (quantized weights:
     nodes batch them); a fourth, cancelled mid-way, ends on every hop."""

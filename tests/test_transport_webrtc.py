@@ -26,6 +26,7 @@ from test_transport_tls import HOST, LOSS_BOUND, SECRET, SLACK, assert_refusals,
     stream_from_process
 
 
+@pytest.mark.slow
 def test_10k_mixed_frames_intact_in_order():
     nbytes, elapsed = asyncio.run(stream_from_process("webrtc", webrtc, 10_000, 2500))
     assert nbytes > 20e6
