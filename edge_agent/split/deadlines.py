@@ -209,10 +209,6 @@ class DeadlineTracker:
         self._hops = [old.get((h.peer_id, h.start, h.end)) or _HopCounters() for h in plan.hops]
         self._plan = plan
 
-    def budgets(self, observed_upstream: Sequence[Optional[float]] = ()) -> list[float]:
-        """Each hop's deadline for the current step, given the upstream hops seen so far."""
-        return step_budgets([h.budget_ms for h in self._plan.hops], observed_upstream)
-
     def observe(
         self, observed_ms: Sequence[Optional[float]], alternatives: Collection[int] = ()
     ) -> StepReport:
