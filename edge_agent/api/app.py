@@ -30,7 +30,7 @@ from edge_agent.runtime.generation import GenerationResult
 from edge_agent.runtime.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
-OPEN_PATHS = ("/health", "/metrics", "/", "/static/")  # no API key needed: nothing private there
+OPEN_PATHS = ("/health", "/metrics", "/")  # and /static/*: no API key needed, nothing private there
 
 
 @dataclass
@@ -112,7 +112,7 @@ def _sampling(s: ApiServices, body, n_prompt: int) -> SamplingParams:
                           max_tokens=room if limit is None else limit, stop=body.stop_strings())
 
 
-async def _answer(request: Request, s: ApiServices, kind: str, body, prompt: list[int]) -> Response:
+async def _answer(s: ApiServices, kind: str, body, prompt: list[int]) -> Response:
     params = _sampling(s, body, len(prompt))
     flight = s.engine.start(kind, prompt, params)
     events = flight.events()
@@ -165,7 +165,7 @@ def create_app(s: ApiServices, extra_routes: list | None = None) -> Starlette:
             text = tok.apply_chat_template(messages)
         except Exception as exc:  # noqa: BLE001 - a template error is the request's problem
             raise ApiError(400, f"chat template: {exc}", param="messages", code="invalid_value") from None
-        return await _answer(request, s, "chat", body, tok.encode(text, add_special=True, parse_special=True))
+        return await _answer(s, "chat", body, tok.encode(text, add_special=True, parse_special=True))
 
     async def completions(request: Request) -> Response:
         body = parse_body(await request.body(), CompletionRequest)
@@ -178,7 +178,7 @@ def create_app(s: ApiServices, extra_routes: list | None = None) -> Starlette:
             prompt = list(body.prompt)
             if any(not 0 <= t < tok.n_vocab for t in prompt):
                 raise ApiError(400, f"token ids must be in [0, {tok.n_vocab})", param="prompt", code="invalid_value")
-        return await _answer(request, s, "text", body, prompt)
+        return await _answer(s, "text", body, prompt)
 
     async def models(_request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": s.model_id, "object": "model", "created": s.created,
