@@ -2,9 +2,9 @@
 
 A finished request can stay alive (its KV on this device and on every hop) so that the
 next turn of the same chat, whose prompt extends the tokens already computed, computes
-only its new tokens (``split.client.KeptRequest``). A kept request holds one slot. A request
-that finds no free slot takes the oldest kept one's; a kept request idle for ``keep_s``
-is released (peers free idle KV after their own, longer, ``--idle-timeout``; were one to
+only its new tokens (``split.client.KeptRequest``). A kept request holds one slot; at most
+``max_kept`` are kept (the oldest goes first). A request that finds no free slot takes the
+oldest kept one's; a kept request idle for ``keep_s`` is released (peers free idle KV after their own, longer, ``--idle-timeout``; were one to
 free it earlier, the client rebuilds that hop by replay and the output does not change).
 """
 
@@ -25,9 +25,11 @@ class Kept(Protocol):
 
 
 class Conversations:
-    def __init__(self, release, slots: int, keep_s: float = 300.0):
+    def __init__(self, release, slots: int, keep_s: float = 300.0, max_kept: int | None = None):
         self._release_request = release  # async (kept) -> None: end it on this device and every hop
         self._free = asyncio.Semaphore(slots)
+        # kept KV also takes slots on the peers, which serve other clients too: keep at most half of ours
+        self.max_kept = max(1, slots // 2) if max_kept is None else max_kept
         self._kept: list[tuple[float, Kept]] = []  # (kept at, request), oldest first
         self._waiting = 0
         self.keep_s = keep_s
@@ -53,7 +55,9 @@ class Conversations:
 
     async def done(self, kept: Kept | None) -> None:
         """A request ended. ``kept``: it stays alive for a next turn, unless a request waits for its slot."""
-        if kept is not None and not self._waiting:
+        if kept is not None and not self._waiting and self.max_kept > 0:
+            while len(self._kept) >= self.max_kept:
+                await self._release(self._kept.pop(0)[1])
             self._kept.append((time.monotonic(), kept))
         elif kept is not None:
             await self._release(kept)
