@@ -20,13 +20,19 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def recorder():
+    """(released, release): what a Conversations released, by first token."""
+    released: list[int] = []
+
+    async def release(kept):
+        released.append(kept.tokens[0])
+
+    return released, release
+
+
 def test_a_next_turn_gets_its_kept_request_and_others_get_free_slots():
     async def main():
-        released = []
-
-        async def release(kept):
-            released.append(kept.tokens)
-
+        released, release = recorder()
         c = Conversations(release, slots=4)
         assert await c.acquire([1, 2]) is None
         await c.done(Turn([1, 2, 3]))
@@ -43,11 +49,7 @@ def test_a_next_turn_gets_its_kept_request_and_others_get_free_slots():
 
 def test_at_most_half_the_slots_keep_and_the_oldest_goes_first():
     async def main():
-        released = []
-
-        async def release(kept):
-            released.append(kept.tokens[0])
-
+        released, release = recorder()
         c = Conversations(release, slots=4)
         for i in range(3):
             await c.acquire([i])
@@ -61,11 +63,7 @@ def test_at_most_half_the_slots_keep_and_the_oldest_goes_first():
 
 def test_a_waiting_request_takes_a_kept_slot_and_nothing_is_kept_while_it_waits():
     async def main():
-        released = []
-
-        async def release(kept):
-            released.append(kept.tokens[0])
-
+        released, release = recorder()
         c = Conversations(release, slots=2, max_kept=2)
         await c.acquire([1])
         await c.acquire([2])
@@ -82,11 +80,7 @@ def test_a_waiting_request_takes_a_kept_slot_and_nothing_is_kept_while_it_waits(
 
 def test_idle_kept_requests_expire():
     async def main():
-        released = []
-
-        async def release(kept):
-            released.append(kept.tokens[0])
-
+        released, release = recorder()
         c = Conversations(release, slots=2, keep_s=0.0)
         await c.acquire([1])
         await c.done(Turn([1, 0]))
