@@ -125,13 +125,19 @@ function fillTable(id, rows, emptyText, columns) {
 }
 
 function renderPeers(snap) {
-  $("peer-count").textContent = `(${snap.peers.length})`;
-  fillTable("peers", snap.peers.map((p) => {
+  const others = snap.incompatible || [];
+  $("peer-count").textContent = `(${snap.peers.length}${others.length ? `; ${others.length} not used` : ""})`;
+  const rows = snap.peers.map((p) => {
     const name = el("td", null, { title: p.peer_id, class: "peer" });
     name.append(el("span", null, { class: "swatch", style: `background:${colourOf(p.peer_id)}` }), short(p.peer_id));
     return [name, p.ranges.map(([a, b]) => a + ":" + b).join(", "), p.ms_per_layer.toFixed(3),
       Math.round(p.free_mem_mb) + " MB", p.backend, `${p.transport}, ${p.rtt_ms.toFixed(1)} ms`];
-  }), "no peers seen yet", 6);
+  });
+  for (const p of others) {  // peers whose arithmetic settings would change the output: never routed to
+    const reason = el("td", "not used: " + p.reason, { colspan: 4, class: "empty", title: p.reason });
+    rows.push([el("td", short(p.peer_id), { title: p.peer_id }), p.ranges.map(([a, b]) => a + ":" + b).join(", "), reason]);
+  }
+  fillTable("peers", rows, "no peers seen yet", 6);
 }
 
 function renderFlights(snap) {
