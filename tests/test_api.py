@@ -147,6 +147,21 @@ def test_ten_concurrent_streaming_clients(swarm, tok, smollm_path):
     assert got == [want[m[0]["content"]] for m in convs]
 
 
+def _announce_huge_body(server) -> dict:
+    u = urlparse(server.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("Authorization", f"Bearer {API_KEY}")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(64 << 20))
+    conn.endheaders()  # and no body: the server must answer from the header alone
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 413
+    return body
+
+
 def test_bad_requests_get_openai_errors(swarm, client):
     s, m = swarm[1], model_id(swarm)
     cases = [
@@ -164,6 +179,7 @@ def test_bad_requests_get_openai_errors(swarm, client):
         got, err = raw(s, "POST", "/v1/chat/completions", body)
         assert (got, err["error"]["code"], err["error"]["param"]) == (status, code, param), err
         assert set(err["error"]) == {"message", "type", "param", "code"}
+    assert _announce_huge_body(s)["error"]["code"] == "body_too_large"  # refused before any byte is read
     assert raw(s, "POST", "/v1/chat/completions", json.dumps({"model": m, "messages": CHAT}).encode(), key=None)[0] == 401
     assert raw(s, "POST", "/v1/completions", json.dumps({"model": m, "prompt": "x"}).encode(), key="wrong-key-123")[0] == 401
     assert raw(s, "GET", "/v1/nothing-here")[1]["error"]["code"] == "not_found"

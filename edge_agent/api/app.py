@@ -24,8 +24,8 @@ from starlette.routing import Route
 
 from edge_agent.api.engine import ApiEngine, ClientGone, StopHoldback, Token, extension
 from edge_agent.api.metrics import ApiMetrics
-from edge_agent.api.schemas import (ApiError, ChatRequest, CompletionRequest, chunk_body, completion_body, parse_body,
-                                    sse, usage)
+from edge_agent.api.schemas import (MAX_BODY_BYTES, ApiError, ChatRequest, CompletionRequest, chunk_body, completion_body,
+                                    parse_body, sse, usage)
 from edge_agent.runtime.generation import GenerationResult
 from edge_agent.runtime.sampling import SamplingParams
 
@@ -70,6 +70,23 @@ def as_api_error(exc: BaseException) -> ApiError:
         return ApiError(400, str(exc), code="invalid_value")
     log.exception("request failed")
     return ApiError(500, f"internal error: {type(exc).__name__}: {exc}"[:500], "server_error", code="internal_error")
+
+
+async def read_body(request: Request) -> bytes:
+    """The body, refused (413) before it outgrows MAX_BODY_BYTES: a client cannot fill our memory."""
+    too_big = ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large")
+    try:
+        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+            raise too_big
+    except ValueError:
+        raise ApiError(400, "bad Content-Length header", code="invalid_value") from None
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > MAX_BODY_BYTES:
+            raise too_big
+        parts.append(part)
+    return b"".join(parts)
 
 
 class _ApiKeyMiddleware:
@@ -158,7 +175,7 @@ async def _answer(s: ApiServices, kind: str, body, prompt: list[int]) -> Respons
 
 def create_app(s: ApiServices, extra_routes: list | None = None) -> Starlette:
     async def chat(request: Request) -> Response:
-        body = parse_body(await request.body(), ChatRequest)
+        body = parse_body(await read_body(request), ChatRequest)
         tok = s.engine.tokenizer
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         try:
@@ -168,7 +185,7 @@ def create_app(s: ApiServices, extra_routes: list | None = None) -> Starlette:
         return await _answer(s, "chat", body, tok.encode(text, add_special=True, parse_special=True))
 
     async def completions(request: Request) -> Response:
-        body = parse_body(await request.body(), CompletionRequest)
+        body = parse_body(await read_body(request), CompletionRequest)
         if body.echo:
             raise ApiError(400, "echo is not supported", param="echo", code="invalid_value")
         tok = s.engine.tokenizer

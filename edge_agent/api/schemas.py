@@ -92,9 +92,7 @@ class CompletionRequest(_Sampling):
 
 
 def parse_body(raw: bytes, model: type[_Body]) -> _Body:
-    """Bytes -> validated request, or ApiError(400) naming what is wrong."""
-    if len(raw) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    """Bytes (already bounded by MAX_BODY_BYTES) -> validated request, or ApiError(400) naming what is wrong."""
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as exc:
