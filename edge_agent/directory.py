@@ -88,13 +88,15 @@ class PeerDirectory:
         return (entry.addresses or ["127.0.0.1"])[0], entry.caps.tls_port
 
     async def wait_for_coverage(self, n_layer: int, policy, timeout_s: float) -> bool:
-        """Wait (bounded) until the discovered peers cover the remote layers."""
+        """Wait (bounded) until the discovered peers the policy admits cover the remote layers."""
         from edge_agent.split.planner import coverage
 
         lo, hi = policy.remote_range(n_layer)
+        if policy.trusted is not None and not policy.trusted:
+            return False  # no peer may take them (--privacy local, or an empty trust list)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            cov = coverage(n_layer, self.capabilities())
+            cov = coverage(n_layer, [c for c in self.capabilities() if policy.admits(c.peer_id)])
             if all(c > 0 for c in cov[lo:hi]):
                 return True
             await asyncio.sleep(0.2)

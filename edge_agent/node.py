@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class AgentConfig:
     data_dir: Path
-    swarm_secret: str | None = None
+    swarm_secret: str | None = field(default=None, repr=False)  # a secret: never in a repr or log line
     host: str = "0.0.0.0"  # where the TLS and signalling listeners bind
     tls_port: int = 0  # 0 = any free port
     signal_port: int = 0

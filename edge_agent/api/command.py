@@ -31,6 +31,7 @@ def serve_command(
     flash_attn: bool = FlashAttnOpt,
     ubatch: int = UbatchOpt,
     no_local_fallback: bool = typer.Option(False, "--no-local-fallback", help="Fail (503) instead of running uncovered layers here."),
+    privacy: str = typer.Option("open", "--privacy", help="open, trusted (only `edge-agent trust` peers) or local, for every request."),
     data_dir: Optional[Path] = DataDirOpt,
     swarm_key: Optional[str] = SwarmKeyOpt,
     peer: list[str] = PeerOpt,
@@ -43,10 +44,11 @@ def serve_command(
     import asyncio
 
     from edge_agent.api.server import ServeError, ServeOptions, serve
+    from edge_agent.discovery.trust import TrustError, privacy_policy
     from edge_agent.runtime.engine import EngineError
     from edge_agent.runtime.shards import parse_range
     from edge_agent.split.client import ClientConfig
-    from edge_agent.split.policy import PolicyError, PrivacyPolicy
+    from edge_agent.split.policy import PolicyError
 
     path = _resolve_model(model, data_dir)
     cfg = _agent_config(data_dir, swarm_key, "127.0.0.1", 0, 0, peer, no_mdns, mdns_interface, transport, ice_server)
@@ -56,10 +58,10 @@ def serve_command(
         _fail("--ctx must be >= 16 and --max-concurrent >= 1")
     try:
         k, m = parse_range(split)
-        client_cfg = ClientConfig(policy=PrivacyPolicy(k, m), target_tbt_ms=target_tbt_ms, mode=mode, backend=backend,
-                                  local_fallback=not no_local_fallback)
+        client_cfg = ClientConfig(policy=privacy_policy(privacy, k, m, cfg.data_dir, swarm_key), target_tbt_ms=target_tbt_ms,
+                                  mode=mode, backend=backend, local_fallback=not no_local_fallback)
         engine_opts = _engine_options(ctx, threads, flash_attn, ubatch, max_requests=max_concurrent)
-    except (EngineError, PolicyError, ValueError) as exc:
+    except (EngineError, PolicyError, TrustError, ValueError) as exc:
         _fail(str(exc))
     opts = ServeOptions(host, port, api_key, no_auth, max_concurrent, discover)
 

@@ -27,7 +27,7 @@ from edge_agent.split.local import LOCAL_PEER_ID, LocalLink
 from edge_agent.split.observe import Observers
 from edge_agent.split.planner import NoRouteError, PeerCapability, Plan, format_layers, plan_path
 from edge_agent.split.policy import PrivacyPolicy
-from edge_agent.split.protocol import HopFailed
+from edge_agent.split.protocol import ErrorCode, HopFailed
 from edge_agent.split.star import StarStrategy
 from edge_agent.split.strategy import RequestState, Router, Strategy
 
@@ -130,7 +130,7 @@ class SwarmClient:
         router = Router(self._plan, self._link, self.observers, max_reroutes=cfg.max_reroutes,
                         replay_timeout_s=cfg.prefill_timeout_s)
         self.router = router
-        self.star = StarStrategy(router, peers.capabilities, hop_timeout_s=cfg.hop_timeout_s,
+        self.star = StarStrategy(router, self._admitted, hop_timeout_s=cfg.hop_timeout_s,
                                  prefill_timeout_s=cfg.prefill_timeout_s)
         self.chain = ChainStrategy(router, peers.address, self.star, hop_timeout_s=cfg.hop_timeout_s,
                                    prefill_timeout_s=cfg.prefill_timeout_s)
@@ -147,8 +147,12 @@ class SwarmClient:
         self.tokenizer.close()
 
     # -- planning ---------------------------------------------------------------------------
+    def _admitted(self) -> list[PeerCapability]:
+        """The peers the privacy policy lets see activations (``--privacy trusted``: the allow-list)."""
+        return [c for c in self.peers.capabilities() if self.config.policy.admits(c.peer_id)]
+
     def _plan(self, previous: Plan | None = None, exclude=(), replace_hops=()) -> Plan:
-        caps = self.peers.capabilities()
+        caps = self._admitted()
         me = PeerCapability(LOCAL_PEER_ID, (self.config.policy.remote_range(self.n_layer),), 1e9,
                             self.config.local_ms_per_layer, 0.0)
         if previous is not None and LOCAL_PEER_ID in previous.peer_ids:
@@ -158,13 +162,20 @@ class SwarmClient:
         try:
             return plan_path(self.n_layer, self.config.policy, caps, **kw)
         except NoRouteError as exc:
-            if not self.config.local_fallback or LOCAL_PEER_ID in exclude or me in caps:
+            if not self.config.local_fallback or self.config.policy.strict or LOCAL_PEER_ID in exclude or me in caps:
                 raise self._explain(exc) from None
         # no peer can take some layers: this device can, since it holds the whole model
         return plan_path(self.n_layer, self.config.policy, [*caps, me], **kw)
 
     def _explain(self, exc: NoRouteError) -> NoRouteError:
         """Name the settings that kept a peer off the path, when one could have served the layers."""
+        policy = self.config.policy
+        if policy.strict:  # never weakened: say which layers no trusted peer holds, and who else does
+            others = sorted({c.peer_id[:12] for c in self.peers.capabilities() if not policy.admits(c.peer_id)
+                             and any(a < e and s < b for a, b in c.ranges for s, e in exc.missing)})
+            held = f"untrusted peers serve them: {', '.join(others)}; " if others else ""
+            return NoRouteError(exc.missing, f"privacy policy {policy.name!r}: {held}trust a peer with "
+                                "`edge-agent trust add ID`, or run with --privacy local", what="no trusted peer holds")
         reasons = [f"peer {p.peer_id[:12]} ({', '.join(format_layers(r) for r in p.ranges)}): {p.reason}"
                    for p in self.peers.incompatible()
                    if any(a < e and s < b for a, b in p.ranges for s, e in exc.missing)]
@@ -175,6 +186,8 @@ class SwarmClient:
 
     async def _link(self, peer_id: str):
         if peer_id != LOCAL_PEER_ID:
+            if not self.config.policy.admits(peer_id):  # the last gate before activations leave
+                raise HopFailed(peer_id, f"not admitted by privacy policy {self.config.policy.name!r}", ErrorCode.INCOMPATIBLE)
             return await self.peers.link(peer_id)
         if self._local_link is None:
             self._local_link = LocalLink(self._load)
@@ -280,4 +293,7 @@ class SwarmClient:
             "chain_ms": round(req.chain_ms, 3),
             "reroutes": req.reroutes,
             "local": [f"{self.head.info.start}:{self.head.info.end}", f"{self.tail.info.start}:{self.tail.info.end}"],
+            "privacy": {"policy": self.config.policy.name, "k": self.config.policy.k, "m": self.config.policy.m,
+                        "peers_saw_activations": sorted(({h.hop.peer_id for h in req.hops} | {r["from"] for r in req.reroutes}
+                                                         | {p for r in req.reroutes for p in r["to"]}) - {LOCAL_PEER_ID, None})},
         }

@@ -6,16 +6,22 @@ never leave the device (peers only see hidden states after ``k`` layers) and nei
 logits (peers stop ``m`` layers before the head). Only ``[k, n_layer - m)`` may run
 remotely; when ``k + m == n_layer`` that range is empty and the whole model runs locally.
 
-A request carries its policy object, so later waves can add other policies (a ``name``
-to tell them apart, ``allow_remote`` to forbid remote layers entirely) without touching
-the planner's signature.
+A request carries its policy object (``for_level``: the user's ``--privacy`` choice):
+``open`` routes to any peer of the swarm, ``trusted`` only to the peers in ``trusted`` (the
+allow-list, ``discovery.trust``) and fails rather than route elsewhere, ``local`` admits no
+peer: the middle layers run on this device too, no activation is sent anywhere. What a peer can still recover from the hidden states it sees is
+measured in docs/privacy.md: nearly everything.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 LayerRange = tuple[int, int]  # half-open [start, end) in the source model's numbering
+
+
+PRIVACY_LEVELS = ("open", "trusted", "local")
 
 
 class PolicyError(ValueError):
@@ -39,12 +45,36 @@ class PrivacyPolicy:
     ``m``: last layers kept locally (>= 1, so logits never leave the client).
     ``name``: label of the policy (a seam for the next wave's policies).
     ``allow_remote``: False forces the whole model to run locally.
+    ``trusted``: the only peer ids that may see activations (None: any peer of the swarm).
     """
 
     k: int = 1
     m: int = 1
     name: str = "split"
     allow_remote: bool = True
+    trusted: frozenset[str] | None = None
+
+    @classmethod
+    def for_level(cls, level: str, k: int = 1, m: int = 1, trusted: Iterable[str] | None = None) -> "PrivacyPolicy":
+        """The policy of ``--privacy level``; ``trusted``: the allow-list (None under ``trusted``:
+        every peer that passed the private swarm's handshake)."""
+        if level == "open":
+            return cls(k, m, name="open")
+        if level == "trusted":
+            return cls(k, m, name="trusted", trusted=None if trusted is None else frozenset(trusted))
+        if level == "local":  # no peer admitted: the middle layers run on this device (split.local)
+            return cls(k, m, name="local", trusted=frozenset())
+        raise PolicyError(f"--privacy must be one of {', '.join(PRIVACY_LEVELS)}, got {level!r}")
+
+    def admits(self, peer_id: str) -> bool:
+        """May ``peer_id`` see this request's activations?"""
+        return self.allow_remote and (self.trusted is None or peer_id in self.trusted)
+
+    @property
+    def strict(self) -> bool:
+        """A request that cannot be routed within the policy fails (no local fallback, which would
+        hide that the policy's peers are missing)."""
+        return self.name == "trusted"
 
     def __post_init__(self) -> None:
         _check_int("k", self.k, 1)
@@ -53,6 +83,8 @@ class PrivacyPolicy:
             raise PolicyError("name must be a non-empty string")
         if not isinstance(self.allow_remote, bool):
             raise PolicyError("allow_remote must be a bool")
+        if self.trusted is not None and not (isinstance(self.trusted, frozenset) and all(isinstance(p, str) for p in self.trusted)):
+            raise PolicyError("trusted must be a frozenset of peer ids or None")
 
     def validate(self, n_layer: int) -> None:
         """Raise PolicyError unless this policy fits a model with ``n_layer`` layers."""

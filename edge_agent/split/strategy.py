@@ -140,7 +140,7 @@ class Router:
             except NoRouteError as exc:
                 who = f"peer {blamed[:12]} failed" if blamed else "after"
                 excluded = ", ".join(sorted(p[:12] for p in req.excluded)) or "none"
-                raise NoRouteError(exc.missing, f"{who}: {reason}; excluded: {excluded}",
+                raise NoRouteError(exc.missing, f"{who}: {reason}; excluded: {excluded}; {exc}",
                                    what="no replacement: no other peer serves") from None
             if failed is not None:
                 keep = {(h.hop.peer_id, h.hop.start, h.hop.end): h for i, h in enumerate(req.hops) if i != index}
