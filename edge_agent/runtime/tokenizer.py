@@ -28,6 +28,7 @@ class Tokenizer:
         self.eos = lc.llama_vocab_eos(self._vocab)
         self.bos = lc.llama_vocab_bos(self._vocab)
         self._piece_cache: dict[int, bytes] = {}
+        self._template = None  # the compiled chat template, on first use
 
     def encode(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """Same call llama-cpp-python's ``Llama.tokenize`` makes, so token ids match it."""
@@ -71,23 +72,30 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render the GGUF's Jinja chat template (sandboxed), as HF and llama.cpp do."""
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        tmpl = self.chat_template()
-        if not tmpl:
-            raise EngineError("this model has no chat template in its GGUF metadata; pass a raw prompt")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-        def raise_exception(msg):
-            raise EngineError(f"chat template error: {msg}")
-
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(tmpl).render(
+        return self._compiled_template().render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.piece(self.bos).decode("utf-8", "replace") if self.bos >= 0 else "",
             eos_token=self.piece(self.eos).decode("utf-8", "replace") if self.eos >= 0 else "",
         )
+
+    def _compiled_template(self):
+        # Compiling the template costs ~1.7 ms, a third of what the API adds to a request's
+        # first token; the template never changes for a loaded model, so compile it once.
+        if self._template is None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            tmpl = self.chat_template()
+            if not tmpl:
+                raise EngineError("this model has no chat template in its GGUF metadata; pass a raw prompt")
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+            def raise_exception(msg):
+                raise EngineError(f"chat template error: {msg}")
+
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(tmpl)
+        return self._template
 
     def close(self) -> None:
         if getattr(self, "_model", None):
