@@ -270,8 +270,9 @@ def test_metrics_parse_as_prometheus_text(swarm, client):
     text = raw(swarm[1], "GET", "/metrics", key=None)[1]["text"]
     families = {f.name: f for f in text_string_to_metric_families(text)}
     for name in ("edge_agent_time_to_first_token_seconds", "edge_agent_time_between_tokens_seconds",
-                 "edge_agent_request_duration_seconds", "edge_agent_step_slack_seconds"):
+                 "edge_agent_request_duration_seconds", "edge_agent_step_slack_seconds", "edge_agent_hop_slack_seconds"):
         assert families[name].type == "histogram"
+    assert {s.labels["layers"] for s in families["edge_agent_hop_slack_seconds"].samples} == {"1:15", "15:29"}
     for name in ("edge_agent_requests", "edge_agent_prompt_tokens", "edge_agent_completion_tokens", "edge_agent_hop_compute_seconds",
                  "edge_agent_hop_transfer_seconds", "edge_agent_deadline_misses", "edge_agent_reroutes",
                  "edge_agent_activation_bytes_sent"):

@@ -71,6 +71,9 @@ class ApiMetrics:
         self.hop_transfer = Counter("edge_agent_hop_transfer_seconds", "Round trip minus compute per hop",
                                     ["peer", "layers"], registry=r)
         self.hop_steps = Counter("edge_agent_hop_steps", "Steps each hop computed", ["peer", "layers"], registry=r)
+        self.hop_slack = Histogram("edge_agent_hop_slack_seconds", "Per request and hop: the hop's deadline budget "
+                                   "minus its mean step time (compute + transfer)", ["peer", "layers"],
+                                   buckets=_SLACK, registry=r)
         self.slack = Histogram("edge_agent_step_slack_seconds", "Per request: deadline budget minus mean step time",
                                buckets=_SLACK, registry=r)
         self.misses = Counter("edge_agent_deadline_misses", "Decode steps over their deadline", registry=r)
@@ -107,6 +110,9 @@ class ApiMetrics:
             self.hop_compute.labels(*key).inc(h["compute_ms"] / 1000.0)
             self.hop_transfer.labels(*key).inc(h["transfer_ms"] / 1000.0)
             self.hop_steps.labels(*key).inc(h["steps"])
+            if h["steps"]:
+                mean_ms = (h["compute_ms"] + h["transfer_ms"]) / h["steps"]
+                self.hop_slack.labels(*key).observe((h["budget_ms"] - mean_ms) / 1000.0)
         if s.get("slack_ms") is not None:
             self.slack.observe(s["slack_ms"] / 1000.0)
         self.misses.inc(s.get("deadline_misses", 0))
