@@ -15,11 +15,12 @@ import hashlib
 import struct
 from dataclasses import astuple, dataclass, fields
 
-COMMITMENT_MAGIC = b"EAC\x01"
+COMMITMENT_MAGIC = b"EAC\x02"  # version 2: the 256-byte activation fingerprint
 RECEIPT_MAGIC = b"EAR\x01"
 # magic, request_id, node, layer_start, layer_end, model_hash, shard_hash, chunk, step_start,
 # step_end, inputs_hash, outputs_hash, fingerprint, compute_us, prev, flags, reserved
-COMMITMENT = struct.Struct("<4s16s32sHH32s32sIII32s32s32sQ32sHH")
+FINGERPRINT_SIZE = 256  # layout: ledger/fingerprint.py
+COMMITMENT = struct.Struct(f"<4s16s32sHH32s32sIII32s32s{FINGERPRINT_SIZE}sQ32sHH")
 # magic, request_id, node, client, layer_start, layer_end, model_hash, steps, chunks, reserved,
 # chain_head, deadlines_met, deadlines_missed, bytes_in, bytes_out, compute_us, ended_ms
 RECEIPT = struct.Struct("<4s16s32s32sHH32sIII32sIIQQQQ")
@@ -32,7 +33,7 @@ ZERO32 = bytes(32)
 FLAG_REPLAY = 1  # the chunk contains replayed steps (rebuilding a KV cache on a replacement node)
 KNOWN_COMMITMENT_FLAGS = FLAG_REPLAY
 
-assert COMMITMENT.size == 272 and RECEIPT.size == 204
+assert COMMITMENT.size == 496 and RECEIPT.size == 204
 
 
 class EncodingError(ValueError):
@@ -69,7 +70,7 @@ class CommitmentBody:
     step_end: int  # one past its last position
     inputs_hash: bytes  # 32, see chunk_hash
     outputs_hash: bytes  # 32
-    fingerprint: bytes = ZERO32  # reserved for the activation fingerprint (verification issue)
+    fingerprint: bytes = bytes(FINGERPRINT_SIZE)  # activation fingerprint of the outputs (ledger/fingerprint.py); zeros: none
     compute_us: int = 0
     prev: bytes = ZERO32  # id of the previous chunk's commitment (zeros for chunk 0)
     flags: int = 0

@@ -23,6 +23,7 @@ from typing import Callable
 
 from edge_agent.discovery.identity import Identity, public_key_from_agent_id, verify
 from edge_agent.ledger import wire
+from edge_agent.ledger.fingerprint import Accumulator
 from edge_agent.ledger.encoding import (CLIENT_CONTEXT, FLAG_REPLAY, NODE_CONTEXT, ZERO32, CommitmentBody, EncodingError,
                                         ReceiptBody, chunk_hash, decode_receipt_body)
 from edge_agent.ledger.records import Commitment, Receipt
@@ -67,8 +68,8 @@ def chunks_of(steps: list[_Step], chunk_size: int) -> list[list[_Step]]:
     return out
 
 
-def _body_for(chunk: list[_Step], index: int, prev: bytes, **fixed) -> CommitmentBody:
-    return CommitmentBody(chunk=index, step_start=chunk[0].step, step_end=chunk[-1].step + chunk[-1].n,
+def _body_for(chunk: list[_Step], index: int, prev: bytes, fingerprint: bytes, **fixed) -> CommitmentBody:
+    return CommitmentBody(chunk=index, fingerprint=fingerprint, step_start=chunk[0].step, step_end=chunk[-1].step + chunk[-1].n,
                           inputs_hash=chunk_hash([s.input_digest for s in chunk]),
                           outputs_hash=chunk_hash([s.output_digest for s in chunk]),
                           compute_us=int(sum(s.compute_ms for s in chunk) * 1000), prev=prev,
@@ -81,6 +82,7 @@ class _Chain:
 
     fixed: dict
     open: list[_Step] = field(default_factory=list)
+    fingerprint: Accumulator = field(default_factory=Accumulator)  # of the open chunk's outputs
     signed: list[Commitment] = field(default_factory=list)
     steps: int = 0
 
@@ -116,18 +118,20 @@ class NodeRecorder:
         chain.steps += rec.n_positions
         if step.n > 1:
             self._close(chain)
-            chain.open.append(step)
+        chain.open.append(step)
+        if rec.output is not None:
+            chain.fingerprint.add(rec.step, rec.output)
+        if step.n > 1:
             self._close(chain)
         else:
-            chain.open.append(step)
             if len(chain.open) >= self.chunk_size:
                 self._close(chain)
 
     def _close(self, chain: _Chain) -> None:
         if not chain.open:
             return
-        body = _body_for(chain.open, len(chain.signed), chain.head, **chain.fixed)
-        chain.open = []
+        body = _body_for(chain.open, len(chain.signed), chain.head, chain.fingerprint.finish(), **chain.fixed)
+        chain.open, chain.fingerprint = [], Accumulator()
         if len(chain.signed) >= MAX_CHUNKS_PER_HOP:
             return  # a request this long gets no more commitments (bounded memory); the receipt will say so
         c = Commitment.sign(self.identity, body)
@@ -192,6 +196,7 @@ class ClientRecorder:
         self.failures: list[str] = []  # hops whose commitments did not check out (for telemetry and tests)
         self._tasks: set[asyncio.Task] = set()
         self.peers: set[str] = set()  # every peer that did work for us (the end-of-run sync pushes to them)
+        self.on_commitments: Callable | None = None  # (request, peer, start, end, commitments) once verified: audits
 
     def observe(self, rec) -> None:
         if rec.side != "client":
@@ -260,6 +265,8 @@ class ClientRecorder:
         problem = await asyncio.to_thread(_check_chain, commitments, expected, node, request_id, start, end, self.model_hash)
         if problem:
             raise ReceiptRefused(problem)
+        if self.on_commitments is not None:
+            self.on_commitments(request_id, peer_id, start, end, commitments)
         decode = [s for s in steps or () if s.n == 1 and s.budget_ms is not None]
         met = sum(1 for s in decode if s.wall_ms <= s.budget_ms)
         positions = sum(s.n for s in steps) if steps is not None else sum(c.fields.step_end - c.fields.step_start for c in commitments)

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from edge_agent.discovery.identity import Identity, verify
-from edge_agent.ledger.encoding import (CLIENT_CONTEXT, COMMITMENT, COMMITMENT_WIRE_SIZE, NODE_CONTEXT, RECEIPT,
+from edge_agent.ledger.encoding import (CLIENT_CONTEXT, COMMITMENT, COMMITMENT_WIRE_SIZE, FINGERPRINT_SIZE, NODE_CONTEXT, RECEIPT,
                                         RECEIPT_WIRE_SIZE, SIG_SIZE, CommitmentBody, EncodingError, ReceiptBody,
                                         decode_commitment_body, decode_receipt_body, record_id)
 
 _BYTE_SIZES = {"request_id": 16, "node": 32, "client": 32, "model_hash": 32, "shard_hash": 32, "inputs_hash": 32,
-               "outputs_hash": 32, "fingerprint": 32, "prev": 32, "chain_head": 32}
+               "outputs_hash": 32, "fingerprint": FINGERPRINT_SIZE, "prev": 32, "chain_head": 32}
 
 
 def _check_sizes(body) -> None:

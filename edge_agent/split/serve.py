@@ -29,7 +29,7 @@ from typing import Awaitable, Callable
 from edge_agent.runtime.engine import EngineError, StepInput, UnknownRequestError
 from edge_agent.split.observe import HopRecord, Observers, digest
 from edge_agent.split.protocol import ErrorCode, engine_error_code, error_frame, error_reply, parse_control, valid_next
-from edge_agent.split.testhooks import TestHooks
+from edge_agent.split.testhooks import OutputFault, TestHooks
 from edge_agent.transport import DType, Flag, Frame, MsgType, PeerLostError
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,11 @@ class _Shard:
     engine: object
     queue: "asyncio.Queue[_Job]" = field(default_factory=asyncio.Queue)
     last_used: dict[str, float] = field(default_factory=dict)
+    cheat: object = None  # test faults only: the engine a cheating node computes with instead
+
+    @property
+    def compute(self):
+        return self.cheat or self.engine
 
 
 class HopServer:
@@ -57,14 +62,17 @@ class HopServer:
     ``connect``: async (peer_id, host, port) -> PeerLink, for chain forwarding (None: no chain).
     ``weights``: a ``split.weights.WeightSource`` when this node shares its model file.
     ``loader``: (start, end) -> Engine, to serve a sub-range of a held range on demand.
-    ``ledger``: a ``ledger.service.LedgerService`` answering ledger messages (None: no ledger)."""
+    ``ledger``: a ``ledger.service.LedgerService`` answering ledger messages (None: no ledger).
+    ``fault_engine``: test faults only, (start, end) -> the engine a cheating node computes with."""
 
     def __init__(self, engines, agent_id: str = "", *, idle_timeout_s: float = 600.0,
                  info_extra: Callable[[], dict] | None = None,
                  connect: Callable[[str, str, int], Awaitable[object]] | None = None,
                  weights=None, loader: Callable[[int, int], object] | None = None, ledger=None,
-                 hooks: TestHooks = TestHooks()):
+                 hooks: TestHooks = TestHooks(), fault_engine: Callable[[int, int], object] | None = None):
         hooks.check_enabled()
+        self.fault = OutputFault(hooks.fault) if hooks.fault in ("stale", "noise", "garbage") else None
+        self.fault_engine = fault_engine
         self.agent_id = agent_id
         self.shards = {(e.info.start, e.info.end): _Shard(e) for e in engines}
         self.idle_timeout_s = idle_timeout_s
@@ -83,7 +91,9 @@ class HopServer:
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
-        for shard in self.shards.values():
+        for (start, end), shard in self.shards.items():
+            if self.fault_engine is not None:
+                shard.cheat = await asyncio.to_thread(self.fault_engine, start, end)
             self._tasks.append(asyncio.create_task(self._worker(shard)))
         self._tasks.append(asyncio.create_task(self._evict_loop()))
 
@@ -244,7 +254,7 @@ class HopServer:
         if cut == 0:
             for job in jobs[1:]:
                 shard.queue.put_nowait(job)
-            await asyncio.to_thread(shard.engine.end_request, jobs[0].end_request)
+            await asyncio.to_thread(shard.compute.end_request, jobs[0].end_request)
             return
         batch: list[_Job] = []
         later: list[_Job] = []
@@ -260,14 +270,14 @@ class HopServer:
         if self.hooks.delay_ms:
             await asyncio.sleep(self.hooks.delay_ms / 1000.0)
         try:
-            outs = await asyncio.to_thread(shard.engine.forward, [j.step for j in batch])
+            outs = await asyncio.to_thread(shard.compute.forward, [j.step for j in batch])
             results = list(zip(batch, outs, [None] * len(batch)))
         except EngineError:
             # isolate the bad step: run each alone so the others still get their answer
             results = []
             for job in batch:
                 try:
-                    results.append((job, (await asyncio.to_thread(shard.engine.forward, [job.step]))[0], None))
+                    results.append((job, (await asyncio.to_thread(shard.compute.forward, [job.step]))[0], None))
                 except EngineError as exc:
                     results.append((job, None, exc))
         except Exception as exc:  # noqa: BLE001 - an engine bug: every waiter gets an answer
@@ -283,17 +293,19 @@ class HopServer:
                 await self._reply(back, self._engine_error(f, exc))
                 continue
             self.steps_served += 1
+            if self.fault is not None:
+                out.data = self.fault.apply(job.step.request_id, out.data)
             reply = Frame.from_array(MsgType.ACTIVATION, out.data, request_id=f.request_id, step=f.step,
                                      n_positions=f.n_positions, layer_start=f.layer_start, layer_end=f.layer_end,
                                      seq=f.seq, flags=f.flags & int(Flag.REPLAY | Flag.PREFILL), compute_us=int(out.compute_ms * 1000))
-            if self.observers.callbacks:
-                self.observers.emit(HopRecord("node", job.step.request_id, self.agent_id, f.layer_start, f.layer_end, f.step,
-                                              f.n_positions, digest(f.payload), digest(reply.payload), out.compute_ms,
-                                              replay=bool(f.flags & Flag.REPLAY)))
             if route is not None and route[1] is not None:
                 await self._forward(route, reply)
             else:
                 await self._reply(back, reply)
+            if self.observers.callbacks:  # after the reply: the ledger's digests and fingerprint are off the token path
+                self.observers.emit(HopRecord("node", job.step.request_id, self.agent_id, f.layer_start, f.layer_end, f.step,
+                                              f.n_positions, digest(f.payload), digest(reply.payload), out.compute_ms,
+                                              replay=bool(f.flags & Flag.REPLAY), output=out.data))
 
     async def _forward(self, route, reply: Frame) -> None:
         """Chain mode: hand our output to the next hop as its input (same request, step, seq)."""
@@ -322,7 +334,7 @@ class HopServer:
                         del shard.last_used[rid]
                         self.owners.pop(rid, None)
                         self.routes.pop(rid, None)
-                        await asyncio.to_thread(shard.engine.end_request, rid)
+                        await asyncio.to_thread(shard.compute.end_request, rid)
                         self.evicted[rid] = now
                         while len(self.evicted) > 4096:
                             self.evicted.popitem(last=False)
