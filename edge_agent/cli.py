@@ -295,6 +295,8 @@ def join(
     test_delay_ms: float = typer.Option(0.0, "--test-delay-ms", hidden=True, help="Test only: make this node slow."),
     test_advertise_ms: Optional[float] = typer.Option(None, "--test-advertise-ms", hidden=True, help="Test only: advertised ms/layer."),
     test_claim_model_hash: Optional[str] = typer.Option(None, "--test-claim-model-hash", hidden=True, help="Test only: lie about the model hash."),
+    test_fault: Optional[str] = typer.Option(None, "--test-fault", hidden=True, help="Test only (EDGE_AGENT_TEST_FAULTS=1): cheat: "
+                                             "downgrade, skip-layer, stale, noise or garbage."),
     no_share_weights: bool = typer.Option(False, "--no-share-weights", help="Do not let peers fetch layer ranges from this node."),
     model_hash: Optional[str] = typer.Option(None, "--model-hash", help="No model file: fetch the --layers of this model (content hash) from a peer, verified tensor by tensor."),
 ) -> None:
@@ -318,7 +320,11 @@ def join(
         _fail(str(exc))
     opts = JoinOptions(path, rng, backend, share_gpu, mem, threads, ctx, max_requests, flash_attn=flash_attn, n_ubatch=ubatch,
                        idle_timeout_s=idle_timeout, model_hash=model_hash, share_weights=not no_share_weights,
-                       hooks=TestHooks(test_delay_ms, test_advertise_ms, test_claim_model_hash))
+                       hooks=TestHooks(test_delay_ms, test_advertise_ms, test_claim_model_hash, test_fault))
+    try:
+        opts.hooks.check_enabled()
+    except ValueError as exc:
+        _fail(str(exc))
 
     def ready(info: dict) -> None:
         typer.echo(json.dumps({"ready": info}), err=False)
@@ -373,6 +379,8 @@ def run(
     privacy: str = typer.Option("open", "--privacy", help="open (any peer), trusted (only `edge-agent trust` peers, "
                                 "never weakened) or local (no activation leaves). See docs/privacy.md."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token_ids, path, stats)."),
+    audit_rate: float = typer.Option(0.03, "--audit-rate", min=0.0, max=1.0, help="Share of the hops' chunks re-executed "
+                                     "here to check them (docs/accountability.md); 0: none."),
     data_dir: Optional[Path] = DataDirOpt,
     swarm_key: Optional[str] = SwarmKeyOpt,
     peer: list[str] = PeerOpt,
@@ -408,7 +416,8 @@ def run(
         _fail(str(exc))
     try:
         result = asyncio.run(run_swarm(cfg, path, lambda tok: tok.prompt_tokens(prompt, chat), params, client_cfg,
-                                       discover_s=discover, options=opts, on_token=_stream_to_stdout(as_json)))
+                                       discover_s=discover, options=opts, on_token=_stream_to_stdout(as_json),
+                                       audit_rate=audit_rate))
     except (NoRouteError, HopFailed, EngineError, PolicyError, WeightsError, TimeoutError, OSError, ValueError) as exc:
         _fail(str(exc))
     local = [h["range"] for h in result.stats.get("path", []) if h["peer_id"] == "local"]

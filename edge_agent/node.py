@@ -233,7 +233,11 @@ async def join(config: AgentConfig, opts: JoinOptions, on_ready=None, on_progres
         ms = await asyncio.to_thread(measure_ms_per_layer, engine)
         sharing = opts.model is not None and opts.share_weights
         ledger = agent.open_ledger()  # commitments per chunk, receipts countersigned, sync answered on the hop listener
-        server = HopServer([engine], agent.identity.agent_id, idle_timeout_s=opts.idle_timeout_s, hooks=opts.hooks,
+        from edge_agent.split.testhooks import fault_engine
+
+        cheat = fault_engine(opts.hooks.fault, lambda path, a, b: load_engine(opts.backend, path, a, b, eopts, shards_dir),
+                             opts.model, shards_dir)
+        server = HopServer([engine], agent.identity.agent_id, idle_timeout_s=opts.idle_timeout_s, hooks=opts.hooks, fault_engine=cheat,
                            info_extra=agent.info_extra, connect=agent.connect_next,
                            ledger=ledger.service if ledger is not None else None,
                            weights=WeightSource(opts.model, shards_dir) if sharing else None,
@@ -326,7 +330,7 @@ def kv_mb_per_layer(info, options: EngineOptions) -> float:
 
 @asynccontextmanager
 async def swarm_client(config: AgentConfig, model: Path, client_config, options: EngineOptions, *,
-                       discover_s: float = 5.0) -> AsyncIterator:
+                       discover_s: float = 5.0, audit_rate: float | None = None) -> AsyncIterator:
     """An agent on the swarm and a ``SwarmClient`` for ``model`` (shared by ``run`` and servers).
 
     Waits (at most ``discover_s``) for peers covering the remote layers. The client routes only
@@ -340,7 +344,7 @@ async def swarm_client(config: AgentConfig, model: Path, client_config, options:
     agent = Agent(config)
     await agent.start()
     directory = PeerDirectory(agent, info.model_hash, arithmetic, kv_mb_per_layer(info, options))
-    client = ledger = None
+    client = ledger = auditor = None
     try:
         await directory.wait_for_coverage(info.n_layer, client_config.policy, discover_s)
         client = await SwarmClient.create(model, directory, client_config, options, config.data_dir / "shards")
@@ -350,22 +354,44 @@ async def swarm_client(config: AgentConfig, model: Path, client_config, options:
             client.observers.add(recorder.observe)
             request_for = ledger.requester_via(directory.link)
             client.end_hooks.append(lambda end: recorder.request_ended(*end, request_for=request_for))
+            auditor = _auditor(agent, ledger, model, options, audit_rate)
+            if auditor is not None:
+                client.auditor = auditor  # its outcomes, for telemetry and tests
+                client.observers.add(auditor.observe)
+                recorder.on_commitments = auditor.on_commitments
         yield client
     finally:
         if ledger is not None:
             await ledger.finish_client(recorder, directory.address)
+        if auditor is not None:
+            await auditor.drain()
+            auditor.close()
         if client is not None:
             client.close()
         await directory.close()
         await agent.close()
 
 
+def _auditor(agent, ledger, model: Path, options: EngineOptions, rate: float | None):
+    """Audits of the hops' chunks (docs/accountability.md), re-executed here on llama.cpp, the
+    reference, whatever runtime the peers use (ONNX peers are honest variation to it)."""
+    from edge_agent.ledger.audit import DEFAULT_RATE, Auditor
+    from edge_agent.runtime.backends import load_engine
+
+    rate = DEFAULT_RATE if rate is None else rate
+    if rate <= 0.0:
+        return None
+    shards = agent.config.data_dir / "shards"
+    return Auditor(agent.identity, ledger.store, lambda a, b: load_engine("llamacpp", model, a, b, options, shards),
+                   rate=rate)
+
+
 async def run(config: AgentConfig, model: Path, prompt_tokens_fn, params, client_config, *, discover_s: float = 5.0,
-              n_ctx: int = 2048, options: EngineOptions | None = None, on_token=None):
+              n_ctx: int = 2048, options: EngineOptions | None = None, on_token=None, audit_rate: float | None = None):
     """Discover peers, plan, and generate one completion through the swarm.
 
     ``prompt_tokens_fn(tokenizer)`` gives the prompt's token ids; ``options`` (default: ``n_ctx``
     positions) are this device's engine settings, arithmetic included."""
     options = options or EngineOptions(n_ctx_per_request=n_ctx, max_requests=2)
-    async with swarm_client(config, model, client_config, options, discover_s=discover_s) as client:
+    async with swarm_client(config, model, client_config, options, discover_s=discover_s, audit_rate=audit_rate) as client:
         return await client.generate(prompt_tokens_fn(client.tokenizer), params, on_token)

@@ -148,14 +148,17 @@ class LedgerStore:
         return cls(Path(data_dir) / DB_FILE, None if max_mb is None else int(max_mb * 2**20))
 
     # -- writing ----------------------------------------------------------------------------
-    def add(self, receipts: Iterable[Receipt] = (), commitments: Iterable[Commitment] = ()) -> concurrent.futures.Future:
-        """Queue records (already verified by the caller); the future resolves once committed."""
+    def add(self, receipts: Iterable[Receipt] = (), commitments: Iterable[Commitment] = (),
+            evidence: Iterable = ()) -> concurrent.futures.Future:
+        """Queue records (already verified by the caller; ``evidence``: ``ledger.evidence.Evidence``);
+        the future resolves once committed."""
         now = int(time.time() * 1000)
         fut: concurrent.futures.Future = concurrent.futures.Future()
         if not self._writer.is_alive():
             fut.set_exception(RuntimeError("ledger is closed"))
             return fut
-        self._queue.put(([receipt_row(r, now) for r in receipts], [commitment_row(c, now) for c in commitments], fut))
+        self._queue.put(([receipt_row(r, now) for r in receipts], [commitment_row(c, now) for c in commitments], fut,
+                         [e.row(now) for e in evidence]))
         return fut
 
     def _write_loop(self) -> None:
@@ -183,8 +186,9 @@ class LedgerStore:
             db.conn.close()
 
     def _commit(self, db: sqlite_utils.Database, batch) -> None:
-        receipts = [r for rs, _, _ in batch for r in rs]
-        commitments = [c for _, cs, _ in batch for c in cs]
+        receipts = [r for rs, *_ in batch for r in rs]
+        commitments = [c for _, cs, *_ in batch for c in cs]
+        evidence = [e for *_, es in batch for e in es]
         try:
             with db.conn:
                 db.execute("BEGIN IMMEDIATE")
@@ -195,12 +199,14 @@ class LedgerStore:
                     db["identities"].insert_all(({"agent_id": a, "first_seen_ms": now} for a in agents), ignore=True)
                 if commitments:
                     db["commitments"].insert_all(commitments, ignore=True, batch_size=500)
+                if evidence:
+                    db["evidence"].insert_all(evidence, ignore=True)
         except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
-            for _, _, fut in batch:
+            for _, _, fut, _ in batch:
                 fut.set_exception(exc)
             return
         self.version += 1
-        for _, _, fut in batch:
+        for _, _, fut, _ in batch:
             fut.set_result(None)
         if self.max_bytes is not None and time.monotonic() - self._last_prune_check > PRUNE_CHECK_S:
             self._last_prune_check = time.monotonic()
@@ -266,6 +272,11 @@ class LedgerStore:
                 where.append(f"{col} = ?")
                 args.append(value)
         return list(self.db["commitments"].rows_where(" AND ".join(where) or None, args, order_by="request_id, node, layer_start, chunk"))
+
+    def evidence(self, accused: str | None = None) -> list[dict]:
+        """Stored evidence rows (id, kind, accused, body, stored_ms), oldest first."""
+        return list(self.db["evidence"].rows_where("accused = ?" if accused else None, [accused] if accused else [],
+                                                   order_by="stored_ms, id"))
 
     def receipt_ids(self) -> list[bytes]:
         """Every receipt id, sorted (the set that sync reconciles)."""

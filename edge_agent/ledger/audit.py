@@ -1,0 +1,161 @@
+"""Audits: re-execute a sample of a hop's chunks locally and compare activation fingerprints.
+
+The client keeps the inputs it sent each hop (star mode: it sent all of them), and the
+hop's commitments bind those inputs (``inputs_hash``, checked by the receipt flow) to the
+fingerprint of the outputs the node returned. With probability ``rate`` per chunk the
+auditor replays the hop's inputs up to that chunk on its own engine for the same layers,
+fingerprints its outputs and compares: a distance above ``TOLERANCE`` (calibrated in
+docs/accountability.md) is a failed audit, stored as self-verifying evidence naming exactly
+the node that signed the commitment. Two different signed commitments from one node for
+the same chunk are evidence too (equivocation).
+
+Nothing here is on the token path: inputs are kept by reference (the strategy keeps them
+anyway for replay), and audits run after the request's receipts, in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from edge_agent.discovery.identity import Identity
+from edge_agent.ledger.evidence import AuditStatement, Evidence
+from edge_agent.ledger.fingerprint import Accumulator, distance
+from edge_agent.ledger.records import Commitment
+from edge_agent.runtime.engine import StepInput
+
+log = logging.getLogger(__name__)
+TOLERANCE = 0.08  # estimated relative RMS distance; calibration and false-flag bound: docs/accountability.md
+DEFAULT_RATE = 0.03
+MAX_KEPT = 256  # hops whose inputs are kept awaiting their commitments
+
+
+@dataclass(frozen=True)
+class AuditOutcome:
+    peer_id: str
+    request_id: str
+    start: int
+    end: int
+    chunk: int
+    distance: float
+    passed: bool
+    evidence_id: bytes | None = None
+
+
+def reexecute(engine, frames: list[tuple[int, np.ndarray]], chunks: list[tuple[int, int]]) -> list[bytes]:
+    """Fingerprints of ``chunks`` (step ranges) from replaying ``frames`` (position, input rows,
+    in send order) on ``engine``, from position 0 up to the last chunk's end."""
+    last = max(end for _, end in chunks)
+    accumulators = [Accumulator() for _ in chunks]
+    rid = f"audit-{random.getrandbits(64):016x}"
+    try:
+        for pos, x in frames:
+            if pos >= last:
+                break
+            out = engine.forward([StepInput(rid, pos, x)])[0].data
+            for (start, end), acc in zip(chunks, accumulators):
+                if start <= pos < end:
+                    acc.add(pos, out)
+    finally:
+        engine.end_request(rid)
+    return [acc.finish() for acc in accumulators]
+
+
+class Auditor:
+    """The client's auditor. ``engine_for(start, end)`` loads an engine for a layer range (kept
+    for the next audits); ``store`` receives the evidence (None: outcomes only)."""
+
+    def __init__(self, identity: Identity, store, engine_for: Callable[[int, int], object], rate: float = DEFAULT_RATE,
+                 tolerance: float = TOLERANCE, seed: int | None = None) -> None:
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError("--audit-rate must be between 0 and 1")
+        self.identity, self.store, self.engine_for = identity, store, engine_for
+        self.rate, self.tolerance = rate, tolerance
+        self.rng = random.Random(seed)
+        self.inputs: OrderedDict[tuple[str, str, int, int], list[tuple[int, np.ndarray]]] = OrderedDict()
+        self.outcomes: list[AuditOutcome] = []
+        self.seen: dict[tuple, Commitment] = {}  # (node, request, start, end, chunk) -> first commitment seen
+        self._engines: dict[tuple[int, int], object] = {}
+        self._lock = threading.Lock()  # one re-execution at a time: the auditor's engines are not shared
+        self._tasks: set[asyncio.Task] = set()
+
+    def observe(self, rec) -> None:
+        """A client HopRecord: keep the hop's input rows (a reference, not a copy)."""
+        if rec.side != "client" or rec.input is None or self.rate == 0.0:
+            return
+        key = (rec.request_id, rec.peer_id, rec.start, rec.end)
+        self.inputs.setdefault(key, []).append((rec.step, rec.input))
+        while len(self.inputs) > MAX_KEPT:
+            self.inputs.popitem(last=False)
+
+    def on_commitments(self, request_id: str, peer_id: str, start: int, end: int, commitments: list[Commitment]) -> None:
+        """A hop's verified commitments (the receipt flow checked them): check equivocation,
+        pick chunks to audit and audit them in the background."""
+        frames = self.inputs.pop((request_id, peer_id, start, end), None)
+        evidence = [e for c in commitments if (e := self._equivocation(c)) is not None]
+        if evidence and self.store is not None:
+            self.store.add(evidence=evidence)
+        chosen = [c for c in commitments if self.rng.random() < self.rate]
+        if not chosen or not frames:
+            return
+        task = asyncio.get_running_loop().create_task(self._audit(request_id, peer_id, start, end, frames, chosen))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _equivocation(self, c: Commitment) -> Evidence | None:
+        f = c.fields
+        key = (f.node, f.request_id, f.layer_start, f.layer_end, f.chunk)
+        first = self.seen.setdefault(key, c)
+        if len(self.seen) > 100_000:
+            self.seen.clear()
+        return Evidence.equivocation(first, c) if first.body != c.body else None
+
+    async def _audit(self, request_id: str, peer_id: str, start: int, end: int, frames, chosen: list[Commitment]) -> None:
+        try:
+            outcomes, evidence = await asyncio.to_thread(self._run, request_id, peer_id, start, end, frames, chosen)
+        except Exception as exc:  # noqa: BLE001 - an audit that cannot run is logged, never a crash
+            log.warning("audit of %s %d:%d failed to run: %r", peer_id[:12], start, end, exc)
+            return
+        self.outcomes.extend(outcomes)
+        if evidence and self.store is not None:
+            await asyncio.wrap_future(self.store.add(evidence=evidence))
+        for o in outcomes:
+            if not o.passed:
+                log.warning("audit failed: %s layers %d:%d chunk %d distance %.3f > %.3f", peer_id[:12], start, end,
+                            o.chunk, o.distance, self.tolerance)
+
+    def _run(self, request_id, peer_id, start, end, frames, chosen):
+        with self._lock:
+            engine = self._engines.get((start, end))
+            if engine is None:
+                engine = self._engines[(start, end)] = self.engine_for(start, end)
+            mine = reexecute(engine, frames, [(c.fields.step_start, c.fields.step_end) for c in chosen])
+        outcomes, evidence = [], []
+        now = int(time.time() * 1000)
+        for c, fp in zip(chosen, mine):
+            d = distance(c.fields.fingerprint, fp)
+            passed, ev = d <= self.tolerance, None
+            if not passed:
+                statement = AuditStatement.sign(self.identity, c.id, fp, d, self.tolerance, now)
+                ev = Evidence.failed_audit(c, statement)
+                evidence.append(ev)
+            outcomes.append(AuditOutcome(peer_id, request_id, start, end, c.fields.chunk, d, passed,
+                                         ev.id if ev is not None else None))
+        return outcomes, evidence
+
+    async def drain(self, timeout_s: float = 60.0) -> None:
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout_s)
+
+    def close(self) -> None:
+        for engine in self._engines.values():
+            engine.close()
+        self._engines.clear()
