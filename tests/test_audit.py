@@ -105,3 +105,15 @@ def test_equivocation_is_evidence():
     assert Evidence.equivocation(a, a).problem() == "the two commitments are identical"
     other = Commitment.sign(NODE, dataclasses.replace(b.fields, chunk=1, prev=b"\x02" * 32))
     assert Evidence.equivocation(a, other).problem() is not None
+
+
+def test_fault_options_are_refused_unless_enabled(monkeypatch):
+    from edge_agent.split.testhooks import FAULTS_ENV, TestHooks
+
+    monkeypatch.delenv(FAULTS_ENV, raising=False)
+    with pytest.raises(ValueError, match=FAULTS_ENV):
+        TestHooks(fault="noise").check_enabled()
+    monkeypatch.setenv(FAULTS_ENV, "1")
+    TestHooks(fault="noise").check_enabled()
+    with pytest.raises(ValueError, match="unknown"):
+        TestHooks(fault="lazy").check_enabled()

@@ -39,6 +39,22 @@ def _projection(n_embd: int) -> np.ndarray:
     return (rng.standard_normal((n_embd, N_PROJECTIONS)) / math.sqrt(N_PROJECTIONS)).astype(np.float32)
 
 
+_BLOCK = 256
+
+
+@lru_cache(maxsize=64)
+def _sign_block(block: int) -> np.ndarray:
+    return _signs(np.arange(block * _BLOCK, (block + 1) * _BLOCK))
+
+
+def _signs_for(first_pos: int, rows: int) -> np.ndarray:
+    """Decode steps come one row at a time: their signs come from a cached block (hashing
+    126 values per row would cost 3x the projection itself)."""
+    if rows == 1:
+        return _sign_block(first_pos // _BLOCK)[first_pos % _BLOCK][None, :]
+    return _signs(np.arange(first_pos, first_pos + rows))
+
+
 def _signs(positions: np.ndarray) -> np.ndarray:
     """(rows, m) of +-1 from a fixed integer hash of (position, projection): the same on every machine."""
     keys = positions.astype(np.uint64)[:, None] * np.uint64(N_PROJECTIONS) + np.arange(N_PROJECTIONS, dtype=np.uint64)
@@ -61,7 +77,7 @@ class Accumulator:
 
     def add(self, first_pos: int, rows: np.ndarray) -> None:
         rows = np.asarray(rows, dtype=np.float32).reshape(-1, rows.shape[-1])
-        signs = _signs(np.arange(first_pos, first_pos + rows.shape[0]))
+        signs = _signs_for(first_pos, rows.shape[0])
         with np.errstate(all="ignore"):  # garbage may overflow: it then fingerprints as non-finite
             part = np.sum(signs * (rows @ _projection(rows.shape[1])), axis=0)
         self.sum = part if self.sum is None else self.sum + part
