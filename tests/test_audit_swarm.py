@@ -9,8 +9,11 @@ of llama.cpp) raises no flag."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sqlite3
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -79,6 +82,12 @@ def test_each_fault_is_caught_within_two_audited_chunks_and_attributed(swarm, fa
     assert all(o.peer_id == peers[fault].agent_id for o in outcomes)
     assert evidence and {row[1] for row in evidence} == {peers[fault].agent_id}
     assert all(Evidence(row[2]).problem() is None and row[0] == "failed-audit" for row in evidence)
+    if fault == "downgrade":  # the command line shows it, re-verified
+        out = subprocess.run([sys.executable, "-m", "edge_agent", "ledger", "evidence", "--json", "--data-dir",
+                              str(base / f"client-{fault}")], capture_output=True, text=True, timeout=120)
+        shown = [json.loads(line) for line in out.stdout.splitlines()]
+        assert len(shown) == len(evidence) and all(e["valid"] and e["accused"] == peers[fault].agent_id and
+                                                   e["distance"] > e["tolerance"] for e in shown), out.stdout + out.stderr
 
 
 @pytest.mark.slow

@@ -58,6 +58,34 @@ def show(data_dir: Optional[Path] = DataDirOpt, as_json: bool = typer.Option(Fal
         store.close()
 
 
+@ledger_app.command("evidence")
+def evidence(data_dir: Optional[Path] = DataDirOpt, as_json: bool = typer.Option(False, "--json", help="JSON lines."),
+             accused: Optional[str] = typer.Option(None, "--accused", help="Only evidence against this agent id.")) -> None:
+    """Evidence against nodes (failed audits, equivocation), each re-verified (docs/accountability.md)."""
+    from edge_agent.ledger.evidence import Evidence
+
+    store = _store(data_dir, create=False)
+    try:
+        rows = store.evidence(accused)
+    finally:
+        store.close()
+    for row in rows:
+        ev = Evidence(row["body"])
+        problem = ev.problem()
+        out = {"id": row["id"].hex(), "kind": row["kind"], "accused": row["accused"], "stored_ms": row["stored_ms"],
+               "valid": problem is None, "problem": problem}
+        if ev.kind == "failed-audit" and problem is None:
+            _, _, _, dist, tol, _, _ = ev.statement().fields
+            out.update(auditor=ev.statement().fields[0].hex(), distance=dist / 1e6, tolerance=tol / 1e6,
+                       chunk=ev.commitments()[0].fields.chunk)
+        if as_json:
+            typer.echo(json.dumps(out))
+        else:
+            extra = f"  distance {out['distance']:.3f} > {out['tolerance']:.3f}" if "distance" in out else ""
+            typer.echo(f"{out['id'][:16]}  {out['kind']}  accused {out['accused'][:12]}{extra}  "
+                       f"{'valid' if problem is None else 'INVALID: ' + problem}")
+
+
 @ledger_app.command("verify")
 def verify(data_dir: Optional[Path] = DataDirOpt) -> None:
     """Re-check every signature, column and chain link; each bad row with its reason; exit 1 if any."""
