@@ -180,6 +180,28 @@ def measure(model: Path, start: int, end: int, requests: int, work: Path, avx2_s
     return rows
 
 
+def node_overhead(model: Path, start: int, end: int, work: Path, steps: int = 64) -> dict:
+    """The node's extra work per decode token (fingerprinting the output row, done after the
+    reply) against the shard's own compute per token, both timed here (median of ``steps``)."""
+    from edge_agent.runtime.llamacpp import LlamaCppEngine
+
+    engine = LlamaCppEngine.from_model(model, start, end, _opts(1), work)
+    x = np.random.default_rng(0).standard_normal((steps + 1, engine.info.n_embd)).astype(np.float32) * 0.1
+    acc, compute, fingerprint = Accumulator(), [], []
+    engine.forward([StepInput("t", 0, x[:1])])
+    for p in range(1, steps + 1):
+        t0 = time.perf_counter()
+        out = engine.forward([StepInput("t", p, x[p:p + 1])])[0].data
+        t1 = time.perf_counter()
+        acc.add(p, out)
+        compute.append(t1 - t0)
+        fingerprint.append(time.perf_counter() - t1)
+    engine.close()
+    c, f = float(np.median(compute)) * 1e3, float(np.median(fingerprint)) * 1e3
+    return {"model": model.name, "layers": f"{start}:{end}", "compute_ms_per_token": round(c, 3),
+            "fingerprint_ms_per_token": round(f, 4), "overhead_pct": round(100 * f / c, 2)}
+
+
 def _worker(model: str, start: int, end: int, work: str) -> None:
     """In the AVX2-only build's process: the reference engine's outputs for the saved inputs."""
     from edge_agent.runtime.llamacpp import LlamaCppEngine
@@ -209,6 +231,8 @@ def main() -> None:
             from edge_agent.config import packaged_model
 
             result["smollm2_q4_1"] = measure(packaged_model(), 4, 26, max(10, args.requests // 10), work, args.avx2_site)
+            result["node_overhead"] = [node_overhead(packaged_model(), 4, 26, work)]
+        result.setdefault("node_overhead", []).insert(0, node_overhead(model, 1, 7, work))
     print(json.dumps(result, indent=1))
 
 
