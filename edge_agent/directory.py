@@ -89,7 +89,7 @@ class PeerDirectory:
 
     async def wait_for_coverage(self, n_layer: int, policy, timeout_s: float) -> bool:
         """Wait (bounded) until the discovered peers the policy admits cover the remote layers."""
-        from edge_agent.split.planner import coverage
+        from edge_agent.split.joining import coverage
 
         lo, hi = policy.remote_range(n_layer)
         if policy.trusted is not None and not policy.trusted:

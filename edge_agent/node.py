@@ -187,7 +187,7 @@ def choose_layers(agent: Agent, info, opts: JoinOptions) -> tuple[int, int]:
     """No --layers: fill the swarm's weakest coverage, within our memory (Petals' rule); only
     nodes with our arithmetic settings count (the others serve other clients)."""
     from edge_agent.runtime.backends import resolve_backend
-    from edge_agent.split.planner import choose_range_to_serve
+    from edge_agent.split.joining import choose_range_to_serve
     from edge_agent.split.policy import PrivacyPolicy
 
     policy = PrivacyPolicy()

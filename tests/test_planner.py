@@ -24,13 +24,12 @@ from edge_agent.split.planner import (
     Plan,
     PlannerConfig,
     capacity_layers,
-    choose_range_to_serve,
-    coverage,
     has_alternative,
     hop_cost,
     plan_path,
 )
 from edge_agent.split import planner as planner_mod
+from edge_agent.split.joining import choose_range_to_serve, coverage
 from edge_agent.split.policy import PolicyError, PrivacyPolicy
 
 P = PeerCapability

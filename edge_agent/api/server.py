@@ -49,7 +49,7 @@ def check_auth(opts: ServeOptions) -> None:
 
 def swarm_view(directory, client, model_id: str) -> Callable[[], dict]:
     """A callable: the model's layers, this device's ranges and the live peers that serve them."""
-    from edge_agent.split.planner import coverage
+    from edge_agent.split.joining import coverage
 
     n_layer = client.n_layer
     head, tail = client.head.info, client.tail.info
