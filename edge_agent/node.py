@@ -361,11 +361,12 @@ async def swarm_client(config: AgentConfig, model: Path, client_config, options:
                 recorder.on_commitments = auditor.on_commitments
         yield client
     finally:
-        if ledger is not None:
-            await ledger.finish_client(recorder, directory.address)
-        if auditor is not None:
+        if auditor is not None:  # audits start once receipts are in, and their evidence goes out with the last sync
+            await recorder.drain()
             await auditor.drain()
             auditor.close()
+        if ledger is not None:
+            await ledger.finish_client(recorder, directory.address)
         if client is not None:
             client.close()
         await directory.close()

@@ -88,6 +88,14 @@ def test_each_fault_is_caught_within_two_audited_chunks_and_attributed(swarm, fa
         shown = [json.loads(line) for line in out.stdout.splitlines()]
         assert len(shown) == len(evidence) and all(e["valid"] and e["accused"] == peers[fault].agent_id and
                                                    e["distance"] > e["tolerance"] for e in shown), out.stdout + out.stderr
+        # synced: the client's end-of-run sync gave it to the peer; a third agent syncing with that peer gets it
+        third = base / "third-agent"
+        out = subprocess.run([sys.executable, "-m", "edge_agent", "ledger", "sync", "--peer", peers[fault].address,
+                              "--data-dir", str(third)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and json.loads(out.stdout)["evidence"] == len(evidence), out.stdout + out.stderr
+        out = subprocess.run([sys.executable, "-m", "edge_agent", "ledger", "evidence", "--json", "--data-dir", str(third)],
+                             capture_output=True, text=True, timeout=120)
+        assert [json.loads(line)["id"] for line in out.stdout.splitlines()] == [e["id"] for e in shown]
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import logging
 from edge_agent.ledger import wire
 from edge_agent.ledger.encoding import EncodingError
 from edge_agent.ledger.store import LedgerStore
-from edge_agent.ledger.sync import Budget, SyncReport, SyncResponder, sync_with
+from edge_agent.ledger.sync import Budget, SyncReport, SyncResponder, ingest_evidence, recent_evidence, sync_with
 from edge_agent.ledger.wire import Msg
 from edge_agent.transport import Frame, MsgType, PeerLostError
 
@@ -41,6 +41,9 @@ class LedgerService:
                 if self.node_recorder is None:
                     return wire.error("this agent serves no hops")
                 return await self.node_recorder.handle(kind, r, peer_id)
+            if kind == Msg.EVIDENCE:  # gossip: store what verifies, answer with ours
+                await ingest_evidence(self.store, wire.read_evidence(r))
+                return wire.evidence(await asyncio.to_thread(recent_evidence, self.store))
             return await self.sync.handle(kind, r, peer_id)
         except EncodingError as exc:
             return wire.error(f"malformed: {exc.reason}")

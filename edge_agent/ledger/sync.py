@@ -19,6 +19,7 @@ import asyncio
 import bisect
 import concurrent.futures
 import hashlib
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from edge_agent.ledger.records import Receipt
 from edge_agent.ledger.store import LedgerStore
 from edge_agent.ledger.wire import Msg, Status
 
+log = logging.getLogger(__name__)
 IDS_THRESHOLD = 32  # a range with at most this many ids is answered with the ids
 MAX_IDS_PER_REPLY = 16384
 SYNC_ROUNDS = wire.MAX_DEPTH + 2
@@ -234,12 +236,32 @@ class SyncReport:
     bytes_sent: int = 0
     bytes_received: int = 0
     seconds: float = 0.0
+    evidence: int = 0  # evidence records received that verified and were new here
 
     def to_dict(self) -> dict:
         return {"pulled": self.pulled, "pushed": self.pushed, "refused_by_us": len(self.refused_by_us),
                 "refused_by_peer": len(self.refused_by_peer), "rounds": self.rounds, "bytes_sent": self.bytes_sent,
-                "bytes_received": self.bytes_received, "seconds": round(self.seconds, 3),
+                "bytes_received": self.bytes_received, "seconds": round(self.seconds, 3), "evidence": self.evidence,
                 "reasons": sorted({r for _, r in self.refused_by_us} | set(self.refused_by_peer))[:10]}
+
+
+def recent_evidence(store: LedgerStore) -> list[bytes]:
+    return [row["body"] for row in store.evidence()[-wire.MAX_EVIDENCE:]]
+
+
+async def ingest_evidence(store: LedgerStore, raw: list[bytes]) -> int:
+    """Store the evidence that verifies (each proves itself); returns how many were new."""
+    from edge_agent.ledger.evidence import Evidence
+
+    def fresh() -> list[Evidence]:
+        good = {e.id: e for e in map(Evidence, raw) if e.problem() is None}
+        held = store.existing("evidence", list(good))
+        return [e for i, e in good.items() if i not in held]
+
+    new = await asyncio.to_thread(fresh)
+    if new:
+        await asyncio.wrap_future(store.add(evidence=new))
+    return len(new)
 
 
 async def sync_with(request: Request, store: LedgerStore) -> SyncReport:
@@ -261,6 +283,11 @@ async def sync_with(request: Request, store: LedgerStore) -> SyncReport:
             raise SyncError(f"peer answered {kind.name}, expected {expect.name}")
         return r
 
+    try:  # evidence is gossiped, not reconciled: each side sends its most recent (docs/accountability.md)
+        r = await call(wire.evidence(await asyncio.to_thread(recent_evidence, store)), Msg.EVIDENCE)
+        report.evidence = await ingest_evidence(store, wire.read_evidence(r))
+    except (SyncError, EncodingError) as exc:  # an agent from before evidence, or junk: receipts still count
+        log.info("no evidence exchanged: %s", getattr(exc, "reason", exc))
     mine = await asyncio.to_thread(IdSet, store.receipt_ids())
     need: list[bytes] = []
     have: list[bytes] = []

@@ -10,7 +10,8 @@ Layouts (little-endian; docs/ledger.md has the full table):
   SUMMARY_REPLY  n x (u8 status [, u32 k, k x 32s id when status == IDS])
   GET            u32 k, k x 32s id                 -> RECORDS u32 k, k x 332-byte receipt
   PUT            u32 k, k x 332-byte receipt        -> PUT_REPLY u32 accepted, u32 r, r x (u32 index, u8 len, reason)
-  COMMITS_GET    16s request, u16 start, u16 end    -> COMMITS u32 k, k x 336-byte commitment
+  COMMITS_GET    16s request, u16 start, u16 end    -> COMMITS u32 k, k x 560-byte commitment
+  EVIDENCE       u32 k, k x (u16 len, evidence)     -> EVIDENCE (the responder's recent evidence, same layout)
   RECEIPT_SIGN   204-byte receipt body, 64s client signature -> RECEIPT_SIGNED 64s node signature
   ERROR          utf-8 reason
 """
@@ -44,6 +45,7 @@ class Msg(enum.IntEnum):
     RECEIPT_SIGN = 9
     RECEIPT_SIGNED = 10
     ERROR = 11
+    EVIDENCE = 12
 
 
 class Status(enum.IntEnum):
@@ -192,6 +194,25 @@ def read_put_reply(r: Reader) -> tuple[int, list[tuple[int, str]]]:
         refused.append((index, r.take(r.u8()).decode("utf-8", "replace")))
     r.done()
     return accepted, refused
+
+
+MAX_EVIDENCE = 64  # evidence records per EVIDENCE message (the most recent ones are exchanged)
+MAX_EVIDENCE_SIZE = 2048
+
+
+def evidence(records: list[bytes]) -> bytes:
+    return pack(Msg.EVIDENCE, _U32.pack(len(records)) + b"".join(struct.pack("<H", len(x)) + x for x in records))
+
+
+def read_evidence(r: Reader) -> list[bytes]:
+    out = []
+    for _ in range(r.count(2, MAX_EVIDENCE)):
+        size = struct.unpack("<H", r.take(2))[0]
+        if size > MAX_EVIDENCE_SIZE:
+            raise EncodingError(f"evidence of {size} bytes (limit {MAX_EVIDENCE_SIZE})")
+        out.append(r.take(size))
+    r.done()
+    return out
 
 
 def commits_get(request_id: bytes, start: int, end: int) -> bytes:
