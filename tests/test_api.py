@@ -93,6 +93,7 @@ def test_chat_matches_llama_cpp_with_path_and_usage(swarm, client, tok, smollm_p
     ext = r.model_extra["x_edge_agent"]
     assert [(h["peer_id"], h["range"]) for h in ext["path"]] == [(peers[0].agent_id, "1:15"), (peers[1].agent_id, "15:29")]
     assert sorted(ext["activations_seen_by"]) == sorted(p.agent_id for p in peers)
+    assert ext["privacy"] == "open"
     assert all(h["compute_ms"] > 0 and h["steps"] == r.usage.completion_tokens for h in ext["hops"])
     assert ext["reroutes"] == [] and ext["local_layers"] == ["0:1", "29:30"] and ext["slack_ms"] is not None
 

@@ -204,10 +204,7 @@ class ApiEngine:
 
 def extension(stats: dict, flight: Flight) -> dict:
     """The ``x_edge_agent`` field: who computed this answer, how long each hop took, slack, re-routes."""
-    saw = {h["peer_id"] for h in stats.get("path", [])}
-    for r in stats.get("reroutes", []):
-        saw.update([r.get("from", "")] + list(r.get("to", [])))
-    saw -= {"", "local"}
+    privacy = stats.get("privacy", {})
     ttft = (flight.first_token_at - flight.started) * 1000.0 if flight.first_token_at else None
     return {
         "mode": stats.get("mode"),
@@ -217,7 +214,8 @@ def extension(stats: dict, flight: Flight) -> dict:
         "slack_ms": stats.get("slack_ms"),
         "deadline_misses": stats.get("deadline_misses", 0),
         "reroutes": stats.get("reroutes", []),
-        "activations_seen_by": sorted(saw),
+        "privacy": privacy.get("policy"),
+        "activations_seen_by": privacy.get("peers_saw_activations", []),
         "kv_reused_tokens": stats.get("kv_reused_tokens", 0),
         "ttft_ms": round(ttft, 3) if ttft is not None else None,
         "tbt_ms": stats.get("tbt_ms"),

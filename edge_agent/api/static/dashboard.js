@@ -207,7 +207,8 @@ function describePath(ext) {
   if (!ext || !ext.path) return "";
   const hops = ext.path.map((h) => `${short(h.peer_id)} (${h.range})`).join(" → ");
   const t = ext.ttft_ms !== null ? `, first token ${ext.ttft_ms.toFixed(0)} ms` : "";
-  return `via ${hops}${t}${ext.reroutes.length ? `, ${ext.reroutes.length} re-route(s)` : ""}`;
+  const policy = ext.privacy ? `, privacy ${ext.privacy}` : "";
+  return `via ${hops}${t}${ext.reroutes.length ? `, ${ext.reroutes.length} re-route(s)` : ""}${policy}`;
 }
 
 async function sendChat(event) {
