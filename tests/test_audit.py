@@ -117,3 +117,19 @@ def test_fault_options_are_refused_unless_enabled(monkeypatch):
     TestHooks(fault="noise").check_enabled()
     with pytest.raises(ValueError, match="unknown"):
         TestHooks(fault="lazy").check_enabled()
+
+
+def test_a_fingerprint_that_is_not_of_the_outputs_sent_fails():
+    """A node that sends noise but commits the fingerprint of honest outputs is caught
+    without any re-execution: the client fingerprints what it received."""
+    from edge_agent.ledger.audit import _consistency
+    from edge_agent.ledger.fingerprint import fingerprint
+
+    rng = np.random.default_rng(4)
+    honest = rng.standard_normal((32, 64)).astype(np.float32)
+    sent = honest + rng.standard_normal(honest.shape).astype(np.float32) * 0.2
+    frames = [(16 + i, None, sent[i:i + 1]) for i in range(32)]
+    c_lie, c_true = _commitment(fingerprint(16, honest)), _commitment(fingerprint(16, sent))
+    (failed,) = _consistency("peer", "req", 1, 4, frames, [c_lie])
+    assert not failed.passed and "outputs sent" in failed.reason
+    assert _consistency("peer", "req", 1, 4, frames, [c_true]) == []

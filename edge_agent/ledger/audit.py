@@ -7,7 +7,9 @@ auditor replays the hop's inputs up to that chunk on its own engine for the same
 fingerprints its outputs and compares: a distance above ``TOLERANCE`` (calibrated in
 docs/accountability.md) is a failed audit, stored as self-verifying evidence naming exactly
 the node that signed the commitment. Two different signed commitments from one node for
-the same chunk are evidence too (equivocation).
+the same chunk are evidence too (equivocation). Every chunk's committed fingerprint is also
+checked against the fingerprint of the outputs the client actually received (``CONSISTENCY``):
+a node cannot send one thing and commit the fingerprint of another.
 
 Nothing here is on the token path: inputs are kept by reference (the strategy keeps them
 anyway for replay), and audits run after the request's receipts, in a worker thread.
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 TOLERANCE = 0.08  # estimated relative RMS distance; calibration and false-flag bound: docs/accountability.md
 DEFAULT_RATE = 0.03
 MAX_KEPT = 256  # hops whose inputs are kept awaiting their commitments
+CONSISTENCY = 0.01  # committed vs received fingerprint: the same bytes, only float rounding may differ
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,25 @@ class AuditOutcome:
     distance: float
     passed: bool
     evidence_id: bytes | None = None
+    reason: str = ""  # why it failed
+
+
+def _consistency(peer_id: str, request_id: str, start: int, end: int, frames, commitments: list[Commitment]) -> list:
+    """Failed outcomes for chunks whose committed fingerprint is not that of the outputs the
+    client received. Not self-verifying evidence (a third party would need the activations),
+    but the client knows the node sent them: ``outputs_hash`` binds the bytes it received."""
+    failed = []
+    for c in commitments:
+        f = c.fields
+        acc = Accumulator()
+        for pos, _, out in frames:
+            if f.step_start <= pos < f.step_end:
+                acc.add(pos, out)
+        d = distance(f.fingerprint, acc.finish())
+        if d > CONSISTENCY:
+            failed.append(AuditOutcome(peer_id, request_id, start, end, f.chunk, d, False,
+                                       reason="committed fingerprint is not that of the outputs sent"))
+    return failed
 
 
 def reexecute(engine, frames: list[tuple[int, np.ndarray]], chunks: list[tuple[int, int]]) -> list[bytes]:
@@ -80,7 +102,8 @@ class Auditor:
         self.identity, self.store, self.engine_for = identity, store, engine_for
         self.rate, self.tolerance = rate, tolerance
         self.rng = random.Random(seed)
-        self.inputs: OrderedDict[tuple[str, str, int, int], list[tuple[int, np.ndarray]]] = OrderedDict()
+        # (request, peer, start, end) -> [(position, input rows, received output rows)]
+        self.inputs: OrderedDict[tuple[str, str, int, int], list[tuple[int, np.ndarray, np.ndarray]]] = OrderedDict()
         self.outcomes: list[AuditOutcome] = []
         self.seen: dict[tuple, Commitment] = {}  # (node, request, start, end, chunk) -> first commitment seen
         self._engines: dict[tuple[int, int], object] = {}
@@ -88,11 +111,14 @@ class Auditor:
         self._tasks: set[asyncio.Task] = set()
 
     def observe(self, rec) -> None:
-        """A client HopRecord: keep the hop's input rows (a reference, not a copy)."""
-        if rec.side != "client" or rec.input is None or self.rate == 0.0:
+        """A client HopRecord: keep the hop's input and output rows (references, not copies)."""
+        if rec.side != "client" or rec.input is None or rec.output is None or self.rate == 0.0:
             return
         key = (rec.request_id, rec.peer_id, rec.start, rec.end)
-        self.inputs.setdefault(key, []).append((rec.step, rec.input))
+        frames = self.inputs.setdefault(key, [])
+        if frames and rec.step <= frames[-1][0]:  # replayed from rec.step (a rebuilt path): same inputs again
+            frames[:] = [f for f in frames if f[0] < rec.step]
+        frames.append((rec.step, rec.input, rec.output))
         while len(self.inputs) > MAX_KEPT:
             self.inputs.popitem(last=False)
 
@@ -104,9 +130,10 @@ class Auditor:
         if evidence and self.store is not None:
             self.store.add(evidence=evidence)
         chosen = [c for c in commitments if self.rng.random() < self.rate]
-        if not chosen or not frames:
+        if not frames:
             return
-        task = asyncio.get_running_loop().create_task(self._audit(request_id, peer_id, start, end, frames, chosen))
+        task = asyncio.get_running_loop().create_task(self._audit(request_id, peer_id, start, end, frames, commitments,
+                                                                   chosen))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -118,9 +145,12 @@ class Auditor:
             self.seen.clear()
         return Evidence.equivocation(first, c) if first.body != c.body else None
 
-    async def _audit(self, request_id: str, peer_id: str, start: int, end: int, frames, chosen: list[Commitment]) -> None:
+    async def _audit(self, request_id: str, peer_id: str, start: int, end: int, frames, commitments: list[Commitment],
+                     chosen: list[Commitment]) -> None:
         try:
-            outcomes, evidence = await asyncio.to_thread(self._run, request_id, peer_id, start, end, frames, chosen)
+            outcomes = await asyncio.to_thread(_consistency, peer_id, request_id, start, end, frames, commitments)
+            audited, evidence = await asyncio.to_thread(self._run, request_id, peer_id, start, end, frames, chosen)
+            outcomes += audited
         except Exception as exc:  # noqa: BLE001 - an audit that cannot run is logged, never a crash
             log.warning("audit of %s %d:%d failed to run: %r", peer_id[:12], start, end, exc)
             return
@@ -129,15 +159,17 @@ class Auditor:
             await asyncio.wrap_future(self.store.add(evidence=evidence))
         for o in outcomes:
             if not o.passed:
-                log.warning("audit failed: %s layers %d:%d chunk %d distance %.3f > %.3f", peer_id[:12], start, end,
-                            o.chunk, o.distance, self.tolerance)
+                log.warning("audit failed: %s layers %d:%d chunk %d distance %.3f: %s", peer_id[:12], start, end,
+                            o.chunk, o.distance, o.reason)
 
     def _run(self, request_id, peer_id, start, end, frames, chosen):
+        if not chosen:
+            return [], []
         with self._lock:
             engine = self._engines.get((start, end))
             if engine is None:
                 engine = self._engines[(start, end)] = self.engine_for(start, end)
-            mine = reexecute(engine, frames, [(c.fields.step_start, c.fields.step_end) for c in chosen])
+            mine = reexecute(engine, [(p, x) for p, x, _ in frames], [(c.fields.step_start, c.fields.step_end) for c in chosen])
         outcomes, evidence = [], []
         now = int(time.time() * 1000)
         for c, fp in zip(chosen, mine):
@@ -148,7 +180,7 @@ class Auditor:
                 ev = Evidence.failed_audit(c, statement)
                 evidence.append(ev)
             outcomes.append(AuditOutcome(peer_id, request_id, start, end, c.fields.chunk, d, passed,
-                                         ev.id if ev is not None else None))
+                                         ev.id if ev is not None else None, "" if passed else "re-execution differs"))
         return outcomes, evidence
 
     async def drain(self, timeout_s: float = 60.0) -> None:

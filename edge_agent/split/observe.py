@@ -28,7 +28,7 @@ class HopRecord:
     wall_ms: float = 0.0  # client side: round trip including transfer
     budget_ms: float | None = None
     replay: bool = False
-    output: object = None  # node side: the output rows (numpy), for the activation fingerprint; never stored
+    output: object = None  # the output rows (numpy; node: sent, client: received), for fingerprints; never stored
     input: object = None  # client side: the input rows sent (numpy), kept by an auditor for re-execution
 
 
