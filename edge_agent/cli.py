@@ -111,6 +111,8 @@ ThreadsOpt = typer.Option(None, "--threads", help="Compute threads (default: eve
 CtxOpt = typer.Option(2048, "--ctx", help="Context positions per request.")
 FlashAttnOpt = typer.Option(False, "--flash-attn/--no-flash-attn",
                             help="Flash attention. Changes the arithmetic: a swarm's nodes must match.")
+AuditRateOpt = typer.Option(0.03, "--audit-rate", min=0.0, max=1.0, help="Share of the hops' chunks re-executed "
+                            "here to check them (docs/accountability.md); 0: none.")
 UbatchOpt = typer.Option(512, "--ubatch", min=1, help="Micro-batch rows (llama.cpp n_ubatch). Changes the arithmetic: "
                          "a swarm's nodes must match.")
 MaxTokensOpt = typer.Option(64, "--max-tokens", "-n")
@@ -379,8 +381,7 @@ def run(
     privacy: str = typer.Option("open", "--privacy", help="open (any peer), trusted (only `edge-agent trust` peers, "
                                 "never weakened) or local (no activation leaves). See docs/privacy.md."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token_ids, path, stats)."),
-    audit_rate: float = typer.Option(0.03, "--audit-rate", min=0.0, max=1.0, help="Share of the hops' chunks re-executed "
-                                     "here to check them (docs/accountability.md); 0: none."),
+    audit_rate: float = AuditRateOpt,
     data_dir: Optional[Path] = DataDirOpt,
     swarm_key: Optional[str] = SwarmKeyOpt,
     peer: list[str] = PeerOpt,

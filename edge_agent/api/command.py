@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from edge_agent.cli import (BackendOpt, CtxOpt, DataDirOpt, FlashAttnOpt, ModelOpt, PeerOpt, SwarmKeyOpt, ThreadsOpt, UbatchOpt,
+from edge_agent.cli import (AuditRateOpt, BackendOpt, CtxOpt, DataDirOpt, FlashAttnOpt, ModelOpt, PeerOpt, SwarmKeyOpt, ThreadsOpt, UbatchOpt,
                             _agent_config, _engine_options, _fail, _resolve_model)
 
 
@@ -32,6 +32,7 @@ def serve_command(
     ubatch: int = UbatchOpt,
     no_local_fallback: bool = typer.Option(False, "--no-local-fallback", help="Fail (503) instead of running uncovered layers here."),
     privacy: str = typer.Option("open", "--privacy", help="open, trusted (only `edge-agent trust` peers) or local, for every request."),
+    audit_rate: float = AuditRateOpt,
     data_dir: Optional[Path] = DataDirOpt,
     swarm_key: Optional[str] = SwarmKeyOpt,
     peer: list[str] = PeerOpt,
@@ -63,7 +64,7 @@ def serve_command(
         engine_opts = _engine_options(ctx, threads, flash_attn, ubatch, max_requests=max_concurrent)
     except (EngineError, PolicyError, TrustError, ValueError) as exc:
         _fail(str(exc))
-    opts = ServeOptions(host, port, api_key, no_auth, max_concurrent, discover)
+    opts = ServeOptions(host, port, api_key, no_auth, max_concurrent, discover, audit_rate)
 
     def ready(info: dict) -> None:
         typer.echo(json.dumps({"ready": info}))

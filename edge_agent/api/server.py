@@ -24,6 +24,7 @@ class ServeOptions:
     no_auth: bool = False
     max_concurrent: int = 8  # generations at once (one KV slot each on this device)
     discover_s: float = 5.0
+    audit_rate: float | None = None  # share of hop chunks re-executed here (None: the ledger's default)
 
 
 class ServeError(ValueError):
@@ -104,7 +105,8 @@ async def serve(config, model: Path, client_config, engine_options, opts: ServeO
     check_auth(opts)
     sock = bind_socket(opts.host, opts.port)  # fail fast, before loading anything
     try:
-        async with swarm_client(config, model, client_config, engine_options, discover_s=opts.discover_s) as client:
+        async with swarm_client(config, model, client_config, engine_options, discover_s=opts.discover_s,
+                                audit_rate=opts.audit_rate) as client:
             model_id = model.name.removesuffix(".gguf")
             view = swarm_view(client.peers, client, model_id)
             metrics = ApiMetrics(lambda: view()["peers"], bytes_per_row=4 * client.head.info.n_embd)
