@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from swarm_util import Peer, start_peer
+from swarm_util import Peer, start_agent, start_peer
 
-READY_TIMEOUT_S = 90.0
 API_KEY = "test-api-key-0123"
 
 
@@ -44,20 +41,7 @@ def start_server(model: Path, peers: list[Peer], data_dir: Path, *extra: str) ->
             "--port", "0", "--ctx", "512", "--discover", "30", *extra]
     for p in peers:
         args += ["--peer", p.address]
-    env = dict(os.environ, EDGE_AGENT_DATA_DIR=str(data_dir))
-    out = open(data_dir / "stdout.log", "w+")
-    proc = subprocess.Popen(args, stdout=out, stderr=open(log, "w"), env=env, cwd=Path(__file__).parent.parent)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        out.seek(0)
-        for line in out.read().splitlines():
-            if line.startswith('{"ready"'):
-                return Server(proc, json.loads(line)["ready"], log)
-        if proc.poll() is not None:
-            raise RuntimeError(f"serve exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"serve not ready in {READY_TIMEOUT_S} s: {log.read_text()[-2000:]}")
+    return Server(*start_agent(args, data_dir, log, dict(os.environ)))
 
 
 def start_swarm(model: Path, base: Path, *serve_extra: str, peer_extra: tuple[str, ...] = ()) -> tuple[list[Peer], Server]:

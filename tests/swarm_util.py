@@ -49,7 +49,13 @@ def start_peer(model: Path | None, layers: str | None, data_dir: Path, *extra: s
             *(["--layers", layers] if layers else []),
             "--data-dir", str(data_dir), "--host", "127.0.0.1", "--threads", "1", "--ctx", "512", *extra]
     args += ["--mdns-interface", "127.0.0.1"] if mdns else ["--no-mdns"]
-    env = dict(os.environ, EDGE_AGENT_DATA_DIR=str(data_dir), EDGE_AGENT_TEST_HOOKS="1")  # allows --test-* options
+    env = dict(os.environ, EDGE_AGENT_TEST_HOOKS="1")  # allows --test-* options
+    return Peer(*start_agent(args, data_dir, log, env))
+
+
+def start_agent(args: list[str], data_dir: Path, log: Path, env: dict) -> tuple[subprocess.Popen, dict, Path]:
+    """Start an agent process; wait (bounded) for its `{"ready": ...}` line on stdout."""
+    env = dict(env, EDGE_AGENT_DATA_DIR=str(data_dir))
     out = open(data_dir / "stdout.log", "w+")
     proc = subprocess.Popen(args, stdout=out, stderr=open(log, "w"), env=env, cwd=Path(__file__).parent.parent)
     deadline = time.monotonic() + READY_TIMEOUT_S
@@ -57,12 +63,12 @@ def start_peer(model: Path | None, layers: str | None, data_dir: Path, *extra: s
         out.seek(0)
         for line in out.read().splitlines():
             if line.startswith('{"ready"'):
-                return Peer(proc, json.loads(line)["ready"], log)
+                return proc, json.loads(line)["ready"], log
         if proc.poll() is not None:
-            raise RuntimeError(f"peer exited with {proc.returncode}: {log.read_text()[-2000:]}")
+            raise RuntimeError(f"{args[3]} exited with {proc.returncode}: {log.read_text()[-2000:]}")
         time.sleep(0.1)
     proc.kill()
-    raise RuntimeError(f"peer not ready in {READY_TIMEOUT_S} s: {log.read_text()[-2000:]}")
+    raise RuntimeError(f"{args[3]} not ready in {READY_TIMEOUT_S} s: {log.read_text()[-2000:]}")
 
 
 @pytest.fixture
