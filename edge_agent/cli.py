@@ -196,7 +196,9 @@ def _client_config(cfg, split: str, privacy: str, swarm_key, target_tbt_ms: floa
         _fail("--mode must be star, chain or auto")
     try:
         k, m = parse_range(split)
-        return ClientConfig(policy=privacy_policy(privacy, k, m, cfg.data_dir, swarm_key), target_tbt_ms=target_tbt_ms,
+        # per request, so that `edge-agent trust add` applies to a running `serve`'s next request
+        policy_for = lambda level: privacy_policy(level, k, m, cfg.data_dir, swarm_key)  # noqa: E731
+        return ClientConfig(policy=policy_for(privacy), policy_for=policy_for, target_tbt_ms=target_tbt_ms,
                             mode=mode, backend=backend, local_fallback=not no_local_fallback)
     except (EngineError, ValueError) as exc:  # PolicyError and TrustError are ValueErrors
         _fail(str(exc))

@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from contextlib import asynccontextmanager
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator
@@ -341,6 +342,8 @@ async def swarm_client(config: AgentConfig, model: Path, client_config, options:
 
     info = await asyncio.to_thread(inspect_model, model)
     arithmetic = options.arithmetic(resolve_backend(client_config.backend))
+    if client_config.policy_for is None:  # resolved per request: a `trust add` applies to the next one
+        client_config = dataclasses.replace(client_config, policy_for=_policies(config, client_config.policy))
     agent = Agent(config)
     await agent.start()
     directory = PeerDirectory(agent, info.model_hash, arithmetic, kv_mb_per_layer(info, options))
@@ -371,6 +374,15 @@ async def swarm_client(config: AgentConfig, model: Path, client_config, options:
             client.close()
         await directory.close()
         await agent.close()
+
+
+def _policies(config: AgentConfig, default):
+    """Privacy level -> policy with ``default``'s k and m: ``default`` itself for its own level (as
+    the caller gave it), the trust list of ``config.data_dir`` for a tighter one."""
+    from edge_agent.discovery.trust import privacy_policy
+
+    return lambda level: default if level == default.name else privacy_policy(level, default.k, default.m,
+                                                                               config.data_dir, config.swarm_secret)
 
 
 def _auditor(agent, ledger, model: Path, options: EngineOptions, rate: float | None):

@@ -33,7 +33,7 @@ class Backend(Protocol):
 
     async def generate(self, prompt_tokens: Sequence[int], params: SamplingParams,
                        on_token: Callable[[int, str], None] | None = None, *, resume=None,
-                       keep: Callable[[object], None] | None = None) -> GenerationResult: ...
+                       keep: Callable[[object], None] | None = None, privacy: str | None = None) -> GenerationResult: ...
 
     async def release(self, kept) -> None: ...  # end a kept request on this device and every hop
 
@@ -148,14 +148,15 @@ class ApiEngine:
         self.recent: deque[dict] = deque(maxlen=240)  # finished requests, for the dashboard's plots
         self._on_gap, self._on_finish = on_gap, on_finish
 
-    def start(self, endpoint: str, prompt_tokens: list[int], params: SamplingParams) -> Flight:
+    def start(self, endpoint: str, prompt_tokens: list[int], params: SamplingParams, privacy: str | None = None) -> Flight:
+        """Run one request; ``privacy``: its level, which may only tighten the server's default."""
         flight = Flight(f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", endpoint, len(prompt_tokens),
                         on_gap=self._on_gap)
         self.flights[flight.id] = flight
-        flight.task = asyncio.create_task(self._run(flight, prompt_tokens, params))
+        flight.task = asyncio.create_task(self._run(flight, prompt_tokens, params, privacy))
         return flight
 
-    async def _run(self, flight: Flight, prompt_tokens: list[int], params: SamplingParams) -> None:
+    async def _run(self, flight: Flight, prompt_tokens: list[int], params: SamplingParams, privacy: str | None) -> None:
         outcome: object = None
         _current.set(flight)  # this task's own context
         try:
@@ -164,7 +165,8 @@ class ApiEngine:
             kept: list = []
             try:
                 outcome = await self.backend.generate(prompt_tokens, params, flight.on_token, resume=resume,
-                                                      keep=kept.append if self.keep_conversations else None)
+                                                      keep=kept.append if self.keep_conversations else None,
+                                                      privacy=privacy)
             finally:
                 await self.conversations.done(kept[0] if kept else None)
         except asyncio.CancelledError:  # cancelled while queued for a slot: nothing started

@@ -64,6 +64,8 @@ class _Sampling(_Body):
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
+    # extension: this request's privacy level; it may tighten the server's --privacy, never loosen it
+    privacy: Optional[Literal["open", "trusted", "local"]] = None
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

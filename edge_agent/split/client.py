@@ -26,7 +26,7 @@ from edge_agent.split.links import PeerLink
 from edge_agent.split.local import LOCAL_PEER_ID, LocalLink
 from edge_agent.split.observe import Observers
 from edge_agent.split.planner import NoRouteError, PeerCapability, Plan, format_layers, plan_path
-from edge_agent.split.policy import PrivacyPolicy
+from edge_agent.split.policy import PRIVACY_LEVELS, PolicyError, PrivacyPolicy
 from edge_agent.split.protocol import ErrorCode, HopFailed
 from edge_agent.split.star import StarStrategy
 from edge_agent.split.strategy import RequestState, Router, Strategy
@@ -78,7 +78,10 @@ class PeerSource(Protocol):
 
 @dataclass
 class ClientConfig:
-    policy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+    policy: PrivacyPolicy = field(default_factory=PrivacyPolicy)  # the default; a request may tighten it
+    # level -> policy with this client's k and m, resolved per request so that a `trust add`
+    # applies to the next request (None: requests can only use ``policy`` itself)
+    policy_for: Callable[[str], PrivacyPolicy] | None = None
     target_tbt_ms: float = 250.0
     mode: str = "star"
     deadline: DeadlineConfig = field(default_factory=lambda: DeadlineConfig(overrun_factor=3.0, overrun_ms=50.0, negative_steps=3))
@@ -147,29 +150,49 @@ class SwarmClient:
         self.tokenizer.close()
 
     # -- planning ---------------------------------------------------------------------------
-    def _admitted(self) -> list[PeerCapability]:
-        """The peers the privacy policy lets see activations (``--privacy trusted``: the allow-list)."""
-        return [c for c in self.peers.capabilities() if self.config.policy.admits(c.peer_id)]
+    def policy_for(self, level: str | None = None) -> PrivacyPolicy:
+        """The policy of one request: ``level`` (None: the default's) may tighten the default
+        (open < trusted < local), never loosen it; PolicyError otherwise."""
+        default = self.config.policy
+        if level is None and (self.config.policy_for is None or default.name not in PRIVACY_LEVELS):
+            return default
+        level = level or default.name
+        if level not in PRIVACY_LEVELS:
+            raise PolicyError(f"privacy must be one of {', '.join(PRIVACY_LEVELS)}, got {level!r}")
+        if default.name in PRIVACY_LEVELS and PRIVACY_LEVELS.index(level) < PRIVACY_LEVELS.index(default.name):
+            raise PolicyError(f"privacy {level!r} would loosen this agent's {default.name!r}: "
+                              f"a request may only tighten it ({' < '.join(PRIVACY_LEVELS)})")
+        if self.config.policy_for is not None:
+            return self.config.policy_for(level)
+        if level == default.name or (level == "open" and default.allow_remote and default.trusted is None):
+            return default
+        if level == "local":
+            return PrivacyPolicy.for_level("local", default.k, default.m)
+        raise PolicyError(f"privacy {level!r} needs a trust list, which this client was not given")
 
-    def _plan(self, previous: Plan | None = None, exclude=(), replace_hops=()) -> Plan:
-        caps = self._admitted()
-        me = PeerCapability(LOCAL_PEER_ID, (self.config.policy.remote_range(self.n_layer),), 1e9,
+    def _admitted(self, policy: PrivacyPolicy) -> list[PeerCapability]:
+        """The peers the privacy policy lets see activations (``--privacy trusted``: the allow-list)."""
+        return [c for c in self.peers.capabilities() if policy.admits(c.peer_id)]
+
+    def _plan(self, policy: PrivacyPolicy, previous: Plan | None = None, exclude=(), replace_hops=()) -> Plan:
+        caps = self._admitted(policy)
+        me = PeerCapability(LOCAL_PEER_ID, (policy.remote_range(self.n_layer),), 1e9,
                             self.config.local_ms_per_layer, 0.0)
         if previous is not None and LOCAL_PEER_ID in previous.peer_ids:
             caps = [*caps, me]  # a hop we run ourselves stays ours
         kw = dict(target_tbt_ms=self.config.target_tbt_ms, local_ms=self._local_ms, previous=previous, exclude=exclude,
                   replace_hops=replace_hops, mode=self.config.mode)
         try:
-            return plan_path(self.n_layer, self.config.policy, caps, **kw)
+            return plan_path(self.n_layer, policy, caps, **kw)
         except NoRouteError as exc:
-            if not self.config.local_fallback or self.config.policy.strict or LOCAL_PEER_ID in exclude or me in caps:
-                raise self._explain(exc) from None
+            fallback = self.config.local_fallback or policy.name == "local"  # local: this device is the only route
+            if not fallback or policy.strict or LOCAL_PEER_ID in exclude or me in caps:
+                raise self._explain(exc, policy) from None
         # no peer can take some layers: this device can, since it holds the whole model
-        return plan_path(self.n_layer, self.config.policy, [*caps, me], **kw)
+        return plan_path(self.n_layer, policy, [*caps, me], **kw)
 
-    def _explain(self, exc: NoRouteError) -> NoRouteError:
+    def _explain(self, exc: NoRouteError, policy: PrivacyPolicy) -> NoRouteError:
         """Name the settings that kept a peer off the path, when one could have served the layers."""
-        policy = self.config.policy
         if policy.strict:  # never weakened: say which layers no trusted peer holds, and who else does
             others = sorted({c.peer_id[:12] for c in self.peers.capabilities() if not policy.admits(c.peer_id)
                              and any(a < e and s < b for a, b in c.ranges for s, e in exc.missing)})
@@ -184,10 +207,10 @@ class SwarmClient:
         return NoRouteError(exc.missing, "only peers with other arithmetic settings serve them: " + "; ".join(reasons)
                             + " (match them with --flash-attn/--no-flash-attn, --ubatch, --backend)")
 
-    async def _link(self, peer_id: str):
+    async def _link(self, peer_id: str, policy: PrivacyPolicy):
         if peer_id != LOCAL_PEER_ID:
-            if not self.config.policy.admits(peer_id):  # the last gate before activations leave
-                raise HopFailed(peer_id, f"not admitted by privacy policy {self.config.policy.name!r}", ErrorCode.INCOMPATIBLE)
+            if not policy.admits(peer_id):  # the last gate before activations leave
+                raise HopFailed(peer_id, f"not admitted by privacy policy {policy.name!r}", ErrorCode.INCOMPATIBLE)
             return await self.peers.link(peer_id)
         if self._local_link is None:
             self._local_link = LocalLink(self._load)
@@ -204,14 +227,14 @@ class SwarmClient:
             return self.chain
         return self.star  # a path through this device or through one peer twice runs in star mode
 
-    async def _start(self, rid: bytes) -> RequestState:
+    async def _start(self, rid: bytes, policy: PrivacyPolicy) -> RequestState:
         """Plan a path and open its links; peers that cannot be reached are planned around."""
         excluded: set[str] = set()
         for _ in range(self.config.max_reroutes + 1):
-            plan = self._plan(exclude=excluded)
+            plan = self._plan(policy, exclude=excluded)
             try:
-                states = await self.router.open(plan, {})
-                return RequestState(rid, plan, DeadlineTracker(plan, self.config.deadline), states, excluded)
+                states = await self.router.open(plan, {}, policy)
+                return RequestState(rid, plan, DeadlineTracker(plan, self.config.deadline), states, policy, excluded)
             except HopFailed as exc:
                 log.info("peer %s unreachable: %s", exc.peer_id[:12], exc.reason)
                 excluded.add(exc.peer_id)
@@ -220,16 +243,18 @@ class SwarmClient:
     # -- the token loop ---------------------------------------------------------------------
     async def generate(self, prompt_tokens: Sequence[int], params: SamplingParams,
                        on_token: Callable[[int, str], None] | None = None, *, resume: KeptRequest | None = None,
-                       keep: Callable[[KeptRequest], None] | None = None) -> GenerationResult:
+                       keep: Callable[[KeptRequest], None] | None = None, privacy: str | None = None) -> GenerationResult:
         """One completion; ``on_token(token_id, new_text)`` streams it. Safe to run many at once.
 
+        ``privacy``: this request's level, which may tighten the client's default (``policy_for``).
         Multi-turn KV reuse: ``keep`` receives the finished request still alive instead of it
-        being ended; a later ``generate(resume=that)`` whose prompt extends its tokens computes
-        only the new ones (else it is released and the prompt computed afresh)."""
-        if resume is not None and not resume.extended_by(prompt_tokens):
+        being ended; a later ``generate(resume=that)`` whose prompt extends its tokens, under the
+        same policy, computes only the new ones (else it is released and the prompt computed afresh)."""
+        policy = self.policy_for(privacy)
+        if resume is not None and (not resume.extended_by(prompt_tokens) or resume.state.policy != policy):
             await self.release(resume)
             resume = None
-        req = resume.state if resume is not None else await self._start(uuid.uuid4().bytes)
+        req = resume.state if resume is not None else await self._start(uuid.uuid4().bytes, policy)
         fed = list(resume.tokens) if resume is not None else []  # what the KV caches hold
         for hs in req.hops:  # per-turn numbers
             hs.steps, hs.compute_ms, hs.transfer_ms = 0, 0.0, 0.0
@@ -293,7 +318,7 @@ class SwarmClient:
             "chain_ms": round(req.chain_ms, 3),
             "reroutes": req.reroutes,
             "local": [f"{self.head.info.start}:{self.head.info.end}", f"{self.tail.info.start}:{self.tail.info.end}"],
-            "privacy": {"policy": self.config.policy.name, "k": self.config.policy.k, "m": self.config.policy.m,
+            "privacy": {"policy": req.policy.name, "k": req.policy.k, "m": req.policy.m,
                         "peers_saw_activations": sorted(({h.hop.peer_id for h in req.hops} | {r["from"] for r in req.reroutes}
                                                          | {p for r in req.reroutes for p in r["to"]}) - {LOCAL_PEER_ID, None})},
         }

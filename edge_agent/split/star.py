@@ -19,7 +19,7 @@ from edge_agent.split.strategy import RequestState, Router, Strategy
 class StarStrategy(Strategy):
     def __init__(self, router: Router, capabilities, *, hop_timeout_s: float, prefill_timeout_s: float):
         super().__init__(router)
-        self.capabilities = capabilities  # () -> [PeerCapability]: who could replace a late hop
+        self.capabilities = capabilities  # (policy) -> [PeerCapability]: who could replace a late hop
         self.hop_timeout_s, self.prefill_timeout_s = hop_timeout_s, prefill_timeout_s
 
     async def step(self, req: RequestState, pos: int, x: np.ndarray) -> np.ndarray:
@@ -47,7 +47,7 @@ class StarStrategy(Strategy):
     async def _replace_late_hop(self, req: RequestState, observed: list[float], next_pos: int) -> None:
         alts: list[int] = []
         if any(o > hs.hop.budget_ms for o, hs in zip(observed, req.hops)):  # only a late hop can be replaced
-            caps = self.capabilities()
+            caps = self.capabilities(req.policy)
             alts = [j for j in range(len(req.hops)) if has_alternative(req.plan, j, caps, req.excluded)]
         report = req.tracker.observe(observed, alts)
         advice = next((a for a in report.replace if a.hop_index in alts), None)

@@ -20,6 +20,7 @@ import numpy as np
 from edge_agent.split.deadlines import DeadlineTracker
 from edge_agent.split.observe import HopRecord, Observers, digest
 from edge_agent.split.planner import Hop, NoRouteError, Plan
+from edge_agent.split.policy import PrivacyPolicy
 from edge_agent.split.protocol import HopFailed, activation, check_reply
 from edge_agent.transport import Flag, Frame, MsgType
 
@@ -64,6 +65,7 @@ class RequestState:
     plan: Plan
     tracker: DeadlineTracker
     hops: list[HopState]
+    policy: PrivacyPolicy  # this request's own: every plan and link of it, re-routes included, obeys it
     excluded: set[str] = field(default_factory=set)
     reroutes: list[dict] = field(default_factory=list)
     step_index: int = 0
@@ -75,8 +77,8 @@ class RequestState:
         return Frame(MsgType.END_REQUEST, request_id=self.rid)
 
 
-PlanFn = Callable[..., Plan]  # (previous=, exclude=, replace_hops=) -> Plan, or NoRouteError
-LinkFn = Callable[[str], Awaitable[Link]]
+PlanFn = Callable[..., Plan]  # (policy, previous=, exclude=, replace_hops=) -> Plan, or NoRouteError
+LinkFn = Callable[[str, PrivacyPolicy], Awaitable[Link]]  # refuses a peer the policy does not admit
 
 
 class Router:
@@ -86,12 +88,12 @@ class Router:
         self.plan, self.link, self.observers = plan, link, observers
         self.max_reroutes, self.replay_timeout_s = max_reroutes, replay_timeout_s
 
-    async def open(self, plan: Plan, keep: dict[tuple[str, int, int], HopState]) -> list[HopState]:
+    async def open(self, plan: Plan, keep: dict[tuple[str, int, int], HopState], policy: PrivacyPolicy) -> list[HopState]:
         """States for ``plan``'s hops: kept ones where (peer, layers) match, new links otherwise."""
         states = []
         for hop in plan.hops:
             old = keep.get((hop.peer_id, hop.start, hop.end))
-            states.append(old if old is not None else HopState(hop, await self.link(hop.peer_id)))
+            states.append(old if old is not None else HopState(hop, await self.link(hop.peer_id, policy)))
             states[-1].hop = hop
         return states
 
@@ -135,7 +137,7 @@ class Router:
             if len(req.reroutes) >= self.max_reroutes:
                 raise NoRouteError([(req.plan.start, req.plan.end)], f"gave up after {len(req.reroutes)} re-routes")
             try:
-                plan = self.plan(previous=req.plan if failed else None, exclude=req.excluded,
+                plan = self.plan(req.policy, previous=req.plan if failed else None, exclude=req.excluded,
                                  replace_hops=[index] if failed else ())
             except NoRouteError as exc:
                 who = f"peer {blamed[:12]} failed" if blamed else "after"
@@ -157,7 +159,7 @@ class Router:
                 layers, to_note = f"{req.plan.start}:{req.plan.end}", "rebuild all hops: "
             new: list[HopState] = []
             try:
-                states = await self.open(plan, keep)
+                states = await self.open(plan, keep, req.policy)
                 new = [st for st in states if all(st is not k for k in keep.values())]
                 req.reroutes.append({"step": req.step_index, "layers": layers, "from": blamed,
                                      "to": [st.hop.peer_id for st in new], "reason": to_note + reason})
