@@ -29,12 +29,17 @@ def snapshot(s) -> dict:
             "recent": list(s.engine.recent)[-120:]}
 
 
-def dashboard_routes(s) -> list:
+def page_routes() -> list:
+    """The page and its files alone (the desktop app serves them before any model is loaded)."""
     static = files("edge_agent.api") / "static"
 
     async def index(_request: Request):
         return FileResponse(str(static / "index.html"), headers={"Cache-Control": "no-cache"})
 
+    return [Route("/", index, methods=["GET"]), Mount("/static", StaticFiles(directory=str(static)), name="static")]
+
+
+def dashboard_routes(s) -> list:
     async def swarm(_request: Request):
         return JSONResponse(snapshot(s))
 
@@ -48,8 +53,7 @@ def dashboard_routes(s) -> list:
         return StreamingResponse(feed(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return [
-        Route("/", index, methods=["GET"]),
         Route("/api/swarm", swarm, methods=["GET"]),
         Route("/api/events", events, methods=["GET"]),
-        Mount("/static", StaticFiles(directory=str(static)), name="static"),
+        *page_routes(),
     ]

@@ -9,9 +9,10 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 log = logging.getLogger(__name__)
 
@@ -89,41 +90,48 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(config, model: Path, client_config, engine_options, opts: ServeOptions, on_ready=None) -> None:
-    """Join the swarm as a client and serve the API until SIGINT/SIGTERM.
+@asynccontextmanager
+async def api_app(config, model: Path, client_config, engine_options, opts: ServeOptions) -> AsyncIterator[tuple]:
+    """An agent on the swarm as a client and the API app in front of it: ``(app, info)``.
 
     ``engine_options``: this device's engine settings (context per request, arithmetic);
-    ``opts.max_concurrent`` of its KV slots serve requests at once."""
-    import uvicorn
-
+    ``opts.max_concurrent`` of its KV slots serve requests at once. Used by ``serve`` and the
+    desktop app (edge_agent/desktop.py), which swaps the app in once the model is loaded."""
     from edge_agent.api.app import ApiServices, create_app
     from edge_agent.api.dashboard import dashboard_routes
     from edge_agent.api.engine import ApiEngine
     from edge_agent.api.metrics import ApiMetrics
     from edge_agent.node import swarm_client
 
+    async with swarm_client(config, model, client_config, engine_options, discover_s=opts.discover_s,
+                            audit_rate=opts.audit_rate) as client:
+        model_id = model.name.removesuffix(".gguf")
+        view = swarm_view(client.peers, client, model_id)
+        metrics = ApiMetrics(lambda: view()["peers"], bytes_per_row=4 * client.head.info.n_embd)
+        engine = ApiEngine(client, max_concurrent=opts.max_concurrent, on_gap=metrics.gap, on_finish=metrics.finished)
+        metrics.in_flight.set_function(lambda: len(engine.flights))
+        metrics.kept.set_function(lambda: len(engine.conversations))
+        client.observers.add(engine.observe)
+        services = ApiServices(engine, metrics, model_id, engine_options.n_ctx_per_request, view, opts.api_key)
+        try:
+            yield create_app(services, dashboard_routes(services)), {
+                "model": model_id, "agent_id": client.peers.agent.identity.agent_id, "peers": len(view()["peers"])}
+        finally:
+            await engine.close()  # every hop ends its requests before the links close
+
+
+async def serve(config, model: Path, client_config, engine_options, opts: ServeOptions, on_ready=None) -> None:
+    """Join the swarm as a client and serve the API until SIGINT/SIGTERM."""
+    import uvicorn
+
     check_auth(opts)
     sock = bind_socket(opts.host, opts.port)  # fail fast, before loading anything
     try:
-        async with swarm_client(config, model, client_config, engine_options, discover_s=opts.discover_s,
-                                audit_rate=opts.audit_rate) as client:
-            model_id = model.name.removesuffix(".gguf")
-            view = swarm_view(client.peers, client, model_id)
-            metrics = ApiMetrics(lambda: view()["peers"], bytes_per_row=4 * client.head.info.n_embd)
-            engine = ApiEngine(client, max_concurrent=opts.max_concurrent, on_gap=metrics.gap, on_finish=metrics.finished)
-            metrics.in_flight.set_function(lambda: len(engine.flights))
-            metrics.kept.set_function(lambda: len(engine.conversations))
-            client.observers.add(engine.observe)
-            services = ApiServices(engine, metrics, model_id, engine_options.n_ctx_per_request, view, opts.api_key)
-            app = create_app(services, dashboard_routes(services))
+        async with api_app(config, model, client_config, engine_options, opts) as (app, info):
             server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5))
             host, port = sock.getsockname()[:2]
             if on_ready:
-                on_ready({"url": f"http://{host}:{port}", "model": model_id, "agent_id": client.peers.agent.identity.agent_id,
-                          "peers": len(view()["peers"]), "auth": opts.api_key is not None})
-            try:
-                await server.serve(sockets=[sock])
-            finally:
-                await engine.close()  # every hop ends its requests before the links close
+                on_ready({"url": f"http://{host}:{port}", **info, "auth": opts.api_key is not None})
+            await server.serve(sockets=[sock])
     finally:
         sock.close()

@@ -249,6 +249,89 @@ async function sendChat(event) {
   }
 }
 
+// The desktop app (edge_agent/desktop.py) answers /api/app: its phase, a model picker when it has no
+// model, and the stop button. A plain `edge-agent serve` answers 404 and none of this shows.
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const PHASES = { starting: "starting", no_model: "no model yet", loading: "loading", ready: "running", error: "error",
+  stopping: "stopped" };
+
+function renderApp(info) {
+  state.app = info;
+  const picking = info.phase === "no_model" || info.phase === "error";
+  document.body.classList.toggle("setup", info.phase !== "ready");
+  $("app-card").hidden = info.phase === "ready";
+  $("stop").hidden = !info.stoppable || info.phase === "stopping";
+  $("app-phase").textContent = "(" + (PHASES[info.phase] || info.phase) + ")";
+  $("app-message").textContent = info.message;
+  $("app-progress").hidden = !(info.phase === "starting" || info.phase === "loading");
+  $("model-picker").hidden = !picking;
+  if (!picking) return;
+  $("how-to").textContent = info.how_to_get_a_model || "";
+  const list = $("suggestions");
+  list.replaceChildren();
+  if (info.suggestions && info.suggestions.length) list.appendChild(el("p", "GGUF files found on this machine:", { class: "muted" }));
+  for (const path of info.suggestions || []) {
+    const b = el("button", path, { type: "button", class: "suggestion" });
+    b.addEventListener("click", () => { $("model-path").value = path; });
+    list.appendChild(b);
+  }
+}
+
+async function followApp() {
+  for (;;) {
+    let info = null;
+    try {
+      const res = await fetch("/api/app");
+      if (res.status === 404) return;
+      if (res.ok) info = await res.json();
+    } catch (err) {
+      console.warn("app state:", err);
+    }
+    if (info) renderApp(info);
+    if (info && info.phase === "stopping") return;
+    await sleep(info && info.phase === "ready" ? 5000 : 1000);
+  }
+}
+
+async function appAction(path, body) {
+  const res = await fetch(path, { method: "POST", headers: headers(), body: JSON.stringify(body) });
+  const answer = await res.json();
+  if (!res.ok) throw new Error(answer.error.message);
+  return answer;
+}
+
+async function openModel(event) {
+  event.preventDefault();
+  const path = $("model-path").value.trim();
+  if (!path) return;
+  $("model-open").disabled = true;
+  $("model-error").textContent = "";
+  try {
+    const answer = await appAction("/api/app/model", { path });
+    renderApp({ ...state.app, phase: answer.phase, message: "loading " + answer.model });
+  } catch (err) {
+    $("model-error").textContent = err.message;
+  } finally {
+    $("model-open").disabled = false;
+  }
+}
+
+async function stopApp() {
+  $("stop").disabled = true;
+  try {
+    await appAction("/api/app/stop", {});
+    renderApp({ ...state.app, phase: "stopping", message: "edge-agent stopped: you can close this tab." });
+    setLive(false);
+  } catch (err) {
+    $("stop").disabled = false;
+    alert("could not stop: " + err.message);
+  }
+}
+
+$("model-form").addEventListener("submit", openModel);
+$("stop").addEventListener("click", stopApp);
+followApp();
+
 $("api-key").value = sessionStorage.getItem("edge-agent-api-key") || "";
 $("api-key").addEventListener("change", () => sessionStorage.setItem("edge-agent-api-key", $("api-key").value.trim()));
 $("chat-form").addEventListener("submit", sendChat);

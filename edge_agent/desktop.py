@@ -1,0 +1,368 @@
+"""Desktop mode: what a double-click on the one-file app (packaging/pyinstaller) does.
+
+The dashboard's web server starts on loopback at once and the default browser opens it; then
+an agent joins the LAN swarm as a client (as ``edge-agent serve`` does) and the full API and
+dashboard are swapped in once the model is loaded. Without a model the dashboard says how to
+get one and takes the path of a local GGUF file. It runs until Ctrl-C / SIGTERM or the
+dashboard's stop button (``POST /api/app/stop``).
+
+A double-click passes no arguments, so the settings come from the environment:
+  EDGE_AGENT_DATA_DIR, EDGE_AGENT_MODEL, EDGE_AGENT_SWARM_KEY  as for every command
+  EDGE_AGENT_APP_PORT        the dashboard's port (default 8000; when taken, any free port)
+  EDGE_AGENT_MDNS_INTERFACE  comma-separated interface addresses for mDNS (default: all)
+  EDGE_AGENT_PEER            comma-separated TLS HOST:PORT of peers (where multicast is blocked)
+  EDGE_AGENT_NO_BROWSER=1    open no browser; EDGE_AGENT_BROWSER=CMD runs ``CMD URL`` instead
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlsplit
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+
+from edge_agent.api.schemas import ApiError
+
+log = logging.getLogger(__name__)
+DEFAULT_PORT = 8000
+MAX_PATH_CHARS = 4096
+MAX_SUGGESTIONS = 20
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class DesktopSettings:
+    data_dir: Path
+    model: Path | None = None  # None: the dashboard asks for one
+    port: int = DEFAULT_PORT
+    mdns: bool = True
+    mdns_interfaces: list[str] | None = None
+    peers: list[str] = field(default_factory=list)
+    open_browser: Callable[[str], None] | None = None  # None: no browser
+    ctx: int = 2048
+    max_concurrent: int = 2  # generations at once: a laptop's app, not a server
+    discover_s: float = 3.0
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> "DesktopSettings":
+        from edge_agent.config import ModelNotFoundError, data_dir, resolve_model
+
+        def listed(name: str) -> list[str]:
+            return [part.strip() for part in environ.get(name, "").split(",") if part.strip()]
+
+        directory = data_dir()
+        try:
+            model = resolve_model(None, directory)
+        except ModelNotFoundError:
+            model = None
+        port_text = environ.get("EDGE_AGENT_APP_PORT", str(DEFAULT_PORT))
+        if not port_text.isdigit() or int(port_text) > 65535:
+            raise ValueError(f"EDGE_AGENT_APP_PORT must be a port number 0-65535 (got {port_text!r})")
+        return cls(directory, model, int(port_text), mdns_interfaces=listed("EDGE_AGENT_MDNS_INTERFACE") or None,
+                   peers=listed("EDGE_AGENT_PEER"), open_browser=browser_opener(environ))
+
+
+def browser_opener(environ=os.environ) -> Callable[[str], None] | None:
+    """The default browser (Python's webbrowser), a command given in $EDGE_AGENT_BROWSER, or none."""
+    if environ.get("EDGE_AGENT_NO_BROWSER", "") not in ("", "0"):
+        return None
+    command = environ.get("EDGE_AGENT_BROWSER")
+    if command:
+        return lambda url: subprocess.Popen([*shlex.split(command), url], stdin=subprocess.DEVNULL)  # noqa: S603 - the user's own command
+    import webbrowser
+
+    return lambda url: webbrowser.open(url, new=2)
+
+
+def local_action_refusal(request: Request) -> ApiError | None:
+    """Why a state-changing request (stop, open a model) is refused, or None.
+
+    Only this machine's browser tab may act: the peer must be loopback, the Host header a loopback
+    name (a page whose domain was re-pointed at 127.0.0.1 sends its own name), any Origin ours,
+    and the body JSON (a cross-site page cannot send that without a CORS preflight we never grant)."""
+    client = request.client.host if request.client else ""
+    if client not in LOOPBACK_NAMES and not client.startswith("127."):
+        return ApiError(403, "only this machine may do that", code="forbidden")
+    if urlsplit("//" + request.headers.get("host", "")).hostname not in LOOPBACK_NAMES:
+        return ApiError(403, "open the dashboard as http://127.0.0.1:PORT/ to do that", code="forbidden")
+    origin = request.headers.get("origin")
+    if origin is not None and urlsplit(origin).hostname not in LOOPBACK_NAMES:
+        return ApiError(403, f"a page from {origin} may not do that", code="forbidden")
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        return ApiError(415, "send Content-Type: application/json", code="invalid_value")
+    return None
+
+
+def check_model_file(text: str) -> Path:
+    """A whole-model GGUF at ``text``, or ValueError / EngineError / FileNotFoundError in one line."""
+    from edge_agent.runtime.shards import inspect_model
+
+    path = Path(text.strip()).expanduser()
+    if not path.is_absolute():
+        raise ValueError("give the full path of the .gguf file, e.g. /home/me/Downloads/model.gguf")
+    info = inspect_model(path, with_hash=False)
+    if info.role != "full":
+        raise ValueError(f"{path.name} holds only layers {info.layer_range} of a model: open the whole model's .gguf")
+    return path
+
+
+def remember_model(path: Path, models_dir: Path) -> Path | None:
+    """Link the chosen file into <data dir>/models/ so the next start (and the CLI) finds it."""
+    link = models_dir / path.name
+    try:
+        models_dir.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(path)
+        return link
+    except OSError as exc:  # e.g. Windows without the symlink privilege: used for this session only
+        log.warning("could not remember %s in %s: %s", path, models_dir, exc)
+        return None
+
+
+def gguf_suggestions(places: list[Path]) -> list[str]:
+    """*.gguf files directly in a few usual folders, for the dashboard to offer (no deep scan)."""
+    found: list[str] = []
+    for place in places:
+        try:
+            found += [str(p) for p in sorted(place.glob("*.gguf")) if p.is_file()]
+        except OSError:
+            continue
+    return found[:MAX_SUGGESTIONS]
+
+
+class Switch:
+    """An ASGI app that forwards to whichever app is current (setup page, then the full API)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        await self.app(scope, receive, send)
+
+
+def setup_app(state: "AppState") -> Starlette:
+    """Before a model is loaded: the page and its files; the API answers 503 until then."""
+    from edge_agent.api.dashboard import page_routes
+
+    async def health(_request: Request) -> Response:
+        return JSONResponse({"status": state.phase, "model": None})
+
+    async def not_yet(_request: Request) -> Response:
+        err = ApiError(503, f"no model is loaded yet ({state.phase}): see the dashboard", "server_error", code="model_not_loaded")
+        return JSONResponse(err.body(), status_code=err.status)
+
+    return Starlette(routes=[Route("/health", health), *page_routes(),
+                             Route("/{path:path}", not_yet, methods=["GET", "POST"])])
+
+
+@dataclass
+class AppState:
+    phase: str = "starting"  # starting | no_model | loading | ready | error | stopping
+    message: str = "starting"
+    model: str | None = None
+    url: str | None = None
+
+    def set(self, phase: str, message: str, model: Path | None = None) -> None:
+        self.phase, self.message = phase, message
+        self.model = str(model) if model is not None else self.model
+        log.info("%s: %s", phase, message)
+
+
+class DesktopApp:
+    def __init__(self, settings: DesktopSettings):
+        self.settings = settings
+        self.state = AppState()
+        self.setup = setup_app(self.state)
+        self.switch = Switch(self.setup)
+        self.choices: asyncio.Queue[Path] = asyncio.Queue(maxsize=1)
+        self.configs = self._configs()  # a bad EDGE_AGENT_PEER fails here, before anything starts
+        self.server = None  # uvicorn.Server once running
+
+    @property
+    def models_dir(self) -> Path:
+        return self.settings.data_dir / "models"
+
+    def asgi(self) -> Starlette:
+        from edge_agent.api.app import read_body
+        from edge_agent.config import HOW_TO_GET_A_MODEL
+
+        def refuse(err: ApiError) -> Response:
+            return JSONResponse(err.body(), status_code=err.status)
+
+        async def status(_request: Request) -> Response:
+            body = {"phase": self.state.phase, "message": self.state.message, "model": self.state.model,
+                    "stoppable": True, "models_dir": str(self.models_dir)}
+            if self.state.phase in ("no_model", "error"):
+                body["how_to_get_a_model"] = HOW_TO_GET_A_MODEL.format(models_dir=self.models_dir)
+                home = Path.home()
+                body["suggestions"] = await asyncio.to_thread(gguf_suggestions, [self.models_dir, home / "Downloads", home / "models", home])
+            return JSONResponse(body)
+
+        async def stop(request: Request) -> Response:
+            if (err := local_action_refusal(request)) is not None:
+                return refuse(err)
+            self.state.set("stopping", "stopped: you can close this tab")
+            if self.server is not None:
+                self.server.should_exit = True
+            return JSONResponse({"phase": "stopping"})
+
+        async def open_model(request: Request) -> Response:
+            if (err := local_action_refusal(request)) is not None:
+                return refuse(err)
+            from edge_agent.runtime.engine import EngineError
+
+            if self.state.phase not in ("no_model", "error"):
+                return refuse(ApiError(409, f"a model is already {self.state.phase}", code="conflict"))
+            try:
+                text = json.loads(await read_body(request)).get("path")
+            except ApiError as exc:
+                return refuse(exc)
+            except (ValueError, AttributeError):
+                text = None
+            if not isinstance(text, str) or not 0 < len(text) <= MAX_PATH_CHARS:
+                return refuse(ApiError(400, 'send {"path": "/full/path/to/model.gguf"}', param="path", code="invalid_value"))
+            try:
+                path = await asyncio.to_thread(check_model_file, text)
+            except (EngineError, FileNotFoundError, ValueError) as exc:
+                return refuse(ApiError(400, str(exc), param="path", code="invalid_model"))
+            if self.state.phase not in ("no_model", "error"):  # another request chose one meanwhile
+                return refuse(ApiError(409, f"a model is already {self.state.phase}", code="conflict"))
+            remembered = remember_model(path, self.models_dir)
+            self.state.set("loading", f"loading {path.name}", path)
+            self.choices.put_nowait(path)  # size 1, and only taken while no model is loaded
+            return JSONResponse({"phase": "loading", "model": str(path), "remembered": str(remembered) if remembered else None},
+                                status_code=202)
+
+        return Starlette(routes=[Route("/api/app", status), Route("/api/app/stop", stop, methods=["POST"]),
+                                 Route("/api/app/model", open_model, methods=["POST"]), Mount("", app=self.switch)])
+
+    async def _agent_loop(self) -> None:
+        """Load the model (or wait for the dashboard to name one), then serve it until cancelled."""
+        from edge_agent.api.server import ServeOptions, api_app
+        from edge_agent.config import HOW_TO_GET_A_MODEL
+
+        agent_cfg, client_cfg, engine_opts = self.configs
+        opts = ServeOptions("127.0.0.1", 0, max_concurrent=self.settings.max_concurrent, discover_s=self.settings.discover_s)
+        model = self.settings.model
+        while True:
+            if model is None:
+                if self.state.phase != "error":
+                    self.state.set("no_model", HOW_TO_GET_A_MODEL.format(models_dir=self.models_dir))
+                model = await self.choices.get()
+            self.state.set("loading", f"loading {model.name} and looking for peers", model)
+            try:
+                async with api_app(agent_cfg, model, client_cfg, engine_opts, opts) as (app, info):
+                    self.switch.app = app
+                    self.state.set("ready", f"{info['model']} loaded; {info['peers']} peer(s) of the swarm seen", model)
+                    await asyncio.Event().wait()  # serves until the app stops (this task is cancelled)
+            except Exception as exc:  # noqa: BLE001 - any load failure is shown on the dashboard, not a crash
+                log.warning("could not load %s: %s", model, exc)
+                self.switch.app = self.setup
+                self.state.set("error", f"{model.name} could not be loaded: {exc}")
+                model = None
+
+    def _configs(self):
+        from edge_agent.discovery.peers import parse_peer_arg
+        from edge_agent.node import AgentConfig
+        from edge_agent.runtime.engine import EngineOptions
+        from edge_agent.split.client import ClientConfig
+
+        s = self.settings
+        agent = AgentConfig(s.data_dir, None, "127.0.0.1", 0, 0, s.mdns, s.mdns_interfaces, [parse_peer_arg(p) for p in s.peers])
+        engine = EngineOptions(n_ctx_per_request=s.ctx, max_requests=s.max_concurrent)
+        return agent, ClientConfig(), engine
+
+    async def run(self, on_ready: Callable[[dict], None] | None = None) -> None:
+        """Serve the dashboard at once, open the browser, bring the agent up; return once stopped."""
+        import uvicorn
+
+        sock = bind_dashboard(self.settings.port)
+        self.server = uvicorn.Server(uvicorn.Config(self.asgi(), log_level="warning", lifespan="off",
+                                                    timeout_graceful_shutdown=2))
+        self._handle_signals()
+        agent = asyncio.create_task(self._agent_loop())
+        try:
+            serving = asyncio.create_task(self.server.serve(sockets=[sock]))
+            while not self.server.started and not serving.done():
+                await asyncio.sleep(0.01)
+            host, port = sock.getsockname()[:2]
+            self.state.url = f"http://{host}:{port}/"
+            if on_ready:
+                on_ready({"url": self.state.url, "phase": self.state.phase, "data_dir": str(self.settings.data_dir)})
+            if self.settings.open_browser is not None and not serving.done():
+                try:
+                    await asyncio.to_thread(self.settings.open_browser, self.state.url)
+                except OSError as exc:  # no browser to be had: the URL is printed, the app still runs
+                    log.warning("could not open a browser (%s): open %s", exc, self.state.url)
+            await serving
+        finally:
+            agent.cancel()
+            await asyncio.gather(agent, return_exceptions=True)  # hops end their requests, the ledger closes
+            sock.close()
+
+    def _handle_signals(self) -> None:
+        """Ctrl-C and SIGTERM stop the server, and the agent still closes cleanly afterwards."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self._request_exit)
+            except (NotImplementedError, RuntimeError):  # Windows: uvicorn's own handlers stop it
+                pass
+
+    def _request_exit(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+
+
+def bind_dashboard(port: int):
+    """Loopback ``port``, or any free port when that one is taken (a second app, a `serve`)."""
+    from edge_agent.api.server import ServeError, bind_socket
+
+    try:
+        return bind_socket("127.0.0.1", port)
+    except ServeError:
+        if port == 0:
+            raise
+        log.warning("port %d is taken; using any free port", port)
+        return bind_socket("127.0.0.1", 0)
+
+
+def main() -> int:
+    """Desktop mode's entry: prints one ``{"ready": ...}`` line, then runs until stopped."""
+    logging.basicConfig(level=os.environ.get("EDGE_AGENT_LOG_LEVEL", "WARNING").upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(min(log.getEffectiveLevel(), logging.INFO))  # the app's own phases, whatever the libraries say
+    try:
+        settings = DesktopSettings.from_env()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    def ready(info: dict) -> None:
+        print(json.dumps({"ready": info}), flush=True)
+        print(f"edge-agent dashboard at {info['url']} (Ctrl-C or the dashboard's stop button quits)", file=sys.stderr)
+
+    try:
+        asyncio.run(DesktopApp(settings).run(ready))
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        pass
+    except (OSError, ValueError) as exc:  # the port cannot be bound, a bad EDGE_AGENT_PEER
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
