@@ -400,11 +400,13 @@ def _auditor(agent, ledger, model: Path, options: EngineOptions, rate: float | N
 
 
 async def run(config: AgentConfig, model: Path, prompt_tokens_fn, params, client_config, *, discover_s: float = 5.0,
-              n_ctx: int = 2048, options: EngineOptions | None = None, on_token=None, audit_rate: float | None = None):
+              n_ctx: int = 2048, options: EngineOptions | None = None, on_token=None, audit_rate: float | None = None,
+              privacy: str | None = None):
     """Discover peers, plan, and generate one completion through the swarm.
 
     ``prompt_tokens_fn(tokenizer)`` gives the prompt's token ids; ``options`` (default: ``n_ctx``
-    positions) are this device's engine settings, arithmetic included."""
+    positions) are this device's engine settings, arithmetic included; ``privacy``: this
+    request's level, tightening ``client_config.policy``."""
     options = options or EngineOptions(n_ctx_per_request=n_ctx, max_requests=2)
     async with swarm_client(config, model, client_config, options, discover_s=discover_s, audit_rate=audit_rate) as client:
-        return await client.generate(prompt_tokens_fn(client.tokenizer), params, on_token)
+        return await client.generate(prompt_tokens_fn(client.tokenizer), params, on_token, privacy=privacy)

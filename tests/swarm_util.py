@@ -86,9 +86,11 @@ def peers(tmp_path):
         p.stop()
 
 
-def swarm_generate(tmp_path, model, prompt, n, peer_list, *, mdns=False, on_token=None, discover_s=30.0, **client):
+def swarm_generate(tmp_path, model, prompt, n, peer_list, *, mdns=False, on_token=None, discover_s=30.0, privacy=None,
+                   **client):
     """(prompt token ids, result) of ``node.run`` through ``peer_list`` (TLS addresses, or mDNS);
-    ``client``: ``ClientConfig`` fields."""
+    ``privacy``: the request's level; ``client``: ``ClientConfig`` fields. The client's data dir
+    is ``tmp_path / "client"``."""
     from edge_agent.node import AgentConfig, run
     from edge_agent.runtime.sampling import SamplingParams
     from edge_agent.split.client import ClientConfig
@@ -103,5 +105,5 @@ def swarm_generate(tmp_path, model, prompt, n, peer_list, *, mdns=False, on_toke
         return box["prompt"]
 
     res = asyncio.run(run(cfg, model, tokens, SamplingParams(max_tokens=n), ClientConfig(**client), discover_s=discover_s,
-                          n_ctx=512, on_token=on_token))
+                          n_ctx=512, on_token=on_token, privacy=privacy))
     return box["prompt"], res

@@ -302,3 +302,48 @@ def test_no_route_is_503_naming_the_missing_layers(swarm, smollm_path, tmp_path)
         assert raw(server, "GET", "/health")[1]["covered"] is False
     finally:
         server.stop()
+
+
+def test_a_request_may_tighten_the_privacy_never_loosen_it(swarm, smollm_path, tok, tmp_path):
+    """The server's default is open; a request's `privacy` field tightens it for that request
+    only. The trust list is read per request, so `trust add` applies without a restart."""
+    from edge_agent.discovery.trust import TrustList
+
+    peers, server = swarm
+    prompt = "The capital of France is"
+    ask = lambda **extra: raw(server, "POST", "/v1/completions", json.dumps(  # noqa: E731
+        {"model": model_id(swarm), "prompt": prompt, "max_tokens": 6, "temperature": 0, **extra}).encode())
+    want = tok.decode(reference_tokens(smollm_path, tok.encode(prompt, add_special=True), 6))
+
+    status, body = ask(privacy="local")  # the whole model on the API's own device
+    assert status == 200 and body["choices"][0]["text"] == want
+    assert body["x_edge_agent"]["privacy"] == "local" and body["x_edge_agent"]["activations_seen_by"] == []
+
+    trust = TrustList(server.log.parent)  # the API agent's data dir
+    status, body = ask(privacy="trusted")  # nobody trusted yet: fails, naming the layers
+    assert status == 503 and "no trusted peer holds layers 1-28" in body["error"]["message"]
+    trust.add(peers[0].agent_id, "first")
+    status, body = ask(privacy="trusted")
+    assert status == 503 and "no trusted peer holds layers 15-28" in body["error"]["message"]
+    assert peers[1].agent_id[:12] in body["error"]["message"]  # the untrusted peer that could serve them
+    trust.add(peers[1].agent_id, "second")
+    status, body = ask(privacy="trusted")
+    assert status == 200 and body["choices"][0]["text"] == want
+    assert sorted(body["x_edge_agent"]["activations_seen_by"]) == sorted(p.agent_id for p in peers)
+
+    status, body = ask(privacy="paranoid")
+    assert status == 400 and body["error"]["param"] == "privacy"
+
+
+def test_a_request_cannot_loosen_a_trusted_server(smollm_path, tmp_path):
+    server = start_server(smollm_path, [], tmp_path / "api", "--privacy", "trusted", "--discover", "0")
+    try:
+        for level in ("open", None):
+            status, body = raw(server, "POST", "/v1/completions", json.dumps(
+                {"model": server.ready["model"], "prompt": "Hi", "max_tokens": 2, **({"privacy": level} if level else {})}).encode())
+            if level == "open":
+                assert status == 400 and "would loosen this agent's 'trusted'" in body["error"]["message"]
+            else:  # the default: trusted, with nobody trusted
+                assert status == 503 and "no trusted peer holds" in body["error"]["message"]
+    finally:
+        server.stop()

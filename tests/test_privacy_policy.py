@@ -58,7 +58,11 @@ def test_trusted_without_a_trusted_peer_fails_naming_the_layers(tmp_path, peers,
                        policy=PrivacyPolicy.for_level("trusted", trusted=[]))
 
 
-def test_failover_under_trusted_never_reaches_the_untrusted_peer(tmp_path, peers, tiny_model, monkeypatch):
+@pytest.mark.parametrize("given", ["client default", "per request"])
+def test_failover_under_trusted_never_reaches_the_untrusted_peer(tmp_path, peers, tiny_model, monkeypatch, given):
+    """``per request``: the client's default is open and only the request says trusted, so a
+    re-route that planned with the client's default instead of the request's would pick the
+    untrusted peer."""
     from edge_agent.directory import PeerDirectory
 
     untrusted = peers(tiny_model, "1:4", "--test-advertise-ms", "0.001")  # the planner's favourite under open
@@ -79,10 +83,15 @@ def test_failover_under_trusted_never_reaches_the_untrusted_peer(tmp_path, peers
             second.kill()  # the last trusted peer dies: the request must fail, not go untrusted
 
     monkeypatch.setattr(PeerDirectory, "link", record_link)
-    policy = PrivacyPolicy.for_level("trusted", trusted=[first.agent_id, second.agent_id])
+    if given == "client default":
+        how = dict(policy=PrivacyPolicy.for_level("trusted", trusted=[first.agent_id, second.agent_id]))
+    else:  # the trust list in the client's data dir, read when the request asks for `trusted`
+        (tmp_path / "client").mkdir()
+        for p in (first, second):
+            TrustList(tmp_path / "client").add(p.agent_id)
+        how = dict(policy=PrivacyPolicy.for_level("open"), privacy="trusted")
     with pytest.raises(NoRouteError, match="no trusted peer holds layers 1-3") as err:
-        swarm_generate(tmp_path, tiny_model, "Once upon a time", 30, [untrusted, first, second], on_token=on_token,
-                       policy=policy)
+        swarm_generate(tmp_path, tiny_model, "Once upon a time", 30, [untrusted, first, second], on_token=on_token, **how)
     assert untrusted.agent_id[:12] in str(err.value)  # named as the peer that could, but may not
     assert set(linked) == {first.agent_id, second.agent_id}
     assert len(seen) == 14  # the re-route to the second trusted peer kept generating
