@@ -1,0 +1,91 @@
+"""Planning at swarm scale: a discrete-event simulation of the control plane (issue 17).
+
+    .venv/bin/python bench/swarm_sim.py [--nodes N] [--churn-per-min 0.05] [--minutes M] [--seed S]
+                                        [--sybils 1000] [--tokens 32] [--clients C]
+
+Real planner (``split/planner.py``), deadlines (``split/deadlines.py``) and failure handling
+(``split/strategy.py``'s Router through ``split/star.py``), real signed capability records;
+simulated devices, links, time and a Kademlia-style membership whose bytes are counted.
+The model and the rule for newcomers: docs/discovery.md, "Planning at swarm scale".
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from swarmsim.view import PROBATION_SHARE  # noqa: E402
+from swarmsim.world import Config, Results, World, median  # noqa: E402
+
+
+def pct(xs, q: float) -> float:
+    return statistics.quantiles(xs, n=100)[q - 1] if len(xs) >= 2 else float("nan")
+
+
+def report(r: Results, wall_s: float) -> list[tuple[str, str]]:
+    c = r.config
+    done = r.completed / r.requests if r.requests else float("nan")
+    exact = r.exact / r.requests if r.requests else float("nan")
+    steps = r.layer_steps
+    total = sum(steps.values()) or 1
+    batch = sum(v for (k, inter), v in steps.items() if not inter) or 1
+    sybil = steps[("sybil", False)] + steps[("sybil", True)]
+    joined = [u for _, u in r.joined]
+    used30 = sum(1 for u in joined if u is not None and u <= 30.0)
+    gpu = [u for kind, u in r.joined if kind == "gpu"]
+    rows = [
+        ("nodes / clients / sybils", f"{c.nodes} / {c.clients} / {c.sybils}"),
+        ("churn per minute, minutes", f"{c.churn_per_min:.0%}, {c.minutes:g}"),
+        ("requests", f"{r.requests}"),
+        ("completed with unchanged output", f"{exact:.2%} (completed {done:.2%}, {r.reroutes} re-routes)"),
+        ("failures", ", ".join(f"{k} x{v}" for k, v in r.failures.most_common(3)) or "none"),
+        ("infeasible plans (checker)", f"{r.infeasible}"),
+        ("planning ms per request, median / p99", f"{median(r.plan_ms):.2f} / {pct(r.plan_ms, 99):.2f}"),
+        ("re-planning ms, median / p99", f"{median(r.replan_ms):.2f} / {pct(r.replan_ms, 99):.2f} ({len(r.replan_ms)})"),
+        ("time between tokens ms, median / p95", f"{median(r.tbt_ms):.0f} / {pct(r.tbt_ms, 95):.0f}"),
+        ("control bytes per serving node per minute", f"{r.node_bytes_per_min:,.0f}"),
+        ("control bytes per client per minute", f"{r.client_bytes_per_min:,.0f}"),
+        ("signed record bytes (median)", f"{median(r.record_bytes):.0f}"),
+        ("joiners used within 30 s (all / GPUs)",
+         f"{used30}/{len(joined)}, GPUs {sum(1 for u in gpu if u is not None and u <= 30)}/{len(gpu)}; "
+         f"median {median([u for u in joined if u is not None]):.1f} s"),
+        ("sybil share of layer-steps (all / batch)", f"{sybil / total:.2%} / {steps[('sybil', False)] / batch:.2%} "
+         f"(bound {PROBATION_SHARE:.0%} of batch)"),
+        ("sybil hops on interactive requests", f"{r.sybil_interactive_hops}"),
+        ("simulation wall time", f"{wall_s:.0f} s"),
+    ]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nodes", type=int, default=1000)
+    ap.add_argument("--churn-per-min", type=float, default=0.05)
+    ap.add_argument("--minutes", type=float, default=3.0)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--sybils", type=int, default=0)
+    ap.add_argument("--clients", type=int, default=0, help="requesting devices (default: nodes / 20, at least 10)")
+    ap.add_argument("--tokens", type=int, default=32, help="decode tokens per request (after an 8-position prefill)")
+    args = ap.parse_args(argv)
+    if args.nodes < 20 or not 0 <= args.churn_per_min < 1 or args.minutes <= 1.0 or args.tokens < 1:
+        print("error: need --nodes >= 20, 0 <= --churn-per-min < 1, --minutes > 1, --tokens >= 1", file=sys.stderr)
+        return 2
+    cfg = Config(nodes=args.nodes, churn_per_min=args.churn_per_min, minutes=args.minutes, seed=args.seed,
+                 sybils=args.sybils, clients=args.clients or max(10, args.nodes // 20), tokens=args.tokens)
+    t0 = time.perf_counter()
+    result = World(cfg).run()
+    rows = report(result, time.perf_counter() - t0)
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

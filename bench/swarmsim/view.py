@@ -1,0 +1,142 @@
+"""A client: its view of the swarm (records fetched from the DHT, pre-selected per layer
+segment) and the rule for peers with no stake and no history.
+
+The planner's dynamic program costs O(layers x candidates x span), so it is handed at
+most ``TOP_PER_SEGMENT`` peers per segment (plus one probation peer), not the swarm:
+ranked by their cost per layer of the segment (claimed ms/layer + RTT shared over the
+layers they hold there, weighted by reputation as the planner weighs it), skipping peers
+that advertise no free slot, and topped up until every layer has ``COVER`` of them. The
+view keeps ``KEEP_PER_SEGMENT`` (or more, for cover) per segment, so it is O(1) in n.
+
+Newcomer rule (documented in docs/discovery.md): a peer with neither stake nor history
+is on *probation*; a staked newcomer is planned like any peer of unknown reputation. Interactive requests never see probation peers.
+A batch request sees at most one, drawn uniformly at random (claims are not ranked:
+they are what a Sybil lies about), and only while this client's probation layer-steps
+are at most ``PROBATION_SHARE`` of its layer-steps, so probation peers' share of the
+traffic is bounded whatever their number or claims. ``GRADUATION_STEPS`` steps served
+within their budget give a peer reputation ``GRADUATED_REPUTATION`` (the ledger's job
+once it lands; here an oracle).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+from edge_agent.split.planner import PeerCapability
+
+from .dht import BUCKET_RECORDS, key_of
+from .nodes import KV_MB_PER_LAYER, MODEL_HASH, REMOTE, Node, rtt_ms
+
+SEGMENTS = 8
+TOP_PER_SEGMENT = 4
+KEEP_PER_SEGMENT = 8
+COVER = 2  # peers per layer the candidates must include (when the view has them): one may fail
+RECORD_TTL_S = 150.0  # records are republished every 60 s; a departed node's record lingers this long
+PROBATION_SHARE = 0.10
+PROBATION_REPUTATION = 0.0  # what the planner is told about a probation peer
+GRADUATION_STEPS = 50
+GRADUATED_REPUTATION = 0.5
+REPUTATION_WEIGHT, UNKNOWN_REPUTATION = 0.25, 0.5  # PlannerConfig's defaults
+
+
+def segment_bounds() -> list[tuple[int, int]]:
+    lo, hi = REMOTE
+    cuts = [lo + round((hi - lo) * i / SEGMENTS) for i in range(SEGMENTS + 1)]
+    return list(zip(cuts, cuts[1:]))
+
+
+SEGMENT_BOUNDS = segment_bounds()
+
+
+def segments_of(span: tuple[int, int]) -> list[int]:
+    return [s for s, (a, b) in enumerate(SEGMENT_BOUNDS) if a < span[1] and span[0] < b]
+
+
+def bucket_count(n_live: int, segments_per_node: float = 2.5) -> int:
+    """Buckets per segment key so that each holds ~BUCKET_RECORDS records: a power of two,
+    from the node's estimate of n (Kademlia's estimate from its routing table; here exact)."""
+    need = n_live * segments_per_node / (SEGMENTS * BUCKET_RECORDS)
+    return 1 << max(0, math.ceil(math.log2(max(1.0, need))))
+
+
+def segment_key(segment: int, bucket: int) -> int:
+    return key_of(MODEL_HASH, segment, bucket)
+
+
+def _covering(ranked: list[Node], bounds: tuple[int, int], at_least: int) -> list[Node]:
+    """The first ``at_least`` of ``ranked``, and after them any that covers a layer of
+    ``bounds`` fewer than COVER of the chosen cover: good peers, and no layer left to one."""
+    a, b = bounds
+    count = [0] * (b - a)
+    out = []
+    for node in ranked:
+        layers = range(max(a, node.span[0]) - a, min(b, node.span[1]) - a)
+        if len(out) < at_least or any(count[i] < COVER for i in layers):
+            out.append(node)
+            for i in layers:
+                count[i] += 1
+        if len(out) >= at_least and min(count) >= COVER:
+            break
+    return out
+
+
+class Client:
+    """A requesting device: a DHT client with its own view and probation quota."""
+
+    def __init__(self, idx: int, agent_id: str, pos: tuple[float, float], rng: random.Random) -> None:
+        self.idx, self.agent_id, self.pos, self.rng = idx, agent_id, pos, rng
+        self.dht_id = int(agent_id[:16], 16)
+        self.entries: dict[int, tuple[Node, float, float, float]] = {}  # idx -> node, published, free MB, rtt
+        self.top: list[list[Node]] = [[] for _ in SEGMENT_BOUNDS]
+        self.probation: list[list[Node]] = [[] for _ in SEGMENT_BOUNDS]
+        self.dead: set[int] = set()
+        self.layer_steps = self.probation_layer_steps = 0
+
+    def merge(self, fetched: list[tuple[Node, float, float]], now: float) -> None:
+        """Add fetched records (node, published_at, advertised free MB); re-rank; forget the rest."""
+        for node, published, free in fetched:
+            old = self.entries.get(node.idx)
+            if old is None or old[1] < published:
+                self.entries[node.idx] = (node, published, free, rtt_ms(self.pos, node.pos))
+        self.entries = {i: e for i, e in self.entries.items() if now - e[1] <= RECORD_TTL_S and i not in self.dead}
+        keep: set[int] = set()
+        for s, (a, b) in enumerate(SEGMENT_BOUNDS):
+            ranked, fresh = [], []
+            for node, _, free, rtt in self.entries.values():
+                lo, hi = max(a, node.span[0]), min(b, node.span[1])
+                if lo >= hi:
+                    continue
+                if node.on_probation:
+                    fresh.append(node)
+                elif free >= (node.span[1] - node.span[0]) * KV_MB_PER_LAYER:
+                    rep = UNKNOWN_REPUTATION if node.reputation is None else node.reputation
+                    per_layer = (node.claimed_ms + rtt / (hi - lo)) * (1 + REPUTATION_WEIGHT * (1 - rep))
+                    ranked.append((per_layer, node.agent_id, node))
+            ranked.sort(key=lambda r: r[:2])
+            self.top[s] = _covering([n for _, _, n in ranked], (a, b), KEEP_PER_SEGMENT)
+            self.probation[s] = self.rng.sample(fresh, min(len(fresh), KEEP_PER_SEGMENT))
+            keep.update(n.idx for n in self.top[s] + self.probation[s])
+        self.entries = {i: e for i, e in self.entries.items() if i in keep}
+        self.dead.intersection_update(n.idx for n, *_ in self.entries.values())
+
+    def allows_probation(self, interactive: bool) -> bool:
+        return not interactive and self.probation_layer_steps <= PROBATION_SHARE * self.layer_steps
+
+    def candidates(self, interactive: bool) -> list[PeerCapability]:
+        """What the planner gets for one request: the best few per segment, at most one probation peer."""
+        chosen: dict[int, Node] = {}
+        for bounds, ranked in zip(SEGMENT_BOUNDS, self.top):
+            live = [n for n in ranked if n.idx not in self.dead and not n.on_probation]
+            chosen.update((n.idx, n) for n in _covering(live, bounds, TOP_PER_SEGMENT))
+        if self.allows_probation(interactive):
+            pool = {n.idx: n for seg in self.probation for n in seg if n.idx not in self.dead}
+            if pool:
+                pick = pool[self.rng.choice(sorted(pool))]
+                chosen[pick.idx] = pick
+        out = []
+        for node in chosen.values():
+            _, _, free, rtt = self.entries[node.idx]
+            rep = PROBATION_REPUTATION if node.on_probation else node.reputation  # None: the planner's unknown
+            out.append(node.capability(rtt, free, rep))
+        return out
