@@ -39,3 +39,12 @@ TransportOpt = typer.Option("auto", "--transport", help="auto, tls or webrtc.")
 IceServerOpt = typer.Option([], "--ice-server", help="STUN/TURN URL for WAN use (none by default).")
 SwarmKeyOpt = typer.Option(None, "--swarm-key", help="Private swarm secret (visible in ps: prefer $EDGE_AGENT_SWARM_KEY or <data dir>/swarm.key). Default: the open swarm.")
 PeerOpt = typer.Option([], "--peer", help="A peer's TLS HOST:PORT, for networks where multicast is blocked (repeatable).")
+BootstrapOpt = typer.Option([], "--bootstrap", help="A swarm member's TLS HOST:PORT to learn the whole swarm from, "
+                            "beyond this LAN (repeatable; docs/discovery.md).")
+JsonOpt = typer.Option(False, "--json", help="Print JSON on stdout (no progress display).")
+# join's defaults are for small devices: KV cache for 2 requests of 2048 positions (a node
+# serving half of SmolLM2-135M holds ~240 MB instead of ~370 MB with 8); --max-memory bounds it all
+MaxRequestsOpt = typer.Option(2, "--max-requests", min=1, help="Requests served at once (one KV cache each, allocated "
+                              "at start). More serve more clients and take more memory: `edge-agent doctor` shows how much.")
+MaxMemoryOpt = typer.Option(None, "--max-memory", help="Bound on what the node allocates, e.g. 300M or 2G: runtime, "
+                            "weights and KV cache. Fewer layers (without --layers) or fewer --max-requests to fit.")

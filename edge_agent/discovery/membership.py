@@ -1,0 +1,294 @@
+"""Membership beyond one LAN: join through ``--bootstrap HOST:PORT``, then gossip.
+
+mDNS ends at the multicast segment.  Here an agent that reaches one member over the
+existing TLS transport learns the others, and keeps learning them after that member is
+gone: every round it runs a push-pull exchange (`membership_wire`) with a few members
+picked at random, each side sending its own signed record and a bounded sample of the
+live records it knows.  Why this and not a peer-to-peer engine: docs/discovery.md
+("Beyond one LAN") has the measurements.
+
+Trust: a record enters the peer table only when both of its owner's signatures verify
+and its swarm MAC matches (`MemberRecord.verify`); relays are never trusted.  Exchanges
+run only over channels whose handshake proved the swarm key, so a private swarm's
+records never leave it and an outsider learns nothing.  Liveness is clock-free: each
+member bumps a signed counter every round, and a receiver notes on its own clock when it
+last saw the counter grow (`PeerTable.stale_after_s` then expires a silent member).  An
+expired member's counter is remembered for `FORGET_AFTER_S`, so a slow relay cannot bring
+it back.  Everything is bounded: records per message, members known, targets per round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Sequence
+
+from edge_agent.discovery.capabilities import Capabilities
+from edge_agent.discovery.identity import Identity, SwarmKey, verify as ed25519_verify
+from edge_agent.discovery.membership_wire import (KIND_EXCHANGE, KIND_REPLY, MAX_ENTRIES, MemberRecord,
+                                                  MembershipDecodeError, decode, encode, is_membership_message,
+                                                  presence_bytes)
+from edge_agent.discovery.peers import PeerTable
+from edge_agent.transport import Frame, MsgType, PeerLostError
+
+log = logging.getLogger(__name__)
+
+Connect = Callable[[str, int, "str | None"], Awaitable[Any]]  # (host, port, expected agent id) -> Channel
+DEFAULT_INTERVAL_S = 1.0
+DEFAULT_FANOUT = 2  # members contacted per round: news reaches n members in O(log n) rounds
+EXCHANGE_TIMEOUT_S = 5.0
+BOOTSTRAP_EVERY = 10  # rounds: ask a bootstrap address again even with a full view (heals partitions)
+FORGET_AFTER_S = 300.0  # how long an expired member's counter is kept (refuses its replays)
+MAX_KNOWN = 4096  # members remembered, live or recently expired
+SOURCE = "gossip"
+
+
+@dataclass
+class _Known:
+    record: MemberRecord
+    seen_at: float  # our monotonic clock when its counter last grew (made older by the relay's age hint)
+
+
+@dataclass
+class MembershipStats:
+    exchanges_ok: int = 0
+    exchanges_failed: int = 0
+    answered: int = 0
+    records_accepted: int = 0
+    records_rejected: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+class Membership:
+    """Gossip membership over authenticated channels, feeding `table` (source "gossip").
+
+    ``connect(host, port, expect_peer_id)`` opens an authenticated channel (node.py passes
+    TLS); ``bootstrap`` are HOST:PORT pairs of any members' TLS listeners.  A serving agent
+    calls `advertise` with its sealed record and puts `wrap(handler)` on its listener so
+    exchanges are answered there; an agent that only consumes (a client) just pulls.
+    """
+
+    def __init__(self, identity: Identity, swarm: SwarmKey, table: PeerTable, connect: Connect, *,
+                 bootstrap: Sequence[tuple[str, int]] = (), interval_s: float = DEFAULT_INTERVAL_S,
+                 fanout: int = DEFAULT_FANOUT, clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None) -> None:
+        self.identity = identity
+        self.swarm = swarm
+        self.table = table
+        self.bootstrap = list(dict.fromkeys(bootstrap))
+        self.interval_s = interval_s
+        self.fanout = max(1, fanout)
+        self.stats = MembershipStats()
+        self._connect = connect
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._known: dict[str, _Known] = {}
+        self._verified_caps: dict[str, bytes] = {}  # agent id -> record bytes whose signatures held
+        self._caps: Capabilities | None = None
+        self._addresses: tuple[str, ...] = ()
+        self._own: MemberRecord | None = None
+        self._counter = 0
+        self._task: asyncio.Task[None] | None = None
+
+    # -- own record ------------------------------------------------------------------------
+    def advertise(self, caps: Capabilities, addresses: Sequence[str]) -> None:
+        """Publish our sealed record, reachable at `addresses` (IPs; the TLS port is in caps)."""
+        self._caps, self._addresses = caps, tuple(addresses)
+        self._bump()
+
+    def _bump(self) -> None:
+        if self._caps is None:
+            return
+        # Wall-clock milliseconds keep the counter growing across restarts; +1 covers a clock step back.
+        self._counter = max(self._counter + 1, time.time_ns() // 1_000_000)
+        self._own = MemberRecord.signed(self.identity, self._caps, self._counter, self._addresses)
+
+    @property
+    def own(self) -> MemberRecord | None:
+        return self._own
+
+    # -- what we know ----------------------------------------------------------------------
+    def live_records(self, exclude: str | None = None) -> list[MemberRecord]:
+        """Records of members whose counter grew within the table's staleness window."""
+        now = self._clock()
+        return [k.record.with_age((now - k.seen_at) * 1000) for a, k in self._known.items()
+                if a != exclude and now - k.seen_at <= self.table.stale_after_s]
+
+    def sample(self, exclude: str | None = None) -> list[MemberRecord]:
+        """What we send in one message: our own record and a random bounded share of the rest."""
+        out = [self._own] if self._own is not None else []
+        live = self.live_records(exclude)
+        return out + self._rng.sample(live, min(len(live), MAX_ENTRIES - len(out)))
+
+    def merge(self, records: Sequence[MemberRecord]) -> int:
+        """Take in verified records that are news; returns how many were accepted."""
+        now = self._clock()
+        accepted = 0
+        for r in records:
+            if r.agent_id == self.identity.agent_id:
+                continue
+            known = self._known.get(r.agent_id)
+            if known is not None and r.counter <= known.record.counter:
+                continue  # nothing new (or a replay): no signature work spent on it
+            if not self._verify(r):
+                self.stats.records_rejected += 1
+                self.table.rejected += 1
+                continue
+            seen = now - r.age_ms / 1000
+            if known is not None:
+                seen = max(seen, known.seen_at)
+            if known is None and len(self._known) >= MAX_KNOWN:
+                self._forget(now, force=True)
+                if len(self._known) >= MAX_KNOWN:
+                    continue
+            self._known[r.agent_id] = _Known(r.with_age(0), seen)
+            self.table.upsert(r.caps, list(r.addresses), SOURCE, seen_at=seen)
+            accepted += 1
+        self.stats.records_accepted += accepted
+        return accepted
+
+    def _verify(self, r: MemberRecord) -> bool:
+        """Both signatures; a capability record already verified for this agent is not checked again."""
+        try:
+            txt = r.caps.to_txt()
+        except ValueError:  # too big to re-encode: not a record any agent emits
+            return False
+        if self._verified_caps.get(r.agent_id) == txt:
+            return ed25519_verify(bytes.fromhex(r.agent_id), presence_bytes(r.caps, r.counter, r.addresses), r.signature)
+        if not r.verify(self.swarm):
+            return False
+        if len(self._verified_caps) >= MAX_KNOWN:
+            self._verified_caps.pop(next(iter(self._verified_caps)))
+        self._verified_caps[r.agent_id] = txt
+        return True
+
+    def _forget(self, now: float, force: bool = False) -> None:
+        """Drop members expired for FORGET_AFTER_S (or, when full, every expired one)."""
+        horizon = self.table.stale_after_s + (0.0 if force else FORGET_AFTER_S)
+        for a in [a for a, k in self._known.items() if now - k.seen_at > horizon]:
+            del self._known[a]
+            self._verified_caps.pop(a, None)
+
+    # -- answering (listener side) ---------------------------------------------------------
+    def answer(self, payload: bytes, peer_id: str) -> bytes | None:
+        """Reply to one exchange message from `peer_id` (already authenticated); None: drop it."""
+        self.stats.bytes_received += len(payload)
+        try:
+            kind, records = decode(payload)
+        except MembershipDecodeError as exc:
+            log.info("membership message from %s refused: %s", peer_id[:12], exc)
+            return None
+        if kind != KIND_EXCHANGE:
+            return None
+        self.merge(records)
+        self.stats.answered += 1
+        reply = encode(KIND_REPLY, self.sample(exclude=peer_id))
+        self.stats.bytes_sent += len(reply)
+        return reply
+
+    def wrap(self, handler: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
+        """A listener handler that answers membership messages and passes every other frame on."""
+
+        async def on_channel(channel: Any) -> None:
+            await handler(_AnsweringChannel(channel, self))
+
+        return on_channel
+
+    # -- asking (every round) --------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        """Rounds run once there is someone beyond the LAN to talk to (LAN-only swarms: no traffic)."""
+        return bool(self.bootstrap or self._known)
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        n = 0
+        while True:
+            self._bump()
+            if self.active:
+                try:
+                    await self.run_round(n)
+                except Exception:  # noqa: BLE001 - a bug in one round must not end membership
+                    log.exception("membership round failed")
+            self._forget(self._clock())
+            n += 1
+            await asyncio.sleep(self.interval_s * self._rng.uniform(0.8, 1.2))  # jitter: no lockstep
+
+    def targets(self, n: int) -> list[tuple[str, int, str | None]]:
+        """This round's peers: `fanout` random members with a TLS address, plus a bootstrap
+        address while we know nobody (and every BOOTSTRAP_EVERY rounds)."""
+        members = [(e.addresses[0], e.caps.tls_port, e.agent_id) for e in self.table.peers()
+                   if e.caps.tls_port and e.addresses and e.caps.role == "peer"]
+        picks: list[tuple[str, int, str | None]] = list(self._rng.sample(members, min(self.fanout, len(members))))
+        if self.bootstrap and (not picks or n % BOOTSTRAP_EVERY == 0):
+            turn = n // BOOTSTRAP_EVERY if picks else n  # knowing nobody: try the next address each round
+            host, port = self.bootstrap[turn % len(self.bootstrap)]
+            picks.append((host, port, None))
+        return picks
+
+    async def run_round(self, n: int = 0) -> None:
+        await asyncio.gather(*(self.exchange(h, p, pid) for h, p, pid in self.targets(n)))
+
+    async def exchange(self, host: str, port: int, expect_peer_id: str | None = None) -> bool:
+        """One push-pull with the member at host:port; False when it failed (no news is fine)."""
+        try:
+            channel = await asyncio.wait_for(self._connect(host, port, expect_peer_id), EXCHANGE_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - unreachable, refused, wrong swarm: all the same here
+            self.stats.exchanges_failed += 1
+            log.debug("membership: %s:%d unreachable: %r", host, port, exc)
+            return False
+        try:
+            payload = encode(KIND_EXCHANGE, self.sample(exclude=channel.peer_id))
+            await channel.send(Frame.from_bytes(MsgType.CONTROL, payload, seq=1))
+            self.stats.bytes_sent += len(payload)
+            reply = await asyncio.wait_for(channel.recv(), EXCHANGE_TIMEOUT_S)
+            self.stats.bytes_received += len(reply.payload)
+            kind, records = decode(reply.payload)
+            if kind != KIND_REPLY:
+                raise MembershipDecodeError("expected a reply")
+            self.merge(records)
+            self.stats.exchanges_ok += 1
+            return True
+        except (MembershipDecodeError, PeerLostError, asyncio.TimeoutError, OSError) as exc:
+            self.stats.exchanges_failed += 1
+            log.debug("membership exchange with %s:%d failed: %r", host, port, exc)
+            return False
+        finally:
+            await channel.close()
+
+
+class _AnsweringChannel:
+    """What the hop server sees of a channel: membership messages are answered here and never
+    reach it; every other attribute is the channel's own."""
+
+    def __init__(self, channel: Any, membership: Membership) -> None:
+        self._channel = channel
+        self._membership = membership
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._channel, name)
+
+    async def recv(self) -> Frame:
+        while True:
+            frame = await self._channel.recv()
+            if frame.type != MsgType.CONTROL or not is_membership_message(frame.payload):
+                return frame
+            reply = self._membership.answer(bytes(frame.payload), self._channel.peer_id)
+            if reply is not None:
+                await self._channel.send(Frame.from_bytes(MsgType.CONTROL, reply, request_id=frame.request_id,
+                                                          seq=frame.seq))

@@ -1,0 +1,284 @@
+"""Membership beyond one LAN (edge_agent/discovery/membership*.py) on loopback: the bounded
+codec, record signatures, and real agents gossiping over real TLS channels.  The sites-and-
+router version of these tests is tests/test_membership_netns.py.  Every wait is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_agent.discovery.capabilities import Capabilities
+from edge_agent.discovery.identity import Identity, SwarmKey
+from edge_agent.discovery.membership import Membership
+from edge_agent.discovery.membership_wire import (KIND_EXCHANGE, KIND_REPLY, MAX_ENTRIES, MAX_MESSAGE_BYTES, MemberRecord,
+                                                  MembershipDecodeError, decode, encode)
+from edge_agent.discovery.peers import PeerTable
+from edge_agent.transport import Frame, MsgType, PeerLostError, tls
+
+SECRET = "membership test secret"
+
+
+def record(swarm: SwarmKey, counter: int = 5, addresses=("10.0.0.1",), identity: Identity | None = None) -> MemberRecord:
+    ident = identity or Identity.generate()
+    caps = Capabilities(ident.agent_id, tls_port=4000, shards=(("0123456789abcdef", 0, 12),)).sealed(ident, swarm)
+    return MemberRecord.signed(ident, caps, counter, addresses)
+
+
+# -- codec and signatures ----------------------------------------------------------------
+
+def test_roundtrip_and_verify() -> None:
+    swarm = SwarmKey.from_secret(SECRET)
+    recs = [record(swarm, counter=i + 1, addresses=("10.0.0.1", "fd00::1")) for i in range(3)]
+    kind, back = decode(encode(KIND_EXCHANGE, recs))
+    assert kind == KIND_EXCHANGE and back == recs
+    assert all(r.verify(swarm) for r in back)
+    assert not back[0].verify(SwarmKey.from_secret("another swarm"))
+    assert not back[0].verify(SwarmKey.from_secret(None))
+
+
+def test_relays_cannot_forge() -> None:
+    swarm = SwarmKey.from_secret(SECRET)
+    r = record(swarm)
+    assert not replace(r, counter=r.counter + 1).verify(swarm)  # a relay keeping a dead member alive
+    assert not replace(r, addresses=("10.6.6.6",)).verify(swarm)  # a relay redirecting traffic
+    other = record(swarm)
+    assert not replace(r, caps=other.caps).verify(swarm)  # an old presence paired with another record
+    mallory = Identity.generate()  # a member signing a presence for someone else
+    forged = MemberRecord(r.caps, r.counter + 1, r.addresses, mallory.sign(b"anything"))
+    assert not forged.verify(swarm)
+    assert r.with_age(123_456).verify(swarm)  # the age hint is unsigned: it can only make a record older
+    with pytest.raises(ValueError):
+        MemberRecord.signed(mallory, r.caps, 1, ())  # our own record must be ours
+    with pytest.raises(ValueError):
+        MemberRecord.signed(Identity.generate(), r.caps, 1, ("not-an-ip.example",))
+
+
+def test_bounds_are_enforced_before_use() -> None:
+    swarm = SwarmKey.from_secret(SECRET)
+    one = encode(KIND_REPLY, [record(swarm)])
+    cases = {
+        b"": "too short",
+        b"EAX\x01\x01\x00": "not a membership message",
+        b"EAM\x01\x07\x00": "not a membership message",
+        b"EAM\x01\x01" + bytes([MAX_ENTRIES + 1]): "records, limit",
+        one[:-1]: "truncated",
+        one + b"\x00": "trailing",
+        b"EAM\x01\x01\x01" + struct.pack(">H", 60000): "capability record of 60000 bytes",
+        b"\x00" * (MAX_MESSAGE_BYTES + 1): "over",
+    }
+    for raw, msg in cases.items():
+        with pytest.raises(MembershipDecodeError, match=msg):
+            decode(raw)
+    assert len(encode(KIND_EXCHANGE, [record(swarm) for _ in range(MAX_ENTRIES + 5)])) < MAX_MESSAGE_BYTES
+    assert len(decode(encode(KIND_EXCHANGE, [record(swarm) for _ in range(MAX_ENTRIES + 5)]))[1]) == MAX_ENTRIES
+    bad_addr = bytearray(one)
+    at = bad_addr.index(b"10.0.0.1")
+    bad_addr[at:at + 8] = b"10.0.0.x"
+    with pytest.raises(MembershipDecodeError):
+        decode(bytes(bad_addr))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2048))
+def test_fuzz_random_bytes(raw: bytes) -> None:
+    for data in (raw, b"EAM\x01\x01" + raw[:1] + raw[1:]):
+        try:
+            decode(data)
+        except MembershipDecodeError:
+            pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_fuzz_mutated_message(data: st.DataObject) -> None:
+    swarm = SwarmKey.from_secret(SECRET)
+    raw = bytearray(encode(KIND_EXCHANGE, [record(swarm), record(swarm)]))
+    for _ in range(data.draw(st.integers(1, 4))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    try:
+        _, recs = decode(bytes(raw))
+    except MembershipDecodeError:
+        return
+    for r in recs:  # whatever parses, a flipped byte never verifies unless it was in the unsigned age hint
+        r.verify(swarm)
+
+
+# -- merge rules, no network -------------------------------------------------------------
+
+def test_merge_takes_news_only_and_refuses_replays() -> None:
+    swarm = SwarmKey.from_secret(SECRET)
+    now = [100.0]
+    me = Identity.generate()
+    table = PeerTable(swarm, self_id=me.agent_id, stale_after_s=5.0, clock=lambda: now[0])
+    m = Membership(me, swarm, table, connect=None, clock=lambda: now[0])  # type: ignore[arg-type]
+    peer = Identity.generate()
+    old = record(swarm, counter=10, identity=peer)
+    assert m.merge([old]) == 1 and peer.agent_id in table
+    assert table.get(peer.agent_id).sources == {"gossip"}
+    assert m.merge([old]) == 0  # no news
+    now[0] += 6
+    assert [e.kind for e in table.expire()] == ["left"]
+    assert m.merge([old.with_age(0)]) == 0  # a relay replaying the dead member's last record
+    assert peer.agent_id not in table and m.live_records() == []
+    newer = record(swarm, counter=11, identity=peer)  # the member restarted: its counter grew
+    assert m.merge([newer]) == 1 and peer.agent_id in table
+    stale = record(swarm, counter=1)  # first heard of, but the relay last saw it 60 s ago
+    assert m.merge([stale.with_age(60_000)]) == 1 and stale.agent_id not in table
+    outsider = record(SwarmKey.from_secret("other"), counter=99)
+    forged = replace(record(swarm, counter=3), counter=4)
+    assert m.merge([outsider, forged]) == 0 and table.rejected == 2 and m.stats.records_rejected == 2
+
+
+def test_sample_is_bounded_and_leads_with_our_record() -> None:
+    swarm = SwarmKey.from_secret(SECRET)
+    me = Identity.generate()
+    table = PeerTable(swarm, self_id=me.agent_id)
+    m = Membership(me, swarm, table, connect=None)  # type: ignore[arg-type]
+    m.merge([record(swarm) for _ in range(MAX_ENTRIES + 10)])
+    assert len(m.sample()) == MAX_ENTRIES
+    caps = Capabilities(me.agent_id, tls_port=1).sealed(me, swarm)
+    m.advertise(caps, ["127.0.0.1"])
+    first = m.own
+    m.advertise(caps, ["127.0.0.1"])
+    assert m.own.counter > first.counter
+    s = m.sample()
+    assert len(s) == MAX_ENTRIES and s[0] == m.own and s[0].verify(swarm)
+
+
+# -- real agents over TLS on loopback -----------------------------------------------------
+
+class Member:
+    """A serving agent's membership half: a TLS listener answering exchanges, a table, rounds."""
+
+    def __init__(self, swarm: SwarmKey, bootstrap=(), *, serve: bool = True, stale_after_s: float = 3.0) -> None:
+        self.identity = Identity.generate()
+        self.swarm, self.serve = swarm, serve
+        self.table = PeerTable(swarm, self_id=self.identity.agent_id, stale_after_s=stale_after_s)
+        self.membership = Membership(self.identity, swarm, self.table, self.connect, bootstrap=bootstrap,
+                                     interval_s=0.2)
+        self.server = None
+        self.passed_through: list[bytes] = []
+
+    async def connect(self, host: str, port: int, expect: str | None):
+        return await tls.connect(self.identity, self.swarm, host, port, expect_peer_id=expect)
+
+    async def handler(self, channel) -> None:  # stands in for the hop server: it sees every other frame
+        while True:
+            try:
+                frame = await channel.recv()
+            except PeerLostError:
+                return
+            self.passed_through.append(bytes(frame.payload))
+            await channel.send(Frame.from_bytes(MsgType.CONTROL, b"echo:" + bytes(frame.payload), seq=frame.seq))
+
+    async def start(self) -> "Member":
+        if self.serve:
+            self.server = await tls.listen(self.identity, self.swarm, "127.0.0.1", 0,
+                                           self.membership.wrap(self.handler))
+            caps = Capabilities(self.identity.agent_id, tls_port=self.server.port,
+                                shards=(("0123456789abcdef", 0, 12),)).sealed(self.identity, self.swarm)
+            self.membership.advertise(caps, ["127.0.0.1"])
+        self.table.start(interval_s=0.2)
+        await self.membership.start()
+        return self
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return "127.0.0.1", self.server.port
+
+    def known(self) -> set[str]:
+        return {e.agent_id for e in self.table.peers()}
+
+    async def stop(self) -> None:
+        await self.membership.close()
+        await self.table.close()
+        if self.server is not None:
+            await self.server.close()
+
+
+async def until(pred, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def test_join_through_one_member_survive_its_death_and_keep_outsiders_out() -> None:
+    async def main() -> None:
+        swarm = SwarmKey.from_secret(SECRET)
+        seed = await Member(swarm).start()
+        members = [seed] + [await Member(swarm, [seed.address]).start() for _ in range(4)]
+        client = await Member(swarm, [seed.address], serve=False).start()
+        outsiders = [await Member(SwarmKey.from_secret("guess"), [seed.address]).start(),
+                     await Member(SwarmKey.from_secret(None), [seed.address]).start()]
+        everyone = {m.identity.agent_id for m in members}
+        try:
+            await until(lambda: all(m.known() == everyone - {m.identity.agent_id} for m in members), 20,
+                        "every member to know every other")
+            await until(lambda: client.known() == everyone, 20, "the client to learn the members")
+            assert all(m.table.get(a).sources == {"gossip"} for m in members for a in m.known())
+            # the client pulls but is no member: nobody learns it
+            assert all(client.identity.agent_id not in m.known() for m in members)
+
+            # a frame that is not membership traffic goes to the listener's own handler
+            ch = await client.connect(*members[1].address, members[1].identity.agent_id)
+            await ch.send(Frame.from_bytes(MsgType.CONTROL, b'{"op": "info"}', seq=7))
+            reply = await asyncio.wait_for(ch.recv(), 5)
+            assert reply.payload == b'echo:{"op": "info"}' and reply.seq == 7
+            await ch.close()
+            assert members[1].passed_through == [b'{"op": "info"}']  # membership frames never reached it
+
+            await seed.stop()  # the bootstrap node dies: the others still know each other
+            rest = members[1:]
+            await until(lambda: all(seed.identity.agent_id not in m.known() for m in rest + [client]), 15,
+                        "the dead bootstrap node to expire")
+            await asyncio.sleep(2.0)  # several staleness windows' worth of rounds: nobody else drops out
+            for m in rest:
+                assert m.known() == everyone - {m.identity.agent_id, seed.identity.agent_id}
+            assert client.known() == everyone - {seed.identity.agent_id}
+            late = await Member(swarm, [rest[0].address]).start()  # joining through any member still works
+            members.append(late)
+            await until(lambda: all(late.identity.agent_id in m.known() for m in rest), 15, "a late joiner")
+
+            for o in outsiders:  # an outsider without the swarm key learns nothing and is learned by nobody
+                assert o.known() == set() and o.membership.stats.exchanges_ok == 0
+                assert o.membership.stats.exchanges_failed > 0
+                assert all(o.identity.agent_id not in m.known() for m in members[1:])
+            assert sum(m.membership.stats.records_rejected for m in members) == 0
+        finally:
+            for m in members[1:] + [client] + outsiders:
+                await m.stop()
+
+    asyncio.run(main())
+
+
+def test_bootstrap_that_starts_later_and_unreachable_addresses() -> None:
+    async def main() -> None:
+        swarm = SwarmKey.from_secret(SECRET)
+        seed = Member(swarm)
+        server = await tls.listen(seed.identity, swarm, "127.0.0.1", 0, seed.handler)  # reserve a port, no membership
+        port = server.port
+        await server.close()
+        joiner = await Member(swarm, [("127.0.0.1", 1), ("127.0.0.1", port)]).start()  # port 1: nobody there
+        try:
+            await asyncio.sleep(0.5)
+            assert joiner.known() == set() and joiner.membership.stats.exchanges_failed > 0
+            seed.server = await tls.listen(seed.identity, swarm, "127.0.0.1", port, seed.membership.wrap(seed.handler))
+            caps = Capabilities(seed.identity.agent_id, tls_port=port).sealed(seed.identity, swarm)
+            seed.membership.advertise(caps, ["127.0.0.1"])
+            seed.serve = False  # started by hand above
+            await seed.start()
+            await until(lambda: seed.identity.agent_id in joiner.known(), 20, "the late bootstrap node")
+            await until(lambda: joiner.identity.agent_id in seed.known(), 20, "the joiner at the bootstrap node")
+        finally:
+            await joiner.stop()
+            await seed.stop()
+
+    asyncio.run(main())
