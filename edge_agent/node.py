@@ -21,6 +21,7 @@ from typing import AsyncIterator
 
 from edge_agent.discovery.capabilities import ARITH_KEY, Capabilities
 from edge_agent.discovery.identity import Identity, SwarmKey
+from edge_agent.discovery.membership import Membership
 from edge_agent.discovery.peers import PeerTable
 from edge_agent.directory import PeerDirectory
 from edge_agent.runtime.engine import EngineOptions
@@ -40,6 +41,7 @@ class AgentConfig:
     mdns: bool = True
     interfaces: list[str] | None = None  # zeroconf interfaces (None = all)
     manual_peers: list[tuple[str, int]] = field(default_factory=list)  # TLS host:port
+    bootstrap: list[tuple[str, int]] = field(default_factory=list)  # TLS host:port of members: learn the swarm (gossip)
     transport: str = "auto"  # auto | tls | webrtc
     ice_servers: list[str] = field(default_factory=list)  # STUN/TURN URLs, only if the user gives them
     # signed commitments/receipts in <data_dir>/ledger.db, synced with peers (EDGE_AGENT_LEDGER=off: none)
@@ -57,8 +59,15 @@ class Agent:
         self._closers: list = []
         self._browser = None
         self._advertiser = None
+        self.membership = Membership(self.identity, self.swarm, self.table, self._connect_tls, bootstrap=config.bootstrap)
+
+    async def _connect_tls(self, host: str, port: int, expect_peer_id: str | None):
+        from edge_agent.transport import tls
+
+        return await tls.connect(self.identity, self.swarm, host, port, expect_peer_id=expect_peer_id)
 
     async def start(self) -> None:
+        await self.membership.start()  # silent until there is a bootstrap address or a gossiping peer
         for host, port in self.config.manual_peers:
             self.table.add_manual_peer(host, port)
         self.table.start(probe=self._probe if self.config.manual_peers else None)
@@ -77,11 +86,16 @@ class Agent:
 
         self.server = server
         await server.start()
-        tls_srv = await tls.listen(self.identity, self.swarm, self.config.host, self.config.tls_port, server.handle)
+        tls_srv = await tls.listen(self.identity, self.swarm, self.config.host, self.config.tls_port,
+                                   self.membership.wrap(server.handle))  # membership exchanges are answered here
         rtc_srv = await webrtc.listen(self.identity, self.swarm, self.config.host, self.config.signal_port, server.handle,
                                       ice_servers=self.config.ice_servers)
         self._closers += [tls_srv.close, rtc_srv.close]
         self.caps = caps.with_changes(tls_port=tls_srv.port, signal_port=rtc_srv.port).sealed(self.identity, self.swarm)
+        from edge_agent.discovery.mdns import local_addresses
+
+        wildcard = self.config.host in ("0.0.0.0", "::")
+        self.membership.advertise(self.caps, local_addresses(self.config.interfaces) if wildcard else [self.config.host])
         if self.config.mdns:
             from edge_agent.discovery.mdns import MdnsAdvertiser
 
@@ -127,6 +141,7 @@ class Agent:
             await ch.close()
 
     async def close(self) -> None:
+        await self.membership.close()
         if self._advertiser is not None:
             await self._advertiser.close()
         if self._browser is not None:
