@@ -1,9 +1,10 @@
 """The split client's view of the swarm: peers from the peer table, links to them.
 
 ``PeerDirectory`` implements ``split.client.PeerSource`` on top of a running ``node.Agent``:
-capabilities for the planner (only peers whose arithmetic settings equal the client's),
-the incompatible ones with the reason, and live links (TLS where the peer is reachable
-directly, else WebRTC).
+capabilities for the planner (only peers whose arithmetic settings equal the client's, each
+with its reputation from this agent's ledger), the ones kept off every path with the reason
+(other arithmetic, or a reputation below ``ledger.accounts.MIN_REPUTATION``), and live links
+(TLS where the peer is reachable directly, else WebRTC).
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
+from edge_agent.ledger.accounts import MIN_REPUTATION
 from edge_agent.runtime.engine import Arithmetic
 from edge_agent.split.client import IncompatiblePeer
 from edge_agent.split.links import PeerLink
@@ -43,14 +45,16 @@ class PeerDirectory:
     Only peers whose arithmetic settings equal ``arithmetic`` (the client's) are offered to
     the planner; the others are listed by ``incompatible()`` with the reason.
     ``layer_bytes_mb``: KV memory one layer of one request needs (planner's memory check).
+    ``reputation``: agent id -> reputation in [0, 1] or None (unknown), e.g. ``ledger.accounts.Accounts``.
     """
 
     def __init__(self, agent: Agent, model_hash: str, arithmetic: Arithmetic | None = None,
-                 layer_bytes_mb: float | None = None):
+                 layer_bytes_mb: float | None = None, reputation: Callable[[str], float | None] | None = None):
         self.agent = agent
         self.model_hash = model_hash
         self.arithmetic = arithmetic
         self.layer_bytes_mb = layer_bytes_mb
+        self.reputation = reputation
         self._links: dict[str, PeerLink] = {}
 
     def _serving(self):
@@ -61,22 +65,33 @@ class PeerDirectory:
             if ranges and c.role == "peer":
                 yield entry, ranges
 
+    def _kept_off(self, caps) -> str | None:
+        """Why a serving peer is never routed to (None: it may be)."""
+        reason = arithmetic_mismatch(self.arithmetic, caps.arithmetic)
+        if reason is not None:
+            return reason
+        rep = self.reputation(caps.agent_id) if self.reputation is not None else None
+        if rep is not None and rep < MIN_REPUTATION:
+            return f"reputation {rep:.2f} is below {MIN_REPUTATION} (`edge-agent ledger reputation`)"
+        return None
+
     def capabilities(self) -> list[PeerCapability]:
         caps = []
         for entry, ranges in self._serving():
             c = entry.caps
-            if arithmetic_mismatch(self.arithmetic, c.arithmetic) is not None:
+            if self._kept_off(c) is not None:
                 continue
             link = self._links.get(c.agent_id)
             rtt = link.rtt_ms if link is not None and link.rtt_ms is not None else 1.0
             caps.append(PeerCapability(c.agent_id, ranges, float(c.free_mem_mb), max(c.ms_per_layer, 0.001), rtt,
-                                       layer_bytes_mb=self.layer_bytes_mb))
+                                       layer_bytes_mb=self.layer_bytes_mb,
+                                       reputation=self.reputation(c.agent_id) if self.reputation is not None else None))
         return caps
 
     def incompatible(self) -> list[IncompatiblePeer]:
         out = []
         for entry, ranges in self._serving():
-            reason = arithmetic_mismatch(self.arithmetic, entry.caps.arithmetic)
+            reason = self._kept_off(entry.caps)
             if reason is not None:
                 out.append(IncompatiblePeer(entry.caps.agent_id, ranges, reason))
         return out

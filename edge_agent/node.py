@@ -368,6 +368,9 @@ async def swarm_client(config: AgentConfig, model: Path, client_config, options:
         client = await SwarmClient.create(model, directory, client_config, options, config.data_dir / "shards")
         ledger = agent.open_ledger()
         if ledger is not None:  # checks the hops' commitments and countersigns receipts after each request
+            from edge_agent.ledger.accounts import Accounts
+
+            directory.reputation = Accounts(ledger.store).reputation  # the planner's input; evidence keeps a peer off
             recorder = ledger.client_recorder(info.model_hash, info.n_embd)
             client.observers.add(recorder.observe)
             request_for = ledger.requester_via(directory.link)

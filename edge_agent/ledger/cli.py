@@ -199,3 +199,83 @@ def serve(data_dir: Optional[Path] = DataDirOpt, host: str = typer.Option("127.0
                                  on_ready=lambda info: print(json.dumps({"ready": info}), flush=True)))
     finally:
         store.close()
+
+
+def _prefix_match(ids, prefix: str) -> str:
+    """The one agent id starting with ``prefix`` (ids are long; people paste 12 digits)."""
+    hits = [i for i in ids if i.startswith(prefix.lower())]
+    if len(hits) != 1:
+        _fail(f"{'no' if not hits else len(hits)} agents in this ledger match {prefix!r} "
+              "(hint: `edge-agent ledger reputation` lists them)")
+    return hits[0]
+
+
+@ledger_app.command("balance")
+def balance(agent: Optional[str] = typer.Argument(None, help="Agent id or its prefix (default: this agent)."),
+            data_dir: Optional[Path] = DataDirOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Credits earned and spent, bond, stake, slashing and balance of one agent (docs/accountability.md)."""
+    from edge_agent.config import data_dir as default_data_dir
+    from edge_agent.discovery.identity import Identity
+    from edge_agent.ledger.accounts import Accounts
+
+    root = data_dir or default_data_dir()
+    store = _store(root)
+    try:
+        accounts = Accounts(store)
+        known = accounts.accounts()
+        if agent is None:
+            agent_id = Identity.load_or_create(root).agent_id
+        else:
+            agent_id = agent.lower() if agent.lower() in known else _prefix_match(known, agent)
+        acc = accounts.account(agent_id).to_dict()
+    finally:
+        store.close()
+    typer.echo(json.dumps(acc) if as_json else "\n".join(f"{k:>17}: {v}" for k, v in acc.items()))
+
+
+@ledger_app.command("reputation")
+def reputation(data_dir: Optional[Path] = DataDirOpt, as_json: bool = typer.Option(False, "--json", help="JSON lines.")) -> None:
+    """Every agent the ledger knows: reputation (the planner's input), stake, offences, work served."""
+    from edge_agent.ledger.accounts import MIN_REPUTATION, Accounts
+
+    store = _store(data_dir, create=False)
+    try:
+        rows = sorted(Accounts(store).accounts().values(), key=lambda a: (-a.reputation, a.agent_id))
+    finally:
+        store.close()
+    for a in rows:
+        if as_json:
+            typer.echo(json.dumps({**a.to_dict(), "routable": a.reputation >= MIN_REPUTATION}))
+        else:
+            flag = "" if a.reputation >= MIN_REPUTATION else "  (not routed to)"
+            typer.echo(f"{a.agent_id[:12]}  reputation {a.reputation:.3f}  stake {a.stake}  offences {a.offences}  "
+                       f"layer-tokens {a.layer_tokens}{flag}")
+
+
+@ledger_app.command("bond")
+def bond(amount: int = typer.Argument(..., help="Credits to lock as stake (whole credits, from what this agent earned)."),
+         data_dir: Optional[Path] = DataDirOpt) -> None:
+    """Lock earned credits as stake: a signed entry that every sync carries; forfeited on verified evidence."""
+    import time
+
+    from edge_agent.config import data_dir as default_data_dir
+    from edge_agent.discovery.identity import Identity
+    from edge_agent.ledger.accounts import Accounts
+    from edge_agent.ledger.stake import Bond
+
+    root = data_dir or default_data_dir()
+    identity = Identity.load_or_create(root)
+    try:
+        record = Bond.sign(identity, amount, int(time.time() * 1000))
+    except ValueError as exc:
+        _fail(str(exc))
+    store = _store(root)
+    try:
+        store.add(bonds=[record]).result(30)
+        acc = Accounts(store).account(identity.agent_id)
+    finally:
+        store.close()
+    typer.echo(json.dumps({"bond": record.id.hex(), "amount": amount, "bonded": acc.bonded, "stake": acc.stake}))
+    if acc.stake < acc.bonded:
+        typer.echo(f"note: only {acc.stake} of {acc.bonded} bonded counts as stake: this agent has "
+                   f"{acc.earned - acc.spent} net credits", err=True)

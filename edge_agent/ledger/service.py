@@ -15,7 +15,8 @@ import logging
 from edge_agent.ledger import wire
 from edge_agent.ledger.encoding import EncodingError
 from edge_agent.ledger.store import LedgerStore
-from edge_agent.ledger.sync import Budget, SyncReport, SyncResponder, ingest_evidence, recent_evidence, sync_with
+from edge_agent.ledger.sync import (Budget, SyncReport, SyncResponder, ingest_bonds, ingest_evidence, recent_bonds,
+                                    recent_evidence, sync_with)
 from edge_agent.ledger.wire import Msg
 from edge_agent.transport import Frame, MsgType, PeerLostError
 
@@ -44,6 +45,9 @@ class LedgerService:
             if kind == Msg.EVIDENCE:  # gossip: store what verifies, answer with ours
                 await ingest_evidence(self.store, wire.read_evidence(r))
                 return wire.evidence(await asyncio.to_thread(recent_evidence, self.store))
+            if kind == Msg.BONDS:
+                await ingest_bonds(self.store, wire.read_bonds(r))
+                return wire.bonds(await asyncio.to_thread(recent_bonds, self.store))
             return await self.sync.handle(kind, r, peer_id)
         except EncodingError as exc:
             return wire.error(f"malformed: {exc.reason}")

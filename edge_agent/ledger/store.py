@@ -149,16 +149,16 @@ class LedgerStore:
 
     # -- writing ----------------------------------------------------------------------------
     def add(self, receipts: Iterable[Receipt] = (), commitments: Iterable[Commitment] = (),
-            evidence: Iterable = ()) -> concurrent.futures.Future:
-        """Queue records (already verified by the caller; ``evidence``: ``ledger.evidence.Evidence``);
-        the future resolves once committed."""
+            evidence: Iterable = (), bonds: Iterable = ()) -> concurrent.futures.Future:
+        """Queue records (already verified by the caller; ``evidence``: ``ledger.evidence.Evidence``,
+        ``bonds``: ``ledger.stake.Bond``); the future resolves once committed."""
         now = int(time.time() * 1000)
         fut: concurrent.futures.Future = concurrent.futures.Future()
         if not self._writer.is_alive():
             fut.set_exception(RuntimeError("ledger is closed"))
             return fut
         self._queue.put(([receipt_row(r, now) for r in receipts], [commitment_row(c, now) for c in commitments], fut,
-                         [e.row(now) for e in evidence]))
+                         [e.row(now) for e in evidence], [b.row(now) for b in bonds]))
         return fut
 
     def _write_loop(self) -> None:
@@ -188,7 +188,8 @@ class LedgerStore:
     def _commit(self, db: sqlite_utils.Database, batch) -> None:
         receipts = [r for rs, *_ in batch for r in rs]
         commitments = [c for _, cs, *_ in batch for c in cs]
-        evidence = [e for *_, es in batch for e in es]
+        evidence = [e for item in batch for e in item[3]]
+        bonds = [b for item in batch for b in item[4]]
         try:
             with db.conn:
                 db.execute("BEGIN IMMEDIATE")
@@ -201,13 +202,15 @@ class LedgerStore:
                     db["commitments"].insert_all(commitments, ignore=True, batch_size=500)
                 if evidence:
                     db["evidence"].insert_all(evidence, ignore=True)
+                if bonds:
+                    db["bonds"].insert_all(bonds, ignore=True)
         except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
-            for _, _, fut, _ in batch:
-                fut.set_exception(exc)
+            for item in batch:
+                item[2].set_exception(exc)
             return
         self.version += 1
-        for _, _, fut, _ in batch:
-            fut.set_result(None)
+        for item in batch:
+            item[2].set_result(None)
         if self.max_bytes is not None and time.monotonic() - self._last_prune_check > PRUNE_CHECK_S:
             self._last_prune_check = time.monotonic()
             self._prune(db)
@@ -277,6 +280,11 @@ class LedgerStore:
         """Stored evidence rows (id, kind, accused, body, stored_ms), oldest first."""
         return list(self.db["evidence"].rows_where("accused = ?" if accused else None, [accused] if accused else [],
                                                    order_by="stored_ms, id"))
+
+    def bonds(self, agent: str | None = None) -> list[dict]:
+        """Stored bond rows (id, agent_id, amount, body, signature, stored_ms), oldest first."""
+        return list(self.db["bonds"].rows_where("agent_id = ?" if agent else None, [agent] if agent else [],
+                                                order_by="stored_ms, id"))
 
     def receipt_ids(self) -> list[bytes]:
         """Every receipt id, sorted (the set that sync reconciles)."""
@@ -352,7 +360,28 @@ class LedgerStore:
                         reason = "chain head is not this receipt's last commitment"
             if reason:
                 bad.append(("receipts", row["id"].hex(), reason))
+        bad += _signed_rows_problems(self)
         return bad
+
+
+def _signed_rows_problems(store: LedgerStore) -> list[tuple[str, str, str]]:
+    """Evidence and bonds: each proves itself; its columns must be what its bytes say."""
+    from edge_agent.ledger.evidence import Evidence
+    from edge_agent.ledger.stake import Bond
+
+    bad = []
+    for row in store.iter_rows("evidence"):
+        ev = Evidence(row["body"])
+        reason = ev.problem() or ("columns differ from the record" if (ev.id, ev.accused) != (row["id"], row["accused"]) else None)
+        if reason:
+            bad.append(("evidence", row["id"].hex(), reason))
+    for row in store.iter_rows("bonds"):
+        bond = Bond(row["body"], row["signature"])
+        reason = bond.problem() or ("columns differ from the record"
+                                    if (bond.id, bond.agent_id, bond.fields[1]) != (row["id"], row["agent_id"], row["amount"]) else None)
+        if reason:
+            bad.append(("bonds", row["id"].hex(), reason))
+    return bad
 
 
 def _breaks_chain(before, after, position: int) -> bool:

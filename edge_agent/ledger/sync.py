@@ -237,11 +237,13 @@ class SyncReport:
     bytes_received: int = 0
     seconds: float = 0.0
     evidence: int = 0  # evidence records received that verified and were new here
+    bonds: int = 0  # bonds likewise
 
     def to_dict(self) -> dict:
         return {"pulled": self.pulled, "pushed": self.pushed, "refused_by_us": len(self.refused_by_us),
                 "refused_by_peer": len(self.refused_by_peer), "rounds": self.rounds, "bytes_sent": self.bytes_sent,
                 "bytes_received": self.bytes_received, "seconds": round(self.seconds, 3), "evidence": self.evidence,
+                "bonds": self.bonds,
                 "reasons": sorted({r for _, r in self.refused_by_us} | set(self.refused_by_peer))[:10]}
 
 
@@ -249,19 +251,33 @@ def recent_evidence(store: LedgerStore) -> list[bytes]:
     return [row["body"] for row in store.evidence()[-wire.MAX_EVIDENCE:]]
 
 
-async def ingest_evidence(store: LedgerStore, raw: list[bytes]) -> int:
-    """Store the evidence that verifies (each proves itself); returns how many were new."""
-    from edge_agent.ledger.evidence import Evidence
-
-    def fresh() -> list[Evidence]:
-        good = {e.id: e for e in map(Evidence, raw) if e.problem() is None}
-        held = store.existing("evidence", list(good))
-        return [e for i, e in good.items() if i not in held]
+async def _ingest_signed(store: LedgerStore, table: str, records: list) -> int:
+    """Store the records that verify (each is signed by whom it speaks for); returns how many were new."""
+    def fresh() -> list:
+        good = {x.id: x for x in records if x.problem() is None}
+        held = store.existing(table, list(good))
+        return [x for i, x in good.items() if i not in held]
 
     new = await asyncio.to_thread(fresh)
     if new:
-        await asyncio.wrap_future(store.add(evidence=new))
+        await asyncio.wrap_future(store.add(**{table: new}))
     return len(new)
+
+
+async def ingest_evidence(store: LedgerStore, raw: list[bytes]) -> int:
+    from edge_agent.ledger.evidence import Evidence
+
+    return await _ingest_signed(store, "evidence", [Evidence(x) for x in raw])
+
+
+def recent_bonds(store: LedgerStore) -> list[bytes]:
+    return [row["body"] + row["signature"] for row in store.bonds()[-wire.MAX_BONDS:]]
+
+
+async def ingest_bonds(store: LedgerStore, raw: list[bytes]) -> int:
+    from edge_agent.ledger.stake import Bond
+
+    return await _ingest_signed(store, "bonds", [Bond.from_bytes(x) for x in raw])
 
 
 async def sync_with(request: Request, store: LedgerStore) -> SyncReport:
@@ -288,6 +304,11 @@ async def sync_with(request: Request, store: LedgerStore) -> SyncReport:
         report.evidence = await ingest_evidence(store, wire.read_evidence(r))
     except (SyncError, EncodingError) as exc:  # an agent from before evidence, or junk: receipts still count
         log.info("no evidence exchanged: %s", getattr(exc, "reason", exc))
+    try:  # bonds too: gossiped, each self-verifying
+        r = await call(wire.bonds(await asyncio.to_thread(recent_bonds, store)), Msg.BONDS)
+        report.bonds = await ingest_bonds(store, wire.read_bonds(r))
+    except (SyncError, EncodingError) as exc:
+        log.info("no bonds exchanged: %s", getattr(exc, "reason", exc))
     mine = await asyncio.to_thread(IdSet, store.receipt_ids())
     need: list[bytes] = []
     have: list[bytes] = []

@@ -12,6 +12,7 @@ Layouts (little-endian; docs/ledger.md has the full table):
   PUT            u32 k, k x 332-byte receipt        -> PUT_REPLY u32 accepted, u32 r, r x (u32 index, u8 len, reason)
   COMMITS_GET    16s request, u16 start, u16 end    -> COMMITS u32 k, k x 560-byte commitment
   EVIDENCE       u32 k, k x (u16 len, evidence)     -> EVIDENCE (the responder's recent evidence, same layout)
+  BONDS          u32 k, k x 116-byte bond           -> BONDS (the responder's recent bonds, same layout)
   RECEIPT_SIGN   204-byte receipt body, 64s client signature -> RECEIPT_SIGNED 64s node signature
   ERROR          utf-8 reason
 """
@@ -46,6 +47,7 @@ class Msg(enum.IntEnum):
     RECEIPT_SIGNED = 10
     ERROR = 11
     EVIDENCE = 12
+    BONDS = 13
 
 
 class Status(enum.IntEnum):
@@ -211,6 +213,21 @@ def read_evidence(r: Reader) -> list[bytes]:
         if size > MAX_EVIDENCE_SIZE:
             raise EncodingError(f"evidence of {size} bytes (limit {MAX_EVIDENCE_SIZE})")
         out.append(r.take(size))
+    r.done()
+    return out
+
+
+MAX_BONDS = 256  # bonds per BONDS message (the most recent ones are exchanged)
+
+
+def bonds(records: list[bytes]) -> bytes:
+    return items(Msg.BONDS, records)
+
+
+def read_bonds(r: Reader) -> list[bytes]:
+    from edge_agent.ledger.stake import BOND_WIRE_SIZE
+
+    out = r.items(BOND_WIRE_SIZE, MAX_BONDS)
     r.done()
     return out
 

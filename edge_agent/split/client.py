@@ -204,8 +204,9 @@ class SwarmClient:
                    if any(a < e and s < b for a, b in p.ranges for s, e in exc.missing)]
         if not reasons:
             return exc
-        return NoRouteError(exc.missing, "only peers with other arithmetic settings serve them: " + "; ".join(reasons)
-                            + " (match them with --flash-attn/--no-flash-attn, --ubatch, --backend)")
+        hint = " (match them with --flash-attn/--no-flash-attn, --ubatch, --backend)" if any(
+            "reputation" not in r for r in reasons) else ""
+        return NoRouteError(exc.missing, "only peers this client does not route to serve them: " + "; ".join(reasons) + hint)
 
     async def _link(self, peer_id: str, policy: PrivacyPolicy):
         if peer_id != LOCAL_PEER_ID:
