@@ -45,7 +45,32 @@ def _llama_system_info() -> dict:
         return {"error": str(exc)}
 
 
-def collect(data_dir_override=None) -> dict:
+def node_memory(data_dir_override, model, layers: str | None, n_ctx: int, max_requests: int,
+                max_memory_mb: float | None) -> dict:
+    """What `join` with these settings would hold (edge_agent/sizing.py), or the reason it cannot say."""
+    from edge_agent import sizing
+    from edge_agent.config import ModelNotFoundError, resolve_model
+    from edge_agent.runtime.engine import EngineError
+    from edge_agent.runtime.shards import inspect_model, parse_range, validate_range
+
+    try:
+        path = resolve_model(model, data_dir_override)
+        info = inspect_model(path, with_hash=False)
+        if layers:
+            a, b = parse_range(layers)
+            validate_range(a, b, info.n_layer)
+            n = b - a
+            if max_memory_mb is not None:
+                max_requests = sizing.requests_that_fit(info, n, n_ctx, max_requests, max_memory_mb)
+        else:
+            n = info.n_layer if max_memory_mb is None else sizing.layers_that_fit(info, n_ctx, max_requests, max_memory_mb)
+    except (ModelNotFoundError, EngineError, FileNotFoundError, sizing.MemoryBoundError) as exc:
+        return {"error": str(exc)}
+    return {"model": str(path), "max_memory_mb": max_memory_mb, **sizing.estimate(info, n, n_ctx, max_requests).to_dict()}
+
+
+def collect(data_dir_override=None, *, model=None, layers: str | None = None, n_ctx: int = 2048, max_requests: int = 2,
+            max_memory_mb: float | None = None) -> dict:
     from edge_agent import __version__
     from edge_agent.config import ModelNotFoundError, data_dir, resolve_model
     from edge_agent.runtime.llamacpp import default_threads
@@ -73,8 +98,17 @@ def collect(data_dir_override=None) -> dict:
         "data_dir": str(data_dir(data_dir_override)),
         "default_model": model,
         "llama_cpp": _llama_system_info(),
+        "node_memory": node_memory(data_dir_override, model, layers, n_ctx, max_requests, max_memory_mb),
         "dependencies": _imports(),
     }
+
+
+def _render_node(node: dict) -> str:
+    if "error" in node:
+        return f"unknown: {node['error']}"
+    return (f"~{node['total_mb']:.0f} MB for join with {node['layers']} layers x {node['max_requests']} requests x "
+            f"{node['n_ctx']} positions (runtime {node['runtime_mb']:.0f}, weights {node['weights_mb']:.0f}, "
+            f"KV cache {node['kv_mb']:.0f})")
 
 
 def render(report: dict) -> str:
@@ -84,6 +118,7 @@ def render(report: dict) -> str:
         f"memory         {report['memory'].get('available_mb', '?')} MB free of {report['memory'].get('total_mb', '?')} MB",
         f"data dir       {report['data_dir']}",
         f"default model  {report['default_model']}",
+        f"node memory    {_render_node(report['node_memory'])}",
         f"llama.cpp      gpu offload: {report['llama_cpp'].get('gpu_offload')}; {report['llama_cpp'].get('system_info', report['llama_cpp'].get('error', ''))}",
         "dependencies:",
     ]
