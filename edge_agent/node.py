@@ -169,7 +169,7 @@ class JoinOptions:
     max_memory_mb: float | None = None
     threads: int | None = None
     n_ctx: int = 2048
-    max_requests: int = 8
+    max_requests: int = 2  # KV caches allocated at start: small devices first (`join --max-requests`, docs/cli/join.md)
     flash_attn: bool = False  # arithmetic settings: clients route only to nodes whose settings equal theirs
     n_ubatch: int = 512
     discover_s: float = 2.0
