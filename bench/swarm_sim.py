@@ -36,9 +36,12 @@ def report(r: Results, wall_s: float) -> list[tuple[str, str]]:
     total = sum(steps.values()) or 1
     batch = sum(v for (k, inter), v in steps.items() if not inter) or 1
     sybil = steps[("sybil", False)] + steps[("sybil", True)]
-    joined = [u for _, u in r.joined]
-    used30 = sum(1 for u in joined if u is not None and u <= 30.0)
-    gpu = [u for kind, u in r.joined if kind == "gpu"]
+    def within(xs) -> str:
+        return f"{sum(1 for x in xs if x is not None and x <= 30.0)}/{len(xs)}"
+
+    offered = [o for _, o, _ in r.joined]
+    used = [u for _, _, u in r.joined]
+    gpu = [u for kind, _, u in r.joined if kind == "gpu"]
     rows = [
         ("nodes / clients / sybils", f"{c.nodes} / {c.clients} / {c.sybils}"),
         ("churn per minute, minutes", f"{c.churn_per_min:.0%}, {c.minutes:g}"),
@@ -46,15 +49,21 @@ def report(r: Results, wall_s: float) -> list[tuple[str, str]]:
         ("completed with unchanged output", f"{exact:.2%} (completed {done:.2%}, {r.reroutes} re-routes)"),
         ("failures", ", ".join(f"{k} x{v}" for k, v in r.failures.most_common(3)) or "none"),
         ("infeasible plans (checker)", f"{r.infeasible}"),
-        ("planning ms per request, median / p99", f"{median(r.plan_ms):.2f} / {pct(r.plan_ms, 99):.2f}"),
+        ("error replies (engine refusals)", ", ".join(f"{k} x{v}" for k, v in r.refusals.most_common()) or "none"),
+        ("planning ms per request, median / p99", f"{median(r.plan_ms):.2f} / {pct(r.plan_ms, 99):.2f} wall, "
+         f"{median(r.plan_cpu_ms):.2f} / {pct(r.plan_cpu_ms, 99):.2f} CPU"),
+        ("candidates handed to the planner, median / max", f"{median(r.candidates):.0f} / {max(r.candidates, default=0)}"),
         ("re-planning ms, median / p99", f"{median(r.replan_ms):.2f} / {pct(r.replan_ms, 99):.2f} ({len(r.replan_ms)})"),
         ("time between tokens ms, median / p95", f"{median(r.tbt_ms):.0f} / {pct(r.tbt_ms, 95):.0f}"),
         ("control bytes per serving node per minute", f"{r.node_bytes_per_min:,.0f}"),
+        ("  of which lookups / stores / gets (once per message)",
+         " / ".join(f"{r.bytes_by_kind.get(k, 0):,.0f}" for k in ("find", "store", "get"))),
         ("control bytes per client per minute", f"{r.client_bytes_per_min:,.0f}"),
         ("signed record bytes (median)", f"{median(r.record_bytes):.0f}"),
-        ("joiners used within 30 s (all / GPUs)",
-         f"{used30}/{len(joined)}, GPUs {sum(1 for u in gpu if u is not None and u <= 30)}/{len(gpu)}; "
-         f"median {median([u for u in joined if u is not None]):.1f} s"),
+        ("joiners offered to a planner within 30 s", f"{within(offered)}; median "
+         f"{median([o for o in offered if o is not None]):.1f} s"),
+        ("joiners used within 30 s (all / GPUs)", f"{within(used)} / {within(gpu)}; median "
+         f"{median([u for u in used if u is not None]):.1f} s"),
         ("sybil share of layer-steps (all / batch)", f"{sybil / total:.2%} / {steps[('sybil', False)] / batch:.2%} "
          f"(bound {PROBATION_SHARE:.0%} of batch)"),
         ("sybil hops on interactive requests", f"{r.sybil_interactive_hops}"),
@@ -70,14 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=3.0)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--sybils", type=int, default=0)
-    ap.add_argument("--clients", type=int, default=0, help="requesting devices (default: nodes / 20, at least 10)")
+    ap.add_argument("--clients", type=int, default=0, help="requesting devices (default: nodes / 20, at least 5)")
     ap.add_argument("--tokens", type=int, default=32, help="decode tokens per request (after an 8-position prefill)")
     args = ap.parse_args(argv)
     if args.nodes < 20 or not 0 <= args.churn_per_min < 1 or args.minutes <= 1.0 or args.tokens < 1:
         print("error: need --nodes >= 20, 0 <= --churn-per-min < 1, --minutes > 1, --tokens >= 1", file=sys.stderr)
         return 2
     cfg = Config(nodes=args.nodes, churn_per_min=args.churn_per_min, minutes=args.minutes, seed=args.seed,
-                 sybils=args.sybils, clients=args.clients or max(10, args.nodes // 20), tokens=args.tokens)
+                 sybils=args.sybils, clients=args.clients or max(5, args.nodes // 20), tokens=args.tokens)
     t0 = time.perf_counter()
     result = World(cfg).run()
     rows = report(result, time.perf_counter() - t0)

@@ -40,6 +40,7 @@ class Dht:
         self.rng = rng
         self.ids: list[int] = []  # live servers, sorted
         self.bytes: dict[int, float] = defaultdict(float)  # node or client idx -> control bytes sent + received
+        self.by_kind: dict[str, float] = defaultdict(float)  # "find" / "store" / "get" -> bytes on the wire
         self.owner: dict[int, int] = {}  # dht id -> idx
         self.store: dict[int, dict[int, tuple]] = defaultdict(dict)  # key -> {idx: (published_at, bytes, payload)}
         self.lookups = self.queries = 0
@@ -79,9 +80,10 @@ class Dht:
         i, j = self._subtree(target, depth)
         return sorted(self.ids[i:j], key=lambda x: x ^ target)[:K]
 
-    def _charge(self, a: int, b: int, nbytes: float) -> None:
+    def _charge(self, a: int, b: int, nbytes: float, kind: str) -> None:
         self.bytes[a] += nbytes
         self.bytes[b] += nbytes
+        self.by_kind[kind] += nbytes
 
     def lookup(self, src_idx: int, src_id: int, target: int) -> list[int]:
         """Iterative FIND_NODE from ``src``; returns the K closest ids, charging every message."""
@@ -104,13 +106,13 @@ class Dht:
                 if not found:  # q is in the target's own bucket: it names its nearest
                     near = near if near is not None else self.closest(target)
                     found = near
-                self._charge(src_idx, self.owner[q], FIND_REQUEST_B + RESPONSE_HEADER_B + CONTACT_B * len(found))
+                self._charge(src_idx, self.owner[q], FIND_REQUEST_B + RESPONSE_HEADER_B + CONTACT_B * len(found), "find")
                 shortlist.update(found)
 
     def publish(self, src_idx: int, src_id: int, key: int, record_bytes: int, payload: tuple, now: float) -> None:
         """STORE the record on the K nodes closest to ``key``."""
         for holder in self.lookup(src_idx, src_id, key):
-            self._charge(src_idx, self.owner[holder], record_bytes + PUT_OVERHEAD_B + ACK_B)
+            self._charge(src_idx, self.owner[holder], record_bytes + PUT_OVERHEAD_B + ACK_B, "store")
         self.store[key][src_idx] = (now, record_bytes, payload)
 
     def fetch(self, src_idx: int, src_id: int, key: int, now: float, ttl_s: float) -> list[tuple]:
@@ -121,5 +123,5 @@ class Dht:
             del entries[idx]
         if holders:
             size = sum(nbytes + 8 for _, nbytes, _ in entries.values())
-            self._charge(src_idx, self.owner[holders[0]], FIND_REQUEST_B + RESPONSE_HEADER_B + size)
+            self._charge(src_idx, self.owner[holders[0]], FIND_REQUEST_B + RESPONSE_HEADER_B + size, "get")
         return [(t, payload) for t, _, payload in entries.values()]

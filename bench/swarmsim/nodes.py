@@ -14,6 +14,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Optional
 
+from nacl.signing import SigningKey
+
 from edge_agent.discovery.capabilities import ARITH_KEY, Capabilities
 from edge_agent.discovery.identity import Identity, SwarmKey
 from edge_agent.split.planner import PeerCapability
@@ -64,6 +66,7 @@ class Node:
     kv_used_mb: float = 0.0
     good_steps: int = 0
     first_used: Optional[float] = None
+    first_offered: Optional[float] = None  # first time a client handed it to the planner
     holds: dict = field(default_factory=dict)  # request id -> KV MB held
     kv: dict = field(default_factory=dict)  # (request id, layer) -> simulated KV state
 
@@ -88,6 +91,11 @@ class Node:
                               reputation=reputation, layer_bytes_mb=KV_MB_PER_LAYER)
 
 
+def seeded_identity(rng: random.Random) -> Identity:
+    """A real Ed25519 identity from the simulation's seed, so a run can be repeated."""
+    return Identity(SigningKey(rng.randbytes(32)))
+
+
 def rtt_ms(a: tuple[float, float], b: tuple[float, float]) -> float:
     """1 ms next door to 100 ms across the unit square (one plane for the world's latencies)."""
     return 1.0 + 99.0 * math.dist(a, b) / math.sqrt(2.0)
@@ -106,7 +114,7 @@ def draw_node(idx: int, rng: random.Random, now: float, choose_span=None, sybil:
 
     ``choose_span(width) -> (start, end)`` places an honest node's layers (the real
     ``choose_range_to_serve`` over what it has learned); None: uniformly at random."""
-    identity = Identity.generate()
+    identity = seeded_identity(rng)
     pos = (rng.random(), rng.random())
     if sybil:
         span, claimed, true, slots, kind = REMOTE, 0.5, SYBIL_TRUE_MS, 8, "sybil"
@@ -117,9 +125,9 @@ def draw_node(idx: int, rng: random.Random, now: float, choose_span=None, sybil:
         width = max(1, min(REMOTE[1] - REMOTE[0], int(memory_mb * 0.8 // LAYER_WEIGHTS_MB)))
         if choose_span is not None:
             span = choose_span(width)
-        else:
-            start = rng.randint(REMOTE[0], REMOTE[1] - width)
-            span = (start, start + width)
+        else:  # the established swarm: starts uniform, ranges cut at the ends, so every layer is as covered
+            start = rng.randint(REMOTE[0] - width + 1, REMOTE[1] - 1)
+            span = (max(REMOTE[0], start), min(REMOTE[1], start + width))
         slots, kind = cls.slots, cls.name
     free = int(slots * (span[1] - span[0]) * KV_MB_PER_LAYER)
     record = sealed_record(identity, span, free, claimed, "gpu" if kind in ("gpu", "sybil") else "llamacpp")

@@ -38,9 +38,11 @@ POLICY = PrivacyPolicy(k=1, m=1)
 DEADLINES = DeadlineConfig(overrun_factor=3.0, overrun_ms=50.0, negative_steps=3)  # ClientConfig's defaults
 HOP_TIMEOUT_S, PREFILL_TIMEOUT_S, MAX_REROUTES = 10.0, 120.0, 8
 PEER_TIMEOUT_S = 2.0  # transport heartbeat timeout: how long a crashed peer's link takes to fail
+GOOD_STEP_FACTOR = 1.5  # a step counts towards history when the hop took at most this x what its claims predict
 LOCAL_MS = 12.0  # the client's layers 0 and 79, norm, head, sampling
 MOD = 8191
 WIDTH = 2  # activation width of the toy layers
+PREFILL_ROWS = 8
 
 
 def run(coro):
@@ -54,15 +56,26 @@ def run(coro):
 
 
 def layers(kv: dict, rid: bytes, x: np.ndarray, start: int, end: int) -> np.ndarray:
-    """The toy layers ``[start, end)``: each mixes its running state (the "KV cache") into every row."""
+    """The toy layers ``[start, end)``: each mixes its running state (the "KV cache") into every row.
+    ``kv[(rid, layer)] = (state, positions held)``."""
     rows = [[int(v) for v in row] for row in x]
     for layer in range(start, end):
-        state = kv.get((rid, layer), 0)
+        state, held = kv.get((rid, layer), (0, 0))
         for row in rows:
             state = (state * 31 + sum(row)) % MOD
             row[:] = [(v * 3 + layer + state) % MOD for v in row]
-        kv[(rid, layer)] = state
+        kv[(rid, layer)] = (state, held + len(rows))
     return np.array(rows, dtype=np.float32)
+
+
+def position_error(kv: dict, rid: bytes, start: int, pos: int) -> str | None:
+    """What the real engine (``runtime.engine``) refuses: a step that does not follow the positions held."""
+    held = kv.get((rid, start))
+    if held is None and pos != 0:
+        return str(ErrorCode.UNKNOWN_REQUEST)
+    if held is not None and held[1] != pos:
+        return str(ErrorCode.POSITION)
+    return None
 
 
 def feasible(plan: Plan, caps, charge_memory: bool) -> bool:
@@ -108,13 +121,18 @@ class SimLink:
         if not node.alive(self.clock.t):
             raise self._lost(timeout_s or HOP_TIMEOUT_S)
         rtt = self.client.entries[node.idx][3] if node.idx in self.client.entries else 50.0
-        if frame.step == 0 or rid not in node.holds:  # first step here: the KV cache is allocated
+        refused = position_error(node.kv, rid, a, frame.step)
+        if refused is None and frame.step == 0:  # first step here: the KV cache is allocated
             need = (b - a) * KV_MB_PER_LAYER
             if node.kv_used_mb + need > node.kv_capacity_mb:
-                self.clock.t += rtt / 1000
-                raise HopFailed(self.peer_id, "no free KV slot", ErrorCode.CAPACITY, permanent=False)
-            node.kv_used_mb += need
-            node.holds[rid] = node.holds.get(rid, 0.0) + need
+                refused = str(ErrorCode.CAPACITY)
+            else:
+                node.kv_used_mb += need
+                node.holds[rid] = node.holds.get(rid, 0.0) + need
+        if refused is not None:  # an ERROR reply: links.PeerLink raises it as a permanent HopFailed
+            self.clock.t += rtt / 1000
+            self.client.refusals[refused] += 1
+            raise HopFailed(self.peer_id, "refused", refused)
         rows = frame.n_positions
         compute = node.ms_per_layer * (b - a) * max(1.0, rows / 4) * self.jitter()
         wall = compute + rtt
@@ -127,7 +145,7 @@ class SimLink:
                                  layer_start=a, layer_end=b, seq=frame.seq, compute_us=int(compute * 1000))
         return Reply(reply, wall)
 
-    async def send(self, frame: Frame) -> None:  # END_REQUEST: free the request's KV here
+    async def send(self, frame: Frame) -> None:  # END_REQUEST: the node frees the request on every shard (serve.py)
         held = self.node.holds.pop(frame.request_id, 0.0)
         self.node.kv_used_mb -= held
         for key in [k for k in self.node.kv if k[0] == frame.request_id]:
@@ -149,6 +167,7 @@ class SimRequest:
     pos: int = 0
     exact: bool = True
     tbt: list = field(default_factory=list)
+    probation: Node | None = None  # the one peer without stake or history this request may use
 
 
 class Driver:
@@ -157,16 +176,24 @@ class Driver:
     def __init__(self, world) -> None:
         self.world = world
         self.plan_ms: list[float] = []  # wall time of each first plan (candidates + plan_path)
+        self.plan_cpu_ms: list[float] = []  # the same in this process's CPU time (the machine may be shared)
         self.replan_ms: list[float] = []
+        self.candidates: list[int] = []
         self.infeasible = 0  # plans the checker refused (must stay 0)
 
     def _plan_fn(self, sreq: SimRequest):
         def plan(policy: PrivacyPolicy, previous: Plan | None = None, exclude=(), replace_hops=()) -> Plan:
-            t0 = time.perf_counter()
-            caps = sreq.client.candidates(sreq.interactive)
+            t0, c0 = time.perf_counter(), time.process_time()
+            keep = tuple(self.world.by_id[h.peer_id] for h in previous.hops) if previous is not None else ()
+            caps = sreq.client.candidates(sreq.clock.t, exclude, keep, sreq.probation)
             out = plan_path(N_LAYER, policy, caps, target_tbt_ms=sreq.target_ms, local_ms=LOCAL_MS, previous=previous,
                             exclude=exclude, replace_hops=replace_hops, mode="star")
-            (self.plan_ms if previous is None else self.replan_ms).append((time.perf_counter() - t0) * 1000)
+            if previous is None:
+                self.plan_ms.append((time.perf_counter() - t0) * 1000)
+                self.plan_cpu_ms.append((time.process_time() - c0) * 1000)
+                self.candidates.append(len(caps))
+            else:
+                self.replan_ms.append((time.perf_counter() - t0) * 1000)
             self.infeasible += not feasible(out, caps, charge_memory=previous is None)
             return out
         return plan
@@ -175,27 +202,33 @@ class Driver:
         node = self.world.by_id[rec.peer_id]
         steps = rec.end - rec.start
         sreq.client.layer_steps += steps
-        if node.on_probation:
-            sreq.client.probation_layer_steps += steps
         self.world.served(node, steps, sreq.interactive, sreq.clock.t)
-        if rec.budget_ms is not None and rec.wall_ms <= rec.budget_ms and not rec.replay:
+        if rec.replay or rec.n_positions != 1:
+            return
+        expected = next((h.expected_ms for h in sreq.state.plan.hops
+                         if (h.peer_id, h.start, h.end) == (rec.peer_id, rec.start, rec.end)), None)
+        if expected is not None and rec.wall_ms <= GOOD_STEP_FACTOR * expected + 5.0:  # as fast as it claimed
             node.good_steps += 1
             if node.reputation is None and node.good_steps >= GRADUATION_STEPS:
                 node.reputation = GRADUATED_REPUTATION
 
     def start(self, client: Client, now: float, interactive: bool, target_ms: float, tokens: int) -> SimRequest:
         sreq = SimRequest(client, interactive, target_ms, tokens, now, Clock(now))
+        lo, hi = POLICY.remote_range(N_LAYER)
+        sreq.probation = client.probation_pick(interactive, (hi - lo) * (PREFILL_ROWS + tokens))
         observers = Observers()
         observers.add(lambda rec: self._observe(sreq, rec))
         jitter = lambda: math.exp(self.world.rng.gauss(0.0, 0.1))  # noqa: E731
         router = Router(self._plan_fn(sreq), lambda pid, policy: self._link(pid, sreq, jitter), observers,
                         max_reroutes=MAX_REROUTES, replay_timeout_s=PREFILL_TIMEOUT_S)
-        sreq.strategy = StarStrategy(router, lambda policy: client.candidates(interactive), hop_timeout_s=HOP_TIMEOUT_S,
+        sreq.strategy = StarStrategy(router, lambda policy: client.candidates(sreq.clock.t, sreq.state.excluded, (), sreq.probation),
+                                     hop_timeout_s=HOP_TIMEOUT_S,
                                      prefill_timeout_s=PREFILL_TIMEOUT_S)
         plan = router.plan(POLICY)  # NoRouteError: the request fails
         sreq.state = RequestState(uuid.UUID(int=self.world.rng.getrandbits(128)).bytes, plan,
                                   DeadlineTracker(plan, DEADLINES), run(router.open(plan, {}, POLICY)), POLICY)
-        sreq.x = np.array([[self.world.rng.randrange(MOD) for _ in range(WIDTH)] for _ in range(8)], dtype=np.float32)
+        sreq.x = np.array([[self.world.rng.randrange(MOD) for _ in range(WIDTH)] for _ in range(PREFILL_ROWS)],
+                          dtype=np.float32)
         return sreq
 
     async def _link(self, peer_id: str, sreq: SimRequest, jitter) -> SimLink:

@@ -13,15 +13,17 @@ is on *probation*; a staked newcomer is planned like any peer of unknown reputat
 A batch request sees at most one, drawn uniformly at random (claims are not ranked:
 they are what a Sybil lies about), and only while this client's probation layer-steps
 are at most ``PROBATION_SHARE`` of its layer-steps, so probation peers' share of the
-traffic is bounded whatever their number or claims. ``GRADUATION_STEPS`` steps served
-within their budget give a peer reputation ``GRADUATED_REPUTATION`` (the ledger's job
-once it lands; here an oracle).
+traffic is bounded whatever their number or claims. History: ``GRADUATION_STEPS`` decode
+steps served at most 1.5x as slow as the peer's own claims predict give it reputation
+``GRADUATED_REPUTATION`` (the ledger's job once it lands; here an oracle). A budget is no
+yardstick: a loose target gives even a peer 50x slower than it claims room to spare.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 
 from edge_agent.split.planner import PeerCapability
 
@@ -92,6 +94,7 @@ class Client:
         self.probation: list[list[Node]] = [[] for _ in SEGMENT_BOUNDS]
         self.dead: set[int] = set()
         self.layer_steps = self.probation_layer_steps = 0
+        self.refusals: Counter = Counter()  # error replies seen, by code
 
     def merge(self, fetched: list[tuple[Node, float, float]], now: float) -> None:
         """Add fetched records (node, published_at, advertised free MB); re-rank; forget the rest."""
@@ -120,23 +123,35 @@ class Client:
         self.entries = {i: e for i, e in self.entries.items() if i in keep}
         self.dead.intersection_update(n.idx for n, *_ in self.entries.values())
 
-    def allows_probation(self, interactive: bool) -> bool:
-        return not interactive and self.probation_layer_steps <= PROBATION_SHARE * self.layer_steps
+    def probation_pick(self, interactive: bool, most_layer_steps: int) -> Node | None:
+        """The one probation peer a request may use, or None. Its worst case (``most_layer_steps``:
+        every remote layer of every position) is charged to the quota up front, so the share of
+        probation peers never exceeds PROBATION_SHARE, however a request turns out."""
+        total = self.layer_steps + most_layer_steps
+        if interactive or self.probation_layer_steps + most_layer_steps > PROBATION_SHARE * total:
+            return None
+        pool = {n.idx: n for seg in self.probation for n in seg if n.idx not in self.dead}
+        if not pool:
+            return None
+        self.probation_layer_steps += most_layer_steps
+        return pool[self.rng.choice(sorted(pool))]
 
-    def candidates(self, interactive: bool) -> list[PeerCapability]:
-        """What the planner gets for one request: the best few per segment, at most one probation peer."""
-        chosen: dict[int, Node] = {}
+    def candidates(self, now: float, exclude=(), keep: tuple[Node, ...] = (), probation: Node | None = None
+                   ) -> list[PeerCapability]:
+        """What the planner gets for one request: the best few per segment (``exclude``: peer ids
+        this request gave up on), its probation peer if any (``probation_pick``), and ``keep``:
+        the peers of the path being repaired, which the planner keeps where they still serve."""
+        chosen: dict[int, Node] = {n.idx: n for n in keep}
         for bounds, ranked in zip(SEGMENT_BOUNDS, self.top):
-            live = [n for n in ranked if n.idx not in self.dead and not n.on_probation]
+            live = [n for n in ranked if n.idx not in self.dead and not n.on_probation and n.agent_id not in exclude]
             chosen.update((n.idx, n) for n in _covering(live, bounds, TOP_PER_SEGMENT))
-        if self.allows_probation(interactive):
-            pool = {n.idx: n for seg in self.probation for n in seg if n.idx not in self.dead}
-            if pool:
-                pick = pool[self.rng.choice(sorted(pool))]
-                chosen[pick.idx] = pick
+        if probation is not None and probation.idx not in self.dead and probation.agent_id not in exclude:
+            chosen[probation.idx] = probation
         out = []
         for node in chosen.values():
-            _, _, free, rtt = self.entries[node.idx]
+            if node.first_offered is None:
+                node.first_offered = now
+            _, _, free, rtt = self.entries.get(node.idx, (node, 0.0, 0.0, rtt_ms(self.pos, node.pos)))
             rep = PROBATION_REPUTATION if node.on_probation else node.reputation  # None: the planner's unknown
             out.append(node.capability(rtt, free, rep))
         return out

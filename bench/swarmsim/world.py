@@ -16,12 +16,11 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 
-from edge_agent.discovery.identity import Identity
 from edge_agent.split.joining import choose_range_to_serve
 from edge_agent.split.planner import NoRouteError
 
 from .dht import Dht
-from .nodes import N_LAYER, Node, draw_node
+from .nodes import N_LAYER, Node, draw_node, seeded_identity
 from .requests import POLICY, Driver, SimRequest
 from .view import RECORD_TTL_S, SEGMENT_BOUNDS, Client, bucket_count, segment_key, segments_of
 
@@ -38,7 +37,7 @@ class Config:
     minutes: float = 3.0
     seed: int = 1
     sybils: int = 0
-    clients: int = 0  # 0: one per 20 nodes, at least 10
+    clients: int = 0  # 0: one per 20 nodes, at least 5
     tokens: int = 32
     interactive_share: float = 0.7
     interactive_tbt_ms: float = 500.0
@@ -56,15 +55,19 @@ class Results:
     failures: Counter = field(default_factory=Counter)
     reroutes: int = 0
     plan_ms: list = field(default_factory=list)
+    plan_cpu_ms: list = field(default_factory=list)
+    candidates: list = field(default_factory=list)
     replan_ms: list = field(default_factory=list)
     infeasible: int = 0
     tbt_ms: list = field(default_factory=list)
     node_bytes_per_min: float = 0.0
     client_bytes_per_min: float = 0.0
     lookups: int = 0
-    joined: list = field(default_factory=list)  # (kind, seconds to first use or None) per joiner seen long enough
+    bytes_by_kind: dict = field(default_factory=dict)  # per serving node per minute (each message counted once)
+    joined: list = field(default_factory=list)  # (kind, s to first offered to a planner, s to first use) per joiner
     layer_steps: Counter = field(default_factory=Counter)  # (kind, interactive) -> layer-steps served
     sybil_interactive_hops: int = 0
+    refusals: Counter = field(default_factory=Counter)  # error replies (engine refusals) by code
     record_bytes: list = field(default_factory=list)
 
 
@@ -88,8 +91,8 @@ class World:
             self._add(draw_node(next(self.ids), self.rng, 0.0, sybil=True))
         for node in self.nodes.values():
             self._publish(node, first=True)
-        n_clients = cfg.clients or max(10, cfg.nodes // 20)
-        self.clients = [Client(next(self.ids), Identity.generate().agent_id, (self.rng.random(), self.rng.random()),
+        n_clients = cfg.clients or max(5, cfg.nodes // 20)
+        self.clients = [Client(next(self.ids), seeded_identity(self.rng).agent_id, (self.rng.random(), self.rng.random()),
                                self.rng) for _ in range(n_clients)]
         for c in self.clients:
             self._refresh(c)
@@ -210,6 +213,7 @@ class World:
     def run(self) -> Results:
         end = self.cfg.minutes * 60.0
         warm_bytes: dict[int, float] = {}
+        warm_kinds: dict[str, float] = {}
         while self.events and self.events[0][0] <= end:
             self.now, _, kind, obj = heapq.heappop(self.events)
             if kind == "step":
@@ -230,21 +234,26 @@ class World:
                 self._churn()
                 self.at(self.now + 1.0, "tick", None)
             elif kind == "warm":
-                warm_bytes = dict(self.dht.bytes)
-        return self._finish(end, warm_bytes)
+                warm_bytes, warm_kinds = dict(self.dht.bytes), dict(self.dht.by_kind)
+        return self._finish(end, warm_bytes, warm_kinds)
 
-    def _finish(self, end: float, warm_bytes: dict[int, float]) -> Results:
+    def _finish(self, end: float, warm_bytes: dict[int, float], warm_kinds: dict[str, float]) -> Results:
         out, minutes = self.out, max(1e-9, (end - WARMUP_S) / 60.0)
         client_ids = {c.idx for c in self.clients}
         grown = {i: b - warm_bytes.get(i, 0.0) for i, b in self.dht.bytes.items()}
         out.client_bytes_per_min = sum(grown.get(i, 0.0) for i in client_ids) / len(client_ids) / minutes
         out.node_bytes_per_min = sum(b for i, b in grown.items() if i not in client_ids) / len(self.nodes) / minutes
-        out.plan_ms, out.replan_ms, out.infeasible = self.driver.plan_ms, self.driver.replan_ms, self.driver.infeasible
+        d = self.driver
+        out.plan_ms, out.plan_cpu_ms, out.replan_ms, out.infeasible = d.plan_ms, d.plan_cpu_ms, d.replan_ms, d.infeasible
+        out.candidates = d.candidates
         out.lookups = self.dht.lookups
+        out.bytes_by_kind = {k: (v - warm_kinds.get(k, 0.0)) / len(self.nodes) / minutes for k, v in self.dht.by_kind.items()}
+        for c in self.clients:
+            out.refusals.update(c.refusals)
         for node in self.joiners:
             if node.joined_at <= end - 30.0:
-                used = None if node.first_used is None else node.first_used - node.joined_at
-                out.joined.append((node.kind, used))
+                since = [None if t is None else t - node.joined_at for t in (node.first_offered, node.first_used)]
+                out.joined.append((node.kind, *since))
         return out
 
 
