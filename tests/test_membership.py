@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from edge_agent.discovery.capabilities import Capabilities
 from edge_agent.discovery.identity import Identity, SwarmKey
 from edge_agent.discovery.membership import Membership
-from edge_agent.discovery.membership_wire import (KIND_EXCHANGE, KIND_REPLY, MAX_ENTRIES, MAX_MESSAGE_BYTES, MemberRecord,
-                                                  MembershipDecodeError, decode, encode)
+from edge_agent.discovery.membership_wire import (ACK, MAGIC, MAX_DIGEST, MAX_ENTRIES, MAX_MESSAGE_BYTES, PUSH, SYN, Beat,
+                                                  MemberRecord, MembershipDecodeError, Message, decode, encode)
 from edge_agent.discovery.peers import PeerTable
 from edge_agent.transport import Frame, MsgType, PeerLostError, tls
 
@@ -35,11 +35,15 @@ def record(swarm: SwarmKey, counter: int = 5, addresses=("10.0.0.1",), identity:
 def test_roundtrip_and_verify() -> None:
     swarm = SwarmKey.from_secret(SECRET)
     recs = [record(swarm, counter=i + 1, addresses=("10.0.0.1", "fd00::1")) for i in range(3)]
-    kind, back = decode(encode(KIND_EXCHANGE, recs))
-    assert kind == KIND_EXCHANGE and back == recs
-    assert all(r.verify(swarm) for r in back)
-    assert not back[0].verify(SwarmKey.from_secret("another swarm"))
-    assert not back[0].verify(SwarmKey.from_secret(None))
+    beat = recs[0]
+    msg = Message(ACK, dict(r.digest_entry() for r in recs), recs,
+                  [Beat(beat.agent_id, beat.counter, beat.addresses, beat.signature, 1234)])
+    back = decode(encode(msg))
+    assert back == msg
+    assert all(r.verify(swarm) for r in back.records)
+    assert not back.records[0].verify(SwarmKey.from_secret("another swarm"))
+    assert not back.records[0].verify(SwarmKey.from_secret(None))
+    assert decode(encode(Message(SYN))) == Message(SYN)
 
 
 def test_relays_cannot_forge() -> None:
@@ -48,10 +52,10 @@ def test_relays_cannot_forge() -> None:
     assert not replace(r, counter=r.counter + 1).verify(swarm)  # a relay keeping a dead member alive
     assert not replace(r, addresses=("10.6.6.6",)).verify(swarm)  # a relay redirecting traffic
     other = record(swarm)
-    assert not replace(r, caps=other.caps).verify(swarm)  # an old presence paired with another record
+    assert not replace(r, caps=other.caps, caps_txt=other.caps_txt).verify(swarm)  # a presence under another record
+    assert not r.with_presence(r.counter, r.addresses, other.signature, 0).verify(swarm)
     mallory = Identity.generate()  # a member signing a presence for someone else
-    forged = MemberRecord(r.caps, r.counter + 1, r.addresses, mallory.sign(b"anything"))
-    assert not forged.verify(swarm)
+    assert not r.with_presence(r.counter + 1, r.addresses, mallory.sign(b"anything"), 0).verify(swarm)
     assert r.with_age(123_456).verify(swarm)  # the age hint is unsigned: it can only make a record older
     with pytest.raises(ValueError):
         MemberRecord.signed(mallory, r.caps, 1, ())  # our own record must be ours
@@ -61,22 +65,28 @@ def test_relays_cannot_forge() -> None:
 
 def test_bounds_are_enforced_before_use() -> None:
     swarm = SwarmKey.from_secret(SECRET)
-    one = encode(KIND_REPLY, [record(swarm)])
+    one = encode(Message(PUSH, {}, [record(swarm)]))
     cases = {
-        b"": "too short",
-        b"EAX\x01\x01\x00": "not a membership message",
-        b"EAM\x01\x07\x00": "not a membership message",
-        b"EAM\x01\x01" + bytes([MAX_ENTRIES + 1]): "records, limit",
+        b"": "not a membership message",
+        b"EAX\x02\x01\x00\x00\x00\x00": "not a membership message",
+        MAGIC + b"\x07\x00\x00\x00\x00": "unknown message kind",
+        MAGIC + b"\x01" + struct.pack(">H", MAX_DIGEST + 1): "digest of",
+        MAGIC + b"\x01\x00\x00" + struct.pack(">H", MAX_ENTRIES + 1): "records, limit",
+        MAGIC + b"\x01\x00\x00\x00\x01\x09": "unknown entry type",
         one[:-1]: "truncated",
         one + b"\x00": "trailing",
-        b"EAM\x01\x01\x01" + struct.pack(">H", 60000): "capability record of 60000 bytes",
+        MAGIC + b"\x01\x00\x00\x00\x01\x01" + struct.pack(">H", 60000): "capability record of 60000 bytes",
         b"\x00" * (MAX_MESSAGE_BYTES + 1): "over",
     }
     for raw, msg in cases.items():
         with pytest.raises(MembershipDecodeError, match=msg):
             decode(raw)
-    assert len(encode(KIND_EXCHANGE, [record(swarm) for _ in range(MAX_ENTRIES + 5)])) < MAX_MESSAGE_BYTES
-    assert len(decode(encode(KIND_EXCHANGE, [record(swarm) for _ in range(MAX_ENTRIES + 5)]))[1]) == MAX_ENTRIES
+    many = Message(SYN, {bytes([i % 256, i // 256]) * 4: (i, b"\x00" * 8) for i in range(MAX_DIGEST + 5)},
+                   [record(swarm) for _ in range(MAX_ENTRIES + 5)])
+    raw = encode(many)
+    assert len(raw) < MAX_MESSAGE_BYTES
+    back = decode(raw)
+    assert len(back.digest) == MAX_DIGEST and len(back.records) == MAX_ENTRIES
     bad_addr = bytearray(one)
     at = bad_addr.index(b"10.0.0.1")
     bad_addr[at:at + 8] = b"10.0.0.x"
@@ -87,7 +97,7 @@ def test_bounds_are_enforced_before_use() -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=2048))
 def test_fuzz_random_bytes(raw: bytes) -> None:
-    for data in (raw, b"EAM\x01\x01" + raw[:1] + raw[1:]):
+    for data in (raw, MAGIC + raw):
         try:
             decode(data)
         except MembershipDecodeError:
@@ -98,14 +108,16 @@ def test_fuzz_random_bytes(raw: bytes) -> None:
 @given(st.data())
 def test_fuzz_mutated_message(data: st.DataObject) -> None:
     swarm = SwarmKey.from_secret(SECRET)
-    raw = bytearray(encode(KIND_EXCHANGE, [record(swarm), record(swarm)]))
+    a, b = record(swarm), record(swarm)
+    raw = bytearray(encode(Message(ACK, dict([a.digest_entry()]), [a],
+                                   [Beat(b.agent_id, b.counter, b.addresses, b.signature)])))
     for _ in range(data.draw(st.integers(1, 4))):
         raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
     try:
-        _, recs = decode(bytes(raw))
+        msg = decode(bytes(raw))
     except MembershipDecodeError:
         return
-    for r in recs:  # whatever parses, a flipped byte never verifies unless it was in the unsigned age hint
+    for r in msg.records:  # whatever parses may be checked without an exception
         r.verify(swarm)
 
 
@@ -119,36 +131,48 @@ def test_merge_takes_news_only_and_refuses_replays() -> None:
     m = Membership(me, swarm, table, connect=None, clock=lambda: now[0])  # type: ignore[arg-type]
     peer = Identity.generate()
     old = record(swarm, counter=10, identity=peer)
-    assert m.merge([old]) == 1 and peer.agent_id in table
+    assert m.merge(Message(PUSH, records=[old])) == 1 and peer.agent_id in table
     assert table.get(peer.agent_id).sources == {"gossip"}
-    assert m.merge([old]) == 0  # no news
+    assert m.merge(Message(PUSH, records=[old])) == 0  # no news
     now[0] += 6
     assert [e.kind for e in table.expire()] == ["left"]
-    assert m.merge([old.with_age(0)]) == 0  # a relay replaying the dead member's last record
+    assert m.merge(Message(PUSH, records=[old.with_age(0)])) == 0  # a relay replaying the dead member's last record
     assert peer.agent_id not in table and m.live_records() == []
-    newer = record(swarm, counter=11, identity=peer)  # the member restarted: its counter grew
-    assert m.merge([newer]) == 1 and peer.agent_id in table
+    newer = record(swarm, counter=11, identity=peer)  # it restarted: its counter grew (a beat is enough)
+    assert m.merge(Message(PUSH, beats=[Beat(peer.agent_id, 11, newer.addresses, newer.signature)])) == 1
+    assert peer.agent_id in table
+    stranger = record(swarm, counter=3)  # a beat for a member we hold no capability record of: ignored
+    assert m.merge(Message(PUSH, beats=[Beat(stranger.agent_id, 3, stranger.addresses, stranger.signature)])) == 0
     stale = record(swarm, counter=1)  # first heard of, but the relay last saw it 60 s ago
-    assert m.merge([stale.with_age(60_000)]) == 1 and stale.agent_id not in table
+    assert m.merge(Message(PUSH, records=[stale.with_age(60_000)])) == 1 and stale.agent_id not in table
     outsider = record(SwarmKey.from_secret("other"), counter=99)
     forged = replace(record(swarm, counter=3), counter=4)
-    assert m.merge([outsider, forged]) == 0 and table.rejected == 2 and m.stats.records_rejected == 2
+    bad_beat = Beat(peer.agent_id, 12, newer.addresses, newer.signature)  # an old signature under a new counter
+    assert m.merge(Message(PUSH, records=[outsider, forged], beats=[bad_beat])) == 0
+    assert table.rejected == 3 and m.stats.records_rejected == 3
 
 
-def test_sample_is_bounded_and_leads_with_our_record() -> None:
+def test_digests_send_only_news_and_capability_records_only_once() -> None:
     swarm = SwarmKey.from_secret(SECRET)
     me = Identity.generate()
-    table = PeerTable(swarm, self_id=me.agent_id)
-    m = Membership(me, swarm, table, connect=None)  # type: ignore[arg-type]
-    m.merge([record(swarm) for _ in range(MAX_ENTRIES + 10)])
-    assert len(m.sample()) == MAX_ENTRIES
+    m = Membership(me, swarm, PeerTable(swarm, self_id=me.agent_id), connect=None)  # type: ignore[arg-type]
+    recs = [record(swarm, counter=5) for _ in range(MAX_ENTRIES + 10)]
+    m.merge(Message(PUSH, records=recs))
+    full, beats = m.news_for({})
+    assert len(full) == MAX_ENTRIES and beats == []  # a newcomer gets whole records, bounded per message
     caps = Capabilities(me.agent_id, tls_port=1).sealed(me, swarm)
     m.advertise(caps, ["127.0.0.1"])
     first = m.own
     m.advertise(caps, ["127.0.0.1"])
-    assert m.own.counter > first.counter
-    s = m.sample()
-    assert len(s) == MAX_ENTRIES and s[0] == m.own and s[0].verify(swarm)
+    assert m.own.counter > first.counter and m.own.verify(swarm)
+    theirs = m.digest()
+    assert len(theirs) == len(recs) + 1 and m.news_for(theirs) == ([], [])  # in sync: nothing to send
+    older = dict(theirs)
+    prefix, (counter, caps_prefix) = m.own.digest_entry()
+    older[prefix] = (counter - 1, caps_prefix)
+    assert m.news_for(older) == ([], [Beat(me.agent_id, m.own.counter, m.own.addresses, m.own.signature)])
+    older[prefix] = (counter - 1, b"\x00" * 8)  # they hold another capability record of ours: the whole record
+    assert m.news_for(older) == ([m.own], [])
 
 
 # -- real agents over TLS on loopback -----------------------------------------------------

@@ -2,9 +2,9 @@
 
 mDNS ends at the multicast segment.  Here an agent that reaches one member over the
 existing TLS transport learns the others, and keeps learning them after that member is
-gone: every round it runs a push-pull exchange (`membership_wire`) with a few members
-picked at random, each side sending its own signed record and a bounded sample of the
-live records it knows.  Why this and not a peer-to-peer engine: docs/discovery.md
+gone: every round it runs a push-pull exchange (`membership_wire`: SYN with a digest of what
+it holds, ACK with the news it lacks and the peer's digest, PUSH with the peer's news) with a
+few members picked at random.  Why this and not a peer-to-peer engine: docs/discovery.md
 ("Beyond one LAN") has the measurements.
 
 Trust: a record enters the peer table only when both of its owner's signatures verify
@@ -28,10 +28,9 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
 
 from edge_agent.discovery.capabilities import Capabilities
-from edge_agent.discovery.identity import Identity, SwarmKey, verify as ed25519_verify
-from edge_agent.discovery.membership_wire import (KIND_EXCHANGE, KIND_REPLY, MAX_ENTRIES, MemberRecord,
-                                                  MembershipDecodeError, decode, encode, is_membership_message,
-                                                  presence_bytes)
+from edge_agent.discovery.identity import Identity, SwarmKey
+from edge_agent.discovery.membership_wire import (ACK, MAX_DIGEST, MAX_ENTRIES, SYN, PUSH, Beat, Digest, MemberRecord,
+                                                  MembershipDecodeError, Message, decode, encode, is_membership_message)
 from edge_agent.discovery.peers import PeerTable
 from edge_agent.transport import Frame, MsgType, PeerLostError
 
@@ -114,22 +113,47 @@ class Membership:
 
     # -- what we know ----------------------------------------------------------------------
     def live_records(self, exclude: str | None = None) -> list[MemberRecord]:
-        """Records of members whose counter grew within the table's staleness window."""
+        """Our own record and those of members whose counter grew within the staleness window,
+        each with its age (how long ago we saw its counter grow)."""
         now = self._clock()
-        return [k.record.with_age((now - k.seen_at) * 1000) for a, k in self._known.items()
-                if a != exclude and now - k.seen_at <= self.table.stale_after_s]
-
-    def sample(self, exclude: str | None = None) -> list[MemberRecord]:
-        """What we send in one message: our own record and a random bounded share of the rest."""
         out = [self._own] if self._own is not None else []
-        live = self.live_records(exclude)
-        return out + self._rng.sample(live, min(len(live), MAX_ENTRIES - len(out)))
+        return out + [k.record.with_age((now - k.seen_at) * 1000) for a, k in self._known.items()
+                      if a != exclude and now - k.seen_at <= self.table.stale_after_s]
 
-    def merge(self, records: Sequence[MemberRecord]) -> int:
-        """Take in verified records that are news; returns how many were accepted."""
+    def digest(self) -> Digest:
+        """What we hold, for a peer to send us only the news (bounded like the peer table)."""
+        live = self.live_records()
+        if len(live) > MAX_DIGEST:
+            live = self._rng.sample(live, MAX_DIGEST)
+        return dict(r.digest_entry() for r in live)
+
+    def news_for(self, digest: Digest, exclude: str | None = None) -> tuple[list[MemberRecord], list[Beat]]:
+        """The records a peer with `digest` lacks or holds older: full where it lacks the
+        capability record, else only the presence; at most MAX_ENTRIES, in random order."""
+        full, beats = [], []
+        for r in self.live_records(exclude):
+            prefix, (counter, caps) = r.digest_entry()
+            theirs = digest.get(prefix)
+            if theirs is not None and theirs[0] >= counter:
+                continue
+            if theirs is None or theirs[1] != caps:
+                full.append(r)
+            else:
+                beats.append(Beat(r.agent_id, r.counter, r.addresses, r.signature, r.age_ms))
+        news = [(True, r) for r in full] + [(False, b) for b in beats]
+        news = self._rng.sample(news, min(len(news), MAX_ENTRIES))
+        return [r for is_full, r in news if is_full], [b for is_full, b in news if not is_full]
+
+    def merge(self, msg: Message) -> int:
+        """Take in the verified news of a message; returns how many records were accepted."""
         now = self._clock()
+        candidates: list[MemberRecord] = list(msg.records)
+        for b in msg.beats:  # a beat renews a capability record we hold; else our digest asks for it whole
+            known = self._known.get(b.agent_id)
+            if known is not None:
+                candidates.append(known.record.with_presence(b.counter, b.addresses, b.signature, b.age_ms))
         accepted = 0
-        for r in records:
+        for r in candidates:
             if r.agent_id == self.identity.agent_id:
                 continue
             known = self._known.get(r.agent_id)
@@ -147,24 +171,24 @@ class Membership:
                 if len(self._known) >= MAX_KNOWN:
                     continue
             self._known[r.agent_id] = _Known(r.with_age(0), seen)
-            self.table.upsert(r.caps, list(r.addresses), SOURCE, seen_at=seen)
+            entry = self.table.get(r.agent_id)
+            if entry is not None and entry.caps == r.caps and entry.addresses == list(r.addresses) and SOURCE in entry.sources:
+                self.table.heartbeat(r.agent_id, seen)  # a beat: the table need not check the record again
+            else:
+                self.table.upsert(r.caps, list(r.addresses), SOURCE, seen_at=seen)
             accepted += 1
         self.stats.records_accepted += accepted
         return accepted
 
     def _verify(self, r: MemberRecord) -> bool:
         """Both signatures; a capability record already verified for this agent is not checked again."""
-        try:
-            txt = r.caps.to_txt()
-        except ValueError:  # too big to re-encode: not a record any agent emits
-            return False
-        if self._verified_caps.get(r.agent_id) == txt:
-            return ed25519_verify(bytes.fromhex(r.agent_id), presence_bytes(r.caps, r.counter, r.addresses), r.signature)
+        if self._verified_caps.get(r.agent_id) == r.caps_txt:
+            return r.presence_holds()
         if not r.verify(self.swarm):
             return False
         if len(self._verified_caps) >= MAX_KNOWN:
             self._verified_caps.pop(next(iter(self._verified_caps)))
-        self._verified_caps[r.agent_id] = txt
+        self._verified_caps[r.agent_id] = r.caps_txt
         return True
 
     def _forget(self, now: float, force: bool = False) -> None:
@@ -176,18 +200,20 @@ class Membership:
 
     # -- answering (listener side) ---------------------------------------------------------
     def answer(self, payload: bytes, peer_id: str) -> bytes | None:
-        """Reply to one exchange message from `peer_id` (already authenticated); None: drop it."""
+        """Handle one message from `peer_id` (already authenticated): a SYN gets an ACK, a PUSH
+        nothing; None also for anything malformed (logged, dropped)."""
         self.stats.bytes_received += len(payload)
         try:
-            kind, records = decode(payload)
+            msg = decode(payload)
         except MembershipDecodeError as exc:
             log.info("membership message from %s refused: %s", peer_id[:12], exc)
             return None
-        if kind != KIND_EXCHANGE:
+        self.merge(msg)
+        if msg.kind != SYN:
             return None
-        self.merge(records)
         self.stats.answered += 1
-        reply = encode(KIND_REPLY, self.sample(exclude=peer_id))
+        records, beats = self.news_for(msg.digest, exclude=peer_id)
+        reply = encode(Message(ACK, self.digest(), records, beats))
         self.stats.bytes_sent += len(reply)
         return reply
 
@@ -253,15 +279,17 @@ class Membership:
             log.debug("membership: %s:%d unreachable: %r", host, port, exc)
             return False
         try:
-            payload = encode(KIND_EXCHANGE, self.sample(exclude=channel.peer_id))
-            await channel.send(Frame.from_bytes(MsgType.CONTROL, payload, seq=1))
-            self.stats.bytes_sent += len(payload)
+            syn = encode(Message(SYN, self.digest()))
+            await self._send(channel, syn)
             reply = await asyncio.wait_for(channel.recv(), EXCHANGE_TIMEOUT_S)
             self.stats.bytes_received += len(reply.payload)
-            kind, records = decode(reply.payload)
-            if kind != KIND_REPLY:
-                raise MembershipDecodeError("expected a reply")
-            self.merge(records)
+            ack = decode(reply.payload)
+            if ack.kind != ACK:
+                raise MembershipDecodeError("expected an ACK")
+            self.merge(ack)
+            records, beats = self.news_for(ack.digest, exclude=channel.peer_id)
+            if records or beats:
+                await self._send(channel, encode(Message(PUSH, {}, records, beats)))
             self.stats.exchanges_ok += 1
             return True
         except (MembershipDecodeError, PeerLostError, asyncio.TimeoutError, OSError) as exc:
@@ -270,6 +298,10 @@ class Membership:
             return False
         finally:
             await channel.close()
+
+    async def _send(self, channel: Any, payload: bytes) -> None:
+        await channel.send(Frame.from_bytes(MsgType.CONTROL, payload, seq=1))
+        self.stats.bytes_sent += len(payload)
 
 
 class _AnsweringChannel:

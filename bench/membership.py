@@ -1,0 +1,131 @@
+"""What membership gossip costs (edge_agent/discovery/membership.py), on loopback.
+
+1. The codec and the signature checks: bytes of a full message, microseconds per record
+   merged (both signatures, then presence only once the capability record is cached).
+2. A swarm of N members in this process over real TLS, all told one bootstrap address:
+   seconds until every member knows every other, gossip bytes per member per second once
+   converged, and seconds until the killed bootstrap member has left every table.
+
+    .venv/bin/python bench/membership.py --members 24 --interval 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+from edge_agent.discovery.capabilities import Capabilities
+from edge_agent.discovery.identity import Identity, SwarmKey
+from edge_agent.discovery.membership import Membership
+from edge_agent.discovery.membership_wire import MAX_ENTRIES, PUSH, Beat, MemberRecord, Message, decode, encode
+from edge_agent.discovery.peers import PeerTable
+from edge_agent.transport import PeerLostError, tls
+
+SWARM = SwarmKey.from_secret("bench")
+
+
+def sealed(ident: Identity, port: int = 4000) -> Capabilities:
+    return Capabilities(ident.agent_id, tls_port=port, shards=(("0123456789abcdef", 0, 12),),
+                        extra=(("ar", "llamacpp;ub512;fa0;kv=f16"),)).sealed(ident, SWARM)
+
+
+def codec_costs() -> dict:
+    """Bytes of a full record and of a beat; microseconds to decode and to merge each kind."""
+    idents = [Identity.generate() for _ in range(MAX_ENTRIES)]
+    recs = [MemberRecord.signed(i, sealed(i), 1, ["10.0.0.1"]) for i in idents]
+    full_msg = encode(Message(PUSH, records=recs))
+    newer = [MemberRecord.signed(i, r.caps, 2, ["10.0.0.1"]) for i, r in zip(idents, recs)]
+    beat_msg = encode(Message(PUSH, beats=[Beat(r.agent_id, r.counter, r.addresses, r.signature) for r in newer]))
+    t0 = time.perf_counter()
+    for _ in range(20):
+        decode(full_msg)
+    decode_us = (time.perf_counter() - t0) / 20 / len(recs) * 1e6
+    me = Identity.generate()
+    m = Membership(me, SWARM, PeerTable(SWARM, self_id=me.agent_id), connect=None)  # type: ignore[arg-type]
+    t0 = time.perf_counter()
+    m.merge(decode(full_msg))
+    first_us = (time.perf_counter() - t0) / len(recs) * 1e6
+    t0 = time.perf_counter()
+    m.merge(decode(beat_msg))
+    beat_us = (time.perf_counter() - t0) / len(recs) * 1e6
+    return {"full_record_bytes": round(len(full_msg) / len(recs)), "beat_bytes": round(len(beat_msg) / len(recs)),
+            "digest_bytes_per_member": 24, "decode_full_us": round(decode_us, 1),
+            "merge_new_member_us": round(first_us, 1), "merge_beat_us": round(beat_us, 1)}
+
+
+class Member:
+    def __init__(self, bootstrap, interval_s: float) -> None:
+        self.identity = Identity.generate()
+        self.table = PeerTable(SWARM, self_id=self.identity.agent_id)
+        self.membership = Membership(self.identity, SWARM, self.table, self.connect, bootstrap=bootstrap,
+                                     interval_s=interval_s)
+
+    async def connect(self, host, port, expect):
+        return await tls.connect(self.identity, SWARM, host, port, expect_peer_id=expect)
+
+    async def idle(self, channel) -> None:
+        while True:
+            try:
+                await channel.recv()
+            except PeerLostError:
+                return
+
+    async def start(self) -> "Member":
+        self.server = await tls.listen(self.identity, SWARM, "127.0.0.1", 0, self.membership.wrap(self.idle))
+        self.membership.advertise(sealed(self.identity, self.server.port), ["127.0.0.1"])
+        self.table.start(interval_s=0.25)
+        await self.membership.start()
+        return self
+
+    async def stop(self) -> None:
+        await self.membership.close()
+        await self.table.close()
+        await self.server.close()
+
+
+async def swarm_costs(n: int, interval_s: float, measure_s: float) -> dict:
+    seed = await Member([], interval_s).start()
+    t0 = time.monotonic()
+    members = [seed] + [await Member([("127.0.0.1", seed.server.port)], interval_s).start() for _ in range(n - 1)]
+    ids = {m.identity.agent_id for m in members}
+
+    async def until(pred, limit_s: float) -> float | None:
+        start = time.monotonic()
+        while not pred():
+            if time.monotonic() - start > limit_s:
+                return None
+            await asyncio.sleep(0.05)
+        return time.monotonic()
+
+    done = await until(lambda: all(len(m.table) == n - 1 for m in members), 120)
+    converged_s = None if done is None else done - t0
+    before = [m.membership.stats.bytes_sent for m in members]
+    await asyncio.sleep(measure_s)
+    sent = [m.membership.stats.bytes_sent - b for m, b in zip(members, before)]
+    await seed.stop()
+    t_kill = time.monotonic()
+    rest = members[1:]
+    gone = await until(lambda: all(seed.identity.agent_id not in m.table for m in rest), 60)
+    whole = all({e.agent_id for e in m.table.peers()} == ids - {m.identity.agent_id, seed.identity.agent_id} for m in rest)
+    for m in rest:
+        await m.stop()
+    return {"members": n, "interval_s": interval_s, "converged_s": None if converged_s is None else round(converged_s, 2),
+            "gossip_bytes_per_member_per_s": round(sum(sent) / len(sent) / measure_s),
+            "bootstrap_gone_everywhere_s": None if gone is None else round(gone - t_kill, 2),
+            "rest_whole_after": whole}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--members", type=int, default=24)
+    ap.add_argument("--interval", type=float, default=1.0, help="seconds between rounds (the agent's default: 1)")
+    ap.add_argument("--measure", type=float, default=5.0, help="seconds of steady-state traffic to count")
+    args = ap.parse_args()
+    print(json.dumps(codec_costs()))
+    print(json.dumps(asyncio.run(swarm_costs(args.members, args.interval, args.measure))))
+
+
+if __name__ == "__main__":
+    main()
