@@ -306,3 +306,38 @@ def test_bootstrap_that_starts_later_and_unreachable_addresses() -> None:
             await seed.stop()
 
     asyncio.run(main())
+
+
+def test_node_agents_learn_the_swarm_from_a_bootstrap_and_link_over_tls(tmp_path) -> None:
+    """The node.py wiring: a client agent told one member's TLS address learns the members and
+    links to one over the direct TLS path (WebRTC, with only user-given ICE servers, is the fallback)."""
+    from edge_agent.directory import PeerDirectory
+    from edge_agent.node import Agent, AgentConfig
+    from edge_agent.split.serve import HopServer
+
+    async def main() -> None:
+        def config(name: str, bootstrap=()) -> AgentConfig:
+            return AgentConfig(tmp_path / name, SECRET, host="127.0.0.1", mdns=False, ledger=False, bootstrap=list(bootstrap))
+
+        servers = []
+        for i in range(3):
+            agent = Agent(config(f"node{i}", [("127.0.0.1", servers[0].caps.tls_port)] if servers else ()))
+            await agent.start()
+            await agent.serve(HopServer([], agent.identity.agent_id, info_extra=agent.info_extra),
+                              Capabilities(agent.identity.agent_id, shards=(("0123456789abcdef", 0, 12),)))
+            servers.append(agent)
+        client = Agent(config("client", [("127.0.0.1", servers[0].caps.tls_port)]))
+        await client.start()
+        directory = PeerDirectory(client, "0123456789abcdef" + "0" * 48)
+        try:
+            ids = {s.identity.agent_id for s in servers}
+            await until(lambda: {e.agent_id for e in client.table.peers()} == ids, 20, "the client to learn every node")
+            assert client.config.ice_servers == []  # no public STUN/TURN unless the user gives one
+            link = await directory.link(servers[2].identity.agent_id)  # learned through node 0, never told
+            assert link.channel.kind == "tls"
+        finally:
+            await directory.close()
+            for a in [client, *servers]:
+                await a.close()
+
+    asyncio.run(main())
