@@ -37,7 +37,15 @@ class NoSwarmPeerError(UserError):
 
 
 def fail(message: str, hint: str | None = None) -> NoReturn:
-    """Stop the command here with a user error: one line, the hint, exit 2."""
+    """Stop the command here with a user error: one line, the hint (default: the command's
+    --help, where its options and examples are), exit 2."""
+    if hint is None:
+        try:  # typer >= 0.20 carries its own click
+            from typer._click.globals import get_current_context
+        except ImportError:
+            from click import get_current_context
+        ctx = get_current_context(silent=True)
+        hint = f"`{ctx.command_path if ctx else 'edge-agent'} --help` shows the options and examples"
     _print(message, hint)
     raise typer.Exit(USER_ERROR)
 
@@ -104,7 +112,8 @@ def explain(exc: BaseException) -> tuple[str, str | None] | None:
                          ("edge_agent.discovery.trust", "TrustError")):
         cls = getattr(mods.get(module), name, None)
         if cls is not None and isinstance(exc, cls):
-            return str(exc), ("docs/privacy.md explains --privacy and `edge-agent trust`" if name != "ServeError" else None)
+            return str(exc), ("docs/privacy.md explains --privacy and `edge-agent trust`" if name != "ServeError"
+                              else "`edge-agent serve --help` shows the options and examples; docs/cli/serve.md")
     if isinstance(exc, TimeoutError):
         return str(exc) or "timed out", f"is a peer running and reachable? `edge-agent peers`; {TROUBLESHOOTING}"
     if isinstance(exc, OSError):
