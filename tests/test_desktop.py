@@ -1,0 +1,163 @@
+"""Desktop mode (edge_agent/desktop.py) in this process: a real uvicorn server on loopback, a real
+swarm client on SmolLM2 (no peers: this device runs every layer), real HTTP from urllib.
+The browser opener is the one stub: $EDGE_AGENT_BROWSER runs a shell command that writes the URL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from conftest import reference_tokens
+from edge_agent.desktop import DesktopApp, DesktopSettings, browser_opener
+
+JSON = {"Content-Type": "application/json"}
+
+
+def call(url: str, method: str = "GET", body: dict | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as res:
+            return res.status, json.loads(res.read() or b"null")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")
+
+
+def wait_for_phase(url: str, phases: tuple[str, ...], timeout_s: float = 180.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        _, info = call(url + "api/app")
+        if info["phase"] in phases:
+            return info
+        time.sleep(0.2)
+    raise AssertionError(f"phase stayed {info['phase']!r}: {info['message']}")
+
+
+@contextmanager
+def running(settings: DesktopSettings):
+    """The app on its own event loop in a thread; stopped with the dashboard's stop request."""
+    app = DesktopApp(settings)
+    ready: dict = {}
+    started = threading.Event()
+
+    def on_ready(info: dict) -> None:
+        ready.update(info)
+        started.set()
+
+    thread = threading.Thread(target=lambda: asyncio.run(app.run(on_ready)), daemon=True)
+    thread.start()
+    assert started.wait(60), "the dashboard did not come up"
+    try:
+        yield app, ready["url"]
+    finally:
+        call(ready["url"] + "api/app/stop", "POST", {}, JSON)
+        thread.join(60)
+        assert not thread.is_alive(), "the app did not stop"
+
+
+def settings_for(tmp_path: Path, model: Path | None = None, **extra) -> DesktopSettings:
+    return DesktopSettings(tmp_path / "data", model, port=0, mdns=False, ctx=256, max_concurrent=1, discover_s=0.2, **extra)
+
+
+def test_no_model_the_dashboard_explains_and_opens_a_local_gguf(tmp_path, smollm_path):
+    with running(settings_for(tmp_path)) as (app, url):
+        info = wait_for_phase(url, ("no_model",))
+        assert "--model" in info["how_to_get_a_model"] and info["stoppable"]
+        with urllib.request.urlopen(url, timeout=30) as res:
+            assert b'id="model-picker"' in res.read()  # the page answers before any model
+        assert call(url + "health")[1]["status"] == "no_model"
+        status, body = call(url + "v1/models")
+        assert status == 503 and body["error"]["code"] == "model_not_loaded"
+
+        not_gguf = tmp_path / "notes.gguf"
+        not_gguf.write_text("not a model")
+        for path, words in (("relative.gguf", "full path"), (str(tmp_path / "missing.gguf"), "not found"),
+                            (str(not_gguf), "not a valid GGUF")):
+            status, body = call(url + "api/app/model", "POST", {"path": path}, JSON)
+            assert status == 400 and words in body["error"]["message"], body
+        assert call(url + "api/app/model", "POST", {"nope": 1}, JSON)[0] == 400
+
+        status, body = call(url + "api/app/model", "POST", {"path": str(smollm_path)}, JSON)
+        assert status == 202 and body["phase"] == "loading"
+        assert wait_for_phase(url, ("ready", "error"))["phase"] == "ready"
+        # the choice is remembered where resolve_model looks next time
+        assert (tmp_path / "data" / "models" / smollm_path.name).resolve() == smollm_path.resolve()
+        assert call(url + "api/app/model", "POST", {"path": str(smollm_path)}, JSON)[0] == 409
+
+        model_id = smollm_path.name.removesuffix(".gguf")
+        assert call(url + "health")[1]["status"] == "ok"
+        status, body = call(url + "v1/completions", "POST", {"model": model_id, "prompt": "The capital of France is",
+                                                               "max_tokens": 8, "temperature": 0}, JSON)
+        assert status == 200, body
+        from edge_agent.runtime.tokenizer import Tokenizer
+
+        tok = Tokenizer(smollm_path)
+        want = reference_tokens(smollm_path, tok.encode("The capital of France is"), 8)
+        assert body["choices"][0]["text"] == tok.decode(want)  # token-exact against llama.cpp alone
+
+
+def test_state_changes_only_from_this_machines_dashboard(tmp_path):
+    with running(settings_for(tmp_path)) as (_app, url):
+        wait_for_phase(url, ("no_model",))
+        port = url.rstrip("/").rsplit(":", 1)[1]
+        refused = [
+            ({"Content-Type": "application/json", "Host": f"evil.example:{port}"}, 403),  # DNS re-pointed at us
+            ({"Content-Type": "application/json", "Origin": "http://evil.example"}, 403),  # another site's page
+            ({"Content-Type": "text/plain"}, 415),  # what a cross-site form or no-cors fetch can send
+        ]
+        for headers, code in refused:
+            for path in ("api/app/stop", "api/app/model"):
+                status, body = call(url + path, "POST", {"path": "/x.gguf"}, headers)
+                assert status == code, (path, headers, body)
+        assert call(url + "api/app")[1]["phase"] == "no_model"  # still running
+        status, body = call(url + "api/app/stop", "POST", {}, {**JSON, "Origin": url.rstrip("/")})
+        assert status == 200 and body["phase"] == "stopping"
+
+
+def test_model_given_at_start_is_served_and_the_browser_gets_the_url(tmp_path, smollm_path):
+    seen = tmp_path / "opened.txt"
+    opener = browser_opener({"EDGE_AGENT_BROWSER": f"sh -c 'echo \"$1\" > {seen}' sh"})
+    with running(settings_for(tmp_path, smollm_path, open_browser=opener)) as (_app, url):
+        assert wait_for_phase(url, ("ready", "error"))["phase"] == "ready"
+        status, body = call(url + "v1/models")
+        assert status == 200 and body["data"][0]["id"] == smollm_path.name.removesuffix(".gguf")
+        deadline = time.monotonic() + 30
+        while not (seen.exists() and seen.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert seen.read_text().strip() == url
+
+
+def test_a_taken_port_falls_back_to_a_free_one(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        settings = settings_for(tmp_path)
+        settings.port = port
+        with running(settings) as (_app, url):
+            assert not url.endswith(f":{port}/")
+            assert call(url + "api/app")[0] == 200
+
+
+def test_settings_from_the_environment(tmp_path, smollm_path, monkeypatch):
+    assert browser_opener({"EDGE_AGENT_NO_BROWSER": "1"}) is None
+    assert browser_opener({}) is not None  # Python's webbrowser (not called here)
+    monkeypatch.setenv("EDGE_AGENT_DATA_DIR", str(tmp_path / "d"))
+    monkeypatch.setenv("EDGE_AGENT_MODEL", str(smollm_path))
+    s = DesktopSettings.from_env({"EDGE_AGENT_APP_PORT": "0", "EDGE_AGENT_MDNS_INTERFACE": "127.0.0.1, ::1",
+                                  "EDGE_AGENT_PEER": "127.0.0.1:7000", "EDGE_AGENT_NO_BROWSER": "1"})
+    assert (s.model, s.port, s.mdns_interfaces, s.peers, s.open_browser) == (smollm_path, 0, ["127.0.0.1", "::1"],
+                                                                             ["127.0.0.1:7000"], None)
+    with pytest.raises(ValueError, match="EDGE_AGENT_APP_PORT"):
+        DesktopSettings.from_env({"EDGE_AGENT_APP_PORT": "http"})
+    with pytest.raises(ValueError):
+        DesktopApp(DesktopSettings(tmp_path, peers=["no-port-here"]))
