@@ -175,6 +175,18 @@ def test_digests_send_only_news_and_capability_records_only_once() -> None:
     assert m.news_for(older) == ([m.own], [])
 
 
+def test_large_batches_are_checked_off_the_event_loop_with_the_same_verdicts() -> None:
+    swarm = SwarmKey.from_secret(SECRET)
+    me = Identity.generate()
+    m = Membership(me, swarm, PeerTable(swarm, self_id=me.agent_id), connect=None)  # type: ignore[arg-type]
+    good = [record(swarm) for _ in range(20)]
+    bad = [replace(record(swarm), counter=9), record(SwarmKey.from_secret("other"))]
+    assert asyncio.run(m.merge_async(Message(PUSH, records=good + bad))) == 20
+    assert m.stats.records_rejected == 2 and len(m.table) == 20
+    beats = [Beat(r.agent_id, r.counter + 1, r.addresses, r.signature) for r in good]  # old signatures
+    assert asyncio.run(m.merge_async(Message(PUSH, beats=beats))) == 0 and m.stats.records_rejected == 22
+
+
 # -- real agents over TLS on loopback -----------------------------------------------------
 
 class Member:

@@ -43,6 +43,7 @@ EXCHANGE_TIMEOUT_S = 5.0
 BOOTSTRAP_EVERY = 10  # rounds: ask a bootstrap address again even with a full view (heals partitions)
 FORGET_AFTER_S = 300.0  # how long an expired member's counter is kept (refuses its replays)
 MAX_KNOWN = 4096  # members remembered, live or recently expired
+THREAD_BATCH = 8  # more signature checks than this per message go to a worker thread
 SOURCE = "gossip"
 
 
@@ -146,30 +147,57 @@ class Membership:
 
     def merge(self, msg: Message) -> int:
         """Take in the verified news of a message; returns how many records were accepted."""
-        now = self._clock()
-        candidates: list[MemberRecord] = list(msg.records)
-        for b in msg.beats:  # a beat renews a capability record we hold; else our digest asks for it whole
+        news = self._news(msg)
+        return self._apply(news, [self._check(r, cached) for r, cached in news])
+
+    async def merge_async(self, msg: Message) -> int:
+        """`merge`, with the signature checks of a large batch in a worker thread (libsodium
+        releases the GIL), so a full message does not stall the hop server's event loop."""
+        news = self._news(msg)
+        if len(news) <= THREAD_BATCH:
+            return self._apply(news, [self._check(r, cached) for r, cached in news])
+        verdicts = await asyncio.to_thread(lambda: [self._check(r, cached) for r, cached in news])
+        return self._apply(news, verdicts)
+
+    def _news(self, msg: Message) -> list[tuple[MemberRecord, bool]]:
+        """(record, its capability record is already verified) for each record that is news;
+        a beat renews a capability record we hold, else it is ignored (our digest asks for it whole)."""
+        candidates = list(msg.records)
+        for b in msg.beats:
             known = self._known.get(b.agent_id)
             if known is not None:
                 candidates.append(known.record.with_presence(b.counter, b.addresses, b.signature, b.age_ms))
-        accepted = 0
+        news = []
         for r in candidates:
-            if r.agent_id == self.identity.agent_id:
-                continue
             known = self._known.get(r.agent_id)
-            if known is not None and r.counter <= known.record.counter:
-                continue  # nothing new (or a replay): no signature work spent on it
-            if not self._verify(r):
+            if r.agent_id != self.identity.agent_id and (known is None or r.counter > known.record.counter):
+                news.append((r, self._verified_caps.get(r.agent_id) == r.caps_txt))
+        return news  # what is not news costs no signature check
+
+    def _check(self, r: MemberRecord, caps_verified: bool) -> bool:
+        """Both signatures (only the presence when the capability record was verified before).
+        Pure: it may run in a worker thread."""
+        return r.presence_holds() if caps_verified else r.verify(self.swarm)
+
+    def _apply(self, news: list[tuple[MemberRecord, bool]], verdicts: list[bool]) -> int:
+        now = self._clock()
+        accepted = 0
+        for (r, _), ok in zip(news, verdicts):
+            if not ok:
                 self.stats.records_rejected += 1
                 self.table.rejected += 1
                 continue
-            seen = now - r.age_ms / 1000
-            if known is not None:
-                seen = max(seen, known.seen_at)
+            known = self._known.get(r.agent_id)
+            if known is not None and r.counter <= known.record.counter:
+                continue  # another message brought it meanwhile
             if known is None and len(self._known) >= MAX_KNOWN:
                 self._forget(now, force=True)
                 if len(self._known) >= MAX_KNOWN:
                     continue
+            if len(self._verified_caps) >= MAX_KNOWN and r.agent_id not in self._verified_caps:
+                self._verified_caps.pop(next(iter(self._verified_caps)))
+            self._verified_caps[r.agent_id] = r.caps_txt
+            seen = now - r.age_ms / 1000 if known is None else max(now - r.age_ms / 1000, known.seen_at)
             self._known[r.agent_id] = _Known(r.with_age(0), seen)
             entry = self.table.get(r.agent_id)
             if entry is not None and entry.caps == r.caps and entry.addresses == list(r.addresses) and SOURCE in entry.sources:
@@ -180,17 +208,6 @@ class Membership:
         self.stats.records_accepted += accepted
         return accepted
 
-    def _verify(self, r: MemberRecord) -> bool:
-        """Both signatures; a capability record already verified for this agent is not checked again."""
-        if self._verified_caps.get(r.agent_id) == r.caps_txt:
-            return r.presence_holds()
-        if not r.verify(self.swarm):
-            return False
-        if len(self._verified_caps) >= MAX_KNOWN:
-            self._verified_caps.pop(next(iter(self._verified_caps)))
-        self._verified_caps[r.agent_id] = r.caps_txt
-        return True
-
     def _forget(self, now: float, force: bool = False) -> None:
         """Drop members expired for FORGET_AFTER_S (or, when full, every expired one)."""
         horizon = self.table.stale_after_s + (0.0 if force else FORGET_AFTER_S)
@@ -199,7 +216,7 @@ class Membership:
             self._verified_caps.pop(a, None)
 
     # -- answering (listener side) ---------------------------------------------------------
-    def answer(self, payload: bytes, peer_id: str) -> bytes | None:
+    async def answer(self, payload: bytes, peer_id: str) -> bytes | None:
         """Handle one message from `peer_id` (already authenticated): a SYN gets an ACK, a PUSH
         nothing; None also for anything malformed (logged, dropped)."""
         self.stats.bytes_received += len(payload)
@@ -208,7 +225,7 @@ class Membership:
         except MembershipDecodeError as exc:
             log.info("membership message from %s refused: %s", peer_id[:12], exc)
             return None
-        self.merge(msg)
+        await self.merge_async(msg)
         if msg.kind != SYN:
             return None
         self.stats.answered += 1
@@ -286,7 +303,7 @@ class Membership:
             ack = decode(reply.payload)
             if ack.kind != ACK:
                 raise MembershipDecodeError("expected an ACK")
-            self.merge(ack)
+            await self.merge_async(ack)
             records, beats = self.news_for(ack.digest, exclude=channel.peer_id)
             if records or beats:
                 await self._send(channel, encode(Message(PUSH, {}, records, beats)))
@@ -320,7 +337,7 @@ class _AnsweringChannel:
             frame = await self._channel.recv()
             if frame.type != MsgType.CONTROL or not is_membership_message(frame.payload):
                 return frame
-            reply = self._membership.answer(bytes(frame.payload), self._channel.peer_id)
+            reply = await self._membership.answer(bytes(frame.payload), self._channel.peer_id)
             if reply is not None:
                 await self._channel.send(Frame.from_bytes(MsgType.CONTROL, reply, request_id=frame.request_id,
                                                           seq=frame.seq))
