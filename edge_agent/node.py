@@ -380,6 +380,9 @@ async def swarm_client(config: AgentConfig, model: Path, client_config, options:
                 client.auditor = auditor  # its outcomes, for telemetry and tests
                 client.observers.add(auditor.observe)
                 recorder.on_commitments = auditor.on_commitments
+                client.verifier = _verifier(recorder, auditor)
+        if client_config.verify and client.verifier is None:
+            raise ValueError("--verify needs audits: an --audit-rate above 0 and the ledger (EDGE_AGENT_LEDGER is off)")
         yield client
     finally:
         if auditor is not None:  # audits start once receipts are in, and their evidence goes out with the last sync
@@ -401,6 +404,15 @@ def _policies(config: AgentConfig, default):
 
     return lambda level: default if level == default.name else privacy_policy(level, default.k, default.m,
                                                                                config.data_dir, config.swarm_secret)
+
+
+def _verifier(recorder, auditor):
+    """``SwarmClient.verifier``: a request's earliest failed audit, once its audits ran."""
+    async def verify(request_id: str):
+        await recorder.finished(request_id)  # its receipts' commitments start its audits
+        return await auditor.fault(request_id)
+
+    return verify
 
 
 def _auditor(agent, ledger, model: Path, options: EngineOptions, rate: float | None):

@@ -24,9 +24,9 @@ from swarm_util import start_peer
 SHAPE = dict(n_layer=5, n_embd=64, n_head=8, n_head_kv=4, n_ff=172, n_vocab=512, seed=14)
 
 
-def _generate(cfg: AgentConfig, model, prompt: str, n: int):
+def _generate(cfg: AgentConfig, model, prompt: str, n: int, **client_config):
     async def go():
-        async with swarm_client(cfg, model, ClientConfig(), EngineOptions(n_ctx_per_request=512, max_requests=2),
+        async with swarm_client(cfg, model, ClientConfig(**client_config), EngineOptions(n_ctx_per_request=512, max_requests=2),
                                 discover_s=30.0, audit_rate=1.0) as client:
             tokens = client.tokenizer.encode(prompt)
             return tokens, await client.generate(tokens, SamplingParams(max_tokens=n))
@@ -73,3 +73,48 @@ def test_a_caught_cheater_is_slashed_and_routed_around(tmp_path):
     finally:
         cheater.stop()
         honest.stop()
+
+
+FAULTS = ("downgrade", "skip-layer", "stale", "noise", "garbage")
+
+
+@pytest.fixture(scope="module")
+def honest_swarm(tmp_path_factory):
+    from edge_agent.runtime.synthetic import make_random_gguf
+
+    base = tmp_path_factory.mktemp("verified")
+    model = make_random_gguf(base / "q8_0.gguf", ftype="q8_0", **SHAPE)
+    honest = start_peer(model, "1:4", base / "honest", "--test-advertise-ms", "5")
+    yield model, honest, base
+    honest.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", [*FAULTS, "garbage@37"])
+def test_verified_output_is_exact_although_a_cheater_served_first(honest_swarm, fault):
+    """``verify``: the client answers only after the audits; the cheater's tokens are thrown
+    away from the first position it corrupted and generated again on the honest peer.
+    ``garbage@37`` turns at position 37, where its third chunk starts (the prefill is chunk 0,
+    then 32 decode positions a chunk): the 33 tokens fed at positions 5..37 are kept, the rest
+    generated again."""
+    model, honest, base = honest_swarm
+    os.environ["EDGE_AGENT_TEST_FAULTS"] = "1"
+    try:
+        cheater = start_peer(model, "1:4", base / fault, "--test-fault", fault, "--test-advertise-ms", "0.001")
+    finally:
+        os.environ.pop("EDGE_AGENT_TEST_FAULTS", None)
+    try:
+        cfg = AgentConfig(base / f"client-{fault}", manual_peers=[("127.0.0.1", p.ready["tls_port"]) for p in (cheater, honest)],
+                          mdns=False, host="127.0.0.1")
+        cfg.data_dir.mkdir()
+        prompt, res = _generate(cfg, model, "Once upon a time", 40, verify=True)
+        assert res.token_ids == reference_tokens(model, prompt, 40)
+        (rolled,) = res.stats["verified"]["rolled_back"]
+        assert rolled["cheater"] == cheater.agent_id and res.stats["verified"]["rounds"] == 2
+        assert [h["peer_id"] for h in res.stats["path"]] == [honest.agent_id]  # the last round's path
+        if fault == "garbage@37":
+            assert (rolled["position"], rolled["kept_tokens"], rolled["discarded_tokens"]) == (37, 33, 7)
+        else:
+            assert rolled["position"] in (0, 5)  # the prefill's chunk, or the first decode chunk (stale)
+    finally:
+        cheater.stop()

@@ -64,8 +64,8 @@ def test_killed_peer_is_routed_around_with_unchanged_output(tmp_path, peers, tin
 
     orig = Router.open
 
-    async def spy(self, plan, keep):
-        states = await orig(self, plan, keep)
+    async def spy(self, plan, keep, policy):
+        states = await orig(self, plan, keep, policy)
         if not first_path:
             first_path.append(plan.hops[0].peer_id)
         return states

@@ -52,6 +52,7 @@ class AuditOutcome:
     passed: bool
     evidence_id: bytes | None = None
     reason: str = ""  # why it failed
+    step_start: int = 0  # the chunk's first position: where a failed chunk's corruption begins
 
 
 def _consistency(peer_id: str, request_id: str, start: int, end: int, frames, commitments: list[Commitment]) -> list:
@@ -68,7 +69,7 @@ def _consistency(peer_id: str, request_id: str, start: int, end: int, frames, co
         d = distance(f.fingerprint, acc.finish())
         if d > CONSISTENCY:
             failed.append(AuditOutcome(peer_id, request_id, start, end, f.chunk, d, False,
-                                       reason="committed fingerprint is not that of the outputs sent"))
+                                       reason="committed fingerprint is not that of the outputs sent", step_start=f.step_start))
     return failed
 
 
@@ -109,6 +110,7 @@ class Auditor:
         self._engines: dict[tuple[int, int], object] = {}
         self._lock = threading.Lock()  # one re-execution at a time: the auditor's engines are not shared
         self._tasks: set[asyncio.Task] = set()
+        self._by_request: dict[str, set[asyncio.Task]] = {}
 
     def observe(self, rec) -> None:
         """A client HopRecord: keep the hop's input and output rows (references, not copies)."""
@@ -136,6 +138,30 @@ class Auditor:
                                                                    chosen))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        self._by_request.setdefault(request_id, set()).add(task)
+        task.add_done_callback(lambda t: self._forget(request_id, t))
+
+    def _forget(self, request_id: str, task: asyncio.Task) -> None:
+        pending = self._by_request.get(request_id)
+        if pending is not None:
+            pending.discard(task)
+            if not pending:
+                del self._by_request[request_id]
+
+    async def fault(self, request_id: str, timeout_s: float = 120.0):
+        """After this request's audits (bounded wait): its earliest failed chunk as a
+        ``split.verified.Fault``, or None. The request's receipts must be in (their commitments
+        start the audits)."""
+        from edge_agent.split.verified import Fault
+
+        tasks = self._by_request.pop(request_id, set())
+        if tasks:
+            await asyncio.wait(list(tasks), timeout=timeout_s)
+        failed = [o for o in self.outcomes if o.request_id == request_id and not o.passed]
+        if not failed:
+            return None
+        first = min(failed, key=lambda o: o.step_start)
+        return Fault(first.peer_id, first.step_start)
 
     def _equivocation(self, c: Commitment) -> Evidence | None:
         f = c.fields
@@ -180,7 +206,8 @@ class Auditor:
                 ev = Evidence.failed_audit(c, statement)
                 evidence.append(ev)
             outcomes.append(AuditOutcome(peer_id, request_id, start, end, c.fields.chunk, d, passed,
-                                         ev.id if ev is not None else None, "" if passed else "re-execution differs"))
+                                         ev.id if ev is not None else None, "" if passed else "re-execution differs",
+                                         c.fields.step_start))
         return outcomes, evidence
 
     async def drain(self, timeout_s: float = 60.0) -> None:

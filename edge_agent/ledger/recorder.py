@@ -195,6 +195,7 @@ class ClientRecorder:
         self.hops: OrderedDict[tuple[str, str, int, int], _Hop] = OrderedDict()
         self.failures: list[str] = []  # hops whose commitments did not check out (for telemetry and tests)
         self._tasks: set[asyncio.Task] = set()
+        self._by_request: dict[str, asyncio.Task] = {}
         self.peers: set[str] = set()  # every peer that did work for us (the end-of-run sync pushes to them)
         self.on_commitments: Callable | None = None  # (request, peer, start, end, commitments) once verified: audits
 
@@ -218,6 +219,14 @@ class ClientRecorder:
         task = asyncio.get_running_loop().create_task(self.finalize(request_id, request_for, hops, local, positions))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        self._by_request[request_id] = task
+        task.add_done_callback(lambda _t: self._by_request.pop(request_id, None))
+
+    async def finished(self, request_id: str, timeout_s: float = 60.0) -> None:
+        """Wait (bounded) until this request's receipts are settled (and its audits started)."""
+        task = self._by_request.get(request_id)
+        if task is not None:
+            await asyncio.wait([task], timeout=timeout_s)
 
     async def drain(self, timeout_s: float = 30.0) -> None:
         """Wait for requests still being finalized (before closing the links they use)."""

@@ -30,6 +30,7 @@ from edge_agent.split.policy import PRIVACY_LEVELS, PolicyError, PrivacyPolicy
 from edge_agent.split.protocol import ErrorCode, HopFailed
 from edge_agent.split.star import StarStrategy
 from edge_agent.split.strategy import RequestState, Router, Strategy
+from edge_agent.split.verified import Verifier, generate_verified
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class ClientConfig:
     backend: str = "llamacpp"  # runtime of the middle layers: the peers' (must match) and local fallback's
     local_fallback: bool = True  # run layers no peer can take on this device (it has the model)
     local_ms_per_layer: float = 1000.0  # planner cost of a local layer: a last resort, never preferred
+    verify: bool = False  # answer only after the request's audits passed; regenerate past a cheater (split.verified)
 
 
 class SwarmClient:
@@ -128,6 +130,8 @@ class SwarmClient:
             raise
         self.observers = Observers()  # HopRecord of every hop step this client accepts
         self.end_hooks: list[Callable[[RequestEnd], None]] = []  # e.g. the ledger's receipts
+        self.verifier: Verifier | None = None  # request id -> its earliest failed audit (the ledger's auditor)
+        self.banned: set[str] = set()  # peers caught cheating: planned around for the rest of this client's life
         self._local_ms = 0.0
         self._local_link: LocalLink | None = None
         router = Router(self._plan, self._link, self.observers, max_reroutes=cfg.max_reroutes,
@@ -230,7 +234,7 @@ class SwarmClient:
 
     async def _start(self, rid: bytes, policy: PrivacyPolicy) -> RequestState:
         """Plan a path and open its links; peers that cannot be reached are planned around."""
-        excluded: set[str] = set()
+        excluded: set[str] = set(self.banned)
         for _ in range(self.config.max_reroutes + 1):
             plan = self._plan(policy, exclude=excluded)
             try:
@@ -250,7 +254,19 @@ class SwarmClient:
         ``privacy``: this request's level, which may tighten the client's default (``policy_for``).
         Multi-turn KV reuse: ``keep`` receives the finished request still alive instead of it
         being ended; a later ``generate(resume=that)`` whose prompt extends its tokens, under the
-        same policy, computes only the new ones (else it is released and the prompt computed afresh)."""
+        same policy, computes only the new ones (else it is released and the prompt computed afresh).
+        With ``config.verify`` (and a ``verifier``), tokens are handed out once the request's audits
+        passed (``split.verified``); conversations are then not kept."""
+        if self.config.verify and self.verifier is not None:
+            if resume is not None:
+                await self.release(resume)
+            return await generate_verified(self._generate, self.verifier, self.banned.add, self.tokenizer, prompt_tokens,
+                                           params, on_token, privacy)
+        return await self._generate(prompt_tokens, params, on_token, resume=resume, keep=keep, privacy=privacy)
+
+    async def _generate(self, prompt_tokens: Sequence[int], params: SamplingParams,
+                        on_token: Callable[[int, str], None] | None = None, *, resume: KeptRequest | None = None,
+                        keep: Callable[[KeptRequest], None] | None = None, privacy: str | None = None) -> GenerationResult:
         policy = self.policy_for(privacy)
         if resume is not None and (not resume.extended_by(prompt_tokens) or resume.state.policy != policy):
             await self.release(resume)
@@ -306,6 +322,7 @@ class SwarmClient:
     def _stats(self, req: RequestState) -> dict:
         tel = req.tracker.telemetry()
         return {
+            "request_id": req.rid.hex(),  # as in the ledger (`edge-agent ledger show --request`)
             "mode": req.plan.mode,
             "path": [{"peer_id": h.hop.peer_id, "range": f"{h.hop.start}:{h.hop.end}"} for h in req.hops],
             "hops": [

@@ -71,7 +71,7 @@ class HopServer:
                  weights=None, loader: Callable[[int, int], object] | None = None, ledger=None,
                  hooks: TestHooks = TestHooks(), fault_engine: Callable[[int, int], object] | None = None):
         hooks.check_enabled()
-        self.fault = OutputFault(hooks.fault) if hooks.fault in ("stale", "noise", "garbage") else None
+        self.fault = OutputFault.of(hooks.fault)
         self.fault_engine = fault_engine
         self.agent_id = agent_id
         self.shards = {(e.info.start, e.info.end): _Shard(e) for e in engines}
@@ -294,7 +294,7 @@ class HopServer:
                 continue
             self.steps_served += 1
             if self.fault is not None:
-                out.data = self.fault.apply(job.step.request_id, out.data)
+                out.data = self.fault.apply(job.step.request_id, out.data, job.step.pos)
             reply = Frame.from_array(MsgType.ACTIVATION, out.data, request_id=f.request_id, step=f.step,
                                      n_positions=f.n_positions, layer_start=f.layer_start, layer_end=f.layer_end,
                                      seq=f.seq, flags=f.flags & int(Flag.REPLAY | Flag.PREFILL), compute_us=int(out.compute_ms * 1000))

@@ -19,6 +19,7 @@ ENABLE_ENV = "EDGE_AGENT_TEST_HOOKS"
 FAULTS_ENV = "EDGE_AGENT_TEST_FAULTS"
 # downgrade and skip-layer compute with another engine (node.py loads it); the others change outputs
 FAULTS = ("downgrade", "skip-layer", "stale", "noise", "garbage")
+OUTPUT_FAULTS = ("stale", "noise", "garbage")  # these take KIND@POSITION: honest before that position
 HONEST_LEVEL = 0.012  # relative RMS of honest variation (CPU vs CUDA, Q8_0; docs/accountability.md): noise is 10x this
 
 
@@ -29,7 +30,7 @@ class TestHooks:
     delay_ms: float = 0.0  # sleep this long before each compute round (a slow node)
     advertise_ms: float | None = None  # advertise this ms per layer instead of the measured one
     claim_model_hash: str | None = None  # advertise this model hash (a node with tampered weights)
-    fault: str | None = None  # one of FAULTS: a node that cheats on its results (verification tests)
+    fault: str | None = None  # one of FAULTS (an output fault may say KIND@POSITION): a node that cheats on its results
 
     @property
     def active(self) -> bool:
@@ -40,21 +41,32 @@ class TestHooks:
         if self.active and os.environ.get(ENABLE_ENV) != "1":
             raise ValueError(f"--test-* options are for the test suite only (set {ENABLE_ENV}=1 to allow them)")
         if self.fault is not None:
-            if self.fault not in FAULTS:
-                raise ValueError(f"unknown --test-fault {self.fault!r} (one of {', '.join(FAULTS)})")
+            kind, at, position = self.fault.partition("@")
+            if kind not in FAULTS or (at and (kind not in OUTPUT_FAULTS or not position.isdigit())):
+                raise ValueError(f"unknown --test-fault {self.fault!r} (one of {', '.join(FAULTS)}; "
+                                 f"{', '.join(OUTPUT_FAULTS)} may end in @POSITION)")
             if os.environ.get(FAULTS_ENV) != "1":
                 raise ValueError(f"--test-fault is for the test suite only (set {FAULTS_ENV}=1 to allow it)")
 
 
 class OutputFault:
-    """The output-changing faults: stale (the request's previous output), noise, garbage."""
+    """The output-changing faults: stale (the request's previous output), noise, garbage;
+    ``KIND@POSITION`` answers honestly for steps before POSITION (a node that turns later)."""
 
-    def __init__(self, kind: str, seed: int | None = None) -> None:
-        self.kind = kind
+    def __init__(self, spec: str, seed: int | None = None) -> None:
+        self.kind, _, after = spec.partition("@")
+        self.after = int(after or 0)
         self.last: dict[str, np.ndarray] = {}
         self.rng = np.random.default_rng(seed)
 
-    def apply(self, request_id: str, out: np.ndarray) -> np.ndarray:
+    @classmethod
+    def of(cls, spec: str | None) -> "OutputFault | None":
+        return cls(spec) if spec is not None and spec.partition("@")[0] in OUTPUT_FAULTS else None
+
+    def apply(self, request_id: str, out: np.ndarray, pos: int = 0) -> np.ndarray:
+        if pos < self.after:
+            self.last[request_id] = out
+            return out
         if self.kind == "stale":
             prev = self.last.get(request_id)
             self.last[request_id] = out
