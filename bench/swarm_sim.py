@@ -12,6 +12,7 @@ The model and the rule for newcomers: docs/discovery.md, "Planning at swarm scal
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import time
@@ -20,8 +21,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from swarmsim.view import PROBATION_SHARE  # noqa: E402
+from swarmsim.nodes import N_LAYER, draw_node, rtt_ms, seeded_identity  # noqa: E402
+from swarmsim.requests import LOCAL_MS, POLICY  # noqa: E402
+from swarmsim.view import PROBATION_SHARE, Client  # noqa: E402
 from swarmsim.world import Config, Results, World, median  # noqa: E402
+
+from edge_agent.split.planner import plan_path  # noqa: E402
 
 
 def pct(xs, q: float) -> float:
@@ -36,14 +41,17 @@ def report(r: Results, wall_s: float) -> list[tuple[str, str]]:
     total = sum(steps.values()) or 1
     batch = sum(v for (k, inter), v in steps.items() if not inter) or 1
     sybil = steps[("sybil", False)] + steps[("sybil", True)]
+    fresh = steps[("newcomer", False)] + steps[("newcomer", True)]
     def within(xs) -> str:
         return f"{sum(1 for x in xs if x is not None and x <= 30.0)}/{len(xs)}"
 
-    offered = [o for _, o, _ in r.joined]
-    used = [u for _, _, u in r.joined]
-    gpu = [u for kind, _, u in r.joined if kind == "gpu"]
+    seen = [s for _, s, _, _ in r.joined]
+    offered = [o for _, _, o, _ in r.joined]
+    used = [u for *_, u in r.joined]
+    gpu = [u for kind, *_, u in r.joined if kind == "gpu"]
     rows = [
-        ("nodes / clients / sybils", f"{c.nodes} / {c.clients} / {c.sybils}"),
+        ("nodes / clients / sybils", f"{c.nodes} / {c.clients} / {c.sybils}"
+                                     f"{'' if c.staked_joiners else ' (joiners without stake)'}"),
         ("churn per minute, minutes", f"{c.churn_per_min:.0%}, {c.minutes:g}"),
         ("requests", f"{r.requests}"),
         ("completed with unchanged output", f"{exact:.2%} (completed {done:.2%}, {r.reroutes} re-routes)"),
@@ -60,6 +68,8 @@ def report(r: Results, wall_s: float) -> list[tuple[str, str]]:
          " / ".join(f"{r.bytes_by_kind.get(k, 0):,.0f}" for k in ("find", "store", "get"))),
         ("control bytes per client per minute", f"{r.client_bytes_per_min:,.0f}"),
         ("signed record bytes (median)", f"{median(r.record_bytes):.0f}"),
+        ("joiners in a client's view within 30 s", f"{within(seen)}; median "
+         f"{median([s for s in seen if s is not None]):.1f} s"),
         ("joiners offered to a planner within 30 s", f"{within(offered)}; median "
          f"{median([o for o in offered if o is not None]):.1f} s"),
         ("joiners used within 30 s (all / GPUs)", f"{within(used)} / {within(gpu)}; median "
@@ -67,9 +77,33 @@ def report(r: Results, wall_s: float) -> list[tuple[str, str]]:
         ("sybil share of layer-steps (all / batch)", f"{sybil / total:.2%} / {steps[('sybil', False)] / batch:.2%} "
          f"(bound {PROBATION_SHARE:.0%} of batch)"),
         ("sybil hops on interactive requests", f"{r.sybil_interactive_hops}"),
+        ("unstaked honest newcomers' share of layer-steps", f"{fresh / total:.2%}"),
         ("simulation wall time", f"{wall_s:.0f} s"),
     ]
     return rows
+
+
+def planner_scaling(seed: int, sizes: list[int]) -> None:
+    """The real planner over a whole swarm vs over a client's pre-selected view of it."""
+    rng = random.Random(seed)
+    print(f"{'swarm':>6}  {'plan over all (ms)':>18}  {'expected ms':>11}  {'view':>4}  {'plan over view (ms)':>19}  "
+          f"{'expected ms':>11}")
+    for n in sizes:
+        nodes = [draw_node(i, rng, 0.0) for i in range(n)]
+        for node in nodes:
+            node.reputation = round(rng.uniform(0.6, 1.0), 3)
+        client = Client(-1, seeded_identity(rng).agent_id, (rng.random(), rng.random()), rng)
+        everyone = [node.capability(rtt_ms(client.pos, node.pos), node.kv_capacity_mb, node.reputation) for node in nodes]
+        t0 = time.perf_counter()
+        full = plan_path(N_LAYER, POLICY, everyone, target_tbt_ms=500, local_ms=LOCAL_MS, mode="star")
+        t1 = time.perf_counter()
+        client.merge([(node, 0.0, node.kv_capacity_mb) for node in nodes], 0.0)
+        t2 = time.perf_counter()
+        view = client.candidates(0.0)
+        mine = plan_path(N_LAYER, POLICY, view, target_tbt_ms=500, local_ms=LOCAL_MS, mode="star")
+        t3 = time.perf_counter()
+        print(f"{n:>6}  {(t1 - t0) * 1000:>18.1f}  {full.expected_ms:>11.1f}  {len(view):>4}  {(t3 - t2) * 1000:>19.2f}  "
+              f"{mine.expected_ms:>11.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,12 +115,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sybils", type=int, default=0)
     ap.add_argument("--clients", type=int, default=0, help="requesting devices (default: nodes / 20, at least 5)")
     ap.add_argument("--tokens", type=int, default=32, help="decode tokens per request (after an 8-position prefill)")
+    ap.add_argument("--unstaked-joiners", action="store_true", help="honest joiners put up no stake (probation)")
+    ap.add_argument("--planner-scaling", type=int, nargs="*", metavar="N",
+                    help="instead: time plan_path over swarms of N peers, all of them vs a client's view")
     args = ap.parse_args(argv)
+    if args.planner_scaling is not None:
+        planner_scaling(args.seed, args.planner_scaling or [100, 1000, 10000])
+        return 0
     if args.nodes < 20 or not 0 <= args.churn_per_min < 1 or args.minutes <= 1.0 or args.tokens < 1:
         print("error: need --nodes >= 20, 0 <= --churn-per-min < 1, --minutes > 1, --tokens >= 1", file=sys.stderr)
         return 2
     cfg = Config(nodes=args.nodes, churn_per_min=args.churn_per_min, minutes=args.minutes, seed=args.seed,
-                 sybils=args.sybils, clients=args.clients or max(5, args.nodes // 20), tokens=args.tokens)
+                 sybils=args.sybils, clients=args.clients or max(5, args.nodes // 20), tokens=args.tokens,
+                 staked_joiners=not args.unstaked_joiners)
     t0 = time.perf_counter()
     result = World(cfg).run()
     rows = report(result, time.perf_counter() - t0)

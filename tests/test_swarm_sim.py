@@ -27,8 +27,10 @@ from edge_agent.discovery.identity import Identity  # noqa: E402
 
 @pytest.fixture(scope="module")
 def churned():
-    """200 nodes, 5% of them leaving (and as many joining) per minute, 50 Sybils, 3 minutes."""
-    return World(Config(nodes=200, churn_per_min=0.05, minutes=3.0, seed=7, sybils=50, clients=20, tokens=16)).run()
+    """200 nodes, 5% of them leaving (and as many joining) per minute, 50 Sybils, 4 minutes;
+    half the requests are batch ones, so the probation quota opens."""
+    return World(Config(nodes=200, churn_per_min=0.05, minutes=4.0, seed=7, sybils=50, clients=20, tokens=16,
+                        interactive_share=0.5)).run()
 
 
 def test_requests_complete_with_unchanged_output_under_churn(churned):
@@ -49,11 +51,12 @@ def test_sybils_get_no_interactive_hop_and_a_bounded_share(churned):
     batch = sum(v for (_, interactive), v in steps.items() if not interactive)
     assert churned.sybil_interactive_hops == 0
     assert steps[("sybil", True)] == 0
-    assert steps[("sybil", False)] <= PROBATION_SHARE * batch * 1.5  # the quota, up to one request's overshoot
+    assert steps[("sybil", False)] > 0  # they were let in (the quota opened), and no further than it says
+    assert steps[("sybil", False)] <= PROBATION_SHARE * batch  # the quota: charged before a request runs
 
 
 def test_joiners_are_used_and_control_bytes_counted(churned):
-    assert any(used is not None for _, _, used in churned.joined)
+    assert any(used is not None for *_, used in churned.joined)
     assert churned.node_bytes_per_min > 0 and churned.client_bytes_per_min > 0
     assert set(churned.bytes_by_kind) == {"find", "store", "get"}
 

@@ -66,6 +66,7 @@ class Node:
     kv_used_mb: float = 0.0
     good_steps: int = 0
     first_used: Optional[float] = None
+    first_seen: Optional[float] = None  # first time a client fetched its record
     first_offered: Optional[float] = None  # first time a client handed it to the planner
     holds: dict = field(default_factory=dict)  # request id -> KV MB held
     kv: dict = field(default_factory=dict)  # (request id, layer) -> simulated KV state

@@ -24,7 +24,7 @@ import numpy as np
 from edge_agent.split.deadlines import DeadlineConfig, DeadlineTracker
 from edge_agent.split.links import Reply
 from edge_agent.split.observe import HopRecord, Observers
-from edge_agent.split.planner import NoRouteError, Plan, plan_path
+from edge_agent.split.planner import Plan, plan_path
 from edge_agent.split.policy import PrivacyPolicy
 from edge_agent.split.protocol import ErrorCode, HopFailed
 from edge_agent.split.star import StarStrategy
@@ -41,7 +41,6 @@ PEER_TIMEOUT_S = 2.0  # transport heartbeat timeout: how long a crashed peer's l
 GOOD_STEP_FACTOR = 1.5  # a step counts towards history when the hop took at most this x what its claims predict
 LOCAL_MS = 12.0  # the client's layers 0 and 79, norm, head, sampling
 MOD = 8191
-WIDTH = 2  # activation width of the toy layers
 PREFILL_ROWS = 8
 
 
@@ -56,16 +55,16 @@ def run(coro):
 
 
 def layers(kv: dict, rid: bytes, x: np.ndarray, start: int, end: int) -> np.ndarray:
-    """The toy layers ``[start, end)``: each mixes its running state (the "KV cache") into every row.
-    ``kv[(rid, layer)] = (state, positions held)``."""
-    rows = [[int(v) for v in row] for row in x]
+    """The toy layers ``[start, end)``: each mixes its running state (the "KV cache") into every
+    position. ``kv[(rid, layer)] = (state, positions held)``; one number per position keeps it cheap."""
+    values = [int(v) for v in x[:, 0]]
     for layer in range(start, end):
         state, held = kv.get((rid, layer), (0, 0))
-        for row in rows:
-            state = (state * 31 + sum(row)) % MOD
-            row[:] = [(v * 3 + layer + state) % MOD for v in row]
-        kv[(rid, layer)] = (state, held + len(rows))
-    return np.array(rows, dtype=np.float32)
+        for i, v in enumerate(values):
+            state = (state * 31 + v) % MOD
+            values[i] = (v * 3 + layer + state) % MOD
+        kv[(rid, layer)] = (state, held + len(values))
+    return np.array(values, dtype=np.float32).reshape(-1, 1)
 
 
 def position_error(kv: dict, rid: bytes, start: int, pos: int) -> str | None:
@@ -201,7 +200,8 @@ class Driver:
     def _observe(self, sreq: SimRequest, rec: HopRecord) -> None:
         node = self.world.by_id[rec.peer_id]
         steps = rec.end - rec.start
-        sreq.client.layer_steps += steps
+        if not sreq.interactive:
+            sreq.client.batch_layer_steps += steps
         self.world.served(node, steps, sreq.interactive, sreq.clock.t)
         if rec.replay or rec.n_positions != 1:
             return
@@ -214,8 +214,7 @@ class Driver:
 
     def start(self, client: Client, now: float, interactive: bool, target_ms: float, tokens: int) -> SimRequest:
         sreq = SimRequest(client, interactive, target_ms, tokens, now, Clock(now))
-        lo, hi = POLICY.remote_range(N_LAYER)
-        sreq.probation = client.probation_pick(interactive, (hi - lo) * (PREFILL_ROWS + tokens))
+        sreq.probation = client.probation_pick(interactive, PREFILL_ROWS + tokens)
         observers = Observers()
         observers.add(lambda rec: self._observe(sreq, rec))
         jitter = lambda: math.exp(self.world.rng.gauss(0.0, 0.1))  # noqa: E731
@@ -227,8 +226,7 @@ class Driver:
         plan = router.plan(POLICY)  # NoRouteError: the request fails
         sreq.state = RequestState(uuid.UUID(int=self.world.rng.getrandbits(128)).bytes, plan,
                                   DeadlineTracker(plan, DEADLINES), run(router.open(plan, {}, POLICY)), POLICY)
-        sreq.x = np.array([[self.world.rng.randrange(MOD) for _ in range(WIDTH)] for _ in range(PREFILL_ROWS)],
-                          dtype=np.float32)
+        sreq.x = np.array([[self.world.rng.randrange(MOD)] for _ in range(PREFILL_ROWS)], dtype=np.float32)
         return sreq
 
     async def _link(self, peer_id: str, sreq: SimRequest, jitter) -> SimLink:

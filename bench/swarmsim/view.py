@@ -8,15 +8,16 @@ layers they hold there, weighted by reputation as the planner weighs it), skippi
 that advertise no free slot, and topped up until every layer has ``COVER`` of them. The
 view keeps ``KEEP_PER_SEGMENT`` (or more, for cover) per segment, so it is O(1) in n.
 
-Newcomer rule (documented in docs/discovery.md): a peer with neither stake nor history
-is on *probation*; a staked newcomer is planned like any peer of unknown reputation. Interactive requests never see probation peers.
-A batch request sees at most one, drawn uniformly at random (claims are not ranked:
-they are what a Sybil lies about), and only while this client's probation layer-steps
-are at most ``PROBATION_SHARE`` of its layer-steps, so probation peers' share of the
-traffic is bounded whatever their number or claims. History: ``GRADUATION_STEPS`` decode
-steps served at most 1.5x as slow as the peer's own claims predict give it reputation
-``GRADUATED_REPUTATION`` (the ledger's job once it lands; here an oracle). A budget is no
-yardstick: a loose target gives even a peer 50x slower than it claims room to spare.
+Newcomer rule (docs/discovery.md, "Planning at swarm scale"): a peer with neither stake
+nor history is on *probation* (a staked newcomer is planned like any peer of unknown
+reputation). Interactive requests never see probation peers. A batch request may get one,
+drawn uniformly at random (claims are not ranked: they are what a Sybil lies about),
+whose worst case (all its layers at every position) is charged to this client's quota
+up front and must fit in ``PROBATION_SHARE`` of its batch layer-steps: probation peers'
+share of batch traffic is bounded whatever their number or claims. History: ``GRADUATION_STEPS``
+decode steps served at most 1.5x as slow as the peer's own claims predict give it
+reputation ``GRADUATED_REPUTATION`` (the ledger's job once it lands; here an oracle). A
+budget is no yardstick: a loose target leaves even a peer 50x slower than it claims room.
 """
 
 from __future__ import annotations
@@ -93,13 +94,15 @@ class Client:
         self.top: list[list[Node]] = [[] for _ in SEGMENT_BOUNDS]
         self.probation: list[list[Node]] = [[] for _ in SEGMENT_BOUNDS]
         self.dead: set[int] = set()
-        self.layer_steps = self.probation_layer_steps = 0
+        self.batch_layer_steps = self.probation_layer_steps = 0  # the quota's ledger (probation: charged up front)
         self.refusals: Counter = Counter()  # error replies seen, by code
 
     def merge(self, fetched: list[tuple[Node, float, float]], now: float) -> None:
         """Add fetched records (node, published_at, advertised free MB); re-rank; forget the rest."""
         for node, published, free in fetched:
             old = self.entries.get(node.idx)
+            if node.first_seen is None:
+                node.first_seen = now
             if old is None or old[1] < published:
                 self.entries[node.idx] = (node, published, free, rtt_ms(self.pos, node.pos))
         self.entries = {i: e for i, e in self.entries.items() if now - e[1] <= RECORD_TTL_S and i not in self.dead}
@@ -123,18 +126,19 @@ class Client:
         self.entries = {i: e for i, e in self.entries.items() if i in keep}
         self.dead.intersection_update(n.idx for n, *_ in self.entries.values())
 
-    def probation_pick(self, interactive: bool, most_layer_steps: int) -> Node | None:
-        """The one probation peer a request may use, or None. Its worst case (``most_layer_steps``:
-        every remote layer of every position) is charged to the quota up front, so the share of
-        probation peers never exceeds PROBATION_SHARE, however a request turns out."""
-        total = self.layer_steps + most_layer_steps
-        if interactive or self.probation_layer_steps + most_layer_steps > PROBATION_SHARE * total:
-            return None
+    def probation_pick(self, interactive: bool, positions: int) -> Node | None:
+        """The one probation peer a request may use, or None. Its worst case (all its layers at
+        every position) is charged to the quota up front, so probation peers' share of this
+        client's batch layer-steps never exceeds PROBATION_SHARE, however the request turns out."""
         pool = {n.idx: n for seg in self.probation for n in seg if n.idx not in self.dead}
-        if not pool:
+        if interactive or not pool:
             return None
-        self.probation_layer_steps += most_layer_steps
-        return pool[self.rng.choice(sorted(pool))]
+        pick = pool[self.rng.choice(sorted(pool))]
+        worst = (pick.span[1] - pick.span[0]) * positions
+        if self.probation_layer_steps + worst > PROBATION_SHARE * (self.batch_layer_steps + worst):
+            return None
+        self.probation_layer_steps += worst
+        return pick
 
     def candidates(self, now: float, exclude=(), keep: tuple[Node, ...] = (), probation: Node | None = None
                    ) -> list[PeerCapability]:

@@ -64,7 +64,7 @@ class Results:
     client_bytes_per_min: float = 0.0
     lookups: int = 0
     bytes_by_kind: dict = field(default_factory=dict)  # per serving node per minute (each message counted once)
-    joined: list = field(default_factory=list)  # (kind, s to first offered to a planner, s to first use) per joiner
+    joined: list = field(default_factory=list)  # (kind, s to first in a view, to first offered to a planner, to first use)
     layer_steps: Counter = field(default_factory=Counter)  # (kind, interactive) -> layer-steps served
     sybil_interactive_hops: int = 0
     refusals: Counter = field(default_factory=Counter)  # error replies (engine refusals) by code
@@ -252,7 +252,7 @@ class World:
             out.refusals.update(c.refusals)
         for node in self.joiners:
             if node.joined_at <= end - 30.0:
-                since = [None if t is None else t - node.joined_at for t in (node.first_offered, node.first_used)]
+                since = [None if t is None else t - node.joined_at for t in (node.first_seen, node.first_offered, node.first_used)]
                 out.joined.append((node.kind, *since))
         return out
 
