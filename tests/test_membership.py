@@ -161,7 +161,8 @@ def test_digests_send_only_news_and_capability_records_only_once() -> None:
     full, beats = m.news_for({})
     assert len(full) == MAX_ENTRIES and beats == []  # a newcomer gets whole records, bounded per message
     caps = Capabilities(me.agent_id, tls_port=1).sealed(me, swarm)
-    m.advertise(caps, ["127.0.0.1"])
+    m.advertise(caps, ["node.example", "127.0.0.1"])  # a host name given as --host is left out
+    assert m.own.addresses == ("127.0.0.1",)
     first = m.own
     m.advertise(caps, ["127.0.0.1"])
     assert m.own.counter > first.counter and m.own.verify(swarm)

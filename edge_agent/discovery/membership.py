@@ -29,8 +29,9 @@ from typing import Any, Awaitable, Callable, Sequence
 
 from edge_agent.discovery.capabilities import Capabilities
 from edge_agent.discovery.identity import Identity, SwarmKey
-from edge_agent.discovery.membership_wire import (ACK, MAX_DIGEST, MAX_ENTRIES, SYN, PUSH, Beat, Digest, MemberRecord,
-                                                  MembershipDecodeError, Message, decode, encode, is_membership_message)
+from edge_agent.discovery.membership_wire import (ACK, MAX_ADDRESSES, MAX_DIGEST, MAX_ENTRIES, PUSH, SYN, Beat, Digest,
+                                                  MemberRecord, MembershipDecodeError, Message, check_addresses, decode,
+                                                  encode, is_membership_message)
 from edge_agent.discovery.peers import PeerTable
 from edge_agent.transport import Frame, MsgType, PeerLostError
 
@@ -97,8 +98,15 @@ class Membership:
 
     # -- own record ------------------------------------------------------------------------
     def advertise(self, caps: Capabilities, addresses: Sequence[str]) -> None:
-        """Publish our sealed record, reachable at `addresses` (IPs; the TLS port is in caps)."""
-        self._caps, self._addresses = caps, tuple(addresses)
+        """Publish our sealed record, reachable at `addresses` (IPs; the TLS port is in caps).
+        Anything that is not an IP address (a host name given as --host) is left out and said."""
+        usable = []
+        for a in addresses:
+            try:
+                usable.append(check_addresses([a])[0])
+            except ValueError:
+                log.warning("membership: %r is not an IP address; peers beyond the LAN will not be told it", a)
+        self._caps, self._addresses = caps, tuple(dict.fromkeys(usable))[:MAX_ADDRESSES]
         self._bump()
 
     def _bump(self) -> None:
