@@ -354,3 +354,24 @@ def test_node_agents_learn_the_swarm_from_a_bootstrap_and_link_over_tls(tmp_path
                 await a.close()
 
     asyncio.run(main())
+
+
+def test_malformed_membership_frames_are_dropped_and_the_channel_lives_on() -> None:
+    async def main() -> None:
+        swarm = SwarmKey.from_secret(SECRET)
+        node = await Member(swarm).start()
+        insider = Member(swarm)  # holds the swarm key, sends junk
+        try:
+            ch = await insider.connect(*node.address, node.identity.agent_id)
+            for junk in (MAGIC + b"\x01\xff\xff", MAGIC + b"\x09", MAGIC + b"\x01\x00\x00\x00\x01\x01\xff\xff",
+                         encode(Message(ACK, {}, [record(swarm)]))[:-3]):
+                await ch.send(Frame.from_bytes(MsgType.CONTROL, junk, seq=1))
+            await ch.send(Frame.from_bytes(MsgType.CONTROL, b"still here", seq=2))
+            reply = await asyncio.wait_for(ch.recv(), 5)  # no reply to any junk: the first one is the echo
+            assert reply.payload == b"echo:still here" and reply.seq == 2
+            await ch.close()
+            assert node.known() == set() and node.membership.stats.answered == 0
+        finally:
+            await node.stop()
+
+    asyncio.run(main())
