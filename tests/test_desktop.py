@@ -5,7 +5,9 @@ The browser opener is the one stub: $EDGE_AGENT_BROWSER runs a shell command tha
 from __future__ import annotations
 
 import asyncio
+import configparser
 import json
+import shutil
 import socket
 import threading
 import time
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import reference_tokens
+from conftest import ROOT, reference_tokens
 from edge_agent.desktop import DesktopApp, DesktopSettings, browser_opener
 
 JSON = {"Content-Type": "application/json"}
@@ -59,7 +61,10 @@ def running(settings: DesktopSettings):
     try:
         yield app, ready["url"]
     finally:
-        call(ready["url"] + "api/app/stop", "POST", {}, JSON)
+        try:
+            call(ready["url"] + "api/app/stop", "POST", {}, JSON)
+        except OSError:  # stopped by the test already
+            pass
         thread.join(60)
         assert not thread.is_alive(), "the app did not stop"
 
@@ -161,3 +166,54 @@ def test_settings_from_the_environment(tmp_path, smollm_path, monkeypatch):
         DesktopSettings.from_env({"EDGE_AGENT_APP_PORT": "http"})
     with pytest.raises(ValueError):
         DesktopApp(DesktopSettings(tmp_path, peers=["no-port-here"]))
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed (.ci/run installs it)")
+def test_the_page_picks_a_model_and_stops_the_app(tmp_path, smollm_path):
+    """Real headless chromium: the model picker refuses a wrong path, opens SmolLM2, the swarm
+    panels appear once it is loaded, and the stop button ends the app."""
+    from playwright.sync_api import sync_playwright
+
+    from test_dashboard import CHROMIUM_ARGS
+
+    with running(settings_for(tmp_path)) as (_app, url), sync_playwright() as pw:
+        ctx = pw.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=shutil.which("chromium"),
+                                                    headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = ctx.new_page()
+            page.goto(url)
+            page.wait_for_selector("#model-picker:not([hidden])", timeout=30_000)
+            assert page.evaluate("document.body.classList.contains('setup')") and page.is_visible("#stop")
+            assert not page.is_visible("#layers-card")  # nothing to show until a model is loaded
+            page.fill("#model-path", str(tmp_path / "nowhere.gguf"))
+            page.click("#model-open")
+            page.wait_for_function("document.querySelector('#model-error').textContent.includes('not found')", timeout=30_000)
+            page.fill("#model-path", str(smollm_path))
+            page.click("#model-open")
+            page.wait_for_selector("#live.on", timeout=180_000)  # loaded: the swarm's event stream is live
+            assert page.is_visible("#layers-card") and not page.is_visible("#app-card")
+            page.click("#stop")
+            page.wait_for_function("document.querySelector('#app-phase').textContent === '(stopped)'", timeout=30_000)
+        finally:
+            ctx.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                call(url + "api/app")
+            except OSError:
+                break  # the server is gone
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the app still answers after the stop button")
+
+
+def test_linux_desktop_entry_launches_the_app_with_its_icon():
+    entry = configparser.ConfigParser(interpolation=None)
+    entry.optionxform = str  # keys are case-sensitive
+    entry.read(ROOT / "packaging" / "linux" / "edge-agent.desktop")
+    desk = entry["Desktop Entry"]
+    assert (desk["Type"], desk["Exec"], desk["Terminal"]) == ("Application", "edge-agent", "false")
+    import xml.etree.ElementTree as ET
+
+    icon = ET.parse(ROOT / "packaging" / "linux" / f"{desk['Icon']}.svg").getroot()
+    assert icon.tag.endswith("svg") and icon.get("viewBox") == "0 0 128 128"
