@@ -189,7 +189,9 @@ class DesktopApp:
         self.setup = setup_app(self.state)
         self.switch = Switch(self.setup)
         self.choices: asyncio.Queue[Path] = asyncio.Queue(maxsize=1)
-        self.configs = self._configs()  # a bad EDGE_AGENT_PEER fails here, before anything starts
+        from edge_agent.discovery.peers import parse_peer_arg
+
+        self.peers = [parse_peer_arg(p) for p in settings.peers]  # a bad EDGE_AGENT_PEER fails before anything starts
         self.server = None  # uvicorn.Server once running
 
     @property
@@ -255,7 +257,8 @@ class DesktopApp:
         from edge_agent.api.server import ServeOptions, api_app
         from edge_agent.config import HOW_TO_GET_A_MODEL
 
-        agent_cfg, client_cfg, engine_opts = self.configs
+        # the swarm's modules (numpy, llama.cpp, ...) are imported off the event loop: the page stays responsive
+        agent_cfg, client_cfg, engine_opts = await asyncio.to_thread(self._configs)
         opts = ServeOptions("127.0.0.1", 0, max_concurrent=self.settings.max_concurrent, discover_s=self.settings.discover_s)
         model = self.settings.model
         while True:
@@ -276,13 +279,12 @@ class DesktopApp:
                 model = None
 
     def _configs(self):
-        from edge_agent.discovery.peers import parse_peer_arg
         from edge_agent.node import AgentConfig
         from edge_agent.runtime.engine import EngineOptions
         from edge_agent.split.client import ClientConfig
 
         s = self.settings
-        agent = AgentConfig(s.data_dir, None, "127.0.0.1", 0, 0, s.mdns, s.mdns_interfaces, [parse_peer_arg(p) for p in s.peers])
+        agent = AgentConfig(s.data_dir, None, "127.0.0.1", 0, 0, s.mdns, s.mdns_interfaces, self.peers)
         engine = EngineOptions(n_ctx_per_request=s.ctx, max_requests=s.max_concurrent)
         return agent, ClientConfig(), engine
 
@@ -294,11 +296,12 @@ class DesktopApp:
         self.server = uvicorn.Server(uvicorn.Config(self.asgi(), log_level="warning", lifespan="off",
                                                     timeout_graceful_shutdown=2))
         self._handle_signals()
-        agent = asyncio.create_task(self._agent_loop())
+        agent = None
         try:
             serving = asyncio.create_task(self.server.serve(sockets=[sock]))
             while not self.server.started and not serving.done():
                 await asyncio.sleep(0.01)
+            agent = asyncio.create_task(self._agent_loop())  # once the page answers
             host, port = sock.getsockname()[:2]
             self.state.url = f"http://{host}:{port}/"
             if on_ready:
@@ -310,8 +313,9 @@ class DesktopApp:
                     log.warning("could not open a browser (%s): open %s", exc, self.state.url)
             await serving
         finally:
-            agent.cancel()
-            await asyncio.gather(agent, return_exceptions=True)  # hops end their requests, the ledger closes
+            if agent is not None:
+                agent.cancel()
+                await asyncio.gather(agent, return_exceptions=True)  # hops end their requests, the ledger closes
             sock.close()
 
     def _handle_signals(self) -> None:
