@@ -31,6 +31,8 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -91,14 +93,12 @@ def browser_opener(environ=os.environ) -> Callable[[str], None] | None:
 def local_action_refusal(request: Request) -> ApiError | None:
     """Why a state-changing request (stop, open a model) is refused, or None.
 
-    Only this machine's browser tab may act: the peer must be loopback, the Host header a loopback
-    name (a page whose domain was re-pointed at 127.0.0.1 sends its own name), any Origin ours,
-    and the body JSON (a cross-site page cannot send that without a CORS preflight we never grant)."""
+    Only this machine's browser tab may act (the Host header is checked for every request, see
+    ``DesktopApp.asgi``): the peer must be loopback, any Origin ours, and the body JSON (a
+    cross-site page cannot send that without a CORS preflight we never grant)."""
     client = request.client.host if request.client else ""
     if client not in LOOPBACK_NAMES and not client.startswith("127."):
         return ApiError(403, "only this machine may do that", code="forbidden")
-    if urlsplit("//" + request.headers.get("host", "")).hostname not in LOOPBACK_NAMES:
-        return ApiError(403, "open the dashboard as http://127.0.0.1:PORT/ to do that", code="forbidden")
     origin = request.headers.get("origin")
     if origin is not None and urlsplit(origin).hostname not in LOOPBACK_NAMES:
         return ApiError(403, f"a page from {origin} may not do that", code="forbidden")
@@ -249,8 +249,11 @@ class DesktopApp:
             return JSONResponse({"phase": "loading", "model": str(path), "remembered": str(remembered) if remembered else None},
                                 status_code=202)
 
+        # a web page whose domain is re-pointed at 127.0.0.1 (DNS rebinding) sends its own name as Host: refused
+        loopback_only = Middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost"])
         return Starlette(routes=[Route("/api/app", status), Route("/api/app/stop", stop, methods=["POST"]),
-                                 Route("/api/app/model", open_model, methods=["POST"]), Mount("", app=self.switch)])
+                                 Route("/api/app/model", open_model, methods=["POST"]), Mount("", app=self.switch)],
+                         middleware=[loopback_only])
 
     async def _agent_loop(self) -> None:
         """Load the model (or wait for the dashboard to name one), then serve it until cancelled."""

@@ -31,7 +31,8 @@ def call(url: str, method: str = "GET", body: dict | None = None, headers: dict 
         with urllib.request.urlopen(req, timeout=120) as res:
             return res.status, json.loads(res.read() or b"null")
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"null")
+        raw = err.read()
+        return err.code, json.loads(raw) if err.headers.get_content_type() == "application/json" else {"text": raw.decode()}
 
 
 def wait_for_phase(url: str, phases: tuple[str, ...], timeout_s: float = 180.0) -> dict:
@@ -115,7 +116,7 @@ def test_state_changes_only_from_this_machines_dashboard(tmp_path):
         wait_for_phase(url, ("no_model",))
         port = url.rstrip("/").rsplit(":", 1)[1]
         refused = [
-            ({"Content-Type": "application/json", "Host": f"evil.example:{port}"}, 403),  # DNS re-pointed at us
+            ({"Content-Type": "application/json", "Host": f"evil.example:{port}"}, 400),  # DNS re-pointed at us
             ({"Content-Type": "application/json", "Origin": "http://evil.example"}, 403),  # another site's page
             ({"Content-Type": "text/plain"}, 415),  # what a cross-site form or no-cors fetch can send
         ]
@@ -123,6 +124,10 @@ def test_state_changes_only_from_this_machines_dashboard(tmp_path):
             for path in ("api/app/stop", "api/app/model"):
                 status, body = call(url + path, "POST", {"path": "/x.gguf"}, headers)
                 assert status == code, (path, headers, body)
+        for path in ("api/app", "health", ""):  # nothing at all for a rebound name, not even the page
+            req = urllib.request.Request(url + path, headers={"Host": f"evil.example:{port}"})
+            with pytest.raises(urllib.error.HTTPError, match="400"):
+                urllib.request.urlopen(req, timeout=30)
         assert call(url + "api/app")[1]["phase"] == "no_model"  # still running
         status, body = call(url + "api/app/stop", "POST", {}, {**JSON, "Origin": url.rstrip("/")})
         assert status == 200 and body["phase"] == "stopping"

@@ -282,8 +282,8 @@ async function followApp() {
     let info = null;
     try {
       const res = await fetch("/api/app");
-      if (res.status === 404) return;
-      if (res.ok) info = await res.json();
+      if (!res.ok) return;  // 404 (or 401 behind an API key): a plain `serve`, not the app
+      info = await res.json();
     } catch (err) {
       console.warn("app state:", err);
     }
