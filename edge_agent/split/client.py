@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple, Protocol, Sequence
 from edge_agent.runtime.engine import EngineOptions, StepInput
 from edge_agent.runtime.generation import Decoder, GenerationResult
 from edge_agent.runtime.sampling import SamplingParams
+from edge_agent.split.batcher import StepBatcher
 from edge_agent.split.chain import ChainStrategy
 from edge_agent.split.deadlines import DeadlineConfig, DeadlineTracker
 from edge_agent.split.links import PeerLink
@@ -128,6 +129,7 @@ class SwarmClient:
             self.head.close()
             self.tokenizer.close()
             raise
+        self._head_steps, self._tail_steps = StepBatcher(self.head), StepBatcher(self.tail)  # shared by concurrent requests
         self.observers = Observers()  # HopRecord of every hop step this client accepts
         self.end_hooks: list[Callable[[RequestEnd], None]] = []  # e.g. the ledger's receipts
         self.verifier: Verifier | None = None  # request id -> its earliest failed audit (the ledger's auditor)
@@ -283,11 +285,11 @@ class SwarmClient:
         try:
             while feed is not None:
                 t0 = time.perf_counter()
-                x = (await asyncio.to_thread(self.head.forward, [StepInput(sid, pos, feed)]))[0].data
+                x = await self._head_steps.forward(StepInput(sid, pos, feed))
                 t1 = time.perf_counter()
                 x = await self._strategy(req).step(req, pos, x)
                 t2 = time.perf_counter()
-                logits = (await asyncio.to_thread(self.tail.forward, [StepInput(sid, pos, x)]))[0].data
+                logits = await self._tail_steps.forward(StepInput(sid, pos, x))
                 if feed.shape[0] == 1:
                     self._local_ms = (t1 - t0 + time.perf_counter() - t2) * 1000.0
                 pos += feed.shape[0]
