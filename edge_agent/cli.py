@@ -16,9 +16,7 @@ import typer
 
 from edge_agent import __version__
 from edge_agent.cli_errors import EdgeAgentTyper
-# _agent_config, _client_config, _engine_options, _fail, _resolve_model: also what `serve` (api/command.py) uses
-from edge_agent.commands.common import (_agent_config, _client_config, _engine_options, _fail,  # noqa: F401
-                                        _resolve_model, parse_size_mb)
+from edge_agent.commands.common import _engine_options, _fail, parse_size_mb
 from edge_agent.commands.generate import RUN_EPILOG, generate, run
 from edge_agent.commands.join import EPILOG as JOIN_EPILOG, join
 from edge_agent.commands.model import model_app
@@ -165,7 +163,7 @@ SERVE_EPILOG = """[bold]Examples[/bold]
 
 The server prints one JSON line, [bold]{"ready": {...}}[/bold], with its URL. More: docs/cli/serve.md, docs/api.md."""
 
-from edge_agent.api.command import serve_command  # noqa: E402 - it imports the helpers above from this module
+from edge_agent.api.command import serve_command  # noqa: E402
 
 app.command("serve", epilog=SERVE_EPILOG)(serve_command)
 

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from edge_agent.cli import _agent_config, _client_config, _engine_options, _fail, _resolve_model
+from edge_agent.commands.common import _agent_config, _client_config, _engine_options, _fail, _resolve_model
 from edge_agent.options import (AuditRateOpt, BootstrapOpt, BackendOpt, CtxOpt, DataDirOpt, DiscoverOpt, FlashAttnOpt, IceServerOpt,
                                 MdnsInterfaceOpt, ModelOpt, ModeOpt, NoLocalFallbackOpt, NoMdnsOpt, PeerOpt, PrivacyOpt,
                                 SplitOpt, SwarmKeyOpt, TargetTbtOpt, ThreadsOpt, TransportOpt, UbatchOpt)

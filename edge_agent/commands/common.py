@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Optional
 
 import typer
 
 from edge_agent.cli_errors import fail
 
 
-def _fail(message: str, hint: str | None = None) -> NoReturn:
-    fail(message, hint)
+_fail = fail  # one line + hint, exit 2 (the name serve's command imports)
 
 
 def _resolve_model(model: Optional[Path], data_dir: Optional[Path]) -> Path:
