@@ -4,6 +4,11 @@ In chain mode the client-to-first-hop link uses the chosen transport; hops forwa
 each other over TLS (the direct path).
 
     .venv/bin/python bench/split.py [--quick] [--tokens N] [--rpc-bin DIR]
+    .venv/bin/python bench/split.py --concurrency 1,4,8 [--quick]   # many requests at once
+
+``--concurrency``: client + 2 peers over TLS (star), aggregate decode tokens/s of N
+requests at once (different prompts), each checked token for token against the same
+request run alone.
 
 All in one run, same random-weight ~0.4B Q4_0 model (1024 dim, 24 layers, GQA 16/4,
 ff 4096, vocab 32000), on loopback. Peers are separate OS processes (`edge-agent join`).
@@ -76,6 +81,42 @@ async def swarm_numbers(model: Path, peers, transport: str, n_tokens: int, n_ctx
             await agent.close()
 
 
+async def concurrency_numbers(model: Path, peers, levels: list[int], n_tokens: int, n_ctx: int, threads: int) -> dict:
+    from edge_agent.node import Agent, AgentConfig, PeerDirectory
+    from edge_agent.runtime.engine import EngineOptions
+    from edge_agent.runtime.sampling import SamplingParams
+    from edge_agent.runtime.shards import inspect_model
+    from edge_agent.split.client import ClientConfig, SwarmClient
+
+    info = inspect_model(model)
+    prompts = [[1] + [300 + (i * 7 + 11 * r) % 5000 for i in range(31)] for r in range(max(levels))]
+    with tempfile.TemporaryDirectory() as d:
+        agent = Agent(AgentConfig(Path(d), mdns=False, manual_peers=[("127.0.0.1", p.ready["tls_port"]) for p in peers]))
+        await agent.start()
+        directory = PeerDirectory(agent, info.model_hash)
+        ccfg = ClientConfig(target_tbt_ms=10_000)
+        await directory.wait_for_coverage(info.n_layer, ccfg.policy, 60)
+        client = SwarmClient(model, directory, ccfg, EngineOptions(n_ctx_per_request=n_ctx, max_requests=max(levels),
+                                                                   n_threads=threads), CACHE / "shards")
+        try:
+            params = SamplingParams(max_tokens=n_tokens)
+            alone = [(await client.generate(p, params)).token_ids for p in prompts]  # also the warm-up
+            rows = {}
+            for n in levels:
+                calls0, steps0 = client._head_steps.calls, client._head_steps.steps
+                t0 = time.perf_counter()
+                results = await asyncio.gather(*(client.generate(p, params) for p in prompts[:n]))
+                wall = time.perf_counter() - t0
+                rows[n] = {"aggregate_tok_s": round(sum(len(r.token_ids) for r in results) / wall, 2),
+                           "exact": all(r.token_ids == alone[i] for i, r in enumerate(results)),
+                           "mean_head_batch": round((client._head_steps.steps - steps0) / max(1, client._head_steps.calls - calls0), 2)}
+            return rows
+        finally:
+            client.close()
+            await directory.close()
+            await agent.close()
+
+
 def rpc_numbers(rpc_bin: Path, model: Path, n_layer: int, threads: int, n_tokens: int) -> dict | None:
     server_bin, bench_bin = rpc_bin / "ggml-rpc-server", rpc_bin / "llama-bench"
     if not (server_bin.exists() and bench_bin.exists()):
@@ -105,10 +146,28 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--rpc-bin", type=Path, default=None, help="folder with ggml-rpc-server and llama-bench")
+    ap.add_argument("--concurrency", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                    help="e.g. 1,4,8: aggregate tok/s of that many requests at once (client + 2 peers, TLS)")
     args = ap.parse_args()
     shape = SHAPE_QUICK if args.quick else SHAPE_04B
     model = make_random_gguf(CACHE / f"random-{'quick' if args.quick else '04b'}-q4_0.gguf", ftype="q4_0", **shape)
     L = shape["n_layer"]
+    if args.concurrency:
+        with tempfile.TemporaryDirectory() as d:
+            peers = [start_peer(model, r, Path(d) / f"p{i}", "--threads", str(args.threads), "--max-requests",
+                                str(max(args.concurrency))) for i, r in enumerate((f"1:{L // 2}", f"{L // 2}:{L - 1}"))]
+            try:
+                rows = asyncio.run(concurrency_numbers(model, peers, args.concurrency, args.tokens, args.ctx, args.threads))
+            finally:
+                for p in peers:
+                    p.stop()
+        one = rows[min(rows)]["aggregate_tok_s"]
+        print(f"model {shape} Q4_0, {args.threads} threads per process, {args.tokens} decode tokens per request, loopback TLS")
+        for n, r in rows.items():
+            print(f"{n:3} requests: {r['aggregate_tok_s']:8.2f} tok/s aggregate ({r['aggregate_tok_s'] / one:5.2f}x one), "
+                  f"outputs exact: {r['exact']}, mean head batch {r['mean_head_batch']}")
+        print(json.dumps(rows))
+        return
     ref = llama_cpp_tok_s(model, args.tokens, args.threads, args.ctx)
     ref_ttft = llama_cpp_ttft_ms(model, args.threads, args.ctx)
     rows = {"llama.cpp alone": {"tok_s": ref, "ttft_256_ms": ref_ttft}}
