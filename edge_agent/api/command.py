@@ -62,9 +62,13 @@ def serve_command(
         _fail(str(exc))
     opts = ServeOptions(host, port, api_key, no_auth, max_concurrent, discover, audit_rate)
 
-    def ready(info: dict) -> None:
-        typer.echo(json.dumps({"ready": info}))
-        sys.stdout.flush()
-        typer.echo(f"serving {info['model']} on {info['url']} (dashboard at /, OpenAI API at /v1)", err=True)
+    from edge_agent import progress
 
-    asyncio.run(serve(cfg, path, client_cfg, engine_opts, opts, ready))  # a known failure: one line + hint (cli_errors)
+    with progress.activity("loading this device's layers and finding peers") as act:
+        def ready(info: dict) -> None:
+            act.stop()
+            typer.echo(json.dumps({"ready": info}))
+            sys.stdout.flush()
+            typer.echo(f"serving {info['model']} on {info['url']} (dashboard at /, OpenAI API at /v1)", err=True)
+
+        asyncio.run(serve(cfg, path, client_cfg, engine_opts, opts, ready))  # a known failure: one line + hint (cli_errors)
