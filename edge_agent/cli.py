@@ -63,6 +63,9 @@ def main(
     import logging
     import sys
 
+    from edge_agent import progress
+
+    progress.set_quiet(False)  # until a --json command says otherwise (one process may run several commands)
     logging.basicConfig(stream=sys.stderr, level=log_level.value.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
