@@ -233,7 +233,7 @@ class DesktopApp:
                 text = json.loads(await read_body(request)).get("path")
             except ApiError as exc:
                 return refuse(exc)
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):  # not JSON, not an object, absurdly nested
                 text = None
             if not isinstance(text, str) or not 0 < len(text) <= MAX_PATH_CHARS:
                 return refuse(ApiError(400, 'send {"path": "/full/path/to/model.gguf"}', param="path", code="invalid_value"))
