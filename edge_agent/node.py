@@ -375,7 +375,7 @@ async def swarm_client(config: AgentConfig, model: Path, client_config, options:
             client.observers.add(recorder.observe)
             request_for = ledger.requester_via(directory.link)
             client.end_hooks.append(lambda end: recorder.request_ended(*end, request_for=request_for))
-            auditor = _auditor(agent, ledger, model, options, audit_rate)
+            auditor = _auditor(agent, ledger, model, options, audit_rate, resolve_backend(client_config.backend))
             if auditor is not None:
                 client.auditor = auditor  # its outcomes, for telemetry and tests
                 client.observers.add(auditor.observe)
@@ -415,9 +415,11 @@ def _verifier(recorder, auditor):
     return verify
 
 
-def _auditor(agent, ledger, model: Path, options: EngineOptions, rate: float | None):
-    """Audits of the hops' chunks (docs/accountability.md), re-executed here on llama.cpp, the
-    reference, whatever runtime the peers use (ONNX peers are honest variation to it)."""
+def _auditor(agent, ledger, model: Path, options: EngineOptions, rate: float | None, backend: str):
+    """Audits of the hops' chunks (docs/accountability.md), re-executed here on the runtime the
+    path runs (``backend``, as every peer of it must: the arithmetic settings match). Across
+    runtimes a real model's hidden states differ by up to ~30 % on some chunks (SmolLM2: ONNX
+    Runtime vs llama.cpp), which no tolerance could tell from cheating."""
     from edge_agent.ledger.audit import DEFAULT_RATE, Auditor
     from edge_agent.runtime.backends import load_engine
 
@@ -425,7 +427,7 @@ def _auditor(agent, ledger, model: Path, options: EngineOptions, rate: float | N
     if rate <= 0.0:
         return None
     shards = agent.config.data_dir / "shards"
-    return Auditor(agent.identity, ledger.store, lambda a, b: load_engine("llamacpp", model, a, b, options, shards),
+    return Auditor(agent.identity, ledger.store, lambda a, b: load_engine(backend, model, a, b, options, shards),
                    rate=rate)
 
 

@@ -102,7 +102,7 @@ def test_each_fault_is_caught_within_two_audited_chunks_and_attributed(swarm, fa
 @pytest.mark.parametrize("name", list(HONEST))
 def test_honest_variation_raises_no_flag(swarm, name):
     model, peers, base = swarm
-    backend = "onnx" if name == "onnx" else "llamacpp"  # the auditor re-executes on llama.cpp either way
+    backend = "onnx" if name == "onnx" else "llamacpp"  # the auditor re-executes on the path's runtime
     outcomes, evidence = _audited(base, model, peers[name], name, backend=backend, concurrent=2 if name == "1 thread" else 1)
     assert len(outcomes) >= 3 and all(o.passed for o in outcomes), [(o.chunk, o.distance) for o in outcomes]
     assert evidence == []
