@@ -57,6 +57,7 @@ def report(r: Results, wall_s: float) -> list[tuple[str, str]]:
         ("completed with unchanged output", f"{exact:.2%} (completed {done:.2%}, {r.reroutes} re-routes)"),
         ("failures", ", ".join(f"{k} x{v}" for k, v in r.failures.most_common(3)) or "none"),
         ("infeasible plans (checker)", f"{r.infeasible}"),
+        ("out-of-turn view refreshes (no route in the view)", f"{r.refills}"),
         ("error replies (engine refusals)", ", ".join(f"{k} x{v}" for k, v in r.refusals.most_common()) or "none"),
         ("planning ms per request, median / p99", f"{median(r.plan_ms):.2f} / {pct(r.plan_ms, 99):.2f} wall, "
          f"{median(r.plan_cpu_ms):.2f} / {pct(r.plan_cpu_ms, 99):.2f} CPU"),

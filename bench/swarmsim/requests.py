@@ -24,7 +24,7 @@ import numpy as np
 from edge_agent.split.deadlines import DeadlineConfig, DeadlineTracker
 from edge_agent.split.links import Reply
 from edge_agent.split.observe import HopRecord, Observers
-from edge_agent.split.planner import Plan, plan_path
+from edge_agent.split.planner import NoRouteError, Plan, plan_path
 from edge_agent.split.policy import PrivacyPolicy
 from edge_agent.split.protocol import ErrorCode, HopFailed
 from edge_agent.split.star import StarStrategy
@@ -131,6 +131,8 @@ class SimLink:
         if refused is not None:  # an ERROR reply: links.PeerLink raises it as a permanent HopFailed
             self.clock.t += rtt / 1000
             self.client.refusals[refused] += 1
+            if refused == str(ErrorCode.CAPACITY):
+                self.client.full(node)
             raise HopFailed(self.peer_id, "refused", refused)
         rows = frame.n_positions
         compute = node.ms_per_layer * (b - a) * max(1.0, rows / 4) * self.jitter()
@@ -184,9 +186,16 @@ class Driver:
         def plan(policy: PrivacyPolicy, previous: Plan | None = None, exclude=(), replace_hops=()) -> Plan:
             t0, c0 = time.perf_counter(), time.process_time()
             keep = tuple(self.world.by_id[h.peer_id] for h in previous.hops) if previous is not None else ()
+            kw = dict(target_tbt_ms=sreq.target_ms, local_ms=LOCAL_MS, previous=previous, exclude=exclude,
+                      replace_hops=replace_hops, mode="star")
             caps = sreq.client.candidates(sreq.clock.t, exclude, keep, sreq.probation)
-            out = plan_path(N_LAYER, policy, caps, target_tbt_ms=sreq.target_ms, local_ms=LOCAL_MS, previous=previous,
-                            exclude=exclude, replace_hops=replace_hops, mode="star")
+            try:
+                out = plan_path(N_LAYER, policy, caps, **kw)
+            except NoRouteError:  # the view ran dry (peers gone or full): fetch afresh from the DHT, once
+                if not self.world.refill(sreq.client, sreq.clock):
+                    raise
+                caps = sreq.client.candidates(sreq.clock.t, exclude, keep, sreq.probation)
+                out = plan_path(N_LAYER, policy, caps, **kw)
             if previous is None:
                 self.plan_ms.append((time.perf_counter() - t0) * 1000)
                 self.plan_cpu_ms.append((time.process_time() - c0) * 1000)

@@ -94,6 +94,7 @@ class Client:
         self.top: list[list[Node]] = [[] for _ in SEGMENT_BOUNDS]
         self.probation: list[list[Node]] = [[] for _ in SEGMENT_BOUNDS]
         self.dead: set[int] = set()
+        self.refilled_at = -math.inf
         self.batch_layer_steps = self.probation_layer_steps = 0  # the quota's ledger (probation: charged up front)
         self.refusals: Counter = Counter()  # error replies seen, by code
 
@@ -126,6 +127,12 @@ class Client:
         self.entries = {i: e for i, e in self.entries.items() if i in keep}
         self.dead.intersection_update(n.idx for n, *_ in self.entries.values())
 
+    def full(self, node: Node) -> None:
+        """It refused for want of a free slot: plan around it until a newer record says otherwise."""
+        entry = self.entries.get(node.idx)
+        if entry is not None:
+            self.entries[node.idx] = (entry[0], entry[1], 0.0, entry[3])
+
     def probation_pick(self, interactive: bool, positions: int) -> Node | None:
         """The one probation peer a request may use, or None. Its worst case (all its layers at
         every position) is charged to the quota up front, so probation peers' share of this
@@ -147,7 +154,8 @@ class Client:
         the peers of the path being repaired, which the planner keeps where they still serve."""
         chosen: dict[int, Node] = {n.idx: n for n in keep}
         for bounds, ranked in zip(SEGMENT_BOUNDS, self.top):
-            live = [n for n in ranked if n.idx not in self.dead and not n.on_probation and n.agent_id not in exclude]
+            live = [n for n in ranked if n.idx not in self.dead and not n.on_probation and n.agent_id not in exclude
+                    and self.entries[n.idx][2] >= (n.span[1] - n.span[0]) * KV_MB_PER_LAYER]
             chosen.update((n.idx, n) for n in _covering(live, bounds, TOP_PER_SEGMENT))
         if probation is not None and probation.idx not in self.dead and probation.agent_id not in exclude:
             chosen[probation.idx] = probation

@@ -27,6 +27,8 @@ from .view import RECORD_TTL_S, SEGMENT_BOUNDS, Client, bucket_count, segment_ke
 PUBLISH_EVERY_S = 60.0
 REFRESH_EVERY_S = 10.0
 LEAVE_NOTICE_S = 10.0
+REFILL_S = 5.0
+LOOKUP_S = 0.3  # a few rounds of Kademlia queries at 1-100 ms each
 WARMUP_S = 60.0  # control bytes are counted after the first publish round
 
 
@@ -63,6 +65,7 @@ class Results:
     node_bytes_per_min: float = 0.0
     client_bytes_per_min: float = 0.0
     lookups: int = 0
+    refills: int = 0  # out-of-turn view refreshes (a request found no route in the view)
     bytes_by_kind: dict = field(default_factory=dict)  # per serving node per minute (each message counted once)
     joined: list = field(default_factory=list)  # (kind, s to first in a view, to first offered to a planner, to first use)
     layer_steps: Counter = field(default_factory=Counter)  # (kind, interactive) -> layer-steps served
@@ -134,6 +137,16 @@ class World:
 
     def _refresh(self, client: Client) -> None:
         client.merge(self._fetch(client.idx, client.dht_id, range(len(SEGMENT_BOUNDS))), self.now)
+
+    def refill(self, client: Client, clock) -> bool:
+        """A refresh out of turn when a request finds no route in the view (at most every REFILL_S)."""
+        if clock.t - client.refilled_at < REFILL_S:
+            return False
+        client.refilled_at = clock.t
+        self.out.refills += 1
+        self._refresh(client)
+        clock.t += LOOKUP_S  # one round of lookups and gets
+        return True
 
     def _join(self, node: Node) -> None:
         self._add(node)
