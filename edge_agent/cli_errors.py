@@ -108,12 +108,15 @@ def explain(exc: BaseException) -> tuple[str, str | None] | None:
     identity = mods.get("edge_agent.discovery.identity")
     if identity and isinstance(exc, identity.IdentityError):
         return str(exc), "the data dir's key files must be readable by you only (mode 0600)"
+    hints = {"ServeError": "`edge-agent serve --help` shows the options and examples; docs/cli/serve.md",
+             "PolicyError": "docs/privacy.md explains --privacy and `edge-agent trust`",
+             "TrustError": "docs/privacy.md explains --privacy and `edge-agent trust`",
+             "VerifyError": "docs/accountability.md explains --verify and --audit-rate"}
     for module, name in (("edge_agent.api.server", "ServeError"), ("edge_agent.split.policy", "PolicyError"),
-                         ("edge_agent.discovery.trust", "TrustError")):
+                         ("edge_agent.discovery.trust", "TrustError"), ("edge_agent.split.verified", "VerifyError")):
         cls = getattr(mods.get(module), name, None)
         if cls is not None and isinstance(exc, cls):
-            return str(exc), ("docs/privacy.md explains --privacy and `edge-agent trust`" if name != "ServeError"
-                              else "`edge-agent serve --help` shows the options and examples; docs/cli/serve.md")
+            return str(exc), hints[name]
     if isinstance(exc, TimeoutError):
         return str(exc) or "timed out", f"is a peer running and reachable? `edge-agent peers`; {TROUBLESHOOTING}"
     if isinstance(exc, OSError):

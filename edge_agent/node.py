@@ -382,7 +382,9 @@ async def swarm_client(config: AgentConfig, model: Path, client_config, options:
                 recorder.on_commitments = auditor.on_commitments
                 client.verifier = _verifier(recorder, auditor)
         if client_config.verify and client.verifier is None:
-            raise ValueError("--verify needs audits: an --audit-rate above 0 and the ledger (EDGE_AGENT_LEDGER is off)")
+            from edge_agent.split.verified import VerifyError
+
+            raise VerifyError("--verify needs audits: an --audit-rate above 0 and the ledger (EDGE_AGENT_LEDGER=off turns it off)")
         yield client
     finally:
         if auditor is not None:  # audits start once receipts are in, and their evidence goes out with the last sync

@@ -16,6 +16,8 @@ FlashAttnOpt = typer.Option(False, "--flash-attn/--no-flash-attn",
                             help="Flash attention. Changes the arithmetic: a swarm's nodes must match.")
 AuditRateOpt = typer.Option(0.03, "--audit-rate", min=0.0, max=1.0, help="Share of the hops' chunks re-executed "
                             "here to check them (docs/accountability.md); 0: none.")
+VerifyOpt = typer.Option(False, "--verify", help="Answer only once this request's audits passed; past a caught "
+                         "cheater, generate again without it (no streaming before that; docs/accountability.md).")
 UbatchOpt = typer.Option(512, "--ubatch", min=1, help="Micro-batch rows (llama.cpp n_ubatch). Changes the arithmetic: "
                          "a swarm's nodes must match.")
 MaxTokensOpt = typer.Option(64, "--max-tokens", "-n")

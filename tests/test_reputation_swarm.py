@@ -118,3 +118,17 @@ def test_verified_output_is_exact_although_a_cheater_served_first(honest_swarm, 
             assert rolled["position"] in (0, 5)  # the prefill's chunk, or the first decode chunk (stale)
     finally:
         cheater.stop()
+
+
+@pytest.mark.slow
+def test_run_verify_on_the_command_line(honest_swarm, tmp_path):
+    model, honest, _ = honest_swarm
+    base = [sys.executable, "-m", "edge_agent", "run", "--model", str(model), "--no-mdns", "--peer", honest.address,
+            "--data-dir", str(tmp_path), "--json", "-n", "8", "--verify"]
+    out = subprocess.run([*base, "--audit-rate", "1", "Once upon a time"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["stats"]["verified"] == {"rounds": 1, "rolled_back": []}
+    assert len(res["token_ids"]) == 8 and [h["peer_id"] for h in res["path"]] == [honest.agent_id]
+    out = subprocess.run([*base, "--audit-rate", "0", "Once upon a time"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "--verify needs audits" in out.stderr and "Traceback" not in out.stderr

@@ -13,7 +13,7 @@ import typer
 from edge_agent.commands.common import _agent_config, _client_config, _engine_options, _fail, _resolve_model
 from edge_agent.options import (AuditRateOpt, BootstrapOpt, BackendOpt, CtxOpt, DataDirOpt, DiscoverOpt, FlashAttnOpt, IceServerOpt,
                                 MdnsInterfaceOpt, ModelOpt, ModeOpt, NoLocalFallbackOpt, NoMdnsOpt, PeerOpt, PrivacyOpt,
-                                SplitOpt, SwarmKeyOpt, TargetTbtOpt, ThreadsOpt, TransportOpt, UbatchOpt)
+                                SplitOpt, SwarmKeyOpt, TargetTbtOpt, ThreadsOpt, TransportOpt, UbatchOpt, VerifyOpt)
 
 
 def serve_command(
@@ -36,6 +36,7 @@ def serve_command(
     no_local_fallback: bool = NoLocalFallbackOpt,  # a request then gets 503
     privacy: str = PrivacyOpt,  # for every request
     audit_rate: float = AuditRateOpt,
+    verify: bool = VerifyOpt,
     data_dir: Optional[Path] = DataDirOpt,
     swarm_key: Optional[str] = SwarmKeyOpt,
     peer: list[str] = PeerOpt,
@@ -53,7 +54,7 @@ def serve_command(
     path = _resolve_model(model, data_dir)
     cfg = _agent_config(data_dir, swarm_key, "127.0.0.1", 0, 0, peer, no_mdns, mdns_interface, transport, ice_server,
                         bootstrap)
-    client_cfg = _client_config(cfg, split, privacy, swarm_key, target_tbt_ms, mode, backend, no_local_fallback)
+    client_cfg = _client_config(cfg, split, privacy, swarm_key, target_tbt_ms, mode, backend, no_local_fallback, verify)
     if ctx < 16 or max_concurrent < 1:
         _fail("--ctx must be >= 16 and --max-concurrent >= 1")
     try:

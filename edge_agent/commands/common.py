@@ -50,7 +50,7 @@ def _stream_to_stdout(as_json: bool, on_first=None):
 
 
 def _client_config(cfg, split: str, privacy: str, swarm_key, target_tbt_ms: float, mode: str, backend: str,
-                   no_local_fallback: bool):
+                   no_local_fallback: bool, verify: bool = False):
     """The swarm client's settings from `run`'s / `serve`'s options."""
     from edge_agent.discovery.trust import privacy_policy
     from edge_agent.runtime.shards import parse_range
@@ -59,8 +59,10 @@ def _client_config(cfg, split: str, privacy: str, swarm_key, target_tbt_ms: floa
     if mode not in ("star", "chain", "auto"):
         _fail(f"--mode must be star, chain or auto (got {mode!r})")
     k, m = parse_range(split)  # ShardRangeError, PolicyError, TrustError: one line + hint (cli_errors)
-    return ClientConfig(policy=privacy_policy(privacy, k, m, cfg.data_dir, swarm_key), target_tbt_ms=target_tbt_ms,
-                        mode=mode, backend=backend, local_fallback=not no_local_fallback)
+    # per request, so that `edge-agent trust add` applies to a running `serve`'s next request
+    policy_for = lambda level: privacy_policy(level, k, m, cfg.data_dir, swarm_key)  # noqa: E731
+    return ClientConfig(policy=policy_for(privacy), policy_for=policy_for, target_tbt_ms=target_tbt_ms,
+                        mode=mode, backend=backend, local_fallback=not no_local_fallback, verify=verify)
 
 
 def _agent_config(data_dir, swarm_key, host, port, signal_port, peer, no_mdns, mdns_interface, transport, ice_server,

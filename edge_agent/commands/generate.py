@@ -13,7 +13,8 @@ from edge_agent.commands.common import (_agent_config, _client_config, _engine_o
 from edge_agent.options import (BootstrapOpt, AuditRateOpt, BackendOpt, ChatOpt, CtxOpt, DataDirOpt, DiscoverOpt, FlashAttnOpt,
                                 IceServerOpt, MaxTokensOpt, MdnsInterfaceOpt, ModelOpt, ModeOpt, NoLocalFallbackOpt,
                                 NoMdnsOpt, PeerOpt, PrivacyOpt, RepeatPenaltyOpt, SeedOpt, SplitOpt, StopOpt, SwarmKeyOpt,
-                                TargetTbtOpt, TemperatureOpt, ThreadsOpt, TopKOpt, TopPOpt, TransportOpt, UbatchOpt)
+                                TargetTbtOpt, TemperatureOpt, ThreadsOpt, TopKOpt, TopPOpt, TransportOpt, UbatchOpt,
+                                VerifyOpt)
 
 RUN_EPILOG = """[bold]Examples[/bold]
 
@@ -134,6 +135,7 @@ def run(
     privacy: str = PrivacyOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token_ids, path, stats)."),
     audit_rate: float = AuditRateOpt,
+    verify: bool = VerifyOpt,
     data_dir: Optional[Path] = DataDirOpt,
     swarm_key: Optional[str] = SwarmKeyOpt,
     peer: list[str] = PeerOpt,
@@ -152,7 +154,7 @@ def run(
     path = _resolve_model(model, data_dir)
     cfg = _agent_config(data_dir, swarm_key, "127.0.0.1", 0, 0, peer, no_mdns, mdns_interface, transport, ice_server,
                         bootstrap)
-    client_cfg = _client_config(cfg, split, privacy, swarm_key, target_tbt_ms, mode, backend, no_local_fallback)
+    client_cfg = _client_config(cfg, split, privacy, swarm_key, target_tbt_ms, mode, backend, no_local_fallback, verify)
     try:
         params = _sampling(max_tokens, temperature, top_k, top_p, repeat_penalty, seed, stop)
         opts = _engine_options(ctx, threads, flash_attn, ubatch, max_requests=2)

@@ -36,8 +36,8 @@ GenerateOnce = Callable[..., Awaitable[GenerationResult]]  # (prompt, params, pr
 Verifier = Callable[[str], Awaitable[Fault | None]]  # request id (hex) -> its earliest fault, after its audits
 
 
-class VerificationFailed(RuntimeError):
-    """Every round found a cheater: no verified answer."""
+class VerifyError(ValueError):
+    """Verification asked for where it cannot run (no audits, no ledger), or no round passed."""
 
 
 async def generate_verified(generate_once: GenerateOnce, verify: Verifier, ban: Callable[[str], None], tokenizer,
@@ -59,7 +59,7 @@ async def generate_verified(generate_once: GenerateOnce, verify: Verifier, ban: 
                        "kept_tokens": len(kept) + good, "discarded_tokens": len(res.token_ids) - good})
         kept += res.token_ids[:good]
         ban(fault.peer_id)
-    raise VerificationFailed(f"{MAX_ROUNDS} generations in a row had a failed audit (cheaters: "
+    raise VerifyError(f"{MAX_ROUNDS} generations in a row had a failed audit (cheaters: "
                              f"{', '.join(r['cheater'][:12] for r in rounds)})")
 
 
