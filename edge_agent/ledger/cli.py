@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from pathlib import Path
@@ -17,8 +16,15 @@ MaxMbOpt = typer.Option(None, "--ledger-max-mb", help="Bound on the ledger's siz
                         "old commitments are pruned, receipts and chain heads stay.")
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, hint: str | None = None, code: int = 2) -> None:
+    """One line and a hint (default: the command's --help), exit ``code``."""
+    if code == 2:
+        from edge_agent.cli_errors import fail
+
+        fail(message, hint)
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    if hint:
+        typer.secho(f"hint: {hint}", err=True)
     raise typer.Exit(code)
 
 
@@ -28,11 +34,11 @@ def _store(data_dir: Optional[Path], max_mb: Optional[float] = None, create: boo
 
     root = data_dir or default_data_dir()
     if not create and not (Path(root) / DB_FILE).is_file():
-        _fail(f"no ledger at {Path(root) / DB_FILE} (hint: --data-dir of an agent that ran `join` or `run`)")
+        _fail(f"no ledger at {Path(root) / DB_FILE}", "give --data-dir of an agent that ran `join` or `run`")
     try:
         return LedgerStore.open(root, max_mb)
     except Exception as exc:  # noqa: BLE001 - unreadable file, newer schema: one line, not a traceback
-        _fail(f"cannot open the ledger: {exc}")
+        _fail(f"cannot open the ledger: {exc}", "`edge-agent ledger verify` checks it; docs/ledger.md")
     raise AssertionError
 
 
@@ -88,7 +94,7 @@ def evidence(data_dir: Optional[Path] = DataDirOpt, as_json: bool = typer.Option
 
 
 @ledger_app.command("verify")
-def verify(data_dir: Optional[Path] = DataDirOpt) -> None:
+def verify(data_dir: Optional[Path] = DataDirOpt, as_json: bool = typer.Option(False, "--json")) -> None:
     """Re-check every signature, column and chain link; each bad row with its reason; exit 1 if any."""
     store = _store(data_dir, create=False)
     try:
@@ -96,6 +102,12 @@ def verify(data_dir: Optional[Path] = DataDirOpt) -> None:
         integrity = store.db.execute("PRAGMA integrity_check").fetchone()[0]
     finally:
         store.close()
+    if as_json:
+        typer.echo(json.dumps({"ok": not bad and integrity == "ok", "integrity_check": integrity,
+                               "bad": [{"table": t, "id": i, "reason": r} for t, i, r in bad]}))
+        if bad or integrity != "ok":
+            raise typer.Exit(1)
+        return
     for table, rid, reason in bad:
         typer.echo(f"{table} {rid}: {reason}")
     if integrity != "ok":
@@ -133,7 +145,8 @@ def export(data_dir: Optional[Path] = DataDirOpt, output: Optional[Path] = typer
 
 
 @ledger_app.command("import")
-def import_(file: Path = typer.Argument(..., help="JSON lines from `ledger export`."), data_dir: Optional[Path] = DataDirOpt) -> None:
+def import_(file: Path = typer.Argument(..., help="JSON lines from `ledger export`."), data_dir: Optional[Path] = DataDirOpt,
+            as_json: bool = typer.Option(False, "--json")) -> None:
     """Verify and add records; refused ones are listed with their reason (exit 1 unless all were duplicates)."""
     from edge_agent.ledger.jsonl import import_lines
 
@@ -145,9 +158,13 @@ def import_(file: Path = typer.Argument(..., help="JSON lines from `ledger expor
             result = import_lines(store, f)
     finally:
         store.close()
-    for lineno, rid, reason in result.refused:
-        typer.echo(f"line {lineno}: refused {rid[:16]} {reason}".replace("  ", " "))
-    typer.echo(f"imported {result.accepted} receipts, refused {len(result.refused)}")
+    if as_json:
+        typer.echo(json.dumps({"imported": result.accepted, "refused": [{"line": n, "id": i, "reason": r}
+                                                                     for n, i, r in result.refused]}))
+    else:
+        for lineno, rid, reason in result.refused:
+            typer.echo(f"line {lineno}: refused {rid[:16]} {reason}".replace("  ", " "))
+        typer.echo(f"imported {result.accepted} receipts, refused {len(result.refused)}")
     if any(not reason.startswith("duplicate") for _, _, reason in result.refused):
         raise typer.Exit(1)
 
@@ -164,6 +181,9 @@ def sync(peer: str = typer.Option(..., "--peer", help="HOST:PORT of the peer's T
          swarm_key: Optional[str] = typer.Option(None, "--swarm-key", envvar="EDGE_AGENT_SWARM_KEY"),
          max_mb: Optional[float] = MaxMbOpt) -> None:
     """Exchange receipts with one peer now (both ways); prints what moved, as JSON."""
+    import asyncio
+
+    from edge_agent import progress
     from edge_agent.config import data_dir as default_data_dir
     from edge_agent.discovery.identity import Identity, SwarmKey
     from edge_agent.ledger.service import sync_peer
@@ -174,10 +194,11 @@ def sync(peer: str = typer.Option(..., "--peer", help="HOST:PORT of the peer's T
     root = data_dir or default_data_dir()
     store = _store(root, max_mb)
     try:
-        report = asyncio.run(sync_peer(Identity.load_or_create(root), SwarmKey.resolve(swarm_key, root), host, port, store))
-        store.flush()
-    except (SyncError, TransportError, OSError, asyncio.TimeoutError) as exc:
-        _fail(f"sync with {peer} failed: {exc}", 1)
+        with progress.activity(f"syncing the ledger with {peer}"):
+            report = asyncio.run(sync_peer(Identity.load_or_create(root), SwarmKey.resolve(swarm_key, root), host, port, store))
+            store.flush()
+    except (SyncError, TransportError, OSError, TimeoutError) as exc:
+        _fail(f"sync with {peer} failed: {exc}", "is the peer running? `edge-agent peers` lists TLS ports", 1)
     finally:
         store.close()
     typer.echo(json.dumps(report.to_dict()))
@@ -188,6 +209,8 @@ def serve(data_dir: Optional[Path] = DataDirOpt, host: str = typer.Option("127.0
           swarm_key: Optional[str] = typer.Option(None, "--swarm-key", envvar="EDGE_AGENT_SWARM_KEY"),
           max_mb: Optional[float] = MaxMbOpt) -> None:
     """Answer ledger sync from peers (no hops served) until SIGTERM; prints a ready line with the port."""
+    import asyncio
+
     from edge_agent.config import data_dir as default_data_dir
     from edge_agent.discovery.identity import Identity, SwarmKey
     from edge_agent.ledger.service import serve_ledger
@@ -205,8 +228,8 @@ def _prefix_match(ids, prefix: str) -> str:
     """The one agent id starting with ``prefix`` (ids are long; people paste 12 digits)."""
     hits = [i for i in ids if i.startswith(prefix.lower())]
     if len(hits) != 1:
-        _fail(f"{'no' if not hits else len(hits)} agents in this ledger match {prefix!r} "
-              "(hint: `edge-agent ledger reputation` lists them)")
+        _fail(f"{'no' if not hits else len(hits)} agents in this ledger match {prefix!r}",
+              "`edge-agent ledger reputation` lists them")
     return hits[0]
 
 
