@@ -169,3 +169,33 @@ def test_bond_command_signs_stores_and_explains_unbacked_stake(tmp_path):
     out = subprocess.run([sys.executable, "-m", "edge_agent", "ledger", "bond", "0", "--data-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "whole number of credits" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_sync_makes_evidence_and_bonds_whole_beyond_the_gossiped_recent_ones(tmp_path):
+    """Gossip carries the 64 newest evidence records and 256 newest bonds; reconciliation by id
+    (SIGNED_IDS / SIGNED_GET) brings the rest, each verified; a forged record is never stored."""
+    from edge_agent.ledger import wire
+
+    evidence = [equivocation(Identity.generate()) for _ in range(wire.MAX_EVIDENCE + 36)]
+    bonds = [Bond.sign(Identity.generate(), 1 + i, i) for i in range(wire.MAX_BONDS + 44)]
+    s = LedgerStore((tmp_path / "a") / "ledger.db")
+    s.add(evidence=evidence, bonds=bonds).result(30)
+    s.close()
+    agent = start_ledger_agent(tmp_path / "a")
+    try:
+        out = subprocess.run([sys.executable, "-m", "edge_agent", "ledger", "sync", "--peer", agent.address, "--data-dir",
+                              str(tmp_path / "b")], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        report = json.loads(out.stdout)
+        assert (report["evidence"], report["bonds"]) == (len(evidence), len(bonds))
+        again = subprocess.run([sys.executable, "-m", "edge_agent", "ledger", "sync", "--peer", agent.address, "--data-dir",
+                                str(tmp_path / "b")], capture_output=True, text=True, timeout=300)
+        assert json.loads(again.stdout)["evidence"] == 0 and json.loads(again.stdout)["bonds"] == 0
+    finally:
+        agent.stop()
+    b = LedgerStore((tmp_path / "b") / "ledger.db")
+    try:
+        assert {r["id"] for r in b.evidence()} == {e.id for e in evidence}
+        assert {r["id"] for r in b.bonds()} == {x.id for x in bonds} and b.verify() == []
+    finally:
+        b.close()

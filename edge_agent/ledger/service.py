@@ -15,8 +15,8 @@ import logging
 from edge_agent.ledger import wire
 from edge_agent.ledger.encoding import EncodingError
 from edge_agent.ledger.store import LedgerStore
-from edge_agent.ledger.sync import (Budget, SyncReport, SyncResponder, ingest_bonds, ingest_evidence, recent_bonds,
-                                    recent_evidence, sync_with)
+from edge_agent.ledger.signed_sync import ingest_bonds, ingest_evidence, recent_bonds, recent_evidence
+from edge_agent.ledger.sync import Budget, SyncReport, SyncResponder, sync_with
 from edge_agent.ledger.wire import Msg
 from edge_agent.transport import Frame, MsgType, PeerLostError
 

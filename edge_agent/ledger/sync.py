@@ -29,7 +29,9 @@ from edge_agent.ledger import wire
 from edge_agent.ledger.encoding import RECEIPT, EncodingError, record_id
 from edge_agent.ledger.records import Receipt
 from edge_agent.ledger.store import LedgerStore
-from edge_agent.ledger.wire import Msg, Status
+from edge_agent.ledger.signed_sync import (GET_LIMIT, ingest_bonds, ingest_evidence, recent_bonds, recent_evidence,
+                                           reconcile_signed, signed_ids, signed_records)
+from edge_agent.ledger.wire import Msg, SignedSet, Status
 
 log = logging.getLogger(__name__)
 IDS_THRESHOLD = 32  # a range with at most this many ids is answered with the ids
@@ -186,6 +188,19 @@ class SyncResponder:
                 return wire.error("busy: sync budget for this peer is spent, retry later")
             records = await asyncio.to_thread(self.store.get_receipts, ids)
             return wire.items(Msg.RECORDS, [x.to_bytes() for x in records])
+        if kind == Msg.SIGNED_IDS:  # reconciliation of evidence and bonds: our ids, they pull what they lack
+            which, theirs = wire.read_signed_ids(r)
+            if not self.budget.take(peer, 1 + len(theirs) // 64):
+                return wire.error("busy: sync budget for this peer is spent, retry later")
+            return wire.signed_ids(Msg.SIGNED_IDS, which, await asyncio.to_thread(signed_ids, self.store, which))
+        if kind == Msg.SIGNED_GET:
+            which, ids = wire.read_signed_ids(r, max(GET_LIMIT.values()))
+            if len(ids) > GET_LIMIT[which]:
+                return wire.error(f"at most {GET_LIMIT[which]} {which.name.lower()} records per SIGNED_GET")
+            if not self.budget.take(peer, len(ids)):
+                return wire.error("busy: sync budget for this peer is spent, retry later")
+            records = await asyncio.to_thread(signed_records, self.store, which, ids)
+            return wire.evidence(records) if which == SignedSet.EVIDENCE else wire.bonds(records)
         if kind == Msg.PUT:
             raw = wire.read_receipts(r)
             if not self.budget.take(peer, len(raw)):
@@ -247,39 +262,6 @@ class SyncReport:
                 "reasons": sorted({r for _, r in self.refused_by_us} | set(self.refused_by_peer))[:10]}
 
 
-def recent_evidence(store: LedgerStore) -> list[bytes]:
-    return [row["body"] for row in store.evidence()[-wire.MAX_EVIDENCE:]]
-
-
-async def _ingest_signed(store: LedgerStore, table: str, records: list) -> int:
-    """Store the records that verify (each is signed by whom it speaks for); returns how many were new."""
-    def fresh() -> list:
-        good = {x.id: x for x in records if x.problem() is None}
-        held = store.existing(table, list(good))
-        return [x for i, x in good.items() if i not in held]
-
-    new = await asyncio.to_thread(fresh)
-    if new:
-        await asyncio.wrap_future(store.add(**{table: new}))
-    return len(new)
-
-
-async def ingest_evidence(store: LedgerStore, raw: list[bytes]) -> int:
-    from edge_agent.ledger.evidence import Evidence
-
-    return await _ingest_signed(store, "evidence", [Evidence(x) for x in raw])
-
-
-def recent_bonds(store: LedgerStore) -> list[bytes]:
-    return [row["body"] + row["signature"] for row in store.bonds()[-wire.MAX_BONDS:]]
-
-
-async def ingest_bonds(store: LedgerStore, raw: list[bytes]) -> int:
-    from edge_agent.ledger.stake import Bond
-
-    return await _ingest_signed(store, "bonds", [Bond.from_bytes(x) for x in raw])
-
-
 async def sync_with(request: Request, store: LedgerStore) -> SyncReport:
     """Reconcile our receipts with a peer's, pull what we lack and push what it lacks."""
     report = SyncReport()
@@ -309,6 +291,16 @@ async def sync_with(request: Request, store: LedgerStore) -> SyncReport:
         report.bonds = await ingest_bonds(store, wire.read_bonds(r))
     except (SyncError, EncodingError) as exc:
         log.info("no bonds exchanged: %s", getattr(exc, "reason", exc))
+    for which in SignedSet:  # then whatever older ones the peer holds and we lack
+        try:
+            n = await reconcile_signed(call, store, which)
+        except (SyncError, EncodingError) as exc:
+            log.info("no %s reconciled: %s", which.name.lower(), getattr(exc, "reason", exc))
+            continue
+        if which == SignedSet.EVIDENCE:
+            report.evidence += n
+        else:
+            report.bonds += n
     mine = await asyncio.to_thread(IdSet, store.receipt_ids())
     need: list[bytes] = []
     have: list[bytes] = []

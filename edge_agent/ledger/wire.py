@@ -13,6 +13,8 @@ Layouts (little-endian; docs/ledger.md has the full table):
   COMMITS_GET    16s request, u16 start, u16 end    -> COMMITS u32 k, k x 560-byte commitment
   EVIDENCE       u32 k, k x (u16 len, evidence)     -> EVIDENCE (the responder's recent evidence, same layout)
   BONDS          u32 k, k x 116-byte bond           -> BONDS (the responder's recent bonds, same layout)
+  SIGNED_IDS     u8 set, u32 k, k x 32s id          -> SIGNED_IDS (every id the responder holds in that set)
+  SIGNED_GET     u8 set, u32 k, k x 32s id          -> EVIDENCE or BONDS: those records
   RECEIPT_SIGN   204-byte receipt body, 64s client signature -> RECEIPT_SIGNED 64s node signature
   ERROR          utf-8 reason
 """
@@ -48,6 +50,15 @@ class Msg(enum.IntEnum):
     ERROR = 11
     EVIDENCE = 12
     BONDS = 13
+    SIGNED_IDS = 14
+    SIGNED_GET = 15
+
+
+class SignedSet(enum.IntEnum):
+    """The self-verifying record sets that sync reconciles by id (receipts have their own ranges)."""
+
+    EVIDENCE = 1
+    BONDS = 2
 
 
 class Status(enum.IntEnum):
@@ -230,6 +241,22 @@ def read_bonds(r: Reader) -> list[bytes]:
     out = r.items(BOND_WIRE_SIZE, MAX_BONDS)
     r.done()
     return out
+
+
+MAX_SIGNED_IDS = 65536  # ids of one set per SIGNED_IDS message (2 MiB): past it, the newest
+
+
+def signed_ids(kind: Msg, which: SignedSet, ids: list[bytes]) -> bytes:
+    return pack(kind, bytes((which,)) + _U32.pack(len(ids)) + b"".join(ids))
+
+
+def read_signed_ids(r: Reader, limit: int = MAX_SIGNED_IDS) -> tuple[SignedSet, list[bytes]]:
+    raw = r.u8()
+    if raw not in SignedSet._value2member_map_:
+        raise EncodingError(f"unknown signed set {raw}")
+    ids = r.items(32, limit)
+    r.done()
+    return SignedSet(raw), ids
 
 
 def commits_get(request_id: bytes, start: int, end: int) -> bytes:
