@@ -75,6 +75,8 @@ def report(r: Results, wall_s: float) -> list[tuple[str, str]]:
          f"{median([o for o in offered if o is not None]):.1f} s"),
         ("joiners used within 30 s (all / GPUs)", f"{within(used)} / {within(gpu)}; median "
          f"{median([u for u in used if u is not None]):.1f} s"),
+        ("joiners used at all; of those, within 30 s", f"{sum(u is not None for u in used)}; "
+         f"{within([u for u in used if u is not None])}"),
         ("sybil share of layer-steps (all / batch)", f"{sybil / total:.2%} / {steps[('sybil', False)] / batch:.2%} "
          f"(bound {PROBATION_SHARE:.0%} of batch)"),
         ("sybil hops on interactive requests", f"{r.sybil_interactive_hops}"),
