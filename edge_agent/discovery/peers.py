@@ -254,7 +254,7 @@ def format_peers(rows: list[dict[str, Any]]) -> str:
     lines = [head]
     for r in rows:
         addr = (r.get("addresses") or ["?"])[0]
-        port = r.get("signal_port") or r.get("tls_port")
+        port = r.get("tls_port") or r.get("signal_port")  # the TLS port is what --peer and `ledger sync --peer` take
         shards = ",".join(f"{s['model'][:8]}:{s['start']}-{s['end']}" for s in r.get("shards", []))
         lines.append((r["agent_id"][:16], r.get("role", ""), f"{addr}:{port}", shards or "-",
                       str(r.get("free_mem_mb", "")), f"{r.get('ms_per_layer', 0):g}",
