@@ -31,7 +31,7 @@ from edge_agent.split.star import StarStrategy
 from edge_agent.split.strategy import RequestState, Router
 from edge_agent.transport import Frame, MsgType
 
-from .nodes import KV_MB_PER_LAYER, N_LAYER, Node
+from .nodes import KV_MB_PER_LAYER, N_LAYER, Node, rtt_ms
 from .view import GRADUATED_REPUTATION, GRADUATION_STEPS, Client
 
 POLICY = PrivacyPolicy(k=1, m=1)
@@ -109,7 +109,7 @@ class SimLink:
         return self.seq
 
     def _lost(self, timeout_s: float) -> HopFailed:
-        node, rtt = self.node, self.client.entries.get(self.node.idx, (None, 0, 0, 50.0))[3]
+        node, rtt = self.node, rtt_ms(self.client.pos, self.node.pos)
         wait = rtt / 1000 if node.graceful else min(timeout_s, max(rtt / 1000, node.gone_at + PEER_TIMEOUT_S - self.clock.t))
         self.clock.t += wait
         self.client.dead.add(node.idx)  # the peer table drops a peer its transport saw die
@@ -119,7 +119,7 @@ class SimLink:
         node, rid, (a, b) = self.node, frame.request_id, (frame.layer_start, frame.layer_end)
         if not node.alive(self.clock.t):
             raise self._lost(timeout_s or HOP_TIMEOUT_S)
-        rtt = self.client.entries[node.idx][3] if node.idx in self.client.entries else 50.0
+        rtt = rtt_ms(self.client.pos, node.pos)
         refused = position_error(node.kv, rid, a, frame.step)
         if refused is None and frame.step == 0:  # first step here: the KV cache is allocated
             need = (b - a) * KV_MB_PER_LAYER
