@@ -11,6 +11,7 @@ A double-click passes no arguments, so the settings come from the environment:
   EDGE_AGENT_APP_PORT        the dashboard's port (default 8000; when taken, any free port)
   EDGE_AGENT_MDNS_INTERFACE  comma-separated interface addresses for mDNS (default: all)
   EDGE_AGENT_PEER            comma-separated TLS HOST:PORT of peers (where multicast is blocked)
+  EDGE_AGENT_BOOTSTRAP       comma-separated TLS HOST:PORT of swarm members to learn the swarm from
   EDGE_AGENT_NO_BROWSER=1    open no browser; EDGE_AGENT_BROWSER=CMD runs ``CMD URL`` instead
 """
 
@@ -62,6 +63,7 @@ class DesktopSettings:
     mdns: bool = True
     mdns_interfaces: list[str] | None = None
     peers: list[str] = field(default_factory=list)
+    bootstrap: list[str] = field(default_factory=list)
     open_browser: Callable[[str], None] | None = None  # None: no browser
     ctx: int = 2048
     max_concurrent: int = 2  # generations at once: a laptop's app, not a server
@@ -83,7 +85,7 @@ class DesktopSettings:
         if not port_text.isdigit() or int(port_text) > 65535:
             raise ValueError(f"EDGE_AGENT_APP_PORT must be a port number 0-65535 (got {port_text!r})")
         return cls(directory, model, int(port_text), mdns_interfaces=listed("EDGE_AGENT_MDNS_INTERFACE") or None,
-                   peers=listed("EDGE_AGENT_PEER"), open_browser=browser_opener(environ))
+                   peers=listed("EDGE_AGENT_PEER"), bootstrap=listed("EDGE_AGENT_BOOTSTRAP"), open_browser=browser_opener(environ))
 
 
 def browser_opener(environ=os.environ) -> Callable[[str], None] | None:
@@ -199,7 +201,9 @@ class DesktopApp:
         self.choices: asyncio.Queue[Path] = asyncio.Queue(maxsize=1)
         from edge_agent.discovery.peers import parse_peer_arg
 
-        self.peers = [parse_peer_arg(p) for p in settings.peers]  # a bad EDGE_AGENT_PEER fails before anything starts
+        # a bad EDGE_AGENT_PEER or EDGE_AGENT_BOOTSTRAP fails here, before anything starts
+        self.peers = [parse_peer_arg(p) for p in settings.peers]
+        self.bootstrap = [parse_peer_arg(p) for p in settings.bootstrap]
         self.server = None  # uvicorn.Server once running
 
     @property
@@ -293,7 +297,9 @@ class DesktopApp:
         from edge_agent.split.client import ClientConfig
 
         s = self.settings
-        agent = AgentConfig(s.data_dir, None, "127.0.0.1", 0, 0, s.mdns, s.mdns_interfaces, self.peers)
+        # a client: it listens for nothing, so loopback; peers come from mDNS, $EDGE_AGENT_PEER and the bootstrap's swarm
+        agent = AgentConfig(s.data_dir, host="127.0.0.1", mdns=s.mdns, interfaces=s.mdns_interfaces, manual_peers=self.peers,
+                            bootstrap=self.bootstrap)
         engine = EngineOptions(n_ctx_per_request=s.ctx, max_requests=s.max_concurrent)
         return agent, ClientConfig(), engine
 

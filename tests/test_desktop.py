@@ -165,13 +165,15 @@ def test_settings_from_the_environment(tmp_path, smollm_path, monkeypatch):
     monkeypatch.setenv("EDGE_AGENT_DATA_DIR", str(tmp_path / "d"))
     monkeypatch.setenv("EDGE_AGENT_MODEL", str(smollm_path))
     s = DesktopSettings.from_env({"EDGE_AGENT_APP_PORT": "0", "EDGE_AGENT_MDNS_INTERFACE": "127.0.0.1, ::1",
-                                  "EDGE_AGENT_PEER": "127.0.0.1:7000", "EDGE_AGENT_NO_BROWSER": "1"})
-    assert (s.model, s.port, s.mdns_interfaces, s.peers, s.open_browser) == (smollm_path, 0, ["127.0.0.1", "::1"],
-                                                                             ["127.0.0.1:7000"], None)
+                                  "EDGE_AGENT_PEER": "127.0.0.1:7000", "EDGE_AGENT_BOOTSTRAP": "10.0.0.2:7001",
+                                  "EDGE_AGENT_NO_BROWSER": "1"})
+    assert (s.model, s.port, s.mdns_interfaces, s.peers, s.bootstrap, s.open_browser) == (
+        smollm_path, 0, ["127.0.0.1", "::1"], ["127.0.0.1:7000"], ["10.0.0.2:7001"], None)
     with pytest.raises(ValueError, match="EDGE_AGENT_APP_PORT"):
         DesktopSettings.from_env({"EDGE_AGENT_APP_PORT": "http"})
-    with pytest.raises(ValueError):
-        DesktopApp(DesktopSettings(tmp_path, peers=["no-port-here"]))
+    for bad in ({"peers": ["no-port-here"]}, {"bootstrap": ["host:port"]}):
+        with pytest.raises(ValueError):
+            DesktopApp(DesktopSettings(tmp_path, **bad))
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed (.ci/run installs it)")
