@@ -3,7 +3,8 @@
 llama.cpp has no public API for "the residual stream after layer N"
 (``llama_get_embeddings`` returns it *after* the final norm, which loses its scale).
 The graph-eval callback sees every node instead; these helpers name a node and copy
-its data out of whatever backend buffer holds it (CPU or GPU).
+its data out of whatever backend buffer holds it (CPU or GPU), for the Python callback,
+and hand the same functions' addresses to the C one (``capture``).
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ _lib.ggml_get_name.argtypes = [ctypes.c_void_p]
 _lib.ggml_get_name.restype = ctypes.c_void_p
 _lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
 _lib.ggml_nbytes.restype = ctypes.c_size_t
-_lib.ggml_nelements.argtypes = [ctypes.c_void_p]
-_lib.ggml_nelements.restype = ctypes.c_int64
 _lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
 _lib.ggml_backend_tensor_get.restype = None
 
@@ -54,9 +53,10 @@ def nbytes(tensor: int) -> int:
     return _lib.ggml_nbytes(tensor)
 
 
-def nelements(tensor: int) -> int:
-    return _lib.ggml_nelements(tensor)
-
-
 def copy_out(tensor: int, dst_ptr: int, size: int) -> None:
     _lib.ggml_backend_tensor_get(tensor, dst_ptr, 0, size)
+
+
+def address(function_name: str) -> int:
+    """A ggml function's address, for C code that calls it without linking to ggml."""
+    return ctypes.cast(getattr(_lib, function_name), ctypes.c_void_p).value

@@ -4,8 +4,8 @@ How a partial model runs on llama.cpp's own kernels:
 - the shard file *is* a small llama model (layers renumbered from 0, see ``shards``);
 - hidden states go in through ``llama_batch.embd`` (head shards take token ids);
 - the residual stream after the shard's last layer is the graph node ``l_out-{n-1}``;
-  a graph-eval callback copies it out and stops the graph there, so the final norm and
-  LM head never run on head/middle shards;
+  a graph-eval callback (in C where it can be built, see ``capture``) copies it out and
+  stops the graph there, so the final norm and LM head never run on head/middle shards;
 - one context with ``n_seq_max`` sequences and a non-unified KV cache gives every
   request its own cache stream starting at cell 0, exactly as a lone request has, which
   keeps attention arithmetic bit-identical to a single-request run.
@@ -23,7 +23,7 @@ from typing import Sequence
 import llama_cpp as lc
 import numpy as np
 
-from edge_agent.runtime import _ggml
+from edge_agent.runtime.capture import make_capture
 from edge_agent.runtime.engine import (
     CapacityError,
     EngineError,
@@ -131,12 +131,10 @@ class LlamaCppEngine:
         self._slots: dict[str, int] = {}
         self._positions: dict[int, int] = {}
         self._free = list(range(self.options.max_requests))[::-1]
-        self._captured: list[np.ndarray] = []
-        self._target = f"l_out-{meta.n_layer - 1}\0".encode()
         float_weights = any(t.name.startswith("blk.") and len(t.shape) == 2 and t.type in ("F32", "F16", "BF16") for t in meta.tensors)
         mode = self.options.batch_decode
         self.batches_requests = mode == "on" or (mode == "auto" and not float_weights)
-        self._load(meta.n_layer)
+        self._load(f"l_out-{meta.n_layer - 1}")
 
     @classmethod
     def from_model(
@@ -148,7 +146,7 @@ class LlamaCppEngine:
         return cls(ensure_shard(model_path, start, end, cache_dir or shard_cache_dir()), options)
 
     # -- setup -----------------------------------------------------------------------------
-    def _load(self, n_layer: int) -> None:
+    def _load(self, capture_node: str) -> None:
         o = self.options
         mparams = lc.llama_model_default_params()
         mparams.n_gpu_layers = o.gpu_layers
@@ -171,9 +169,10 @@ class LlamaCppEngine:
         cparams.no_perf = True
         self._produces_hidden = self.info.role in ("head", "middle")
         if self._produces_hidden:
-            self._cb = lc.ggml_backend_sched_eval_callback(self._on_graph_node)
-            cparams.cb_eval = self._cb
-            cparams.cb_eval_user_data = None
+            # Sized for the most rows one llama_decode call gets (one n_batch chunk).
+            self.capture = make_capture(capture_node, o.n_batch, self.info.n_embd)
+            cparams.cb_eval = self.capture.callback
+            cparams.cb_eval_user_data = self.capture.user_data
         self._ctx = lc.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             lc.llama_model_free(self._model)
@@ -183,16 +182,6 @@ class LlamaCppEngine:
         embd = 0 if self._takes_tokens else self.info.n_embd
         self._batch = lc.llama_batch_init(o.n_batch, embd, 1)
         self._n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self._model))
-
-    def _on_graph_node(self, tensor, ask, _user_data):
-        """Graph-eval callback: find ``l_out-{n-1}``, copy it, stop the graph there."""
-        if ask:
-            return _ggml.tensor_name_is(tensor, self._target)
-        size = _ggml.nbytes(tensor)
-        out = np.empty(size // 4, dtype=np.float32)
-        _ggml.copy_out(tensor, out.ctypes.data, size)
-        self._captured.append(out)  # one entry per micro-batch
-        return False
 
     # -- Engine interface ------------------------------------------------------------------
     def positions(self, request_id: str) -> int:
@@ -284,7 +273,8 @@ class LlamaCppEngine:
         for c0 in range(0, len(rows), n_batch):
             chunk = rows[c0 : c0 + n_batch]
             self._fill_batch(steps, chunk)
-            self._captured = []
+            if self._produces_hidden:
+                self.capture.reset()
             rc = lc.llama_decode(self._ctx, self._batch)
             if rc != 0:
                 self._rollback(steps)
@@ -294,8 +284,8 @@ class LlamaCppEngine:
             for si, _ in chunk:
                 self._positions[self._slots[steps[si].request_id]] += 1
             if self._produces_hidden:
-                block = np.concatenate(self._captured) if self._captured else np.empty(0, np.float32)
-                if block.size != len(chunk) * self.info.n_embd:
+                block = self.capture.take()  # every micro-batch's rows, in order
+                if block is None or block.size != len(chunk) * self.info.n_embd:
                     self._rollback(steps)
                     raise EngineError(f"captured {block.size} values for {len(chunk)} rows: the last layer output was not captured")
                 block = block.reshape(len(chunk), self.info.n_embd)
