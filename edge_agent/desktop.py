@@ -68,24 +68,30 @@ class DesktopSettings:
     ctx: int = 2048
     max_concurrent: int = 2  # generations at once: a laptop's app, not a server
     discover_s: float = 3.0
+    no_model_reason: str = NO_MODEL  # what the dashboard says first when there is no model
 
     @classmethod
     def from_env(cls, environ=os.environ) -> "DesktopSettings":
+        """The app's own variables from ``environ``; the data dir and model as every command finds them."""
         from edge_agent.config import ModelNotFoundError, data_dir, resolve_model
 
         def listed(name: str) -> list[str]:
             return [part.strip() for part in environ.get(name, "").split(",") if part.strip()]
 
         directory = data_dir()
+        reason = NO_MODEL
         try:
             model = resolve_model(None, directory)
-        except ModelNotFoundError:
+        except ModelNotFoundError as exc:
             model = None
+            if os.environ.get("EDGE_AGENT_MODEL"):  # e.g. it names a missing file: say so
+                reason = f"{NO_MODEL} {exc}."
         port_text = environ.get("EDGE_AGENT_APP_PORT", str(DEFAULT_PORT))
         if not port_text.isdigit() or int(port_text) > 65535:
             raise ValueError(f"EDGE_AGENT_APP_PORT must be a port number 0-65535 (got {port_text!r})")
         return cls(directory, model, int(port_text), mdns_interfaces=listed("EDGE_AGENT_MDNS_INTERFACE") or None,
-                   peers=listed("EDGE_AGENT_PEER"), bootstrap=listed("EDGE_AGENT_BOOTSTRAP"), open_browser=browser_opener(environ))
+                   peers=listed("EDGE_AGENT_PEER"), bootstrap=listed("EDGE_AGENT_BOOTSTRAP"), open_browser=browser_opener(environ),
+                   no_model_reason=reason)
 
 
 def browser_opener(environ=os.environ) -> Callable[[str], None] | None:
@@ -277,7 +283,7 @@ class DesktopApp:
         while True:
             if model is None:
                 if self.state.phase != "error":
-                    self.state.set("no_model", NO_MODEL)
+                    self.state.set("no_model", self.settings.no_model_reason)
                 model = await self.choices.get()
             self.state.set("loading", f"loading {model.name} and looking for peers", model)
             try:

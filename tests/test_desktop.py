@@ -169,6 +169,9 @@ def test_settings_from_the_environment(tmp_path, smollm_path, monkeypatch):
                                   "EDGE_AGENT_NO_BROWSER": "1"})
     assert (s.model, s.port, s.mdns_interfaces, s.peers, s.bootstrap, s.open_browser) == (
         smollm_path, 0, ["127.0.0.1", "::1"], ["127.0.0.1:7000"], ["10.0.0.2:7001"], None)
+    monkeypatch.setenv("EDGE_AGENT_MODEL", str(tmp_path / "gone.gguf"))
+    s = DesktopSettings.from_env({})
+    assert s.model is None and "gone.gguf" in s.no_model_reason and s.port == 8000
     with pytest.raises(ValueError, match="EDGE_AGENT_APP_PORT"):
         DesktopSettings.from_env({"EDGE_AGENT_APP_PORT": "http"})
     for bad in ({"peers": ["no-port-here"]}, {"bootstrap": ["host:port"]}):
