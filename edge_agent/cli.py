@@ -170,5 +170,14 @@ from edge_agent.api.command import serve_command  # noqa: E402
 
 app.command("serve", epilog=SERVE_EPILOG)(serve_command)
 
+
+@app.command("app")
+def app_command() -> None:
+    """Desktop mode, what a double-click on the one-file app starts: join the LAN swarm, serve
+    the API and the dashboard on loopback, open the dashboard (settings: docs/app.md)."""
+    from edge_agent.desktop import main as desktop
+
+    raise typer.Exit(desktop())
+
 if __name__ == "__main__":  # pragma: no cover
     app()
