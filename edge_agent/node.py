@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 from edge_agent.discovery.capabilities import ARITH_KEY, Capabilities
 from edge_agent.discovery.identity import Identity, SwarmKey
@@ -27,6 +27,9 @@ from edge_agent.directory import PeerDirectory
 from edge_agent.runtime.engine import EngineOptions
 from edge_agent.split.links import PeerLink
 from edge_agent.split.testhooks import TestHooks
+
+if TYPE_CHECKING:
+    from edge_agent.split.thin import ThinModel
 
 log = logging.getLogger(__name__)
 
@@ -345,37 +348,45 @@ def kv_mb_per_layer(info, options: EngineOptions) -> float:
 
 
 @asynccontextmanager
-async def swarm_client(config: AgentConfig, model: Path, client_config, options: EngineOptions, *,
+async def swarm_client(config: AgentConfig, model: "Path | ThinModel", client_config, options: EngineOptions, *,
                        discover_s: float = 5.0, audit_rate: float | None = None) -> AsyncIterator:
     """An agent on the swarm and a ``SwarmClient`` for ``model`` (shared by ``run`` and servers).
+
+    ``model``: a whole model's GGUF, or a ``split.thin.ThinModel`` (head and tail shards only).
 
     Waits (at most ``discover_s``) for peers covering the remote layers. The client routes only
     to peers whose arithmetic settings equal ``options``' on ``client_config.backend``."""
     from edge_agent.runtime.backends import resolve_backend
     from edge_agent.runtime.shards import inspect_model
     from edge_agent.split.client import SwarmClient
+    from edge_agent.split.thin import ThinModel
 
-    info = await asyncio.to_thread(inspect_model, model)
+    thin = isinstance(model, ThinModel)  # head and tail shards only: no local layers, no audits
+    info = await asyncio.to_thread(inspect_model, model.head if thin else model)  # a shard's shapes are the model's
+    model_hash, n_layer = (model.model_hash, model.n_layer) if thin else (info.model_hash, info.n_layer)
     arithmetic = options.arithmetic(resolve_backend(client_config.backend))
     if client_config.policy_for is None:  # resolved per request: a `trust add` applies to the next one
         client_config = dataclasses.replace(client_config, policy_for=_policies(config, client_config.policy))
     agent = Agent(config)
     await agent.start()
-    directory = PeerDirectory(agent, info.model_hash, arithmetic, kv_mb_per_layer(info, options))
+    directory = PeerDirectory(agent, model_hash, arithmetic, kv_mb_per_layer(info, options))
     client = ledger = auditor = None
     try:
-        await directory.wait_for_coverage(info.n_layer, client_config.policy, discover_s)
-        client = await SwarmClient.create(model, directory, client_config, options, config.data_dir / "shards")
+        await directory.wait_for_coverage(n_layer, client_config.policy, discover_s)
+        if thin:
+            client = await asyncio.to_thread(SwarmClient.from_shards, model, directory, client_config, options)
+        else:
+            client = await SwarmClient.create(model, directory, client_config, options, config.data_dir / "shards")
         ledger = agent.open_ledger()
         if ledger is not None:  # checks the hops' commitments and countersigns receipts after each request
             from edge_agent.ledger.accounts import Accounts
 
             directory.reputation = Accounts(ledger.store).reputation  # the planner's input; evidence keeps a peer off
-            recorder = ledger.client_recorder(info.model_hash, info.n_embd)
+            recorder = ledger.client_recorder(model_hash, info.n_embd)
             client.observers.add(recorder.observe)
             request_for = ledger.requester_via(directory.link)
             client.end_hooks.append(lambda end: recorder.request_ended(*end, request_for=request_for))
-            auditor = _auditor(agent, ledger, model, options, audit_rate, resolve_backend(client_config.backend))
+            auditor = None if thin else _auditor(agent, ledger, model, options, audit_rate, resolve_backend(client_config.backend))
             if auditor is not None:
                 client.auditor = auditor  # its outcomes, for telemetry and tests
                 client.observers.add(auditor.observe)

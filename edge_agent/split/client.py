@@ -129,6 +129,43 @@ class SwarmClient:
             self.head.close()
             self.tokenizer.close()
             raise
+        self.holds_model = True  # it can run any layer itself (local fallback, audits)
+        self._wire()
+
+    @classmethod
+    def from_shards(cls, model, peers: PeerSource, config: ClientConfig | None = None,
+                    options: EngineOptions | None = None) -> "SwarmClient":
+        """A thin client (``split.thin.ThinModel``): head and tail shard files only, so no local
+        fallback; the swarm must serve every layer in between."""
+        import dataclasses
+
+        from edge_agent.runtime.llamacpp import LlamaCppEngine
+        from edge_agent.runtime.tokenizer import Tokenizer
+        from edge_agent.split.thin import check_ranges, no_local_layers
+
+        self = cls.__new__(cls)
+        self.config = dataclasses.replace(config or ClientConfig(), local_fallback=False)
+        self.peers, self.options = peers, options or EngineOptions(max_requests=4)
+        self.n_layer, self.model_hash, self.holds_model = model.n_layer, model.model_hash, False
+        self.config.policy.validate(self.n_layer)
+        check_ranges(model, *self.config.policy.client_ranges(self.n_layer))
+        self._load = no_local_layers
+        self.tokenizer = Tokenizer(model.head)  # the head shard keeps the vocabulary and chat template
+        self.head = self.tail = None
+        try:
+            self.head = LlamaCppEngine(model.head, self.options)
+            self.tail = LlamaCppEngine(model.tail, self.options)
+        except Exception:
+            if self.head is not None:
+                self.head.close()
+            self.tokenizer.close()
+            raise
+        self._wire()
+        return self
+
+    def _wire(self) -> None:
+        """Batchers, observers and routing strategies around the loaded head and tail."""
+        cfg = self.config
         self._head_steps, self._tail_steps = StepBatcher(self.head), StepBatcher(self.tail)  # shared by concurrent requests
         self.observers = Observers()  # HopRecord of every hop step this client accepts
         self.end_hooks: list[Callable[[RequestEnd], None]] = []  # e.g. the ledger's receipts
@@ -141,7 +178,7 @@ class SwarmClient:
         self.router = router
         self.star = StarStrategy(router, self._admitted, hop_timeout_s=cfg.hop_timeout_s,
                                  prefill_timeout_s=cfg.prefill_timeout_s)
-        self.chain = ChainStrategy(router, peers.address, self.star, hop_timeout_s=cfg.hop_timeout_s,
+        self.chain = ChainStrategy(router, self.peers.address, self.star, hop_timeout_s=cfg.hop_timeout_s,
                                    prefill_timeout_s=cfg.prefill_timeout_s)
 
     @classmethod
@@ -191,6 +228,9 @@ class SwarmClient:
         try:
             return plan_path(self.n_layer, policy, caps, **kw)
         except NoRouteError as exc:
+            if policy.name == "local" and not self.holds_model:
+                raise NoRouteError(exc.missing, "a thin client holds only its head and tail shards: open the whole "
+                                   "model's GGUF to run privately", what="this device cannot run") from None
             fallback = self.config.local_fallback or policy.name == "local"  # local: this device is the only route
             if not fallback or policy.strict or LOCAL_PEER_ID in exclude or me in caps:
                 raise self._explain(exc, policy) from None

@@ -97,20 +97,8 @@ def verify_shard(path: Path, manifest: list[TensorEntry], model_hash: str, start
 async def fetch_shard(link, model_hash: str, start: int, end: int, dest_dir: Path,
                       progress: Callable[[int, int], None] | None = None) -> Path:
     """Download and verify layers [start, end) of ``model_hash`` from a peer; resumable."""
-    head, body = await _ask(link, {"op": "manifest"})
-    if len(body) > MAX_MANIFEST_BYTES:
-        raise WeightsError("manifest too large")
-    try:
-        manifest = [TensorEntry(**e) for e in json.loads(body.decode("utf-8"))]
-    except (ValueError, TypeError) as exc:
-        raise WeightsError(f"malformed manifest: {exc}") from None
-    if _manifest_hash(manifest) != model_hash:
-        raise WeightsError(f"peer {link.peer_id[:12]} offers a manifest whose hash is not {model_hash[:16]}: wrong or tampered model")
-    head, _ = await _ask(link, {"op": "shard_info", "start": start, "end": end})
-    expected = sum(e.nbytes for e in manifest) + METADATA_ALLOWANCE  # a shard is never larger than its model
-    size = head.get("size") if isinstance(head, dict) else None
-    if not isinstance(size, int) or not 0 < size <= expected:
-        raise WeightsError(f"peer {link.peer_id[:12]} announces an implausible shard size {size!r}")
+    _, _, manifest = await read_manifest(link, model_hash)  # a full hash: only that model's manifest passes
+    size = await shard_size(link, start, end, manifest)
     dest_dir.mkdir(parents=True, exist_ok=True)
     final = dest_dir / f"{model_hash[:16]}-{start}-{end}.gguf"
     partial = final.with_suffix(".gguf.partial")
@@ -132,6 +120,33 @@ async def fetch_shard(link, model_hash: str, start: int, end: int, dest_dir: Pat
         raise exc if isinstance(exc, WeightsError) else WeightsError(f"downloaded shard is unusable: {exc}") from exc
     os.replace(partial, final)
     return final
+
+
+async def read_manifest(link, model_hash_prefix: str) -> tuple[str, int, list[TensorEntry]]:
+    """The peer's model (full content hash, n_layer, manifest), whose hash must start with
+    ``model_hash_prefix`` (what its signed capability record advertises)."""
+    head, body = await _ask(link, {"op": "manifest"})
+    if len(body) > MAX_MANIFEST_BYTES:
+        raise WeightsError("manifest too large")
+    try:
+        manifest = [TensorEntry(**e) for e in json.loads(body.decode("utf-8"))]
+    except (ValueError, TypeError) as exc:
+        raise WeightsError(f"malformed manifest: {exc}") from None
+    model_hash, n_layer = _manifest_hash(manifest), head.get("n_layer") if isinstance(head, dict) else None
+    if not model_hash.startswith(model_hash_prefix) or not isinstance(n_layer, int) or n_layer < 1:
+        raise WeightsError(f"peer {link.peer_id[:12]} offers a manifest whose hash is not {model_hash_prefix[:16]}: "
+                           "wrong or tampered model")
+    return model_hash, n_layer, manifest
+
+
+async def shard_size(link, start: int, end: int, manifest: list[TensorEntry]) -> int:
+    """The size of the peer's shard file for [start, end), checked to be plausible."""
+    head, _ = await _ask(link, {"op": "shard_info", "start": start, "end": end})
+    expected = sum(e.nbytes for e in manifest) + METADATA_ALLOWANCE  # a shard is never larger than its model
+    size = head.get("size") if isinstance(head, dict) else None
+    if not isinstance(size, int) or not 0 < size <= expected:
+        raise WeightsError(f"peer {link.peer_id[:12]} announces an implausible shard size {size!r}")
+    return size
 
 
 async def _ask(link, msg: dict) -> tuple[dict, bytes]:
