@@ -159,7 +159,6 @@ class SimRequest:
     interactive: bool
     target_ms: float
     tokens_left: int
-    started: float
     clock: Clock
     state: RequestState | None = None
     strategy: StarStrategy | None = None
@@ -222,7 +221,7 @@ class Driver:
                 node.reputation = GRADUATED_REPUTATION
 
     def start(self, client: Client, now: float, interactive: bool, target_ms: float, tokens: int) -> SimRequest:
-        sreq = SimRequest(client, interactive, target_ms, tokens, now, Clock(now))
+        sreq = SimRequest(client, interactive, target_ms, tokens, Clock(now))
         sreq.probation = client.probation_pick(interactive, PREFILL_ROWS + tokens)
         observers = Observers()
         observers.add(lambda rec: self._observe(sreq, rec))

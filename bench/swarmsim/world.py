@@ -64,7 +64,6 @@ class Results:
     tbt_ms: list = field(default_factory=list)
     node_bytes_per_min: float = 0.0
     client_bytes_per_min: float = 0.0
-    lookups: int = 0
     refills: int = 0  # out-of-turn view refreshes (a request found no route in the view)
     bytes_by_kind: dict = field(default_factory=dict)  # per serving node per minute (each message counted once)
     joined: list = field(default_factory=list)  # (kind, s to first in a view, to first offered to a planner, to first use)
@@ -259,7 +258,6 @@ class World:
         d = self.driver
         out.plan_ms, out.plan_cpu_ms, out.replan_ms, out.infeasible = d.plan_ms, d.plan_cpu_ms, d.replan_ms, d.infeasible
         out.candidates = d.candidates
-        out.lookups = self.dht.lookups
         out.bytes_by_kind = {k: (v - warm_kinds.get(k, 0.0)) / len(self.nodes) / minutes for k, v in self.dht.by_kind.items()}
         for c in self.clients:
             out.refusals.update(c.refusals)
