@@ -136,6 +136,20 @@ def check_model_file(text: str) -> Path:
     return path
 
 
+async def body_field(request: Request, name: str):
+    """``name`` of the request's JSON object body (None when absent or not an object); ApiError for a huge body."""
+    from edge_agent.api.app import read_body
+
+    try:
+        return json.loads(await read_body(request)).get(name)
+    except (ValueError, AttributeError, RecursionError):  # not JSON, not an object, absurdly nested
+        return None
+
+
+def refuse(err: ApiError) -> Response:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
 def remember_model(path: Path, models_dir: Path) -> Path | None:
     """Link the chosen file into <data dir>/models/ so the next start (and the CLI) finds it."""
     link = models_dir / path.name
@@ -187,12 +201,12 @@ def setup_app(state: "AppState") -> Starlette:
 
 @dataclass
 class AppState:
-    phase: str = "starting"  # starting | no_model | loading | ready | error | stopping
+    phase: str = "starting"  # starting | no_model | fetching | loading | ready | error | stopping
     message: str = "starting"
     model: str | None = None
     url: str | None = None
 
-    def set(self, phase: str, message: str, model: Path | None = None) -> None:
+    def set(self, phase: str, message: str, model=None) -> None:  # model: a Path or a split.thin.ThinModel
         self.phase, self.message = phase, message
         self.model = str(model) if model is not None else self.model
         log.info("%s: %s", phase, message)
@@ -204,28 +218,30 @@ class DesktopApp:
         self.state = AppState()
         self.setup = setup_app(self.state)
         self.switch = Switch(self.setup)
-        self.choices: asyncio.Queue[Path] = asyncio.Queue(maxsize=1)
+        self.choices: asyncio.Queue[Path | str] = asyncio.Queue(maxsize=1)  # a GGUF, or a peer to fetch from
         from edge_agent.discovery.peers import parse_peer_arg
 
         # a bad EDGE_AGENT_PEER or EDGE_AGENT_BOOTSTRAP fails here, before anything starts
         self.peers = [parse_peer_arg(p) for p in settings.peers]
         self.bootstrap = [parse_peer_arg(p) for p in settings.bootstrap]
         self.server = None  # uvicorn.Server once running
+        self.peer_models = None  # desktop_fetch.PeerModels while there is no model
 
     @property
     def models_dir(self) -> Path:
         return self.settings.data_dir / "models"
 
     def asgi(self) -> Starlette:
-        from edge_agent.api.app import read_body
-
-        def refuse(err: ApiError) -> Response:
-            return JSONResponse(err.body(), status_code=err.status)
-
         async def status(_request: Request) -> Response:
             body = {"phase": self.state.phase, "message": self.state.message, "model": self.state.model,
                     "stoppable": True, "models_dir": str(self.models_dir)}
+            finder = self.peer_models
+            if finder is not None and self.state.phase == "fetching" and finder.progress is not None:
+                body["progress"] = {"done": finder.progress[0], "total": finder.progress[1]}
             if self.state.phase in ("no_model", "error"):
+                from edge_agent.desktop_fetch import THIN_CLIENT_NOTE
+
+                body["offers"], body["thin_client_note"] = (finder.view() if finder is not None else []), THIN_CLIENT_NOTE
                 body["how_to_get_a_model"] = HOW_TO_GET_A_MODEL.format(models_dir=self.models_dir)
                 home = Path.home()
                 body["suggestions"] = await asyncio.to_thread(gguf_suggestions, [self.models_dir, home / "Downloads", home / "models", home])
@@ -247,11 +263,9 @@ class DesktopApp:
             if self.state.phase not in ("no_model", "error"):
                 return refuse(ApiError(409, f"a model is already {self.state.phase}", code="conflict"))
             try:
-                text = json.loads(await read_body(request)).get("path")
+                text = await body_field(request, "path")
             except ApiError as exc:
                 return refuse(exc)
-            except (ValueError, AttributeError, RecursionError):  # not JSON, not an object, absurdly nested
-                text = None
             if not isinstance(text, str) or not 0 < len(text) <= MAX_PATH_CHARS:
                 return refuse(ApiError(400, 'send {"path": "/full/path/to/model.gguf"}', param="path", code="invalid_value"))
             try:
@@ -266,15 +280,19 @@ class DesktopApp:
             return JSONResponse({"phase": "loading", "model": str(path), "remembered": str(remembered) if remembered else None},
                                 status_code=202)
 
+        from edge_agent.desktop_fetch import fetch_handler
+
         # a web page whose domain is re-pointed at 127.0.0.1 (DNS rebinding) sends its own name as Host: refused
         loopback_only = Middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost"])
         return Starlette(routes=[Route("/api/app", status), Route("/api/app/stop", stop, methods=["POST"]),
-                                 Route("/api/app/model", open_model, methods=["POST"]), Mount("", app=self.switch)],
+                                 Route("/api/app/model", open_model, methods=["POST"]),
+                                 Route("/api/app/fetch", fetch_handler(self), methods=["POST"]), Mount("", app=self.switch)],
                          middleware=[loopback_only])
 
     async def _agent_loop(self) -> None:
         """Load the model (or wait for the dashboard to name one), then serve it until cancelled."""
         from edge_agent.api.server import ServeOptions, api_app
+        from edge_agent.desktop_fetch import choose_model
 
         # the swarm's modules (numpy, llama.cpp, ...) are imported off the event loop: the page stays responsive
         agent_cfg, client_cfg, engine_opts = await asyncio.to_thread(self._configs)
@@ -284,12 +302,15 @@ class DesktopApp:
             if model is None:
                 if self.state.phase != "error":
                     self.state.set("no_model", self.settings.no_model_reason)
-                model = await self.choices.get()
+                model = await choose_model(self, agent_cfg)
+                if model is None:
+                    continue
             self.state.set("loading", f"loading {model.name} and looking for peers", model)
             try:
                 async with api_app(agent_cfg, model, client_cfg, engine_opts, opts) as (app, info):
                     self.switch.app = app
-                    self.state.set("ready", f"{info['model']} loaded; {info['peers']} peer(s) of the swarm seen", model)
+                    thin = "" if isinstance(model, Path) else " (a thin client: the swarm serves the layers in between)"
+                    self.state.set("ready", f"{info['model']} loaded{thin}; {info['peers']} peer(s) of the swarm seen", model)
                     await asyncio.Event().wait()  # serves until the app stops (this task is cancelled)
             except Exception as exc:  # noqa: BLE001 - any load failure is shown on the dashboard, not a crash
                 log.warning("could not load %s: %s", model, exc)

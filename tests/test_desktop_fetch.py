@@ -49,3 +49,54 @@ def test_thin_client_through_a_real_peer_is_token_exact(tmp_path, peers, smollm_
         swarm_generate(tmp_path, model, "Hi", 2, [], discover_s=0.2)
     with pytest.raises(NoRouteError, match="thin client"):
         swarm_generate(tmp_path, model, "Hi", 2, [peer], privacy="local")
+
+
+@pytest.mark.slow
+def test_app_without_a_model_fetches_its_layers_from_a_peer_and_chats_exactly(tmp_path, peers, smollm_path):
+    import time
+
+    from edge_agent.desktop_fetch import KNOWN_MODELS
+    from edge_agent.runtime.shards import tensor_manifest
+    from edge_agent.runtime.tokenizer import Tokenizer
+    from edge_agent.split.weights import verify_shard
+    from test_desktop import JSON, call, running, settings_for, wait_for_phase
+
+    info = inspect_model(smollm_path)
+    assert info.model_hash in KNOWN_MODELS  # the app knows the default model's content hash
+    peer = peers(smollm_path, "1:29")  # shares its weights (join's default)
+    with running(settings_for(tmp_path, peers=[peer.address])) as (_app, url):
+        deadline = time.monotonic() + 60
+        while not (state := wait_for_phase(url, ("no_model",)))["offers"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        [offer] = state["offers"]
+        assert (offer["peer_id"], offer["model_hash"], offer["known"]) == (peer.agent_id, info.model_hash, True)
+        assert 0 < offer["bytes"] < info.file_size and "cannot run them itself" in state["thin_client_note"]
+        status, body = call(url + "api/app/fetch", "POST", {"peer_id": "0" * 64}, JSON)
+        assert status == 400 and body["error"]["param"] == "peer_id"
+
+        status, body = call(url + "api/app/fetch", "POST", {"peer_id": peer.agent_id}, JSON)
+        assert status == 202 and body["phase"] == "fetching"
+        assert wait_for_phase(url, ("ready", "error"))["phase"] == "ready"
+        assert call(url + "api/app/fetch", "POST", {"peer_id": peer.agent_id}, JSON)[0] == 409
+
+        # what came: the first and the last layer (embedding, LM head, vocabulary), verified, not the model
+        shards = tmp_path / "data" / "shards"
+        head, tail = shards / f"{info.model_hash[:16]}-0-1.gguf", shards / f"{info.model_hash[:16]}-29-30.gguf"
+        assert sorted(p.name for p in shards.glob("*.gguf")) == sorted([head.name, tail.name])
+        for path, (a, b) in ((head, (0, 1)), (tail, (29, 30))):
+            verify_shard(path, tensor_manifest(smollm_path), info.model_hash, a, b)
+            assert path.stat().st_size < info.file_size / 2
+        assert head.stat().st_size + tail.stat().st_size == offer["bytes"]
+
+        [model] = call(url + "v1/models")[1]["data"]
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        status, body = call(url + "v1/chat/completions", "POST", {"model": model["id"], "messages": question,
+                                                                   "max_tokens": 12, "temperature": 0}, JSON)
+        assert status == 200, body
+        tok = Tokenizer(smollm_path)
+        try:
+            want = reference_tokens(smollm_path, tok.encode(tok.apply_chat_template(question), parse_special=True), 12)
+            assert body["choices"][0]["message"]["content"] == tok.decode(want)  # token-exact vs llama.cpp alone
+        finally:
+            tok.close()
+        assert body["usage"]["completion_tokens"] == len(want)

@@ -252,8 +252,8 @@ async function sendChat(event) {
 // The desktop app (edge_agent/desktop.py) answers /api/app: its phase, a model picker when it has no
 // model, and the stop button. A plain `edge-agent serve` answers 404 and none of this shows.
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-const PHASES = { starting: "starting", no_model: "no model yet", loading: "loading", ready: "running", error: "error",
-  stopping: "stopped" };
+const PHASES = { starting: "starting", no_model: "no model yet", fetching: "fetching from a peer", loading: "loading",
+  ready: "running", error: "error", stopping: "stopped" };
 
 function renderApp(info) {
   state.app = info;
@@ -264,9 +264,19 @@ function renderApp(info) {
   $("stop").hidden = !info.stoppable || info.phase === "stopping";
   $("app-phase").textContent = "(" + (PHASES[info.phase] || info.phase) + ")";
   $("app-message").textContent = info.message;
-  $("app-progress").hidden = !(info.phase === "starting" || info.phase === "loading");
+  const bar = $("app-progress");
+  bar.hidden = !["starting", "loading", "fetching"].includes(info.phase);
+  if (info.progress && info.progress.total > 0) {  // bytes of the shard files fetched so far
+    bar.max = info.progress.total;
+    bar.value = info.progress.done;
+    $("app-message").textContent = info.message + ": " + (info.progress.done / 1e6).toFixed(1) + " of " +
+      (info.progress.total / 1e6).toFixed(1) + " MB";
+  } else {
+    bar.removeAttribute("value");  // indeterminate
+  }
   $("model-picker").hidden = !picking;
   if (!picking) return;
+  renderOffers(info);
   $("how-to").textContent = info.how_to_get_a_model || "";
   const list = $("suggestions");
   list.replaceChildren();
@@ -275,6 +285,34 @@ function renderApp(info) {
     const b = el("button", path, { type: "button", class: "suggestion" });
     b.addEventListener("click", () => { $("model-path").value = path; });
     list.appendChild(b);
+  }
+}
+
+// Peers of the swarm that share their model's weights: one click fetches this device's layers.
+function renderOffers(info) {
+  const box = $("offers");
+  box.replaceChildren();
+  const offers = info.offers || [];
+  if (!offers.length) return;
+  box.appendChild(el("p", "A peer of your swarm can give this device what it needs to chat (verified against the model's content hash):"));
+  for (const offer of offers) {
+    const b = el("button", "Fetch " + offer.model + " from peer " + offer.peer_id.slice(0, 12) + ": " + offer.mb + " MB",
+      { type: "button", class: "offer" });
+    b.addEventListener("click", () => fetchFrom(offer.peer_id, b));
+    box.appendChild(b);
+  }
+  box.appendChild(el("p", info.thin_client_note || "", { class: "muted" }));
+}
+
+async function fetchFrom(peerId, button) {
+  button.disabled = true;
+  $("model-error").textContent = "";
+  try {
+    const answer = await appAction("/api/app/fetch", { peer_id: peerId });
+    renderApp({ ...state.app, phase: answer.phase, message: "fetching from peer " + peerId.slice(0, 12) });
+  } catch (err) {
+    $("model-error").textContent = err.message;
+    button.disabled = false;
   }
 }
 
