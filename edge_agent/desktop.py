@@ -2,8 +2,9 @@
 
 The dashboard's web server starts on loopback at once and the default browser opens it; then
 an agent joins the LAN swarm as a client (as ``edge-agent serve`` does) and the full API and
-dashboard are swapped in once the model is loaded. Without a model the dashboard says how to
-get one and takes the path of a local GGUF file. It runs until Ctrl-C / SIGTERM or the
+dashboard are swapped in once the model is loaded. Without a model the dashboard offers to
+fetch this device's layers from a peer that shares them (desktop_fetch.py), says how to get a
+model and takes the path of a local GGUF file. It runs until Ctrl-C / SIGTERM or the
 dashboard's stop button (``POST /api/app/stop``).
 
 A double-click passes no arguments, so the settings come from the environment:
