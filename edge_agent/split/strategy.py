@@ -128,7 +128,9 @@ class Router:
             blamed = failed.hop.peer_id
             if permanent:
                 req.excluded.add(blamed)
-            await failed.link.send(req.end_frame())
+            # END_REQUEST frees the request on every shard of that node: not while it holds another hop of ours
+            if not any(h.hop.peer_id == blamed for i, h in enumerate(req.hops) if i != index):
+                await failed.link.send(req.end_frame())
             if not req.histories_complete:
                 failed = None
         if failed is None:
