@@ -4,16 +4,18 @@
 
 1. Callback census: graph-eval callback calls per decode step, and the time spent inside
    the Python callback (a timing wrapper; the C callback's own time is not measurable
-   from Python and is a strcmp per node).
+   from Python and is a strcmp per node). Then the step time difference Python - C with
+   nothing else running: paired, alternating, in both engine load orders.
 2. In-process step time of the middle shard (layers 1:L-1, 1 thread), C capture vs
-   Python capture, each alone / next to a busy pure-Python thread (holds the GIL) /
-   next to a busy thread of equal CPU that releases the GIL (sha256 of 8 MiB buffers).
-   Interleaved, R rounds, medians: the GIL's share is (GIL-holding - GIL-releasing).
-3. The same shard in an `edge-agent join` peer process (its own event loop running
-   alongside: heartbeats, frame parsing), driven by a client over loopback TLS holding
-   the head (0:1) and tail (L-1:L); per decode token: the peer's reported compute_us,
-   and the hop's overhead = client wall time of the hop - that compute (p50, p99).
-   Peers with the C and the Python capture alternate, R rounds.
+   Python capture, each alone / next to a thread that holds the GIL (bytecode) / next
+   to a thread of equal CPU that releases it (sha256), busy all the time or 25% of it
+   (event-loop-like bursts). Interleaved, R rounds, medians: the GIL's share is
+   (GIL-holding - GIL-releasing) at the same duty.
+3. The same shard in `edge-agent join` peer processes (their own event loops running
+   alongside: heartbeats, frame parsing), one with each capture, each driven by its own
+   client over loopback TLS holding the head (0:1) and tail (L-1:L); the two alternate,
+   R runs each. Per decode token: the peer's reported compute_us, and the hop's
+   overhead = client wall time of the hop - that compute (p50, p99).
 
 The model is bench/runtime.py's random-weight 0.4B-shape Q4_0 (``--quick``: small shape).
 """
@@ -49,10 +51,10 @@ OPTS = EngineOptions(n_ctx_per_request=512, max_requests=2, n_threads=1)
 KINDS = ("c", "python")
 
 
-def load_middle(model: Path, n_layer: int, kind: str):
+def load_middle(model: Path, span: tuple[int, int], kind: str):
     os.environ[capture.CAPTURE_ENV] = kind
     try:
-        eng = load_engine("llamacpp", model, 1, n_layer - 1, OPTS, CACHE / "shards")
+        eng = load_engine("llamacpp", model, *span, OPTS, CACHE / "shards")
     finally:
         os.environ.pop(capture.CAPTURE_ENV, None)
     if eng.capture.kind != kind:
@@ -60,7 +62,7 @@ def load_middle(model: Path, n_layer: int, kind: str):
     return eng
 
 
-def census(model: Path, n_layer: int, x: np.ndarray, steps: int) -> dict:
+def census(model: Path, span: tuple[int, int], x: np.ndarray, steps: int) -> dict:
     """Calls per decode step for both callbacks; time inside the Python one (wrapped)."""
     inside = [0.0]
     plain = capture.PythonCapture._on_graph_node
@@ -76,7 +78,7 @@ def census(model: Path, n_layer: int, x: np.ndarray, steps: int) -> dict:
     for kind in KINDS:
         capture.PythonCapture._on_graph_node = timed  # bound when the engine builds its capture
         try:
-            eng = load_middle(model, n_layer, kind)
+            eng = load_middle(model, span, kind)
         finally:
             capture.PythonCapture._on_graph_node = plain
         eng.forward([StepInput("w", 0, x[:16])])  # prefill, then decode steps only
@@ -89,22 +91,54 @@ def census(model: Path, n_layer: int, x: np.ndarray, steps: int) -> dict:
     return out
 
 
+def alone_ab(model: Path, span: tuple[int, int], x: np.ndarray, rounds: int) -> dict:
+    """Paired C-vs-Python step time with nothing else running, in both load orders.
+
+    The engine loaded first in a process ran ~1 ms/step slower or faster here whatever its
+    capture (memory placement), so each order gives (Python - C) +- that bias and their
+    mean cancels it.
+    """
+    out = {}
+    for order in (KINDS, KINDS[::-1]):
+        engines = {kind: [load_middle(model, span, kind)] for kind in order}
+        diffs = []
+        try:
+            for r in range(rounds):
+                ms = {kind: step_ms(engines[kind], x, 10, f"ab{r}") for kind in (order if r % 2 == 0 else order[::-1])}
+                diffs.append(ms["python"] - ms["c"])
+        finally:
+            for (eng,) in engines.values():
+                eng.close()
+        out[f"python - c, {order[0]} loaded first"] = round(statistics.median(diffs), 3)
+    out["python - c, order bias cancelled"] = round(sum(out.values()) / 2, 3)
+    return out
+
+
 class BusyThread:
-    """One core's worth of CPU in this process: either holding the GIL or releasing it."""
+    """CPU in this process, either holding the GIL (bytecode) or releasing it (sha256 of
+    64 KiB chunks), for ``duty`` of the time: 1.0 spins; less works in 0.5 ms bursts with
+    sleeps between, like an event loop handling frames and heartbeats."""
 
-    def __init__(self, holds_gil: bool):
+    BURST_S = 0.0005
+
+    def __init__(self, holds_gil: bool, duty: float):
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._spin if holds_gil else self._hash, daemon=True)
+        self._holds_gil, self._duty = holds_gil, duty
+        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _spin(self) -> None:
-        n = 0
+    def _run(self) -> None:
+        chunk = b"x" * (64 << 10)
+        pause = self.BURST_S * (1 - self._duty) / self._duty
         while not self._stop.is_set():
-            n += 1  # pure bytecode: wants the GIL all the time, like a busy event loop
-
-    def _hash(self) -> None:
-        blob = b"x" * (8 << 20)
-        while not self._stop.is_set():
-            hashlib.sha256(blob).digest()  # hashlib releases the GIL for large buffers
+            end = time.perf_counter() + self.BURST_S
+            if self._holds_gil:
+                while time.perf_counter() < end:
+                    pass  # pure bytecode: wants the GIL all the time
+            else:
+                while time.perf_counter() < end:
+                    hashlib.sha256(chunk).digest()  # hashlib releases the GIL for buffers over 2 KiB
+            if pause:
+                time.sleep(pause)
 
     def __enter__(self):
         self._thread.start()
@@ -115,85 +149,109 @@ class BusyThread:
         self._thread.join()
 
 
-def step_ms(eng, x: np.ndarray, steps: int, rid: str) -> float:
+def step_ms(engines: list, x: np.ndarray, steps: int, rid: str) -> float:
+    """Median time of one decode step through ``engines`` in turn (the spans of one token)."""
     times = []
     for p in range(steps):
         t0 = time.perf_counter()
-        eng.forward([StepInput(rid, p, x[p : p + 1])])
+        for eng in engines:
+            eng.forward([StepInput(rid, p, x[p : p + 1])])
         times.append((time.perf_counter() - t0) * 1000)
-    eng.end_request(rid)
+    for eng in engines:
+        eng.end_request(rid)
     return statistics.median(times)
 
 
-def in_process(model: Path, n_layer: int, x: np.ndarray, rounds: int, steps: int) -> dict:
-    engines = {kind: load_middle(model, n_layer, kind) for kind in KINDS}
-    loads = {"alone": None, "gil-holding thread": True, "gil-releasing thread": False}
+def in_process(model: Path, spans: list[tuple[int, int]], x: np.ndarray, rounds: int, steps: int) -> dict:
+    engines = {kind: [load_middle(model, span, kind) for span in spans] for kind in KINDS}
+    loads = {"alone": None} | {f"gil-{'holding' if holds else 'releasing'} thread {duty:.0%} busy": (holds, duty)
+                               for duty in (1.0, 0.25) for holds in (True, False)}
     cells = [(k, load) for k in KINDS for load in loads]
     samples: dict[tuple[str, str], list[float]] = {c: [] for c in cells}
     try:
         for r in range(rounds):
             for kind, load in cells[r % len(cells):] + cells[: r % len(cells)]:  # rotate the order per round
-                holds = loads[load]
-                if holds is None:
+                if loads[load] is None:
                     samples[(kind, load)].append(step_ms(engines[kind], x, steps, f"r{r}"))
                 else:
-                    with BusyThread(holds):
+                    with BusyThread(*loads[load]):
                         samples[(kind, load)].append(step_ms(engines[kind], x, steps, f"r{r}"))
     finally:
-        for eng in engines.values():
-            eng.close()
+        for engs in engines.values():
+            for eng in engs:
+                eng.close()
     return {f"{kind} capture, {load}": {"median": round(statistics.median(v), 2), "min": round(min(v), 2),
                                         "max": round(max(v), 2)} for (kind, load), v in samples.items()}
 
 
-async def drive_peer(model: Path, peer, n_tokens: int) -> dict:
+async def drive_peers(model: Path, peers: dict, rounds: int, n_tokens: int) -> dict:
+    """One client per capture kind, knowing only that kind's peers; the two alternate, ``rounds`` times."""
+    from contextlib import AsyncExitStack
+
     from edge_agent.node import Agent, AgentConfig, PeerDirectory
     from edge_agent.runtime.sampling import SamplingParams
     from edge_agent.runtime.shards import inspect_model
     from edge_agent.split.client import ClientConfig, SwarmClient
 
     info = inspect_model(model)
-    records = []
-    with tempfile.TemporaryDirectory() as d:
-        agent = Agent(AgentConfig(Path(d), mdns=False, manual_peers=[("127.0.0.1", peer.ready["tls_port"])]))
-        await agent.start()
-        directory = PeerDirectory(agent, info.model_hash)
-        ccfg = ClientConfig(target_tbt_ms=10_000)
-        await directory.wait_for_coverage(info.n_layer, ccfg.policy, 60)
-        client = SwarmClient(model, directory, ccfg, OPTS, CACHE / "shards")
-        try:
+    records: dict[str, list] = {kind: [] for kind in peers}
+    per_round: dict[str, list[dict]] = {kind: [] for kind in peers}
+    async with AsyncExitStack() as stack:
+        clients = {}
+        for kind, kind_peers in peers.items():
+            d = stack.enter_context(tempfile.TemporaryDirectory())
+            agent = Agent(AgentConfig(Path(d), mdns=False, manual_peers=[("127.0.0.1", p.ready["tls_port"]) for p in kind_peers]))
+            await agent.start()
+            stack.push_async_callback(agent.close)
+            directory = PeerDirectory(agent, info.model_hash)
+            stack.push_async_callback(directory.close)
+            ccfg = ClientConfig(target_tbt_ms=10_000)
+            await directory.wait_for_coverage(info.n_layer, ccfg.policy, 60)
+            clients[kind] = client = SwarmClient(model, directory, ccfg, OPTS, CACHE / "shards")
+            stack.callback(client.close)
             await client.generate([1, 2, 3, 4], SamplingParams(max_tokens=4))  # warm-up: connection, page cache
-            client.observers.add(lambda rec: records.append(rec) if rec.n_positions == 1 and not rec.replay else None)
-            res = await client.generate([1] + [300 + (i * 7) % 5000 for i in range(31)], SamplingParams(max_tokens=n_tokens + 1))
-        finally:
-            client.close()
-            await directory.close()
-            await agent.close()
-    compute = [r.compute_ms for r in records]
-    overhead = [r.wall_ms - r.compute_ms for r in records]
-    return {"tok_s": res.stats["tokens_per_s"], "peer_compute_ms": statistics.median(compute),
-            "overhead_p50_ms": float(np.percentile(overhead, 50)), "overhead_p99_ms": float(np.percentile(overhead, 99)),
-            "wall_p50_ms": statistics.median(r.wall_ms for r in records), "n": len(records)}
+            client.observers.add(lambda rec, k=kind: records[k].append(rec) if rec.n_positions == 1 and not rec.replay else None)
+        prompt = [1] + [300 + (i * 7) % 5000 for i in range(31)]
+        for r in range(rounds):
+            for kind in list(peers) if r % 2 == 0 else list(peers)[::-1]:
+                n0 = len(records[kind])
+                res = await clients[kind].generate(prompt, SamplingParams(max_tokens=n_tokens + 1))
+                per_token: dict[tuple, float] = {}  # every hop's compute of one token, summed
+                for x in records[kind][n0:]:
+                    per_token[(x.request_id, x.step)] = per_token.get((x.request_id, x.step), 0.0) + x.compute_ms
+                per_round[kind].append({"tok_s": res.stats["tokens_per_s"], "peer_compute_ms": statistics.median(per_token.values())})
+    out = {}
+    for kind, recs in records.items():
+        if not {x.peer_id for x in recs} <= {p.agent_id for p in peers[kind]}:
+            raise SystemExit(f"the {kind} client routed through another kind's peer: the comparison is void")
+        overhead = [x.wall_ms - x.compute_ms for x in recs]
+        rows = per_round[kind]
+        out[kind] = {"tok_s": round(statistics.median(x["tok_s"] for x in rows), 2),
+                     "peer_compute_ms": round(statistics.median(x["peer_compute_ms"] for x in rows), 2),
+                     "peer_compute_ms_rounds": [round(x["peer_compute_ms"], 1) for x in rows],
+                     "hop_wall_p50_ms": round(float(np.percentile([x.wall_ms for x in recs], 50)), 2),
+                     "overhead_p50_ms": round(float(np.percentile(overhead, 50)), 3),
+                     "overhead_p99_ms": round(float(np.percentile(overhead, 99)), 3), "hops": len(recs)}
+    return out
 
 
-def peer_process(model: Path, n_layer: int, rounds: int, n_tokens: int) -> dict:
+def peer_process(model: Path, spans: list[tuple[int, int]], rounds: int, n_tokens: int) -> dict:
+    """One `join` peer per span and capture kind (the capture is chosen at load time)."""
     from swarm_util import start_peer
 
-    samples: dict[str, list[dict]] = {k: [] for k in KINDS}
-    for r in range(rounds):
-        for kind in KINDS if r % 2 == 0 else KINDS[::-1]:
-            os.environ[capture.CAPTURE_ENV] = kind  # the peer process inherits it
-            try:
-                with tempfile.TemporaryDirectory() as d:
-                    peer = start_peer(model, f"1:{n_layer - 1}", Path(d) / "peer")
-                    try:
-                        samples[kind].append(asyncio.run(drive_peer(model, peer, n_tokens)))
-                    finally:
-                        peer.stop()
-            finally:
-                os.environ.pop(capture.CAPTURE_ENV, None)
-            print(f"  peer round {r} {kind}: {json.dumps({k: round(v, 3) for k, v in samples[kind][-1].items()})}", flush=True)
-    return {kind: {key: round(statistics.median(s[key] for s in runs), 3) for key in runs[0]} for kind, runs in samples.items()}
+    peers: dict[str, list] = {kind: [] for kind in KINDS}
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            for kind in KINDS:
+                os.environ[capture.CAPTURE_ENV] = kind  # the peer process inherits it
+                for a, b in spans:
+                    peers[kind].append(start_peer(model, f"{a}:{b}", Path(d) / f"{kind}-{a}"))
+            os.environ.pop(capture.CAPTURE_ENV, None)
+            return asyncio.run(drive_peers(model, peers, rounds, n_tokens))
+        finally:
+            os.environ.pop(capture.CAPTURE_ENV, None)
+            for peer in (p for ps in peers.values() for p in ps):
+                peer.stop()
 
 
 def main() -> None:
@@ -201,22 +259,27 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=30, help="decode steps per in-process sample")
-    ap.add_argument("--tokens", type=int, default=48, help="decode tokens per peer run")
+    ap.add_argument("--tokens", type=int, default=24, help="decode tokens per peer run")
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--split", type=int, default=1, help="the middle layers as this many equal spans (peers)")
     args = ap.parse_args()
     shape = SHAPE_QUICK if args.quick else SHAPE_04B
     model = make_random_gguf(CACHE / f"random-{'quick' if args.quick else '04b'}-q4_0.gguf", ftype="q4_0", **shape)
     n_layer = shape["n_layer"]
+    cuts = [1 + round(i * (n_layer - 2) / args.split) for i in range(args.split + 1)]
+    spans = list(zip(cuts, cuts[1:]))
     x = np.random.default_rng(0).standard_normal((16 + max(args.steps, 20), shape["n_embd"])).astype(np.float32)
-    print(f"model {shape} Q4_0, middle shard 1:{n_layer - 1}, 1 thread; load avg {os.getloadavg()[0]:.2f} at start")
-    print("callback census:", json.dumps(census(model, n_layer, x, 20)), flush=True)
+    print(f"model {shape} Q4_0, middle layers as {' + '.join(f'{a}:{b}' for a, b in spans)}, 1 thread each; "
+          f"load avg {os.getloadavg()[0]:.2f} at start")
+    print(f"callback census (shard 1:{n_layer - 1}):", json.dumps(census(model, (1, n_layer - 1), x, 20)), flush=True)
+    print("alone, paired, ms per decode step:", json.dumps(alone_ab(model, (1, n_layer - 1), x, 2 * args.rounds)), flush=True)
     print(f"in-process ms per decode step (median over {args.rounds} rounds of each round's median of {args.steps} steps):")
-    for cell, v in in_process(model, n_layer, x, args.rounds, args.steps).items():
-        print(f"  {cell:40} {v['median']:7.2f}   (rounds {v['min']:.2f}-{v['max']:.2f})", flush=True)
+    for cell, v in in_process(model, spans, x, args.rounds, args.steps).items():
+        print(f"  {cell:46} {v['median']:7.2f}   (rounds {v['min']:.2f}-{v['max']:.2f})", flush=True)
     if not args.skip_peer:
-        rounds = max(2, args.rounds // 2)
-        print(f"join peer over loopback TLS, {args.tokens} decode tokens per run, medians over {rounds} runs:")
-        for kind, v in peer_process(model, n_layer, rounds, args.tokens).items():
+        print(f"join peers over loopback TLS, {args.tokens} decode tokens per run, {args.rounds} runs each, alternating "
+              "(peer_compute_ms: all hops' compute of one token):")
+        for kind, v in peer_process(model, spans, args.rounds, args.tokens).items():
             print(f"  peer with {kind} capture: {json.dumps(v)}")
     print(f"load avg {os.getloadavg()[0]:.2f} at end")
 
