@@ -2,9 +2,10 @@
 
 ggml's scheduler calls the graph-eval callback for *every* graph node (ask=True: "do you
 want this one?") until the target, then once more (ask=False) to hand it over. A Python
-callback takes the GIL for each of those ~700 calls per step of a 22-layer shard; inside
-an agent the event-loop thread also wants the GIL, so every call can wait for it and a
-step cost ~45% more than the same arithmetic alone (issue 18, docs/benchmarks.md).
+callback takes the GIL for each of those 818 calls per step of a 22-layer shard, so any
+other Python thread that holds it (a node's event loop under load) can stall a step in
+the middle of the graph; measured in docs/benchmarks.md (issue 18): harmless alone, the
+worst outliers next to a thread that runs bytecode.
 
 ``NativeCapture`` is the same callback in ~20 lines of C, so ``llama_decode`` runs
 without the GIL from start to end. The C code links against nothing: the three ggml
