@@ -4,7 +4,8 @@
 capabilities for the planner (only peers whose arithmetic settings equal the client's, each
 with its reputation from this agent's ledger), the ones kept off every path with the reason
 (other arithmetic, or a reputation below ``ledger.accounts.MIN_REPUTATION``), and live links
-(TLS where the peer is reachable directly, else WebRTC).
+(TLS where the peer is reachable directly, else WebRTC). ``fetch_weights``: a layer range's
+weights from a peer that shares them (a node started without the model file).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from edge_agent.ledger.accounts import MIN_REPUTATION
@@ -169,3 +171,38 @@ class PeerDirectory:
     async def close(self) -> None:
         for link in self._links.values():
             await link.close()
+
+
+async def fetch_weights(agent: Agent, model_hash: str, layers: tuple[int, int], dest: Path, on_progress=None,
+                        timeout_s: float = 30.0) -> Path:
+    """Find a peer that shares this model's weights and fetch ``layers`` from it (verified tensor by tensor)."""
+    from edge_agent.split.weights import WeightsError, fetch_shard
+
+    a, b = layers
+    final = dest / f"{model_hash[:16]}-{a}-{b}.gguf"
+    if final.is_file():
+        return final  # fetched (and verified) before
+
+    directory = PeerDirectory(agent, model_hash)
+    deadline = time.monotonic() + timeout_s
+    failures: dict[str, str] = {}
+    try:
+        while time.monotonic() < deadline:
+            for entry in agent.table.peers():
+                c = entry.caps
+                if c.agent_id in failures or dict(c.extra).get("w") != "1":
+                    continue
+                if not any(model_hash.startswith(h) for h, _, _ in c.shards):
+                    continue
+                try:
+                    link = await directory.link(c.agent_id)
+                    return await fetch_shard(link, model_hash, a, b, dest, on_progress)
+                except (HopFailed, WeightsError) as exc:  # a dead or lying peer: try the next one
+                    failures[c.agent_id] = str(exc)
+                    log.warning("weights from %s refused: %s", c.agent_id[:12], exc)
+            await asyncio.sleep(0.2)
+    finally:
+        await directory.close()
+    if failures:
+        raise WeightsError("no peer gave verifiable weights: " + "; ".join(f"{k[:12]}: {v}" for k, v in failures.items()))
+    raise TimeoutError(f"no peer sharing the weights of model {model_hash[:16]} was found in {timeout_s:.0f} s")

@@ -23,7 +23,7 @@ from edge_agent.discovery.capabilities import ARITH_KEY, Capabilities
 from edge_agent.discovery.identity import Identity, SwarmKey
 from edge_agent.discovery.membership import Membership
 from edge_agent.discovery.peers import PeerTable
-from edge_agent.directory import PeerDirectory
+from edge_agent.directory import PeerDirectory, fetch_weights
 from edge_agent.runtime.engine import EngineOptions
 from edge_agent.split.links import PeerLink
 from edge_agent.split.testhooks import TestHooks
@@ -236,7 +236,7 @@ async def join(config: AgentConfig, opts: JoinOptions, on_ready=None, on_progres
         if opts.model is None:
             if not (opts.model_hash and opts.layers):
                 raise ValueError("without a model file, join needs --model-hash and --layers to fetch weights from a peer")
-            source = await fetch_weights(agent, opts, shards_dir, on_progress)
+            source = await fetch_weights(agent, opts.model_hash, opts.layers, shards_dir, on_progress)
             model_hash = opts.model_hash
             from edge_agent.runtime.llamacpp import LlamaCppEngine
 
@@ -279,42 +279,6 @@ async def join(config: AgentConfig, opts: JoinOptions, on_ready=None, on_progres
         await done.wait()
     finally:
         await agent.close()
-
-
-async def fetch_weights(agent: Agent, opts: JoinOptions, dest: Path, on_progress=None, timeout_s: float = 30.0) -> Path:
-    """Find a peer that shares this model's weights and fetch our range from it (verified)."""
-    from edge_agent.split.weights import fetch_shard
-
-    a, b = opts.layers
-    final = dest / f"{opts.model_hash[:16]}-{a}-{b}.gguf"
-    if final.is_file():
-        return final  # fetched (and verified) before
-    from edge_agent.split.protocol import HopFailed
-    from edge_agent.split.weights import WeightsError
-
-    directory = PeerDirectory(agent, opts.model_hash)
-    deadline = time.monotonic() + timeout_s
-    failures: dict[str, str] = {}
-    try:
-        while time.monotonic() < deadline:
-            for entry in agent.table.peers():
-                c = entry.caps
-                if c.agent_id in failures or dict(c.extra).get("w") != "1":
-                    continue
-                if not any(opts.model_hash.startswith(h) for h, _, _ in c.shards):
-                    continue
-                try:
-                    link = await directory.link(c.agent_id)
-                    return await fetch_shard(link, opts.model_hash, a, b, dest, on_progress)
-                except (HopFailed, WeightsError) as exc:  # a dead or lying peer: try the next one
-                    failures[c.agent_id] = str(exc)
-                    log.warning("weights from %s refused: %s", c.agent_id[:12], exc)
-            await asyncio.sleep(0.2)
-    finally:
-        await directory.close()
-    if failures:
-        raise WeightsError("no peer gave verifiable weights: " + "; ".join(f"{k[:12]}: {v}" for k, v in failures.items()))
-    raise TimeoutError(f"no peer sharing the weights of model {opts.model_hash[:16]} was found in {timeout_s:.0f} s")
 
 
 def gpu_layers(share_gpu: bool) -> int:
