@@ -85,7 +85,7 @@ class DesktopSettings:
             model = resolve_model(None, directory)
         except ModelNotFoundError as exc:
             model = None
-            if os.environ.get("EDGE_AGENT_MODEL"):  # e.g. it names a missing file: say so
+            if os.environ.get("EDGE_AGENT_MODEL"):  # resolve_model reads it there: say why it failed
                 reason = f"{NO_MODEL} {exc}."
         port_text = environ.get("EDGE_AGENT_APP_PORT", str(DEFAULT_PORT))
         if not port_text.isdigit() or int(port_text) > 65535:
@@ -122,6 +122,29 @@ def local_action_refusal(request: Request) -> ApiError | None:
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
         return ApiError(415, "send Content-Type: application/json", code="invalid_value")
     return None
+
+
+class SameMachinePosts:
+    """ASGI: every state-changing request (the API's completions too) must be JSON, from no page
+    or a page of this machine. The app's API has no key (loopback only), and a cross-site page
+    can send a text/plain POST without a CORS preflight: that would spend the person's swarm."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] not in ("GET", "HEAD", "OPTIONS"):
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            origin = headers.get("origin")
+            json_body = headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
+            err = None
+            if origin is not None and urlsplit(origin).hostname not in LOOPBACK_NAMES:
+                err = ApiError(403, f"a page from {origin} may not do that", code="forbidden")
+            elif not json_body:
+                err = ApiError(415, "send Content-Type: application/json", code="invalid_value")
+            if err is not None:
+                return await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def check_model_file(text: str) -> Path:
@@ -284,7 +307,7 @@ class DesktopApp:
         return Starlette(routes=[Route("/api/app", status), Route("/api/app/stop", stop, methods=["POST"]),
                                  Route("/api/app/model", open_model, methods=["POST"]),
                                  Route("/api/app/fetch", fetch_handler(self), methods=["POST"]), Mount("", app=self.switch)],
-                         middleware=[loopback_only])
+                         middleware=[loopback_only, Middleware(SameMachinePosts)])
 
     async def _agent_loop(self) -> None:
         """Load the model (or wait for the dashboard to name one), then serve it until cancelled."""

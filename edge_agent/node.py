@@ -332,7 +332,11 @@ async def swarm_client(config: AgentConfig, model: "Path | ThinModel", client_co
     if client_config.policy_for is None:  # resolved per request: a `trust add` applies to the next one
         client_config = dataclasses.replace(client_config, policy_for=_policies(config, client_config.policy))
     agent = Agent(config)
-    await agent.start()
+    try:
+        await agent.start()
+    except BaseException:  # what started (membership, mDNS) must not outlive a failed start
+        await agent.close()
+        raise
     directory = PeerDirectory(agent, model_hash, arithmetic, kv_mb_per_layer(info, options))
     client = ledger = auditor = None
     try:
@@ -345,7 +349,9 @@ async def swarm_client(config: AgentConfig, model: "Path | ThinModel", client_co
         if ledger is not None:  # checks the hops' commitments and countersigns receipts after each request
             from edge_agent.ledger.accounts import Accounts
 
-            directory.reputation = Accounts(ledger.store).reputation  # the planner's input; evidence keeps a peer off
+            accounts = Accounts(ledger.store)
+            await asyncio.to_thread(accounts.refresh)  # the first read decodes every receipt: off the event loop
+            directory.reputation = accounts.reputation  # the planner's input; evidence keeps a peer off
             recorder = ledger.client_recorder(model_hash, info.n_embd)
             client.observers.add(recorder.observe)
             request_for = ledger.requester_via(directory.link)
@@ -356,10 +362,11 @@ async def swarm_client(config: AgentConfig, model: "Path | ThinModel", client_co
                 client.observers.add(auditor.observe)
                 recorder.on_commitments = auditor.on_commitments
                 client.verifier = _verifier(recorder, auditor)
-        if client_config.verify and client.verifier is None:
+        if client_config.verify and (client.verifier is None or client_config.mode != "star"):
             from edge_agent.split.verified import VerifyError
 
-            raise VerifyError("--verify needs audits: an --audit-rate above 0 and the ledger (EDGE_AGENT_LEDGER=off turns it off)")
+            raise VerifyError("--verify needs audits: an --audit-rate above 0, the ledger (EDGE_AGENT_LEDGER=off turns it off) "
+                              "and --mode star (in chain mode this device never sees what it would audit)")
         yield client
     finally:
         if auditor is not None:  # audits start once receipts are in, and their evidence goes out with the last sync
@@ -384,10 +391,19 @@ def _policies(config: AgentConfig, default):
 
 
 def _verifier(recorder, auditor):
-    """``SwarmClient.verifier``: a request's earliest failed audit, once its audits ran."""
+    """``SwarmClient.verifier``: a request's earliest fault once its audits ran: a failed audit, or a
+    hop whose commitments did not check out (its work cannot be checked: as good as a lie)."""
+    from edge_agent.ledger.audit import AuditIncomplete
+    from edge_agent.split.verified import Fault, VerifyError
+
     async def verify(request_id: str):
-        await recorder.finished(request_id)  # its receipts' commitments start its audits
-        return await auditor.fault(request_id)
+        try:
+            unchecked = await recorder.finished(request_id)  # its receipts' commitments start its audits
+            failed = await auditor.fault(request_id)
+        except (AuditIncomplete, TimeoutError) as exc:
+            raise VerifyError(f"the answer could not be verified: {exc}") from None
+        faults = [Fault(*f) for f in [*unchecked, *([failed] if failed else [])]]
+        return min(faults, key=lambda f: f.position) if faults else None
 
     return verify
 

@@ -145,6 +145,11 @@ def test_model_given_at_start_is_served_and_the_browser_gets_the_url(tmp_path, s
         while not (seen.exists() and seen.read_text().strip()) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert seen.read_text().strip() == url
+        # the API has no key on loopback: a cross-site page's no-cors POST (text/plain) may not use it
+        body = {"model": body["data"][0]["id"], "prompt": "Hi", "max_tokens": 1}
+        assert call(url + "v1/completions", "POST", body, {"Content-Type": "text/plain"})[0] == 415
+        assert call(url + "v1/completions", "POST", body, {**JSON, "Origin": "http://evil.example"})[0] == 403
+        assert call(url + "v1/completions", "POST", body, JSON)[0] == 200
 
 
 def test_a_taken_port_falls_back_to_a_free_one(tmp_path):

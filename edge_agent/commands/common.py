@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -58,6 +59,9 @@ def _client_config(cfg, split: str, privacy: str, swarm_key, target_tbt_ms: floa
 
     if mode not in ("star", "chain", "auto"):
         _fail(f"--mode must be star, chain or auto (got {mode!r})")
+    if verify and mode == "chain":
+        _fail("--verify needs --mode star: in chain mode this device never sees the middle activations it would audit")
+    mode = "star" if verify else mode
     k, m = parse_range(split)  # ShardRangeError, PolicyError, TrustError: one line + hint (cli_errors)
     # per request, so that `edge-agent trust add` applies to a running `serve`'s next request
     policy_for = lambda level: privacy_policy(level, k, m, cfg.data_dir, swarm_key)  # noqa: E731
@@ -91,7 +95,9 @@ def parse_size_mb(text: str, option: str = "--max-memory") -> float:
     t = text.strip().lower().rstrip("b")
     try:
         if t and t[-1] in units:
-            return float(t[:-1]) * units[t[-1]]
+            size = float(t[:-1]) * units[t[-1]]
+            if math.isfinite(size) and size > 0:
+                return size
     except ValueError:
         pass
     _fail(f"{option} needs a size with a unit, e.g. 500M or 2G (got {text!r})")

@@ -16,13 +16,16 @@ docs/accountability.md gives the reasons and the arithmetic behind the constants
   ``SLASH_PER_OFFENCE`` more: ``balance = earned - spent - (bonded + offences * SLASH_PER_OFFENCE)``.
 - **Reputation** in [0, 1]. 0 after any offence. Otherwise deadline adherence with a
   Beta(5, 5) prior, ``(met + 5) / (met + missed + 10)``, counting at most ``CLIENT_CAP``
-  decode steps per distinct client (one client, or a Sybil's own, cannot make it alone),
-  and capped at ``UNSTAKED_CAP`` (a newcomer's 0.5) until the stake reaches
-  ``REQUIRED_STAKE``. The client does not route to peers below ``MIN_REPUTATION``.
+  decode steps per distinct client (one client cannot make it alone), never below
+  ``MIN_REPUTATION`` (a slow node stays usable, only less preferred: it could never earn a
+  met deadline back if it were never planned), and capped at ``UNSTAKED_CAP`` (a newcomer's
+  0.5) until the stake reaches ``REQUIRED_STAKE``. The client does not route to peers below
+  ``MIN_REPUTATION``: those with an offence.
 """
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 
@@ -70,7 +73,7 @@ def receipt_credits(layer_tokens: int, met: int, missed: int) -> int:
 def reputation_of(met: float, missed: float, stake: int, offences: int) -> float:
     if offences:
         return 0.0
-    adherence = (met + PRIOR_MET) / (met + missed + PRIOR_MET + PRIOR_MISSED)
+    adherence = max(MIN_REPUTATION, (met + PRIOR_MET) / (met + missed + PRIOR_MET + PRIOR_MISSED))
     return adherence if stake >= REQUIRED_STAKE else min(adherence, UNSTAKED_CAP)
 
 
@@ -78,8 +81,10 @@ class Accounts:
     """Balances and reputation from a ``LedgerStore``, updated incrementally (every table it
     reads is append-only, so rows past the last rowid seen are all that is new)."""
 
-    def __init__(self, store) -> None:
+    def __init__(self, store, min_refresh_s: float = 1.0) -> None:
         self.store = store
+        self.min_refresh_s = min_refresh_s  # the planner asks per peer per plan: read the tables at most this often
+        self._refreshed = float("-inf")
         self._last = {"receipts": 0, "evidence": 0, "bonds": 0}
         self._earned: dict[str, int] = defaultdict(int)
         self._spent: dict[str, int] = defaultdict(int)
@@ -101,6 +106,7 @@ class Accounts:
         from edge_agent.ledger.evidence import Evidence
         from edge_agent.ledger.stake import Bond
 
+        self._refreshed = time.monotonic()
         for _, body in self._new_rows("receipts", "body"):
             try:
                 f = decode_receipt_body(body)
@@ -157,6 +163,11 @@ class Accounts:
         return found or Account(agent_id, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0.0, reputation_of(0.0, 0.0, 0, 0))
 
     def reputation(self, agent_id: str) -> float | None:
-        """The planner's input: None for an agent the ledger has never seen (the planner's default)."""
-        found = self.accounts().get(agent_id)
+        """The planner's input: None for an agent the ledger has never seen (the planner's default).
+        Reads new records at most every ``min_refresh_s``."""
+        if time.monotonic() - self._refreshed >= self.min_refresh_s:
+            self.refresh()
+        if self._cache is None:
+            self._cache = self._compute()
+        found = self._cache.get(agent_id)
         return None if found is None else found.reputation

@@ -41,6 +41,10 @@ MAX_KEPT = 256  # hops whose inputs are kept awaiting their commitments
 CONSISTENCY = 0.01  # committed vs received fingerprint: the same bytes, only float rounding may differ
 
 
+class AuditIncomplete(RuntimeError):
+    """A chunk chosen for audit could not be audited (its inputs were dropped, or time ran out)."""
+
+
 @dataclass(frozen=True)
 class AuditOutcome:
     peer_id: str
@@ -111,6 +115,7 @@ class Auditor:
         self._lock = threading.Lock()  # one re-execution at a time: the auditor's engines are not shared
         self._tasks: set[asyncio.Task] = set()
         self._by_request: dict[str, set[asyncio.Task]] = {}
+        self.unaudited: dict[str, list[str]] = {}  # request -> hops chosen for audit whose inputs were not kept
 
     def observe(self, rec) -> None:
         """A client HopRecord: keep the hop's input and output rows (references, not copies)."""
@@ -133,6 +138,8 @@ class Auditor:
             self.store.add(evidence=evidence)
         chosen = [c for c in commitments if self.rng.random() < self.rate]
         if not frames:
+            if chosen:  # dropped (MAX_KEPT) or never seen (chain mode): a verified answer must not count it as passed
+                self.unaudited.setdefault(request_id, []).append(f"{peer_id[:12]} {start}:{end}")
             return
         task = asyncio.get_running_loop().create_task(self._audit(request_id, peer_id, start, end, frames, commitments,
                                                                    chosen))
@@ -148,20 +155,24 @@ class Auditor:
             if not pending:
                 del self._by_request[request_id]
 
-    async def fault(self, request_id: str, timeout_s: float = 120.0):
-        """After this request's audits (bounded wait): its earliest failed chunk as a
-        ``split.verified.Fault``, or None. The request's receipts must be in (their commitments
-        start the audits)."""
-        from edge_agent.split.verified import Fault
-
+    async def fault(self, request_id: str, timeout_s: float = 120.0) -> tuple[str, int] | None:
+        """After this request's audits: (peer id, first position) of its earliest failed chunk,
+        or None when every audit that was chosen ran and passed. The request's receipts must be
+        in (their commitments start the audits). AuditIncomplete when a chosen audit could not
+        run or did not finish within ``timeout_s``: never a pass by default."""
         tasks = self._by_request.pop(request_id, set())
         if tasks:
-            await asyncio.wait(list(tasks), timeout=timeout_s)
+            _, pending = await asyncio.wait(list(tasks), timeout=timeout_s)
+            if pending:
+                raise AuditIncomplete(f"{len(pending)} audits of request {request_id[:8]} did not finish in {timeout_s:.0f} s")
+        unaudited = self.unaudited.pop(request_id, None)
+        if unaudited:
+            raise AuditIncomplete(f"the inputs of {', '.join(unaudited)} were not kept for their audit")
         failed = [o for o in self.outcomes if o.request_id == request_id and not o.passed]
         if not failed:
             return None
         first = min(failed, key=lambda o: o.step_start)
-        return Fault(first.peer_id, first.step_start)
+        return first.peer_id, first.step_start
 
     def _equivocation(self, c: Commitment) -> Evidence | None:
         f = c.fields
@@ -179,6 +190,8 @@ class Auditor:
             outcomes += audited
         except Exception as exc:  # noqa: BLE001 - an audit that cannot run is logged, never a crash
             log.warning("audit of %s %d:%d failed to run: %r", peer_id[:12], start, end, exc)
+            if chosen:
+                self.unaudited.setdefault(request_id, []).append(f"{peer_id[:12]} {start}:{end} ({exc!r})")
             return
         self.outcomes.extend(outcomes)
         if evidence and self.store is not None:

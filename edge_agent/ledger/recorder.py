@@ -196,6 +196,7 @@ class ClientRecorder:
         self.failures: list[str] = []  # hops whose commitments did not check out (for telemetry and tests)
         self._tasks: set[asyncio.Task] = set()
         self._by_request: dict[str, asyncio.Task] = {}
+        self.unverified: dict[str, list[tuple[str, int]]] = {}  # request -> (peer, first position) with no verified commitments
         self.peers: set[str] = set()  # every peer that did work for us (the end-of-run sync pushes to them)
         self.on_commitments: Callable | None = None  # (request, peer, start, end, commitments) once verified: audits
 
@@ -222,11 +223,16 @@ class ClientRecorder:
         self._by_request[request_id] = task
         task.add_done_callback(lambda _t: self._by_request.pop(request_id, None))
 
-    async def finished(self, request_id: str, timeout_s: float = 60.0) -> None:
-        """Wait (bounded) until this request's receipts are settled (and its audits started)."""
+    async def finished(self, request_id: str, timeout_s: float = 60.0) -> list[tuple[str, int]]:
+        """Wait (bounded) until this request's receipts are settled (and its audits started);
+        returns the (peer, first position) of hops whose commitments did not check out.
+        TimeoutError if they are not settled within ``timeout_s``."""
         task = self._by_request.get(request_id)
         if task is not None:
-            await asyncio.wait([task], timeout=timeout_s)
+            _, pending = await asyncio.wait([task], timeout=timeout_s)
+            if pending:
+                raise TimeoutError(f"the receipts of request {request_id[:8]} were not settled in {timeout_s:.0f} s")
+        return self.unverified.pop(request_id, [])
 
     async def drain(self, timeout_s: float = 30.0) -> None:
         """Wait for requests still being finalized (before closing the links they use)."""
@@ -256,6 +262,8 @@ class ClientRecorder:
             except Exception as exc:  # noqa: BLE001 - a refusal, a dead peer, junk: no receipt, never a crash
                 reason = getattr(exc, "reason", None) or repr(exc)
                 self.failures.append(f"{peer_id[:12]} {start}:{end}: {reason}")
+                first = hop.steps[0].step if hop is not None and hop.steps else 0
+                self.unverified.setdefault(request_id, []).append((peer_id, first))  # its work cannot be checked
                 log.warning("no receipt from %s for layers %d:%d: %s", peer_id[:12], start, end, reason)
         ended = int(time.time() * 1000)
         for start, end in local:

@@ -287,7 +287,8 @@ class LlamaCppEngine:
                 block = self.capture.take()  # every micro-batch's rows, in order
                 if block is None or block.size != len(chunk) * self.info.n_embd:
                     self._rollback(steps)
-                    raise EngineError(f"captured {block.size} values for {len(chunk)} rows: the last layer output was not captured")
+                    got = "too many" if block is None else block.size
+                    raise EngineError(f"captured {got} values for {len(chunk)} rows: the last layer output was not captured")
                 block = block.reshape(len(chunk), self.info.n_embd)
                 for i, (si, _) in enumerate(chunk):
                     hidden[si].append(block[i])
