@@ -128,8 +128,11 @@ class Router:
             blamed = failed.hop.peer_id
             if permanent:
                 req.excluded.add(blamed)
-            # END_REQUEST frees the request on every shard of that node: not while it holds another hop of ours
-            if not any(h.hop.peer_id == blamed for i, h in enumerate(req.hops) if i != index):
+            # END_REQUEST frees the request on every shard of that node: not while it holds another hop of
+            # ours; then its stale cache for these layers stays, so it may not take them again
+            if any(h.hop.peer_id == blamed for i, h in enumerate(req.hops) if i != index):
+                req.excluded.add(blamed)
+            else:
                 await failed.link.send(req.end_frame())
             if not req.histories_complete:
                 failed = None
