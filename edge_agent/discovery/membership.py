@@ -283,7 +283,8 @@ class Membership:
     def targets(self, n: int) -> list[tuple[str, int, str | None]]:
         """This round's peers: `fanout` random members with a TLS address, plus a bootstrap
         address while we know nobody (and every BOOTSTRAP_EVERY rounds)."""
-        members = [(e.addresses[0], e.caps.tls_port, e.agent_id) for e in self.table.peers()
+        # a multi-homed member (docker0 first, say) is tried at each of its signed addresses in turn
+        members = [(e.addresses[n % len(e.addresses)], e.caps.tls_port, e.agent_id) for e in self.table.peers()
                    if e.caps.tls_port and e.addresses and e.caps.role == "peer"]
         picks: list[tuple[str, int, str | None]] = list(self._rng.sample(members, min(self.fanout, len(members))))
         if self.bootstrap and (not picks or n % BOOTSTRAP_EVERY == 0):
