@@ -36,6 +36,28 @@ def data_dir(override: str | Path | None = None) -> Path:
     return path
 
 
+BOOTSTRAP_FILE = "bootstrap.txt"
+MAX_BOOTSTRAP_LINES = 256
+
+
+def bootstrap_entries(root: Path) -> list[tuple[int, str]]:
+    """(line number, text) of ``<data dir>/bootstrap.txt``: one member's TLS HOST:PORT per line,
+    ``#`` starts a comment. The same as a ``--bootstrap`` each, for agents started without a
+    terminal (the app, a service). Missing file: none."""
+    path = Path(root) / BOOTSTRAP_FILE
+    if not path.is_file():
+        return []
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            text = line.split("#", 1)[0].strip()
+            if text:
+                out.append((number, text))
+            if len(out) > MAX_BOOTSTRAP_LINES:
+                raise ValueError(f"{path}: more than {MAX_BOOTSTRAP_LINES} bootstrap addresses")
+    return out
+
+
 def shard_cache_dir(override: str | Path | None = None) -> Path:
     path = data_dir(override) / "shards"
     path.mkdir(parents=True, exist_ok=True)

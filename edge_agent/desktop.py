@@ -245,9 +245,12 @@ class DesktopApp:
         self.choices: asyncio.Queue[Path | str] = asyncio.Queue(maxsize=1)  # a GGUF, or a peer to fetch from
         from edge_agent.discovery.peers import parse_peer_arg
 
-        # a bad EDGE_AGENT_PEER or EDGE_AGENT_BOOTSTRAP fails here, before anything starts
+        from edge_agent.config import bootstrap_entries
+
+        # a bad EDGE_AGENT_PEER, EDGE_AGENT_BOOTSTRAP or <data dir>/bootstrap.txt fails here, before anything starts
         self.peers = [parse_peer_arg(p) for p in settings.peers]
-        self.bootstrap = [parse_peer_arg(p) for p in settings.bootstrap]
+        given = [*settings.bootstrap, *(text for _, text in bootstrap_entries(settings.data_dir))]
+        self.bootstrap = list(dict.fromkeys(parse_peer_arg(p) for p in given))
         self.server = None  # uvicorn.Server once running
         self.peer_models = None  # desktop_fetch.PeerModels while there is no model
 

@@ -101,3 +101,16 @@ def test_help_has_examples_and_completion_exists():
     assert "--install-completion" in cli("--help").stdout
     script = cli("--show-completion", "bash", env=dict(os.environ, _TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1")).stdout
     assert "complete" in script and "edge" in script
+
+
+def test_bootstrap_addresses_from_the_data_dirs_file(tmp_path):
+    """`<data dir>/bootstrap.txt` adds to --bootstrap (an agent started without a terminal needs it)."""
+    from edge_agent.commands.common import _agent_config
+
+    (tmp_path / "bootstrap.txt").write_text("# site B\n10.0.2.7:41000\n\n[fd00::2]:41000  # v6\n10.0.2.7:41000\n")
+    cfg = _agent_config(tmp_path, None, "127.0.0.1", 0, 0, [], True, [], "auto", [], ["10.0.3.1:41000"])
+    assert cfg.bootstrap == [("10.0.3.1", 41000), ("10.0.2.7", 41000), ("fd00::2", 41000)]
+    (tmp_path / "bootstrap.txt").write_text("10.0.2.7\n")
+    out = subprocess.run([sys.executable, "-m", "edge_agent", "run", "--no-mdns", "--data-dir", str(tmp_path), "Hi"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "bootstrap.txt line 1" in out.stderr and "Traceback" not in out.stderr

@@ -71,6 +71,7 @@ def _client_config(cfg, split: str, privacy: str, swarm_key, target_tbt_ms: floa
 
 def _agent_config(data_dir, swarm_key, host, port, signal_port, peer, no_mdns, mdns_interface, transport, ice_server,
                   bootstrap=()):
+    from edge_agent.config import BOOTSTRAP_FILE, bootstrap_entries
     from edge_agent.config import data_dir as resolve_data_dir
     from edge_agent.discovery.peers import parse_peer_arg
     from edge_agent.node import AgentConfig
@@ -85,7 +86,17 @@ def _agent_config(data_dir, swarm_key, host, port, signal_port, peer, no_mdns, m
         members = [parse_peer_arg(p) for p in bootstrap]
     except ValueError as exc:
         _fail(str(exc), "--peer and --bootstrap take the TLS HOST:PORT a node prints in its ready line")
-    return AgentConfig(resolve_data_dir(data_dir), swarm_key, host=host, tls_port=port, signal_port=signal_port,
+    root = resolve_data_dir(data_dir)
+    try:
+        for number, text in bootstrap_entries(root):
+            try:
+                members.append(parse_peer_arg(text))
+            except ValueError as exc:
+                raise ValueError(f"{root / BOOTSTRAP_FILE} line {number}: {exc}") from None
+    except ValueError as exc:
+        _fail(str(exc), "one member's TLS HOST:PORT per line; # starts a comment")
+    members = list(dict.fromkeys(members))  # given twice (option and file): asked once
+    return AgentConfig(root, swarm_key, host=host, tls_port=port, signal_port=signal_port,
                        mdns=not no_mdns, interfaces=list(mdns_interface) or None, manual_peers=peers, bootstrap=members,
                        transport=transport, ice_servers=list(ice_server))
 
