@@ -35,8 +35,14 @@ async def ingest_evidence(store: LedgerStore, raw: list[bytes]) -> int:
     return await _ingest_signed(store, "evidence", [Evidence(x) for x in raw])
 
 
+def _newest(store: LedgerStore, columns: str, table: str, n: int) -> list[bytes]:
+    """The wire bytes of a table's ``n`` newest records, oldest first (only those are read: every sync asks)."""
+    rows = store.db.execute(f"SELECT {columns} FROM {table} ORDER BY rowid DESC LIMIT ?", [n]).fetchall()
+    return [b"".join(row) for row in reversed(rows)]
+
+
 def recent_bonds(store: LedgerStore) -> list[bytes]:
-    return [row["body"] + row["signature"] for row in store.bonds()[-wire.MAX_BONDS:]]
+    return _newest(store, "body, signature", "bonds", wire.MAX_BONDS)
 
 
 async def ingest_bonds(store: LedgerStore, raw: list[bytes]) -> int:
@@ -85,4 +91,4 @@ async def reconcile_signed(call, store: LedgerStore, which: SignedSet) -> int:
 
 
 def recent_evidence(store: LedgerStore) -> list[bytes]:
-    return [row["body"] for row in store.evidence()[-wire.MAX_EVIDENCE:]]
+    return _newest(store, "body", "evidence", wire.MAX_EVIDENCE)
