@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator
 
-from edge_agent.discovery.capabilities import ARITH_KEY, Capabilities
+from edge_agent.discovery.capabilities import ARITH_KEY, COMPUTE_KEY, Capabilities
 from edge_agent.discovery.identity import Identity, SwarmKey
 from edge_agent.discovery.membership import Membership
 from edge_agent.discovery.peers import PeerTable
 from edge_agent.directory import PeerDirectory, fetch_weights
+from edge_agent.runtime.compute_class import compute_class
 from edge_agent.runtime.engine import EngineOptions
 from edge_agent.split.links import PeerLink
 from edge_agent.split.testhooks import TestHooks
@@ -261,7 +262,8 @@ async def join(config: AgentConfig, opts: JoinOptions, on_ready=None, on_progres
                            ledger=ledger.service if ledger is not None else None,
                            weights=WeightSource(opts.model, shards_dir) if sharing else None,
                            loader=(lambda a, b: load_engine(opts.backend, opts.model, a, b, eopts, shards_dir)) if opts.model else None)
-        extra = [(ARITH_KEY, eopts.arithmetic(engine.backend).to_text())]
+        extra = [(ARITH_KEY, eopts.arithmetic(engine.backend).to_text()),
+                 (COMPUTE_KEY, compute_class(engine.backend, eopts.gpu_layers).to_text())]  # picks its audits' tolerance
         if sharing:
             extra.append(("w", "1"))  # this node can share the model's weights
         caps = Capabilities(agent.identity.agent_id, shards=((model_hash[:16], *opts.layers),), free_mem_mb=_free_memory_mb(),
@@ -420,8 +422,13 @@ def _auditor(agent, ledger, model: Path, options: EngineOptions, rate: float | N
     if rate <= 0.0:
         return None
     shards = agent.config.data_dir / "shards"
+
+    def class_of(peer_id: str) -> str | None:  # the tolerance tier follows the class the peer advertises
+        entry = agent.table.get(peer_id)
+        return entry.caps.compute_class if entry is not None else None
+
     return Auditor(agent.identity, ledger.store, lambda a, b: load_engine(backend, model, a, b, options, shards),
-                   rate=rate)
+                   rate=rate, own_class=compute_class(backend, options.gpu_layers), class_of=class_of)
 
 
 async def run(config: AgentConfig, model: Path, prompt_tokens_fn, params, client_config, *, discover_s: float = 5.0,

@@ -38,6 +38,10 @@ MAX_FREE_MEM_MB = 99_999_999
 MAX_US_PER_LAYER = 10_000_000  # 10 s per layer per token: anything slower is nonsense
 MAC_BYTES = 16
 ARITH_KEY = "ar"  # extra entry: the settings that change arithmetic (backend/n_ubatch/flash_attn/kv_type)
+# extra entry: the node's compute class (runtime.compute_class: what decides its rounding),
+# ``<8 hex>:<readable>``; it picks the audit tolerance tier (ledger.audit). Optional: a record
+# without it (an older node) is of an unknown class; a malformed one is refused.
+COMPUTE_KEY = "cc"
 ROLES = ("peer", "client")
 
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
@@ -48,6 +52,7 @@ _KEY = re.compile(r"[a-z][a-z0-9]{0,7}\Z")
 _UINT = re.compile(r"(?:0|[1-9][0-9]{0,9})\Z")
 _B64 = re.compile(r"[A-Za-z0-9_-]+\Z")
 _EXTRA_VALUE = re.compile(r"[\x20-\x7e]{0,200}\Z")
+_COMPUTE_CLASS = re.compile(r"[0-9a-f]{8}:[a-z0-9.-]{0,40}\Z")
 _KNOWN = ("v", "id", "sw", "r", "sp", "tp", "m", "us", "b", "sh")
 _TRAILER = ("mac", "sig")
 
@@ -113,6 +118,9 @@ class Capabilities:
                 raise ValueError(f"bad extra entry {k!r}")
         if len({k for k, _ in extra}) != len(extra):
             raise ValueError("duplicate extra key")
+        cc = dict(extra).get(COMPUTE_KEY)
+        if cc is not None and not _COMPUTE_CLASS.match(cc):
+            raise ValueError(f"{COMPUTE_KEY} must be <8 hex>:<at most 40 of [a-z0-9.-]>")
         object.__setattr__(self, "extra", extra)
         if len(self.mac) not in (0, MAC_BYTES):
             raise ValueError(f"mac must be empty or {MAC_BYTES} bytes")
@@ -149,6 +157,11 @@ class Capabilities:
     def arithmetic(self) -> str | None:
         """The node's arithmetic settings as it advertises them (``runtime.engine.Arithmetic.to_text``)."""
         return dict(self.extra).get(ARITH_KEY)
+
+    @property
+    def compute_class(self) -> str | None:
+        """The node's compute class as it advertises it (``runtime.compute_class.ComputeClass.to_text``), or None."""
+        return dict(self.extra).get(COMPUTE_KEY)
 
     def with_changes(self, **changes: Any) -> "Capabilities":
         """A copy with fields changed and the seal dropped (re-seal before advertising)."""

@@ -4,9 +4,13 @@ The client keeps the inputs it sent each hop (star mode: it sent all of them), a
 hop's commitments bind those inputs (``inputs_hash``, checked by the receipt flow) to the
 fingerprint of the outputs the node returned. With probability ``rate`` per chunk the
 auditor replays the hop's inputs up to that chunk on its own engine for the same layers,
-fingerprints its outputs and compares: a distance above ``TOLERANCE`` (calibrated in
-docs/accountability.md) is a failed audit, stored as self-verifying evidence naming exactly
-the node that signed the commitment. Two different signed commitments from one node for
+fingerprints its outputs and compares: a distance above the tolerance is a failed audit,
+stored as self-verifying evidence naming exactly the node that signed the commitment.
+The tolerance is tiered by compute class (``runtime.compute_class``, advertised by each node,
+calibrated in docs/accountability.md): ``TIGHT_TOLERANCE`` when the node's class equals the
+auditor's and both run llama.cpp on the CPU (measured bit-exact across threads and batching),
+else ``TOLERANCE`` (other hardware, builds or runtimes: up to a few percent honestly), with
+a higher audit rate for such a node (a cheater gains nothing by claiming a class nobody shares). Two different signed commitments from one node for
 the same chunk are evidence too (equivocation). Every chunk's committed fingerprint is also
 checked against the fingerprint of the outputs the client actually received (``CONSISTENCY``):
 a node cannot send one thing and commit the fingerprint of another.
@@ -32,10 +36,16 @@ from edge_agent.discovery.identity import Identity
 from edge_agent.ledger.evidence import AuditStatement, Evidence
 from edge_agent.ledger.fingerprint import Accumulator, distance
 from edge_agent.ledger.records import Commitment
+from edge_agent.runtime.compute_class import ComputeClass
 from edge_agent.runtime.engine import StepInput
 
 log = logging.getLogger(__name__)
-TOLERANCE = 0.08  # estimated relative RMS distance; calibration and false-flag bound: docs/accountability.md
+TOLERANCE = 0.08  # estimated relative RMS distance across compute classes; calibration and false-flag bound: docs/accountability.md
+# Same class, llama.cpp CPU: honest re-execution measured bit-exact (distance 0); this leaves room for the
+# fingerprint's own rounding (<= 0.0005 measured) and libm-level differences (ulp noise through 22 layers of
+# SmolLM2: <= 0.0002), and sits below a skipped layer of SmolLM2 (>= 0.013). docs/accountability.md.
+TIGHT_TOLERANCE = 0.005
+CROSS_CLASS_RATE_FACTOR = 3  # audit rate multiplier for a node of another (or unknown) class than the auditor's
 DEFAULT_RATE = 0.03
 MAX_KEPT = 256  # hops whose inputs are kept awaiting their commitments
 CONSISTENCY = 0.01  # committed vs received fingerprint: the same bytes, only float rounding may differ
@@ -57,6 +67,14 @@ class AuditOutcome:
     evidence_id: bytes | None = None
     reason: str = ""  # why it failed
     step_start: int = 0  # the chunk's first position: where a failed chunk's corruption begins
+    tier: str = ""  # "same-class" or "cross-class": which tolerance applied (the statement signs its value)
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    tolerance: float
+    rate: float
 
 
 def _consistency(peer_id: str, request_id: str, start: int, end: int, frames, commitments: list[Commitment]) -> list:
@@ -98,14 +116,17 @@ def reexecute(engine, frames: list[tuple[int, np.ndarray]], chunks: list[tuple[i
 
 class Auditor:
     """The client's auditor. ``engine_for(start, end)`` loads an engine for a layer range (kept
-    for the next audits); ``store`` receives the evidence (None: outcomes only)."""
+    for the next audits); ``store`` receives the evidence (None: outcomes only). ``own_class``:
+    the class of the auditor's engines; ``class_of(peer id)``: the class a peer advertises (None:
+    unknown). Without both, every node is audited at the cross-class tier."""
 
     def __init__(self, identity: Identity, store, engine_for: Callable[[int, int], object], rate: float = DEFAULT_RATE,
-                 tolerance: float = TOLERANCE, seed: int | None = None) -> None:
+                 seed: int | None = None, own_class: ComputeClass | None = None,
+                 class_of: Callable[[str], str | None] | None = None) -> None:
         if not 0.0 <= rate <= 1.0:
             raise ValueError("--audit-rate must be between 0 and 1")
         self.identity, self.store, self.engine_for = identity, store, engine_for
-        self.rate, self.tolerance = rate, tolerance
+        self.rate, self.own_class, self.class_of = rate, own_class, class_of
         self.rng = random.Random(seed)
         # (request, peer, start, end) -> [(position, input rows, received output rows)]
         self.inputs: OrderedDict[tuple[str, str, int, int], list[tuple[int, np.ndarray, np.ndarray]]] = OrderedDict()
@@ -116,6 +137,15 @@ class Auditor:
         self._tasks: set[asyncio.Task] = set()
         self._by_request: dict[str, set[asyncio.Task]] = {}
         self.unaudited: dict[str, list[str]] = {}  # request -> hops chosen for audit whose inputs were not kept
+
+    def tier(self, peer_id: str) -> Tier:
+        """The tolerance and audit rate for ``peer_id``'s chunks, from its advertised class.
+        A node that claims our class but computes otherwise is held to the tight tolerance and
+        flagged; one that claims another class gets the loose one and is audited more often."""
+        theirs = self.class_of(peer_id) if self.class_of is not None else None
+        if self.own_class is not None and self.own_class.exact and theirs == self.own_class.to_text():
+            return Tier("same-class", TIGHT_TOLERANCE, self.rate)
+        return Tier("cross-class", TOLERANCE, min(1.0, self.rate * CROSS_CLASS_RATE_FACTOR))
 
     def observe(self, rec) -> None:
         """A client HopRecord: keep the hop's input and output rows (references, not copies)."""
@@ -136,13 +166,14 @@ class Auditor:
         evidence = [e for c in commitments if (e := self._equivocation(c)) is not None]
         if evidence and self.store is not None:
             self.store.add(evidence=evidence)
-        chosen = [c for c in commitments if self.rng.random() < self.rate]
+        tier = self.tier(peer_id)
+        chosen = [c for c in commitments if self.rng.random() < tier.rate]
         if not frames:
             if chosen:  # dropped (MAX_KEPT) or never seen (chain mode): a verified answer must not count it as passed
                 self.unaudited.setdefault(request_id, []).append(f"{peer_id[:12]} {start}:{end}")
             return
         task = asyncio.get_running_loop().create_task(self._audit(request_id, peer_id, start, end, frames, commitments,
-                                                                   chosen))
+                                                                   chosen, tier))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self._by_request.setdefault(request_id, set()).add(task)
@@ -183,10 +214,10 @@ class Auditor:
         return Evidence.equivocation(first, c) if first.body != c.body else None
 
     async def _audit(self, request_id: str, peer_id: str, start: int, end: int, frames, commitments: list[Commitment],
-                     chosen: list[Commitment]) -> None:
+                     chosen: list[Commitment], tier: Tier) -> None:
         try:
             outcomes = await asyncio.to_thread(_consistency, peer_id, request_id, start, end, frames, commitments)
-            audited, evidence = await asyncio.to_thread(self._run, request_id, peer_id, start, end, frames, chosen)
+            audited, evidence = await asyncio.to_thread(self._run, request_id, peer_id, start, end, frames, chosen, tier)
             outcomes += audited
         except Exception as exc:  # noqa: BLE001 - an audit that cannot run is logged, never a crash
             log.warning("audit of %s %d:%d failed to run: %r", peer_id[:12], start, end, exc)
@@ -198,10 +229,10 @@ class Auditor:
             await asyncio.wrap_future(self.store.add(evidence=evidence))
         for o in outcomes:
             if not o.passed:
-                log.warning("audit failed: %s layers %d:%d chunk %d distance %.3f: %s", peer_id[:12], start, end,
-                            o.chunk, o.distance, o.reason)
+                log.warning("audit failed: %s layers %d:%d chunk %d distance %.4f (%s): %s", peer_id[:12], start, end,
+                            o.chunk, o.distance, o.tier, o.reason)
 
-    def _run(self, request_id, peer_id, start, end, frames, chosen):
+    def _run(self, request_id, peer_id, start, end, frames, chosen, tier: Tier):
         if not chosen:
             return [], []
         with self._lock:
@@ -213,14 +244,14 @@ class Auditor:
         now = int(time.time() * 1000)
         for c, fp in zip(chosen, mine):
             d = distance(c.fields.fingerprint, fp)
-            passed, ev = d <= self.tolerance, None
+            passed, ev = d <= tier.tolerance, None
             if not passed:
-                statement = AuditStatement.sign(self.identity, c.id, fp, d, self.tolerance, now)
+                statement = AuditStatement.sign(self.identity, c.id, fp, d, tier.tolerance, now)
                 ev = Evidence.failed_audit(c, statement)
                 evidence.append(ev)
             outcomes.append(AuditOutcome(peer_id, request_id, start, end, c.fields.chunk, d, passed,
                                          ev.id if ev is not None else None, "" if passed else "re-execution differs",
-                                         c.fields.step_start))
+                                         c.fields.step_start, tier.name))
         return outcomes, evidence
 
     async def drain(self, timeout_s: float = 60.0) -> None:

@@ -36,7 +36,11 @@ AUDIT_MAGIC = b"EAA\x01"
 AUDIT_CONTEXT = b"edge-agent audit\n"
 AUDIT = struct.Struct(f"<4s32s32s{FINGERPRINT_SIZE}sIIBQ")
 INFINITE = 0xFFFFFFFF
-MIN_TOLERANCE = 0.05  # an auditor may not claim a tighter tolerance than this (docs/accountability.md)
+# An auditor may not claim a tighter tolerance than this: the same-class tier (ledger.audit.TIGHT_TOLERANCE), ten
+# times the fingerprint's own rounding floor. It is the auditor's claim that it shares the node's compute class; a
+# third party can no more check that than the auditor's fingerprint, and both are settled the same way: a third
+# execution from the committed input exposes a lying auditor, whose signature makes it accountable.
+MIN_TOLERANCE = 0.005
 FAILED_AUDIT, EQUIVOCATION = 1, 2
 KINDS = {FAILED_AUDIT: "failed-audit", EQUIVOCATION: "equivocation"}
 
