@@ -133,3 +133,112 @@ def test_a_fingerprint_that_is_not_of_the_outputs_sent_fails():
     (failed,) = _consistency("peer", "req", 1, 4, frames, [c_lie])
     assert not failed.passed and "outputs sent" in failed.reason
     assert _consistency("peer", "req", 1, 4, frames, [c_true]) == []
+
+
+# -- tolerance tiers on a trained model: SmolLM2, layers 4:26 (one hop of 22 layers) ----------------------------
+SMOL_OPTS = EngineOptions(n_ctx_per_request=128, max_requests=4, n_threads=1)
+
+
+@pytest.fixture(scope="module")
+def smollm_hop(smollm_path, tmp_path_factory):
+    """Inputs entering layer 4 for real token ids, and the engines the hop runs on: the auditor's, honest
+    variants of the same compute class (2 threads), and a node that skips the range's last layer."""
+    base = tmp_path_factory.mktemp("audit-smollm")
+    head = LlamaCppEngine.from_model(smollm_path, 0, 4, SMOL_OPTS, base)
+    rng = np.random.default_rng(14)
+    inputs = []
+    for r in range(4):  # the request under audit and three neighbours to batch it with
+        inputs.append(head.forward([StepInput(f"t{r}", 0, rng.integers(10, 49000, 64).astype(np.int32))])[0].data)
+        head.end_request(f"t{r}")
+    head.close()
+    made = {"auditor": LlamaCppEngine.from_model(smollm_path, 4, 26, SMOL_OPTS, base),
+            "2 threads": LlamaCppEngine.from_model(smollm_path, 4, 26, dataclasses.replace(SMOL_OPTS, n_threads=2), base),
+            "skip-layer": LlamaCppEngine.from_model(smollm_path, 4, 25, SMOL_OPTS, base)}
+    yield inputs, made
+    for e in made.values():
+        e.close()
+
+
+def _smol_frames(x):
+    """One prefill frame of 32 rows (chunk 0), then 32 decode steps (chunk 1), as the client sends them."""
+    return [(0, x[:32])] + [(p, x[p:p + 1]) for p in range(32, 64)]
+
+
+def _serve(engine, inputs, neighbours=0):
+    """The outputs a node returns for request 0, its decode batches shared with ``neighbours`` other requests."""
+    out = []
+    for pos, x in _smol_frames(inputs[0]):
+        steps = [StepInput("req", pos, x)] + [StepInput(f"n{k}", pos, inputs[k][pos:pos + len(x)]) for k in
+                                              range(1, neighbours + 1)]
+        out.append((pos, x, engine.forward(steps)[0].data))
+    for rid in ["req", *(f"n{k}" for k in range(1, neighbours + 1))]:
+        engine.end_request(rid)
+    return out
+
+
+def _audit_hop(auditor_engine, served, advertised: str | None, store=None):
+    """Audit every chunk of a hop through the client's Auditor (rate 1), the node advertising ``advertised``:
+    the request's fault (peer, first position) or None, and the outcomes."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from edge_agent.ledger.audit import Auditor
+    from edge_agent.ledger.fingerprint import Accumulator
+    from edge_agent.runtime.compute_class import compute_class
+
+    auditor = Auditor(AUDITOR, store, lambda a, b: auditor_engine, rate=1.0, own_class=compute_class("llamacpp"),
+                      class_of={NODE.agent_id: advertised}.get)
+    commitments, prev = [], bytes(32)
+    for chunk, (lo, hi) in enumerate([(0, 32), (32, 64)]):
+        acc = Accumulator()
+        for pos, x, out in served:
+            if lo <= pos < hi:
+                acc.add(pos, out)
+                auditor.observe(SimpleNamespace(side="client", request_id="req", peer_id=NODE.agent_id, start=4, end=26,
+                                                step=pos, input=x, output=out))
+        body = CommitmentBody(bytes(16), NODE.public_key, 4, 26, b"\xab" * 32, b"\xcd" * 32, chunk, lo, hi, chunk_hash([]),
+                              chunk_hash([]), acc.finish(), 1, prev)
+        commitments.append(Commitment.sign(NODE, body))
+        prev = commitments[-1].id
+
+    async def go():
+        auditor.on_commitments("req", NODE.agent_id, 4, 26, commitments)
+        return await auditor.fault("req")
+
+    return asyncio.run(go()), auditor.outcomes
+
+
+def test_a_skipped_layer_of_a_trained_model_is_caught_at_the_same_class_tier(smollm_hop, tmp_path):
+    """One layer of 22 skipped changes SmolLM2's output by as little as ~1 %: under the cross-class
+    tolerance (0.08) it often passes; a node of the auditor's own class is held to 0.005, and fails
+    on every chunk, with evidence that verifies at that tolerance."""
+    from edge_agent.ledger.audit import TIGHT_TOLERANCE
+    from edge_agent.runtime.compute_class import compute_class
+
+    inputs, engines = smollm_hop
+    served = _serve(engines["skip-layer"], inputs)
+    store = LedgerStore(tmp_path / "ledger.db")
+    try:
+        fault, outcomes = _audit_hop(engines["auditor"], served, compute_class("llamacpp").to_text(), store)
+        assert fault == (NODE.agent_id, 0)
+        assert len(outcomes) == 2 and all(not o.passed and o.tier == "same-class" and o.distance > TIGHT_TOLERANCE
+                                          for o in outcomes), [(o.distance, o.tier) for o in outcomes]
+        rows = store.evidence()
+        assert len(rows) == 2 and all(Evidence(r["body"]).problem() is None and r["accused"] == NODE.agent_id for r in rows)
+        assert all(Evidence(r["body"]).statement().fields[4] == TIGHT_TOLERANCE * 1e6 for r in rows)  # the tier, signed
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("variant", ["2 threads", "batched with 3 other requests"])
+def test_honest_variation_within_a_class_is_bit_exact(smollm_hop, variant):
+    """Thread count and batch composition (four rows per decode call: llama.cpp's multi-row kernels)
+    leave llama.cpp's CPU output bit-identical: the same-class tier flags none of it."""
+    inputs, engines = smollm_hop
+    served = _serve(engines[variant] if variant in engines else engines["auditor"], inputs,
+                    neighbours=3 if variant.startswith("batched") else 0)
+    from edge_agent.runtime.compute_class import compute_class
+
+    fault, outcomes = _audit_hop(engines["auditor"], served, compute_class("llamacpp").to_text())
+    assert fault is None and len(outcomes) == 2
+    assert all(o.passed and o.tier == "same-class" and o.distance == 0.0 for o in outcomes), [o.distance for o in outcomes]
