@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from swarmsim.nodes import N_LAYER, draw_node, rtt_ms, seeded_identity  # noqa: E402
-from swarmsim.requests import LOCAL_MS, POLICY  # noqa: E402
+from swarmsim.requests import LOCAL_MS, PLANNER, POLICY  # noqa: E402
 from swarmsim.view import PROBATION_SHARE, Client  # noqa: E402
 from swarmsim.world import Config, Results, World, median  # noqa: E402
 
@@ -45,13 +45,16 @@ def report(r: Results, wall_s: float) -> list[tuple[str, str]]:
     def within(xs) -> str:
         return f"{sum(1 for x in xs if x is not None and x <= 30.0)}/{len(xs)}"
 
-    seen = [s for _, s, _, _ in r.joined]
-    offered = [o for _, _, o, _ in r.joined]
+    seen = [s for _, _, s, _, _ in r.joined]
+    offered = [o for _, _, _, o, _ in r.joined]
     used = [u for *_, u in r.joined]
     gpu = [u for kind, *_, u in r.joined if kind == "gpu"]
+    target = [u for _, eligible, *_, u in r.joined if eligible]
     rows = [
         ("nodes / clients / sybils", f"{c.nodes} / {c.clients} / {c.sybils}"
                                      f"{'' if c.staked_joiners else ' (joiners without stake)'}"),
+        ("planner spread / trial share of batch requests", f"{c.spread:g} / {c.trial_share:g}"
+                                                           f"{', newcomer keys' if c.newcomer_keys else ''}"),
         ("churn per minute, minutes", f"{c.churn_per_min:.0%}, {c.minutes:g}"),
         ("requests", f"{r.requests}"),
         ("completed with unchanged output", f"{exact:.2%} (completed {done:.2%}, {r.reroutes} re-routes)"),
@@ -77,6 +80,10 @@ def report(r: Results, wall_s: float) -> list[tuple[str, str]]:
          f"{median([u for u in used if u is not None]):.1f} s"),
         ("joiners used at all; of those, within 30 s", f"{sum(u is not None for u in used)}; "
          f"{within([u for u in used if u is not None])}"),
+        ("target's joiners (staked, up >= 30 s) used within 30 s", f"{within(target)} "
+         f"({sum(1 for u in target if u is not None and u <= 30) / max(1, len(target)):.1%})"),
+        ("KV slots in use, mean / p95 / max of each second", f"{statistics.fmean(r.slot_use or [0]):.0%} / "
+         f"{pct(r.slot_use, 95):.0%} / {max(r.slot_use, default=0):.0%}"),
         ("sybil share of layer-steps (all / batch)", f"{sybil / total:.2%} / {steps[('sybil', False)] / batch:.2%} "
          f"(bound {PROBATION_SHARE:.0%} of batch)"),
         ("sybil hops on interactive requests", f"{r.sybil_interactive_hops}"),
@@ -119,18 +126,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=0, help="requesting devices (default: nodes / 20, at least 5)")
     ap.add_argument("--tokens", type=int, default=32, help="decode tokens per request (after an 8-position prefill)")
     ap.add_argument("--unstaked-joiners", action="store_true", help="honest joiners put up no stake (probation)")
+    ap.add_argument("--spread", type=float, default=PLANNER.spread, help="PlannerConfig.spread (0: no load spread)")
+    ap.add_argument("--trial-share", type=float, default=PLANNER.trial_share,
+                    help="PlannerConfig.trial_share: batch requests newcomers are tried on (0: none)")
+    ap.add_argument("--no-newcomer-keys", action="store_true", help="joiners are found through the segment keys only")
     ap.add_argument("--planner-scaling", type=int, nargs="*", metavar="N",
                     help="instead: time plan_path over swarms of N peers, all of them vs a client's view")
     args = ap.parse_args(argv)
     if args.planner_scaling is not None:
         planner_scaling(args.seed, args.planner_scaling or [100, 1000, 10000])
         return 0
-    if args.nodes < 20 or not 0 <= args.churn_per_min < 1 or args.minutes <= 1.0 or args.tokens < 1:
-        print("error: need --nodes >= 20, 0 <= --churn-per-min < 1, --minutes > 1, --tokens >= 1", file=sys.stderr)
+    if (args.nodes < 20 or not 0 <= args.churn_per_min < 1 or args.minutes <= 1.0 or args.tokens < 1
+            or args.spread < 0 or not 0 <= args.trial_share <= 1):
+        print("error: need --nodes >= 20, 0 <= --churn-per-min < 1, --minutes > 1, --tokens >= 1, --spread >= 0,"
+              " 0 <= --trial-share <= 1", file=sys.stderr)
         return 2
     cfg = Config(nodes=args.nodes, churn_per_min=args.churn_per_min, minutes=args.minutes, seed=args.seed,
                  sybils=args.sybils, clients=args.clients or max(5, args.nodes // 20), tokens=args.tokens,
-                 staked_joiners=not args.unstaked_joiners)
+                 staked_joiners=not args.unstaked_joiners, spread=args.spread, trial_share=args.trial_share,
+                 newcomer_keys=not args.no_newcomer_keys)
     t0 = time.perf_counter()
     result = World(cfg).run()
     rows = report(result, time.perf_counter() - t0)

@@ -24,9 +24,10 @@ import numpy as np
 from edge_agent.split.deadlines import DeadlineConfig, DeadlineTracker
 from edge_agent.split.links import Reply
 from edge_agent.split.observe import HopRecord, Observers
-from edge_agent.split.planner import NoRouteError, Plan, plan_path
+from edge_agent.split.planner import NoRouteError, Plan, PlannerConfig, plan_path
 from edge_agent.split.policy import PrivacyPolicy
 from edge_agent.split.protocol import ErrorCode, HopFailed
+from edge_agent.split.spread import is_trial
 from edge_agent.split.star import StarStrategy
 from edge_agent.split.strategy import RequestState, Router
 from edge_agent.transport import Frame, MsgType
@@ -35,6 +36,9 @@ from .nodes import KV_MB_PER_LAYER, N_LAYER, Node, rtt_ms
 from .view import GRADUATED_REPUTATION, GRADUATION_STEPS, Client
 
 POLICY = PrivacyPolicy(k=1, m=1)
+# spread: a peer up to 20% worse than the best still wins some requests (load spread);
+# trials: newcomers weigh a quarter of their cost on half the batch requests (docs/discovery.md)
+PLANNER = PlannerConfig(spread=0.2, trial_share=1.0, trial_weight=0.01)
 DEADLINES = DeadlineConfig(overrun_factor=3.0, overrun_ms=50.0, negative_steps=3)  # ClientConfig's defaults
 HOP_TIMEOUT_S, PREFILL_TIMEOUT_S, MAX_REROUTES = 10.0, 120.0, 8
 PEER_TIMEOUT_S = 2.0  # transport heartbeat timeout: how long a crashed peer's link takes to fail
@@ -168,6 +172,8 @@ class SimRequest:
     exact: bool = True
     tbt: list = field(default_factory=list)
     probation: Node | None = None  # the one peer without stake or history this request may use
+    rid: bytes = b""  # the request id: the planner's key for spread and trials
+    trial: bool = False  # newcomers are tried on this (batch) request
 
 
 class Driver:
@@ -185,15 +191,19 @@ class Driver:
         def plan(policy: PrivacyPolicy, previous: Plan | None = None, exclude=(), replace_hops=()) -> Plan:
             t0, c0 = time.perf_counter(), time.process_time()
             keep = tuple(self.world.by_id[h.peer_id] for h in previous.hops) if previous is not None else ()
+            # a trial is the first plan's: a repair (often of a newcomer that refused, busy with
+            # another client's trial) fills its gap on merit, so one request does not queue at several
+            trial = sreq.trial and previous is None
             kw = dict(target_tbt_ms=sreq.target_ms, local_ms=LOCAL_MS, previous=previous, exclude=exclude,
-                      replace_hops=replace_hops, mode="star")
-            caps = sreq.client.candidates(sreq.clock.t, exclude, keep, sreq.probation)
+                      replace_hops=replace_hops, mode="star", config=self.world.planner, request_key=sreq.rid,
+                      trial_eligible=trial)
+            caps = sreq.client.candidates(sreq.clock.t, exclude, keep, sreq.probation, trial)
             try:
                 out = plan_path(N_LAYER, policy, caps, **kw)
             except NoRouteError:  # the view ran dry (peers gone or full): fetch afresh from the DHT, once
                 if not self.world.refill(sreq.client, sreq.clock):
                     raise
-                caps = sreq.client.candidates(sreq.clock.t, exclude, keep, sreq.probation)
+                caps = sreq.client.candidates(sreq.clock.t, exclude, keep, sreq.probation, trial)
                 out = plan_path(N_LAYER, policy, caps, **kw)
             if previous is None:
                 self.plan_ms.append((time.perf_counter() - t0) * 1000)
@@ -211,6 +221,8 @@ class Driver:
         if not sreq.interactive:
             sreq.client.batch_layer_steps += steps
         self.world.served(node, steps, sreq.interactive, sreq.clock.t)
+        if sreq.trial and node.reputation is None:
+            sreq.client.tried.add(node.idx)
         if rec.replay or rec.n_positions != 1:
             return
         expected = next((h.expected_ms for h in sreq.state.plan.hops
@@ -222,6 +234,8 @@ class Driver:
 
     def start(self, client: Client, now: float, interactive: bool, target_ms: float, tokens: int) -> SimRequest:
         sreq = SimRequest(client, interactive, target_ms, tokens, Clock(now))
+        sreq.rid = uuid.UUID(int=self.world.rng.getrandbits(128)).bytes
+        sreq.trial = not interactive and is_trial(sreq.rid, self.world.planner.trial_share)
         sreq.probation = client.probation_pick(interactive, PREFILL_ROWS + tokens)
         observers = Observers()
         observers.add(lambda rec: self._observe(sreq, rec))
@@ -232,7 +246,7 @@ class Driver:
                                      hop_timeout_s=HOP_TIMEOUT_S,
                                      prefill_timeout_s=PREFILL_TIMEOUT_S)
         plan = router.plan(POLICY)  # NoRouteError: the request fails
-        sreq.state = RequestState(uuid.UUID(int=self.world.rng.getrandbits(128)).bytes, plan,
+        sreq.state = RequestState(sreq.rid, plan,
                                   DeadlineTracker(plan, DEADLINES), run(router.open(plan, {}, POLICY)), POLICY)
         sreq.x = np.array([[self.world.rng.randrange(MOD)] for _ in range(PREFILL_ROWS)], dtype=np.float32)
         return sreq

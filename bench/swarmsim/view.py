@@ -18,6 +18,15 @@ share of batch traffic is bounded whatever their number or claims. History: ``GR
 decode steps served at most 1.5x as slow as the peer's own claims predict give it
 reputation ``GRADUATED_REPUTATION`` (the ledger's job once it lands; here an oracle). A
 budget is no yardstick: a loose target leaves even a peer 50x slower than it claims room.
+
+Newcomers with stake (reputation still unknown) compete on merit like any peer, and the
+view also keeps the ``NEWCOMERS_PER_SEGMENT`` it saw last per segment, whoever ranks
+above them: on a trial request (the planner's ``trial_share`` of batch requests, drawn
+from the request id) the youngest ``TRIAL_CANDIDATES`` of them join the candidates and the
+planner prefers them where the request's target allows, so they are used, and earn
+history, within seconds of joining rather than only when they beat the best. The ones
+handed over do not overlap (only one peer can serve a layer of a path), and a newcomer
+this client already tried goes after those it has not: the turns go round.
 """
 
 from __future__ import annotations
@@ -34,8 +43,11 @@ from .nodes import KV_MB_PER_LAYER, MODEL_HASH, REMOTE, Node, rtt_ms
 SEGMENTS = 8
 TOP_PER_SEGMENT = 4
 KEEP_PER_SEGMENT = 8
+NEWCOMERS_PER_SEGMENT = 8  # staked peers with no history kept in the view besides the best
+TRIAL_CANDIDATES = 6  # of them handed to the planner on a trial request: untried first, no two overlapping
 COVER = 2  # peers per layer the candidates must include (when the view has them): one may fail
 RECORD_TTL_S = 150.0  # records are republished every 60 s; a departed node's record lingers this long
+NEWCOMER_TTL_S = 30.0  # a joiner's entry under its segments' newcomer keys: stored once, at join
 PROBATION_SHARE = 0.10
 PROBATION_REPUTATION = 0.0  # what the planner is told about a probation peer
 GRADUATION_STEPS = 50
@@ -67,6 +79,17 @@ def segment_key(segment: int, bucket: int) -> int:
     return key_of(MODEL_HASH, segment, bucket)
 
 
+def newcomer_bucket_count(n_live: int) -> int:
+    """Buckets per segment's newcomer key: 1/32 of the segment key's. A newcomer key holds the
+    last NEWCOMER_TTL_S of joiners, ~n x churn/min / 2 x 2.5 / 8 records per segment, so
+    ~20 per bucket at 5% churn per minute and ~40 at 10%, at any n."""
+    return max(1, bucket_count(n_live) // 32)
+
+
+def newcomer_key(segment: int, bucket: int) -> int:
+    return key_of(MODEL_HASH, segment, "new", bucket)
+
+
 def _covering(ranked: list[Node], bounds: tuple[int, int], at_least: int) -> list[Node]:
     """The first ``at_least`` of ``ranked``, and after them any that covers a layer of
     ``bounds`` fewer than COVER of the chosen cover: good peers, and no layer left to one."""
@@ -93,6 +116,10 @@ class Client:
         self.entries: dict[int, tuple[Node, float, float, float]] = {}  # idx -> node, published, free MB, rtt
         self.top: list[list[Node]] = [[] for _ in SEGMENT_BOUNDS]
         self.probation: list[list[Node]] = [[] for _ in SEGMENT_BOUNDS]
+        self.newcomers: list[list[Node]] = [[] for _ in SEGMENT_BOUNDS]
+        self.seen_at: dict[int, float] = {}  # idx -> when this client first fetched its record
+        self.tried: set[int] = set()  # newcomers a trial request of this client has used
+        self.refreshes = 0
         self.dead: set[int] = set()
         self.refilled_at = -math.inf
         self.batch_layer_steps = self.probation_layer_steps = 0  # the quota's ledger (probation: charged up front)
@@ -104,12 +131,13 @@ class Client:
             old = self.entries.get(node.idx)
             if node.first_seen is None:
                 node.first_seen = now
+            self.seen_at.setdefault(node.idx, now)
             if old is None or old[1] < published:
                 self.entries[node.idx] = (node, published, free, rtt_ms(self.pos, node.pos))
         self.entries = {i: e for i, e in self.entries.items() if now - e[1] <= RECORD_TTL_S and i not in self.dead}
         keep: set[int] = set()
         for s, (a, b) in enumerate(SEGMENT_BOUNDS):
-            ranked, fresh = [], []
+            ranked, fresh, unknown = [], [], []
             for node, _, free, rtt in self.entries.values():
                 lo, hi = max(a, node.span[0]), min(b, node.span[1])
                 if lo >= hi:
@@ -117,14 +145,19 @@ class Client:
                 if node.on_probation:
                     fresh.append(node)
                 elif free >= (node.span[1] - node.span[0]) * KV_MB_PER_LAYER:
+                    if node.reputation is None:
+                        unknown.append((-self.seen_at[node.idx], key_of(self.agent_id, node.agent_id), node))
                     rep = UNKNOWN_REPUTATION if node.reputation is None else node.reputation
                     per_layer = (node.claimed_ms + rtt / (hi - lo)) * (1 + REPUTATION_WEIGHT * (1 - rep))
                     ranked.append((per_layer, node.agent_id, node))
             ranked.sort(key=lambda r: r[:2])
             self.top[s] = _covering([n for _, _, n in ranked], (a, b), KEEP_PER_SEGMENT)
             self.probation[s] = self.rng.sample(fresh, min(len(fresh), KEEP_PER_SEGMENT))
-            keep.update(n.idx for n in self.top[s] + self.probation[s])
+            self.newcomers[s] = [n for *_, n in sorted(unknown, key=lambda r: r[:2])[:NEWCOMERS_PER_SEGMENT]]
+            keep.update(n.idx for n in self.top[s] + self.probation[s] + self.newcomers[s])
         self.entries = {i: e for i, e in self.entries.items() if i in keep}
+        self.seen_at = {i: t for i, t in self.seen_at.items() if i in keep}
+        self.tried.intersection_update(keep)
         self.dead.intersection_update(n.idx for n, *_ in self.entries.values())
 
     def full(self, node: Node) -> None:
@@ -147,11 +180,12 @@ class Client:
         self.probation_layer_steps += worst
         return pick
 
-    def candidates(self, now: float, exclude=(), keep: tuple[Node, ...] = (), probation: Node | None = None
-                   ) -> list[PeerCapability]:
+    def candidates(self, now: float, exclude=(), keep: tuple[Node, ...] = (), probation: Node | None = None,
+                   trial: bool = False) -> list[PeerCapability]:
         """What the planner gets for one request: the best few per segment (``exclude``: peer ids
-        this request gave up on), its probation peer if any (``probation_pick``), and ``keep``:
-        the peers of the path being repaired, which the planner keeps where they still serve."""
+        this request gave up on), its probation peer if any (``probation_pick``), on a trial
+        request the youngest newcomers in the view, and ``keep``: the peers of the path
+        being repaired, which the planner keeps where they still serve."""
         chosen: dict[int, Node] = {n.idx: n for n in keep}
         for bounds, ranked in zip(SEGMENT_BOUNDS, self.top):
             live = [n for n in ranked if n.idx not in self.dead and not n.on_probation and n.agent_id not in exclude
@@ -159,6 +193,16 @@ class Client:
             chosen.update((n.idx, n) for n in _covering(live, bounds, TOP_PER_SEGMENT))
         if probation is not None and probation.idx not in self.dead and probation.agent_id not in exclude:
             chosen[probation.idx] = probation
+        if trial:
+            fresh = {n.idx: n for seg in self.newcomers for n in seg if n.reputation is None and n.idx not in self.dead
+                     and n.agent_id not in exclude and self.entries[n.idx][2] >= (n.span[1] - n.span[0]) * KV_MB_PER_LAYER}
+            spans: list[tuple[int, int]] = []
+            # untried first, then in an order of this client's own, so clients that see the same
+            # newcomers (from the newcomer keys) do not all queue at the same one
+            for n in sorted(fresh.values(), key=lambda n: (n.idx in self.tried, key_of(self.agent_id, n.agent_id))):
+                if len(spans) < TRIAL_CANDIDATES and all(n.span[1] <= a or b <= n.span[0] for a, b in spans):
+                    spans.append(n.span)
+                    chosen[n.idx] = n
         out = []
         for node in chosen.values():
             if node.first_offered is None:

@@ -14,15 +14,16 @@ import itertools
 import random
 import statistics
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from edge_agent.split.joining import choose_range_to_serve
 from edge_agent.split.planner import NoRouteError
 
 from .dht import Dht
 from .nodes import N_LAYER, Node, draw_node, seeded_identity
-from .requests import POLICY, Driver, SimRequest
-from .view import RECORD_TTL_S, SEGMENT_BOUNDS, Client, bucket_count, segment_key, segments_of
+from .requests import PLANNER, POLICY, Driver, SimRequest
+from .view import (NEWCOMER_TTL_S, RECORD_TTL_S, SEGMENT_BOUNDS, Client, bucket_count, newcomer_bucket_count,
+                   newcomer_key, segment_key, segments_of)
 
 PUBLISH_EVERY_S = 60.0
 REFRESH_EVERY_S = 10.0
@@ -46,6 +47,9 @@ class Config:
     batch_tbt_ms: float = 4000.0
     think_s: float = 5.0
     staked_joiners: bool = True
+    spread: float = PLANNER.spread  # PlannerConfig knobs (0, 0: the planner as before issue 17's fixes)
+    trial_share: float = PLANNER.trial_share
+    newcomer_keys: bool = True  # joiners also announce themselves under the segments' newcomer keys
 
 
 @dataclass
@@ -66,16 +70,18 @@ class Results:
     client_bytes_per_min: float = 0.0
     refills: int = 0  # out-of-turn view refreshes (a request found no route in the view)
     bytes_by_kind: dict = field(default_factory=dict)  # per serving node per minute (each message counted once)
-    joined: list = field(default_factory=list)  # (kind, s to first in a view, to first offered to a planner, to first use)
+    joined: list = field(default_factory=list)  # (kind, eligible, s to first in a view, offered to a planner, used)
     layer_steps: Counter = field(default_factory=Counter)  # (kind, interactive) -> layer-steps served
     sybil_interactive_hops: int = 0
     refusals: Counter = field(default_factory=Counter)  # error replies (engine refusals) by code
     record_bytes: list = field(default_factory=list)
+    slot_use: list = field(default_factory=list)  # each second: share of the swarm's KV memory (request slots) in use
 
 
 class World:
     def __init__(self, cfg: Config) -> None:
         self.cfg, self.rng = cfg, random.Random(cfg.seed)
+        self.planner = replace(PLANNER, spread=cfg.spread, trial_share=cfg.trial_share)
         self.dht = Dht(self.rng)
         self.nodes: dict[int, Node] = {}  # live (or leaving) serving nodes
         self.by_id: dict[str, Node] = {}  # everyone ever, for links to departed nodes
@@ -135,7 +141,14 @@ class World:
         return got
 
     def _refresh(self, client: Client) -> None:
-        client.merge(self._fetch(client.idx, client.dht_id, range(len(SEGMENT_BOUNDS))), self.now)
+        got = self._fetch(client.idx, client.dht_id, range(len(SEGMENT_BOUNDS)))
+        if self.cfg.newcomer_keys:  # half the segments' newcomer keys each time: each one every 20 s
+            buckets = newcomer_bucket_count(len(self.nodes))
+            client.refreshes += 1
+            for s in range(client.refreshes % 2, len(SEGMENT_BOUNDS), 2):
+                key = newcomer_key(s, self.rng.randrange(buckets))
+                got += [(p[0], t, p[1]) for t, p in self.dht.fetch(client.idx, client.dht_id, key, self.now, NEWCOMER_TTL_S)]
+        client.merge(got, self.now)
 
     def refill(self, client: Client, clock) -> bool:
         """A refresh out of turn when a request finds no route in the view (at most every REFILL_S)."""
@@ -151,6 +164,11 @@ class World:
         self._add(node)
         node.staked = self.cfg.staked_joiners
         self._publish(node)
+        if self.cfg.newcomer_keys:  # once, at join: the entry expires after NEWCOMER_TTL_S
+            buckets = newcomer_bucket_count(len(self.nodes))
+            for s in segments_of(node.span):
+                self.dht.publish(node.idx, node.dht_id, newcomer_key(s, node.dht_id % buckets), node.record_bytes,
+                                 (node, node.kv_capacity_mb), self.now)
         self.joiners.append(node)
 
     def _choose_span(self, idx: int, dht_id: int):
@@ -244,6 +262,8 @@ class World:
                 self.dht.leave(obj.dht_id)
             elif kind == "tick":
                 self._churn()
+                live = [x for x in self.nodes.values() if x.alive(self.now)]
+                self.out.slot_use.append(sum(x.kv_used_mb for x in live) / max(1e-9, sum(x.kv_capacity_mb for x in live)))
                 self.at(self.now + 1.0, "tick", None)
             elif kind == "warm":
                 warm_bytes, warm_kinds = dict(self.dht.bytes), dict(self.dht.by_kind)
@@ -264,7 +284,9 @@ class World:
         for node in self.joiners:
             if node.joined_at <= end - 30.0:
                 since = [None if t is None else t - node.joined_at for t in (node.first_seen, node.first_offered, node.first_used)]
-                out.joined.append((node.kind, *since))
+                # the 30 s target's joiners: staked (so not on probation) and serving for all of those 30 s
+                eligible = node.staked and node.gone_at - node.joined_at >= 30.0
+                out.joined.append((node.kind, eligible, *since))
         return out
 
 

@@ -15,6 +15,7 @@ from typing import Collection, Literal, Optional, Sequence
 
 from .deadlines import split_budget
 from .policy import LayerRange, PolicyError, PrivacyPolicy
+from .spread import is_trial, peer_weights
 
 Mode = Literal["star", "chain", "auto"]
 
@@ -145,17 +146,25 @@ class Plan:
 @dataclass(frozen=True)
 class PlannerConfig:
     """Scoring knobs. A hop's score is ``expected * (1 + reputation_weight * (1 - rep))
-    + hop_penalty_ms``; unknown reputation counts as ``unknown_reputation``."""
+    * weight + hop_penalty_ms``; unknown reputation counts as ``unknown_reputation``.
+    ``weight`` is 1 unless ``plan_path`` gets a ``request_key`` (``spread.peer_weights``):
+    ``spread`` draws each peer's ``1 + spread * u`` per request (load spread), and on the
+    ``trial_share`` of trial-eligible requests newcomers (reputation None) weigh ``trial_weight``."""
 
     hop_penalty_ms: float = 0.5
     reputation_weight: float = 0.25
     unknown_reputation: float = 0.5
+    spread: float = 0.0
+    trial_share: float = 0.0
+    trial_weight: float = 0.25
 
     def __post_init__(self) -> None:
         _num("hop_penalty_ms", self.hop_penalty_ms)
         _num("reputation_weight", self.reputation_weight)
-        if not 0.0 <= _num("unknown_reputation", self.unknown_reputation) <= 1.0:
-            raise ValueError("unknown_reputation must be in [0, 1]")
+        _num("spread", self.spread)
+        for name in ("unknown_reputation", "trial_share", "trial_weight"):
+            if not 0.0 <= _num(name, getattr(self, name)) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]")
 
 
 def hop_cost(peer: PeerCapability, start: int, end: int, mode: str, path: LayerRange) -> tuple[float, float]:
@@ -185,7 +194,7 @@ class _Candidate:
 
 
 def _route(lo: int, hi: int, path: LayerRange, cands: list[_Candidate], mode: str, cfg: PlannerConfig,
-           tracked: tuple[str, ...] = ()):
+           weights: dict[str, float], tracked: tuple[str, ...] = ()):
     """Best (key, [(peer_id, a, b)]) over ``[lo, hi)``, or None: a DP over layer boundaries.
 
     ``tracked`` peers have their layers summed in the DP state, so their memory holds
@@ -194,8 +203,9 @@ def _route(lo: int, hi: int, path: LayerRange, cands: list[_Candidate], mode: st
     slot = {pid: i for i, pid in enumerate(tracked)}
     states: list[dict[tuple[int, ...], _Key]] = [{} for _ in range(hi - lo + 1)]
     states[0][(0,) * len(tracked)] = (0.0, 0, (), ())
-    factors = [1.0 + cfg.reputation_weight * (1.0 - (cfg.unknown_reputation if c.peer.reputation is None
-                                                     else c.peer.reputation)) for c in cands]
+    factors = [(1.0 + cfg.reputation_weight * (1.0 - (cfg.unknown_reputation if c.peer.reputation is None
+                                                      else c.peer.reputation))) * weights.get(c.peer.peer_id, 1.0)
+               for c in cands]
     for a in range(lo, hi):
         for usage, cur in states[a - lo].items():
             for c, factor in zip(cands, factors):
@@ -261,7 +271,7 @@ def _uncovered(lo: int, hi: int, cands: list[_Candidate]) -> list[LayerRange]:
 _MAX_WORK = 2_000_000  # DP edge relaxations allowed for exact memory tracking
 
 
-def _route_with_memory(peers, lo, hi, path, banned, used, mode, cfg):
+def _route_with_memory(peers, lo, hi, path, banned, used, mode, cfg, weights):
     """Route; while some peer's hops together exceed its memory, track that peer's layer
     sum in the DP state (exact). Past ``_MAX_WORK``, repair greedily instead: pin the
     peer to one of its hops' ranges, or drop it, whichever routes best."""
@@ -273,7 +283,7 @@ def _route_with_memory(peers, lo, hi, path, banned, used, mode, cfg):
     caps = {c.peer.peer_id: c.cap for c in cands}
     edges = sum(min(e - s, c.cap or e - s) * (e - s) for c in cands for s, e in c.ranges)
     tracked: tuple[str, ...] = ()
-    result = _route(lo, hi, path, cands, mode, cfg)
+    result = _route(lo, hi, path, cands, mode, cfg, weights)
     for _ in range(2 * len(cands) + 1):
         if result is None:
             break
@@ -287,12 +297,12 @@ def _route_with_memory(peers, lo, hi, path, banned, used, mode, cfg):
         pid = over[0]
         if not only and edges * math.prod(caps[t] + 1 for t in tracked + (pid,)) <= _MAX_WORK:
             tracked += (pid,)
-            result = _route(lo, hi, path, cands, mode, cfg, tracked)
+            result = _route(lo, hi, path, cands, mode, cfg, weights, tracked)
             continue
         options = []
         for pin in totals[pid] + [None]:
             trial = dict(only, **{pid: pin})
-            r = _route(lo, hi, path, _candidates(peers, lo, hi, banned, used, trial), mode, cfg, ())
+            r = _route(lo, hi, path, _candidates(peers, lo, hi, banned, used, trial), mode, cfg, weights)
             if r is not None:
                 options.append((r[0], pin is None, pin or (0, 0), r, trial))
         if not options:
@@ -324,8 +334,8 @@ def _build(hops: list[tuple[str, int, int]], peers_by_id: dict[str, PeerCapabili
 
 
 def _replan_gaps(previous: Plan, peers: Sequence[PeerCapability], peers_by_id: dict[str, PeerCapability],
-                 excluded: set[str], replace_hops: set[int], use_mode: str, cfg: PlannerConfig
-                 ) -> list[tuple[str, int, int]]:
+                 excluded: set[str], replace_hops: set[int], use_mode: str, cfg: PlannerConfig,
+                 weights: dict[str, float]) -> list[tuple[str, int, int]]:
     """Keep the previous plan's healthy hops; route each maximal run of dropped hops anew."""
     lo, hi = previous.start, previous.end
     keep: list[bool] = []
@@ -357,7 +367,7 @@ def _replan_gaps(previous: Plan, peers: Sequence[PeerCapability], peers_by_id: d
         if seg[0] is not None:
             hops.append(seg)
             continue
-        for pid, x, y in _route_with_memory(peers, seg[1], seg[2], (lo, hi), seg[3], used, use_mode, cfg):
+        for pid, x, y in _route_with_memory(peers, seg[1], seg[2], (lo, hi), seg[3], used, use_mode, cfg, weights):
             hops.append((pid, x, y))
             used[pid] = used.get(pid, 0) + (y - x)
     return hops
@@ -375,6 +385,8 @@ def plan_path(
     replace_hops: Collection[int] = (),
     mode: Mode = "auto",
     config: Optional[PlannerConfig] = None,
+    request_key: Optional[bytes] = None,
+    trial_eligible: bool = False,
 ) -> Plan:
     """Choose the hops that run ``policy.remote_range(n_layer)`` and their deadline budgets.
 
@@ -382,7 +394,10 @@ def plan_path(
     excluded, gone or no longer serves the range, or their index is in ``replace_hops``
     (a late hop: its peer is not reused for that gap). Only the gaps are re-planned, in
     the previous plan's mode. ``mode="auto"`` picks star or chain, whichever expects less.
-    Raises NoRouteError naming the layers nobody can take.
+    ``request_key`` (the request id) turns on ``config.spread`` and, when the caller says
+    the request is not latency-critical (``trial_eligible``), newcomer trials on
+    ``config.trial_share`` of requests; a trial plan that misses the target is dropped for
+    the plan without it. Raises NoRouteError naming the layers nobody can take.
     """
     cfg = config or PlannerConfig()
     if not isinstance(policy, PrivacyPolicy):
@@ -401,22 +416,35 @@ def plan_path(
     if lo == hi:
         return Plan((), 0.0, budget, "local", budget, local, target, lo, hi)
     excluded = set(exclude)
-
     if previous is not None and previous.hops:
         if (previous.start, previous.end) != (lo, hi):
             raise ValueError(f"previous plan covers [{previous.start}, {previous.end}), not [{lo}, {hi})")
         bad = [i for i in replace_hops if not 0 <= i < len(previous.hops)]
         if bad:
             raise ValueError(f"replace_hops {bad} out of range for {len(previous.hops)} hops")
-        use_mode = previous.mode if mode == "auto" else mode
-        hops = _replan_gaps(previous, peers, peers_by_id, excluded, set(replace_hops), use_mode, cfg)
-        return _build(hops, peers_by_id, use_mode, lo, hi, budget, local, target)
+    if request_key is not None and not isinstance(request_key, bytes):
+        raise ValueError("request_key must be bytes (the request id) or None")
 
-    plans = []
-    for m in (("star", "chain") if mode == "auto" else (mode,)):
-        hops = _route_with_memory(peers, lo, hi, (lo, hi), excluded, {}, m, cfg)
-        plans.append(_build(hops, peers_by_id, m, lo, hi, budget, local, target))
-    return min(plans, key=lambda pl: (pl.expected_ms, len(pl.hops)))  # stable: star wins ties
+    def attempt(trial: bool) -> Plan:
+        weights = peer_weights([(p.peer_id, p.reputation) for p in peers], request_key, cfg.spread, trial,
+                               cfg.trial_weight)
+        if previous is not None and previous.hops:
+            use_mode = previous.mode if mode == "auto" else mode
+            hops = _replan_gaps(previous, peers, peers_by_id, excluded, set(replace_hops), use_mode, cfg, weights)
+            return _build(hops, peers_by_id, use_mode, lo, hi, budget, local, target)
+        plans = []
+        for m in (("star", "chain") if mode == "auto" else (mode,)):
+            hops = _route_with_memory(peers, lo, hi, (lo, hi), excluded, {}, m, cfg, weights)
+            plans.append(_build(hops, peers_by_id, m, lo, hi, budget, local, target))
+        return min(plans, key=lambda pl: (pl.expected_ms, len(pl.hops)))  # stable: star wins ties
+
+    trial = (trial_eligible and is_trial(request_key, cfg.trial_share)
+             and any(p.reputation is None and p.peer_id not in excluded for p in peers))
+    if trial:
+        plan = attempt(True)
+        if plan.meets_target:
+            return plan
+    return attempt(False)
 
 
 def has_alternative(plan: Plan, hop_index: int, peers: Sequence[PeerCapability], exclude: Collection[str] = ()) -> bool:
