@@ -64,11 +64,13 @@ def random_models(tmp_path_factory):
     return make
 
 
-def reference_tokens(model_path: Path, prompt_tokens: list[int], n: int, n_ctx: int = N_CTX, n_batch: int = 512) -> list[int]:
+def reference_tokens(model_path: Path, prompt_tokens: list[int], n: int, n_ctx: int = N_CTX, n_batch: int = 512,
+                     flash_attn: bool = False) -> list[int]:
     """Greedy tokens from llama-cpp-python's own generation (the ground truth)."""
     import llama_cpp as lc
 
-    llm = lc.Llama(str(model_path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
+    llm = lc.Llama(str(model_path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=THREADS, n_threads_batch=THREADS,
+                   flash_attn=flash_attn, verbose=False)
     vocab = lc.llama_model_get_vocab(llm._model.model)
     out: list[int] = []
     try:

@@ -87,9 +87,10 @@ def peers(tmp_path):
 
 
 def swarm_generate(tmp_path, model, prompt, n, peer_list, *, mdns=False, on_token=None, discover_s=30.0, privacy=None,
-                   **client):
+                   options=None, **client):
     """(prompt token ids, result) of ``node.run`` through ``peer_list`` (TLS addresses, or mDNS);
-    ``privacy``: the request's level; ``client``: ``ClientConfig`` fields. The client's data dir
+    ``privacy``: the request's level; ``options``: the client's EngineOptions (default: run's);
+    ``client``: ``ClientConfig`` fields. The client's data dir
     is ``tmp_path / "client"``."""
     from edge_agent.node import AgentConfig, run
     from edge_agent.runtime.sampling import SamplingParams
@@ -105,5 +106,5 @@ def swarm_generate(tmp_path, model, prompt, n, peer_list, *, mdns=False, on_toke
         return box["prompt"]
 
     res = asyncio.run(run(cfg, model, tokens, SamplingParams(max_tokens=n), ClientConfig(**client), discover_s=discover_s,
-                          n_ctx=512, on_token=on_token, privacy=privacy))
+                          n_ctx=512, options=options, on_token=on_token, privacy=privacy))
     return box["prompt"], res

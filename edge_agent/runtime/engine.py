@@ -87,12 +87,20 @@ class StepInput:
     hidden states of shape ``(n, n_embd)``. ``pos`` is the position of the first row;
     it must equal the number of positions already in the request's KV cache.
     ``all_logits`` (tail only) asks for logits of every row instead of the last one.
+
+    Speculative decoding (``runtime/drafting.py``) adds two flags. ``rewind``: positions
+    ``>= pos`` that the request's cache holds are dropped first (drafts the last pass
+    rejected), so ``pos`` may be below what is held. ``draft``: the rows are consecutive
+    decode steps, and each row's result must be bit-identical to decoding the rows one
+    at a time (what llama.cpp alone does), not to a prefill chunk.
     """
 
     request_id: str
     pos: int
     data: np.ndarray
     all_logits: bool = False
+    rewind: bool = False
+    draft: bool = False
 
 
 @dataclass
@@ -234,6 +242,34 @@ def validate_step(step: StepInput, info: ShardInfo, options: EngineOptions, *, t
         raise ContextFullError(f"request {step.request_id!r}: {held + n} positions exceed the context of {options.n_ctx_per_request}")
     if held == 0 and step.pos == 0 and not has_free_slot:
         raise CapacityError(f"all {options.max_requests} request slots are busy")
+
+
+def rewind(steps: Sequence[StepInput], positions, truncate) -> None:
+    """Drop what rewinding steps' requests hold from their ``pos`` on (under the engine's lock)."""
+    for s in steps:
+        if s.rewind and positions(s.request_id) > s.pos >= 0:
+            truncate(s.request_id, s.pos)
+
+
+def forward_rows(steps: Sequence[StepInput], forward_once, per_pass: int = 1) -> list[StepOutput]:
+    """Run ``draft`` steps ``per_pass`` rows at a time: pass r holds the r-th piece of every
+    draft step (and, in pass 0, every other step whole), so concurrent requests still share
+    each engine call. For engines whose steps of more rows are not bit-identical to single
+    rows (llama.cpp's attention without flash attention, some matmuls: runtime/exactness.py)."""
+    rows = [-(-s.data.shape[0] // per_pass) if s.draft else 1 for s in steps]
+    parts: list[list[np.ndarray]] = [[] for _ in steps]
+    ms = 0.0
+    for r in range(max(rows)):
+        idx = [i for i, n in enumerate(rows) if r < n]
+        a = r * per_pass
+        batch = [StepInput(steps[i].request_id, steps[i].pos + a, steps[i].data[a:a + per_pass], steps[i].all_logits,
+                           draft=True) if steps[i].draft else steps[i] for i in idx]
+        outs = forward_once(batch)
+        ms += outs[0].compute_ms if outs else 0.0
+        for i, out in zip(idx, outs):
+            parts[i].append(out.data)
+    # rows of hidden states (or of all_logits) are stacked; a tail asked for the last row's logits gets those
+    return [StepOutput(s.request_id, np.concatenate(p) if p[0].ndim == 2 else p[-1], ms) for s, p in zip(steps, parts)]
 
 
 def validate_batch(steps: Sequence[StepInput], check) -> None:

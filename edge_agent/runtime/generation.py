@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -73,6 +74,23 @@ class Decoder:
         if on_token:
             on_token(token, self.new_text())
         return None if self.finished else np.asarray([token], dtype=np.int32)
+
+    def advance_drafts(self, rows: np.ndarray, drafts: Sequence[int], on_token=None) -> tuple[int, np.ndarray | None]:
+        """A speculative pass fed ``[last token, *drafts]``; ``rows[i]`` are the logits after its
+        i-th token. Samples row by row, as one-token steps would, streaming each token, while
+        the sample equals the next draft. Returns (drafts accepted, what to feed next or None):
+        the cache positions worth keeping are the pass's first ``accepted + 1``."""
+        for i, row in enumerate(rows):
+            token = self.feed(row)
+            if token is None:
+                return i, None
+            if on_token:
+                on_token(token, self.new_text())
+            if self.finished:
+                return i, None
+            if i >= len(drafts) or token != drafts[i]:
+                return i, np.asarray([token], dtype=np.int32)
+        raise ValueError("a pass has one row of logits per token fed")
 
     def first_feed(self) -> np.ndarray | None:
         return None if self.finished else np.asarray(self.prompt_tokens, dtype=np.int32)

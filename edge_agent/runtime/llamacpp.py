@@ -34,9 +34,12 @@ from edge_agent.runtime.engine import (
     StepOutput,
     UnsupportedModelError,
     default_threads,
+    forward_rows,
+    rewind,
     validate_batch,
     validate_step,
 )
+from edge_agent.runtime.exactness import PROBE_ROWS, exact_rows
 from edge_agent.runtime.shards import SUPPORTED_ARCHS, ensure_shard, inspect_model
 
 _KV_TYPES = {"f16": lc.GGML_TYPE_F16, "f32": lc.GGML_TYPE_F32, "q8_0": lc.GGML_TYPE_Q8_0}
@@ -132,9 +135,19 @@ class LlamaCppEngine:
         self._positions: dict[int, int] = {}
         self._free = list(range(self.options.max_requests))[::-1]
         float_weights = any(t.name.startswith("blk.") and len(t.shape) == 2 and t.type in ("F32", "F16", "BF16") for t in meta.tensors)
-        mode = self.options.batch_decode
-        self.batches_requests = mode == "on" or (mode == "auto" and not float_weights)
         self._load(f"l_out-{meta.n_layer - 1}")
+        mode = self.options.batch_decode
+        # Rows per llama_decode that are bit-identical to single rows: ``batch_rows`` for one
+        # row of each of several requests, ``draft_rows`` for several rows of one request
+        # (speculative drafts). Kernels decide it, per weight type and row count (on AVX-512,
+        # Q4_K matmuls change path at 4 rows, Q6_K at 8; plain attention at 2): measured here.
+        if mode == "off" or (mode == "auto" and float_weights):
+            self.batch_rows = self.draft_rows = 1
+        elif mode == "on":
+            self.batch_rows = self.draft_rows = self.options.n_batch
+        else:
+            self.batch_rows, self.draft_rows = exact_rows(self, PROBE_ROWS)
+        self.batches_requests = self.batch_rows > 1
 
     @classmethod
     def from_model(
@@ -198,17 +211,23 @@ class LlamaCppEngine:
         if not steps:
             return []
         with self._lock:
-            validate_batch(steps, self.check)
-            new = [s for s in steps if s.request_id not in self._slots]
-            if len(new) > len(self._free):
-                raise CapacityError(f"all {self.options.max_requests} request slots are busy")
-            for s in new:
-                slot = self._free.pop()
-                self._slots[s.request_id] = slot
-                self._positions[slot] = 0
-            t0 = time.perf_counter()
-            outputs = self._run(steps)
-            ms = (time.perf_counter() - t0) * 1000.0
+            rewind(steps, self.positions, self._truncate)
+            if any(s.draft and s.data.shape[0] > self.draft_rows for s in steps):
+                return forward_rows(steps, self._forward, self.draft_rows)
+            return self._forward(steps)
+
+    def _forward(self, steps: Sequence[StepInput]) -> list[StepOutput]:
+        validate_batch(steps, self.check)
+        new = [s for s in steps if s.request_id not in self._slots]
+        if len(new) > len(self._free):
+            raise CapacityError(f"all {self.options.max_requests} request slots are busy")
+        for s in new:
+            slot = self._free.pop()
+            self._slots[s.request_id] = slot
+            self._positions[slot] = 0
+        t0 = time.perf_counter()
+        outputs = self._run(steps)
+        ms = (time.perf_counter() - t0) * 1000.0
         return [StepOutput(s.request_id, out, ms) for s, out in zip(steps, outputs)]
 
     def end_request(self, request_id: str) -> None:
@@ -221,12 +240,13 @@ class LlamaCppEngine:
 
     def truncate(self, request_id: str, n_positions: int) -> None:
         with self._lock:
-            slot = self._slots.get(request_id)
-            if slot is None:
-                return
-            if n_positions < self._positions[slot]:
-                lc.llama_memory_seq_rm(self._mem, slot, n_positions, -1)
-                self._positions[slot] = n_positions
+            self._truncate(request_id, n_positions)
+
+    def _truncate(self, request_id: str, n_positions: int) -> None:
+        slot = self._slots.get(request_id)
+        if slot is not None and n_positions < self._positions[slot]:
+            lc.llama_memory_seq_rm(self._mem, slot, n_positions, -1)
+            self._positions[slot] = n_positions
 
     def requests(self) -> list[str]:
         return list(self._slots)
@@ -246,7 +266,8 @@ class LlamaCppEngine:
 
     # -- decoding --------------------------------------------------------------------------
     def _run(self, steps: Sequence[StepInput]) -> list[np.ndarray]:
-        """Batch one-row steps (decode) into one llama_decode; run longer steps (prefill) alone.
+        """Batch one-row steps (decode) into llama_decode calls of at most ``batch_rows``; run
+        longer steps (prefill, drafts) alone.
 
         llama.cpp splits a multi-sequence batch into micro-batches of consecutive sequence
         ids, so captured rows come back grouped by slot: one-row steps sorted by slot keep
@@ -255,10 +276,7 @@ class LlamaCppEngine:
         """
         out: list[np.ndarray | None] = [None] * len(steps)
         singles = sorted((i for i, s in enumerate(steps) if s.data.shape[0] == 1), key=lambda i: self._slots[steps[i].request_id])
-        if self.batches_requests:
-            groups = [singles] if singles else []
-        else:
-            groups = [[i] for i in singles]
+        groups = [singles[g : g + self.batch_rows] for g in range(0, len(singles), self.batch_rows)]
         groups += [[i] for i, s in enumerate(steps) if s.data.shape[0] > 1]
         for group in groups:
             for i, arr in zip(group, self._run_group([steps[i] for i in group])):

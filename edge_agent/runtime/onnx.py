@@ -37,6 +37,8 @@ from edge_agent.runtime.engine import (
     StepOutput,
     UnsupportedModelError,
     default_threads,
+    forward_rows,
+    rewind,
     validate_batch,
     validate_step,
 )
@@ -205,14 +207,20 @@ class OnnxEngine:
         if not steps:
             return []
         with self._lock:
-            validate_batch(steps, self.check)
-            if len([s for s in steps if s.request_id not in self._requests]) + len(self._requests) > self.options.max_requests:
-                raise CapacityError(f"all {self.options.max_requests} request slots are busy")
-            t0 = time.perf_counter()
-            results = [self._run_step(s) for s in steps]  # (output, new state); committed only if all succeed
-            for s, (_, state) in zip(steps, results):
-                self._requests[s.request_id] = state
-            ms = (time.perf_counter() - t0) * 1000.0
+            rewind(steps, self.positions, self._truncate)
+            if any(s.draft and s.data.shape[0] > 1 for s in steps):  # no multi-row exactness measured here
+                return forward_rows(steps, self._forward)
+            return self._forward(steps)
+
+    def _forward(self, steps: Sequence[StepInput]) -> list[StepOutput]:
+        validate_batch(steps, self.check)
+        if len([s for s in steps if s.request_id not in self._requests]) + len(self._requests) > self.options.max_requests:
+            raise CapacityError(f"all {self.options.max_requests} request slots are busy")
+        t0 = time.perf_counter()
+        results = [self._run_step(s) for s in steps]  # (output, new state); committed only if all succeed
+        for s, (_, state) in zip(steps, results):
+            self._requests[s.request_id] = state
+        ms = (time.perf_counter() - t0) * 1000.0
         return [StepOutput(s.request_id, out, ms) for s, (out, _) in zip(steps, results)]
 
     def end_request(self, request_id: str) -> None:
@@ -221,11 +229,14 @@ class OnnxEngine:
 
     def truncate(self, request_id: str, n_positions: int) -> None:
         with self._lock:
-            r = self._requests.get(request_id)
-            if r is not None and 0 <= n_positions < r.pos:
-                r.k = [k[:, :n_positions].copy() for k in r.k]
-                r.v = [v[:, :n_positions].copy() for v in r.v]
-                r.pos = n_positions
+            self._truncate(request_id, n_positions)
+
+    def _truncate(self, request_id: str, n_positions: int) -> None:
+        r = self._requests.get(request_id)
+        if r is not None and 0 <= n_positions < r.pos:
+            r.k = [k[:, :n_positions].copy() for k in r.k]
+            r.v = [v[:, :n_positions].copy() for v in r.v]
+            r.pos = n_positions
 
     def requests(self) -> list[str]:
         return list(self._requests)

@@ -37,12 +37,12 @@ class ChainStrategy(Strategy):
             await hs.link.request(control_frame(route_message(req.rid, nxt), hs.link.next_seq()), self.hop_timeout_s)
         req.routed = True
 
-    async def step(self, req: RequestState, pos: int, x: np.ndarray) -> np.ndarray:
+    async def step(self, req: RequestState, pos: int, x: np.ndarray, flags: int = 0) -> np.ndarray:
         first, last = req.hops[0], req.hops[-1]
         seq = first.link.next_seq()
         key = (req.rid, seq)
         futs = {hs.link.peer_id: hs.link.expect(key) for hs in req.hops}
-        frame = activation(req.rid, pos, x, first.hop.start, first.hop.end, seq, int(Flag.CHAIN))
+        frame = activation(req.rid, pos, x, first.hop.start, first.hop.end, seq, int(Flag.CHAIN) | flags)
         timeout = self.prefill_timeout_s if x.shape[0] > 1 else self.hop_timeout_s
         t0 = time.perf_counter()
         blamed, reason = None, "chain step timed out"
@@ -71,7 +71,7 @@ class ChainStrategy(Strategy):
                     blamed, reason = peer_id, "chain reply from a hop that is not the last"
                     break
                 out = check_reply(peer_id, f, pos, last.hop.start, last.hop.end, x.shape)
-                first.history.append((pos, x))
+                first.history.append((pos, x, flags))
                 req.histories_complete = len(req.hops) == 1
                 req.chain_ms += (time.perf_counter() - t0) * 1000.0
                 return out
@@ -85,4 +85,4 @@ class ChainStrategy(Strategy):
         if blamed:
             req.excluded.add(blamed)
         await self.rebuild(req, reason, pos, blamed or "")
-        return await self.fallback.step(req, pos, x)  # this step in star mode; chain resumes next step
+        return await self.fallback.step(req, pos, x, flags)  # this step in star mode; chain resumes next step

@@ -31,7 +31,9 @@ from edge_agent.split.policy import PRIVACY_LEVELS, PolicyError, PrivacyPolicy
 from edge_agent.split.protocol import ErrorCode, HopFailed
 from edge_agent.split.star import StarStrategy
 from edge_agent.split.strategy import RequestState, Router, Strategy
+from edge_agent.split.speculation import Speculation
 from edge_agent.split.verified import Verifier, generate_verified
+from edge_agent.transport import Flag
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,7 @@ class ClientConfig:
     local_fallback: bool = True  # run layers no peer can take on this device (it has the model)
     local_ms_per_layer: float = 1000.0  # planner cost of a local layer: a last resort, never preferred
     verify: bool = False  # answer only after the request's audits passed; regenerate past a cheater (split.verified)
+    speculate: int = 0  # most drafted tokens verified per pass (prompt lookup, greedy only); 0: one token per step
 
 
 class SwarmClient:
@@ -321,21 +324,31 @@ class SwarmClient:
         feed = decoder.first_feed()
         feed = feed[len(fed) :] if feed is not None else None
         pos, sid, reused = len(fed), req.rid.hex(), len(fed)
+        # speculation: the caches may hold rejected drafts beyond ``pos`` (also from a kept turn),
+        # so every later step rewinds; decode steps carry drafts (greedy only: docs/split.md)
+        spec = Speculation(self.config.speculate, params.greedy, prompt_tokens, self.options.n_ctx_per_request)
         kept = None
         try:
             while feed is not None:
+                flags = spec.flags(pos, decoding=req.step_index > 0 and pos > reused)
+                rewind, draft = bool(flags & Flag.REWIND), bool(flags & Flag.DRAFT)
                 t0 = time.perf_counter()
-                x = await self._head_steps.forward(StepInput(sid, pos, feed))
+                x = await self._head_steps.forward(StepInput(sid, pos, feed, rewind=rewind, draft=draft))
                 t1 = time.perf_counter()
-                x = await self._strategy(req).step(req, pos, x)
+                x = await self._strategy(req).step(req, pos, x, flags)
                 t2 = time.perf_counter()
-                logits = await self._tail_steps.forward(StepInput(sid, pos, x))
+                logits = await self._tail_steps.forward(StepInput(sid, pos, x, all_logits=draft, rewind=rewind, draft=draft))
                 if feed.shape[0] == 1:
                     self._local_ms = (t1 - t0 + time.perf_counter() - t2) * 1000.0
-                pos += feed.shape[0]
-                fed.extend(feed.tolist())
                 req.step_index += 1
-                feed = decoder.advance(logits, on_token)
+                if draft:
+                    accepted, nxt = decoder.advance_drafts(logits.reshape(feed.shape[0], -1), feed[1:].tolist(), on_token)
+                    n_kept = accepted + 1
+                else:
+                    nxt, n_kept = decoder.advance(logits, on_token), feed.shape[0]
+                fed.extend(feed[:n_kept].tolist())
+                pos += n_kept
+                feed = spec.next_feed(nxt, decoder, pos, feed.shape[0] - 1 if draft else 0, n_kept - 1 if draft else 0)
             kept = KeptRequest(req, fed) if keep is not None else None
         finally:  # also on cancellation: free the request everywhere
             if kept is None:
@@ -344,6 +357,8 @@ class SwarmClient:
             keep(kept)
         result = decoder.result(self._stats(req))
         result.stats["kv_reused_tokens"] = reused
+        if spec.enabled:
+            result.stats["speculation"] = spec.stats()
         return result
 
     async def release(self, kept: KeptRequest) -> None:

@@ -13,7 +13,7 @@ import time
 from edge_agent.runtime.engine import EngineError, StepInput
 from edge_agent.split.links import Reply
 from edge_agent.split.protocol import HopFailed, engine_error_code
-from edge_agent.transport import Frame, MsgType
+from edge_agent.transport import Flag, Frame, MsgType
 
 LOCAL_PEER_ID = "local"
 
@@ -39,7 +39,9 @@ class LocalLink:
             engine = self._engines.get(key)
             if engine is None:
                 engine = self._engines[key] = await asyncio.to_thread(self._load, *key)
-            out = (await asyncio.to_thread(engine.forward, [StepInput(frame.request_id.hex(), frame.step, frame.array())]))[0]
+            step = StepInput(frame.request_id.hex(), frame.step, frame.array(), rewind=bool(frame.flags & Flag.REWIND),
+                             draft=bool(frame.flags & Flag.DRAFT))
+            out = (await asyncio.to_thread(engine.forward, [step]))[0]
         except EngineError as exc:
             raise HopFailed(LOCAL_PEER_ID, str(exc), engine_error_code(exc)) from None
         reply = Frame.from_array(MsgType.ACTIVATION, out.data, request_id=frame.request_id, step=frame.step,

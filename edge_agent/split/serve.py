@@ -35,6 +35,7 @@ from edge_agent.transport import DType, Flag, Frame, MsgType, PeerLostError
 log = logging.getLogger(__name__)
 MAX_PENDING_PER_SHARD = 256  # queued steps beyond this are refused: a peer cannot fill our memory
 MAX_TRACKED = 4096
+_KEPT_FLAGS = int(Flag.REPLAY | Flag.PREFILL | Flag.REWIND | Flag.DRAFT)  # a reply (and chain forward) keeps these
 
 
 @dataclass
@@ -162,7 +163,8 @@ class HopServer:
                 self.owners.pop(next(iter(self.owners)))
             self.owners.setdefault(rid, channel)
             shard.last_used[rid] = time.monotonic()
-            shard.queue.put_nowait(_Job(channel, frame, StepInput(rid, frame.step, arr)))
+            step = StepInput(rid, frame.step, arr, rewind=bool(frame.flags & Flag.REWIND), draft=bool(frame.flags & Flag.DRAFT))
+            shard.queue.put_nowait(_Job(channel, frame, step))
         elif frame.type == MsgType.END_REQUEST:
             route = self.routes.get(rid)
             if channel is not self.owners.get(rid) and (route is None or route[0] is not channel):
@@ -297,7 +299,7 @@ class HopServer:
                 out.data = self.fault.apply(job.step.request_id, out.data, job.step.pos)
             reply = Frame.from_array(MsgType.ACTIVATION, out.data, request_id=f.request_id, step=f.step,
                                      n_positions=f.n_positions, layer_start=f.layer_start, layer_end=f.layer_end,
-                                     seq=f.seq, flags=f.flags & int(Flag.REPLAY | Flag.PREFILL), compute_us=int(out.compute_ms * 1000))
+                                     seq=f.seq, flags=f.flags & _KEPT_FLAGS, compute_us=int(out.compute_ms * 1000))
             if route is not None and route[1] is not None:
                 await self._forward(route, reply)
             else:

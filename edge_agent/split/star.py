@@ -22,7 +22,7 @@ class StarStrategy(Strategy):
         self.capabilities = capabilities  # (policy) -> [PeerCapability]: who could replace a late hop
         self.hop_timeout_s, self.prefill_timeout_s = hop_timeout_s, prefill_timeout_s
 
-    async def step(self, req: RequestState, pos: int, x: np.ndarray) -> np.ndarray:
+    async def step(self, req: RequestState, pos: int, x: np.ndarray, flags: int = 0) -> np.ndarray:
         decode = x.shape[0] == 1
         # a silent hop is replaced after hop_timeout_s; a merely late one after the step (deadlines)
         timeout = self.hop_timeout_s if decode else self.prefill_timeout_s
@@ -30,14 +30,14 @@ class StarStrategy(Strategy):
         while i < len(req.hops):
             hs = req.hops[i]
             try:
-                y, compute_ms, wall_ms = await self.router.call(req, hs, pos, x, timeout)
+                y, compute_ms, wall_ms = await self.router.call(req, hs, pos, x, timeout, flags=flags)
             except HopFailed as exc:
                 if exc.code == ErrorCode.CONTEXT_FULL:  # no other peer has a bigger context to offer
                     raise ContextFullError(f"the request outgrew the context of the peers: {exc.reason}") from None
                 if await self.router.recover(req, f"{exc.code}: {exc.reason}", pos, index=i, permanent=exc.permanent):
                     x, observed, i = x0, [], 0  # every hop was rebuilt up to this step: run it again from hop 0
                 continue  # retry the same layers on the replacement
-            hs.record(pos, x, compute_ms, wall_ms)
+            hs.record(pos, x, flags, compute_ms, wall_ms)
             observed.append(wall_ms)
             x, i = y, i + 1
         if decode and req.hops and len(observed) == len(req.hops):

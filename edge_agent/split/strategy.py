@@ -25,6 +25,7 @@ from edge_agent.split.protocol import HopFailed, activation, check_reply
 from edge_agent.transport import Flag, Frame, MsgType
 
 log = logging.getLogger(__name__)
+STEP_FLAGS = int(Flag.REWIND | Flag.DRAFT)  # what a speculative step asks of every hop (runtime.engine.StepInput)
 
 
 class Link(Protocol):
@@ -45,13 +46,13 @@ class HopState:
 
     hop: Hop
     link: Link
-    history: list[tuple[int, np.ndarray]] = field(default_factory=list)  # inputs sent, in send order (replay)
+    history: list[tuple[int, np.ndarray, int]] = field(default_factory=list)  # (pos, rows, flags) sent, in order (replay)
     compute_ms: float = 0.0
     transfer_ms: float = 0.0
     steps: int = 0
 
-    def record(self, pos: int, x: np.ndarray, compute_ms: float, wall_ms: float) -> None:
-        self.history.append((pos, x))
+    def record(self, pos: int, x: np.ndarray, flags: int, compute_ms: float, wall_ms: float) -> None:
+        self.history.append((pos, x, flags))
         self.compute_ms += compute_ms
         self.transfer_ms += max(0.0, wall_ms - compute_ms)
         self.steps += 1
@@ -98,9 +99,11 @@ class Router:
         return states
 
     async def call(self, req: RequestState, hs: HopState, pos: int, x: np.ndarray, timeout_s: float,
-                   replay: bool = False) -> tuple[np.ndarray, float, float]:
-        """One hop, one step: (output rows, compute ms the node reported, round trip ms)."""
-        frame = activation(req.rid, pos, x, hs.hop.start, hs.hop.end, hs.link.next_seq(), int(Flag.REPLAY) if replay else 0)
+                   replay: bool = False, flags: int = 0) -> tuple[np.ndarray, float, float]:
+        """One hop, one step: (output rows, compute ms the node reported, round trip ms).
+        ``flags``: ``STEP_FLAGS`` bits of a speculative step (REWIND, DRAFT)."""
+        frame = activation(req.rid, pos, x, hs.hop.start, hs.hop.end, hs.link.next_seq(),
+                           flags | (int(Flag.REPLAY) if replay else 0))
         reply = await hs.link.request(frame, timeout_s)
         out = check_reply(hs.link.peer_id, reply.frame, pos, hs.hop.start, hs.hop.end, x.shape)
         compute_ms = reply.frame.compute_us / 1000.0
@@ -160,7 +163,7 @@ class Router:
                 inputs, layers, to_note = failed.history, f"{failed.hop.start}:{failed.hop.end}", ""
             else:
                 keep = {}
-                inputs = [(p, x) for p, x in req.hops[0].history if p < pos]
+                inputs = [h for h in req.hops[0].history if h[0] < pos]
                 layers, to_note = f"{req.plan.start}:{req.plan.end}", "rebuild all hops: "
             new: list[HopState] = []
             try:
@@ -182,14 +185,15 @@ class Router:
                 req.routed, req.histories_complete = False, True
             return failed is None
 
-    async def _replay(self, req: RequestState, inputs: list[tuple[int, np.ndarray]], new: list[HopState]) -> None:
-        """Re-send inputs, in the chunks first sent, through the new hop(s) in order."""
+    async def _replay(self, req: RequestState, inputs: list[tuple[int, np.ndarray, int]], new: list[HopState]) -> None:
+        """Re-send inputs, in the chunks and with the flags first sent (a speculative step's
+        rewind and row-exact drafts), through the new hop(s) in order."""
         for st in new:
             outs = []
-            for pos, x in inputs:
-                y, _, _ = await self.call(req, st, pos, x, self.replay_timeout_s, replay=True)
-                st.history.append((pos, x))
-                outs.append((pos, y))
+            for pos, x, flags in inputs:
+                y, _, _ = await self.call(req, st, pos, x, self.replay_timeout_s, replay=True, flags=flags)
+                st.history.append((pos, x, flags))
+                outs.append((pos, y, flags))
             inputs = outs
 
 
@@ -199,7 +203,8 @@ class Strategy:
     def __init__(self, router: Router):
         self.router = router
 
-    async def step(self, req: RequestState, pos: int, x: np.ndarray) -> np.ndarray:
+    async def step(self, req: RequestState, pos: int, x: np.ndarray, flags: int = 0) -> np.ndarray:
+        """Rows ``pos ..`` through every remote hop; ``flags``: STEP_FLAGS of a speculative step."""
         raise NotImplementedError
 
     async def rebuild(self, req: RequestState, reason: str, pos: int, blamed: str = "") -> None:

@@ -74,9 +74,11 @@ class Flag(enum.IntFlag):
     # bit 2 (LAST of early drafts) is retired
     REPLAY = 1 << 3    # activations re-sent to a replacement node to rebuild its KV cache
     CHAIN = 1 << 4     # chain mode: the node forwards its output to the next hop of the request's route
+    REWIND = 1 << 5    # drop the request's cached positions from `step` on first (rejected speculative drafts)
+    DRAFT = 1 << 6     # rows are drafted decode steps: each row's result must equal decoding it alone
 
 
-KNOWN_FLAGS = int(Flag.HASHED | Flag.PREFILL | Flag.REPLAY | Flag.CHAIN)
+KNOWN_FLAGS = int(Flag.HASHED | Flag.PREFILL | Flag.REPLAY | Flag.CHAIN | Flag.REWIND | Flag.DRAFT)
 _HASHED = int(Flag.HASHED)  # plain ints on the hot path: IntFlag arithmetic is slow
 
 

@@ -1,0 +1,86 @@
+"""Speculative decoding: drafted tokens verified in one pass through every hop, output
+unchanged (greedy, token for token against llama.cpp alone), on real llama.cpp peers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import reference_tokens
+from edge_agent.runtime.drafting import PromptLookup
+from edge_agent.runtime.engine import EngineOptions, StepInput
+from edge_agent.runtime.llamacpp import LlamaCppEngine
+from edge_agent.runtime.shards import inspect_model
+from swarm_util import peers, swarm_generate  # noqa: F401 - peers is a fixture
+
+TEXT = ("Copy this list exactly. Apples, pears, plums, cherries, grapes, lemons, limes, figs. "
+        "Apples, pears, plums, cherries, grapes, lemons, limes, figs. Apples, pears,")
+
+
+def test_prompt_lookup_drafts_what_followed_the_longest_match():
+    d = PromptLookup(max_ngram=3)
+    d.extend([1, 2, 3, 4, 5, 9, 2, 3])
+    assert d.draft(3) == [4, 5, 9]  # "2 3" was followed by 4 5 9
+    d.extend([7])
+    assert d.draft(4) == []  # "7" never occurred before
+    d.extend([1, 2, 3])
+    assert d.draft(2) == [4, 5]  # "1 2 3" began the context
+    assert d.draft(0) == []
+
+
+def test_prompt_lookup_prefers_the_longer_ngram():
+    d = PromptLookup(max_ngram=2)
+    d.extend([5, 1, 8, 6, 1, 9, 5, 1])
+    assert d.draft(1) == [8]  # "5 1" -> 8, although the latest "1" was followed by 9
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_draft_steps_equal_single_row_decodes_and_rewind(smollm_path, flash_attn):
+    """A draft step's rows (run in as few passes as the kernels allow, runtime/exactness.py)
+    equal one-row decodes bit for bit; a rewinding step drops the rejected rows first."""
+    n = inspect_model(smollm_path).n_layer
+    opts = EngineOptions(max_requests=4, n_threads=2, flash_attn=flash_attn)
+    mid = LlamaCppEngine.from_model(smollm_path, 1, n - 1, opts)
+    try:
+        assert mid.batch_rows >= 2 and (mid.draft_rows > 1) == flash_attn  # Q4_1: measured row-exact; attention needs FA
+        rng = np.random.default_rng(1)
+        x = rng.standard_normal((12, mid.info.n_embd)).astype(np.float32)
+        single = np.concatenate([mid.forward([StepInput("a", r, x[r:r + 1])])[0].data for r in range(12)])
+        mid.forward([StepInput("b", 0, x[:4])])
+        out = mid.forward([StepInput("b", 4, x[4:12], draft=True)])[0].data
+        assert np.array_equal(out, single[4:12])
+        # the pass kept 2 of its 8 rows: the next step rewinds to 6 and drafts again
+        out = mid.forward([StepInput("b", 6, x[6:10], rewind=True, draft=True)])[0].data
+        assert np.array_equal(out, single[6:10]) and mid.positions("b") == 10
+    finally:
+        mid.close()
+
+
+@pytest.mark.parametrize("mode,flash_attn", [("star", False), ("chain", False), ("star", True)])
+def test_speculative_split_matches_llama_cpp(tmp_path, peers, smollm_path, mode, flash_attn):
+    fa = ["--flash-attn"] if flash_attn else []
+    a, b = peers(smollm_path, "1:15", *fa), peers(smollm_path, "15:29", *fa)
+    opts = EngineOptions(n_ctx_per_request=512, max_requests=2, flash_attn=flash_attn)
+    prompt, res = swarm_generate(tmp_path, smollm_path, TEXT, 40, [a, b], mode=mode, speculate=6, options=opts)
+    assert res.token_ids == reference_tokens(smollm_path, prompt, 40, flash_attn=flash_attn)
+    spec = res.stats["speculation"]
+    assert spec["accepted"] > 0 and spec["passes"] < 40  # drafts were kept: fewer passes than tokens
+    assert res.stats["reroutes"] == []
+
+
+def test_killed_peer_mid_speculation_is_replayed_exactly(tmp_path, peers, smollm_path):
+    """Replays re-send each step with its flags: the rebuilt cache skips rejected drafts as the
+    first one did, so the output does not change."""
+    a = peers(smollm_path, "1:29", "--test-advertise-ms", "0.001")  # the planner's first choice
+    b = peers(smollm_path, "1:29", "--test-advertise-ms", "5")
+    seen = []
+
+    def on_token(tok, _text):
+        seen.append(tok)
+        if len(seen) == 12:
+            a.kill()  # mid-generation, after several speculative passes
+
+    prompt, res = swarm_generate(tmp_path, smollm_path, TEXT, 36, [a, b], on_token=on_token, speculate=6)
+    assert res.token_ids == reference_tokens(smollm_path, prompt, 36)
+    assert [r["from"] for r in res.stats["reroutes"]] == [a.agent_id]
+    assert res.stats["speculation"]["accepted"] > 0
