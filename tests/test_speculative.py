@@ -84,3 +84,37 @@ def test_killed_peer_mid_speculation_is_replayed_exactly(tmp_path, peers, smollm
     assert res.token_ids == reference_tokens(smollm_path, prompt, 36)
     assert [r["from"] for r in res.stats["reroutes"]] == [a.agent_id]
     assert res.stats["speculation"]["accepted"] > 0
+
+
+@pytest.mark.parametrize("fault", [None, "skip-layer"])
+def test_verified_speculation_audits_every_chunk_exactly(tmp_path, peers, smollm_path, monkeypatch, fault):
+    """Audits re-execute speculative steps with their flags (rewinds, row-exact drafts): an honest
+    peer audited on every chunk raises no flag; a cheater that speculation served is still
+    caught, and the answer is llama.cpp's."""
+    import asyncio
+
+    from edge_agent.node import AgentConfig, swarm_client
+    from edge_agent.runtime.sampling import SamplingParams
+    from edge_agent.split.client import ClientConfig
+
+    honest = peers(smollm_path, "1:29", "--test-advertise-ms", "5")
+    serving = [honest]
+    if fault:
+        monkeypatch.setenv("EDGE_AGENT_TEST_FAULTS", "1")
+        serving.insert(0, peers(smollm_path, "1:29", "--test-fault", fault, "--test-advertise-ms", "0.001"))
+        monkeypatch.delenv("EDGE_AGENT_TEST_FAULTS")
+    cfg = AgentConfig(tmp_path / "client", manual_peers=[("127.0.0.1", p.ready["tls_port"]) for p in serving], mdns=False,
+                      host="127.0.0.1")
+    cfg.data_dir.mkdir()
+
+    async def go():
+        async with swarm_client(cfg, smollm_path, ClientConfig(verify=True, speculate=6),
+                                EngineOptions(n_ctx_per_request=512, max_requests=2), discover_s=30.0, audit_rate=1.0) as client:
+            tokens = client.tokenizer.encode(TEXT)
+            return tokens, await client.generate(tokens, SamplingParams(max_tokens=36))
+
+    prompt, res = asyncio.run(go())
+    assert res.token_ids == reference_tokens(smollm_path, prompt, 36)
+    rolled = res.stats["verified"]["rolled_back"]
+    assert [r["cheater"] for r in rolled] == ([serving[0].agent_id] if fault else [])
+    assert res.stats["speculation"]["accepted"] > 0

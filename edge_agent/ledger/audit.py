@@ -38,6 +38,7 @@ from edge_agent.ledger.fingerprint import Accumulator, distance
 from edge_agent.ledger.records import Commitment
 from edge_agent.runtime.compute_class import ComputeClass
 from edge_agent.runtime.engine import StepInput
+from edge_agent.transport import Flag
 
 log = logging.getLogger(__name__)
 TOLERANCE = 0.08  # estimated relative RMS distance across compute classes; calibration and false-flag bound: docs/accountability.md
@@ -85,7 +86,7 @@ def _consistency(peer_id: str, request_id: str, start: int, end: int, frames, co
     for c in commitments:
         f = c.fields
         acc = Accumulator()
-        for pos, _, out in frames:
+        for pos, _, out, _ in frames:
             if f.step_start <= pos < f.step_end:
                 acc.add(pos, out)
         d = distance(f.fingerprint, acc.finish())
@@ -95,17 +96,21 @@ def _consistency(peer_id: str, request_id: str, start: int, end: int, frames, co
     return failed
 
 
-def reexecute(engine, frames: list[tuple[int, np.ndarray]], chunks: list[tuple[int, int]]) -> list[bytes]:
-    """Fingerprints of ``chunks`` (step ranges) from replaying ``frames`` (position, input rows,
-    in send order) on ``engine``, from position 0 up to the last chunk's end."""
+def reexecute(engine, frames: list[tuple], chunks: list[tuple[int, int]]) -> list[bytes]:
+    """Fingerprints of ``chunks`` (step ranges) from replaying ``frames`` (position, input rows
+    and optionally step flags, in send order) on ``engine``, from position 0 up to the last
+    chunk's end. A speculative step's flags rewind past rejected drafts and keep its rows
+    exact, as on the hop."""
     last = max(end for _, end in chunks)
     accumulators = [Accumulator() for _ in chunks]
     rid = f"audit-{random.getrandbits(64):016x}"
     try:
-        for pos, x in frames:
+        for pos, x, *flags in frames:
+            flags = flags[0] if flags else 0
             if pos >= last:
                 break
-            out = engine.forward([StepInput(rid, pos, x)])[0].data
+            step = StepInput(rid, pos, x, rewind=bool(flags & Flag.REWIND), draft=bool(flags & Flag.DRAFT))
+            out = engine.forward([step])[0].data
             for (start, end), acc in zip(chunks, accumulators):
                 if start <= pos < end:
                     acc.add(pos, out)
@@ -155,7 +160,7 @@ class Auditor:
         frames = self.inputs.setdefault(key, [])
         if frames and rec.step <= frames[-1][0]:  # replayed from rec.step (a rebuilt path): same inputs again
             frames[:] = [f for f in frames if f[0] < rec.step]
-        frames.append((rec.step, rec.input, rec.output))
+        frames.append((rec.step, rec.input, rec.output, rec.flags))
         while len(self.inputs) > MAX_KEPT:
             self.inputs.popitem(last=False)
 
@@ -239,7 +244,7 @@ class Auditor:
             engine = self._engines.get((start, end))
             if engine is None:
                 engine = self._engines[(start, end)] = self.engine_for(start, end)
-            mine = reexecute(engine, [(p, x) for p, x, _ in frames], [(c.fields.step_start, c.fields.step_end) for c in chosen])
+            mine = reexecute(engine, [(p, x, f) for p, x, _, f in frames], [(c.fields.step_start, c.fields.step_end) for c in chosen])
         outcomes, evidence = [], []
         now = int(time.time() * 1000)
         for c, fp in zip(chosen, mine):

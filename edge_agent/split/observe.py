@@ -28,6 +28,7 @@ class HopRecord:
     wall_ms: float = 0.0  # client side: round trip including transfer
     budget_ms: float | None = None
     replay: bool = False
+    flags: int = 0  # a speculative step's REWIND / DRAFT bits (an auditor re-executes it the same way)
     output: object = None  # the output rows (numpy; node: sent, client: received), for fingerprints; never stored
     input: object = None  # client side: the input rows sent (numpy), kept by an auditor for re-execution
 

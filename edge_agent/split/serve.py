@@ -35,7 +35,8 @@ from edge_agent.transport import DType, Flag, Frame, MsgType, PeerLostError
 log = logging.getLogger(__name__)
 MAX_PENDING_PER_SHARD = 256  # queued steps beyond this are refused: a peer cannot fill our memory
 MAX_TRACKED = 4096
-_KEPT_FLAGS = int(Flag.REPLAY | Flag.PREFILL | Flag.REWIND | Flag.DRAFT)  # a reply (and chain forward) keeps these
+_STEP_FLAGS = int(Flag.REWIND | Flag.DRAFT)  # a speculative step's (runtime.engine.StepInput)
+_KEPT_FLAGS = int(Flag.REPLAY | Flag.PREFILL) | _STEP_FLAGS  # a reply (and chain forward) keeps these
 
 
 @dataclass
@@ -307,7 +308,7 @@ class HopServer:
             if self.observers.callbacks:  # after the reply: the ledger's digests and fingerprint are off the token path
                 self.observers.emit(HopRecord("node", job.step.request_id, self.agent_id, f.layer_start, f.layer_end, f.step,
                                               f.n_positions, digest(f.payload), digest(reply.payload), out.compute_ms,
-                                              replay=bool(f.flags & Flag.REPLAY), output=out.data))
+                                              replay=bool(f.flags & Flag.REPLAY), flags=f.flags & _STEP_FLAGS, output=out.data))
 
     async def _forward(self, route, reply: Frame) -> None:
         """Chain mode: hand our output to the next hop as its input (same request, step, seq)."""

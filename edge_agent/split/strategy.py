@@ -110,7 +110,7 @@ class Router:
         if self.observers.callbacks:
             self.observers.emit(HopRecord("client", req.rid.hex(), hs.link.peer_id, hs.hop.start, hs.hop.end, pos, x.shape[0],
                                           digest(x.tobytes()), digest(reply.frame.payload), compute_ms, reply.wall_ms,
-                                          hs.hop.budget_ms, replay, input=x, output=out))
+                                          hs.hop.budget_ms, replay, flags, input=x, output=out))
         return out, compute_ms, reply.wall_ms
 
     async def end(self, req: RequestState, states) -> None:
