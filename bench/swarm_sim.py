@@ -88,6 +88,8 @@ def report(r: Results, wall_s: float) -> list[tuple[str, str]]:
          f"(bound {PROBATION_SHARE:.0%} of batch)"),
         ("sybil hops on interactive requests", f"{r.sybil_interactive_hops}"),
         ("unstaked honest newcomers' share of layer-steps", f"{fresh / total:.2%}"),
+        ("staked newcomers' (no history yet) share: interactive / batch",
+         f"{r.unknown_steps[True] / max(1, total - batch):.2%} / {r.unknown_steps[False] / batch:.2%}"),
         ("simulation wall time", f"{wall_s:.0f} s"),
     ]
     return rows

@@ -73,6 +73,7 @@ class Results:
     joined: list = field(default_factory=list)  # (kind, eligible, s to first in a view, offered to a planner, used)
     layer_steps: Counter = field(default_factory=Counter)  # (kind, interactive) -> layer-steps served
     sybil_interactive_hops: int = 0
+    unknown_steps: Counter = field(default_factory=Counter)  # interactive -> layer-steps by staked peers with no history
     refusals: Counter = field(default_factory=Counter)  # error replies (engine refusals) by code
     record_bytes: list = field(default_factory=list)
     slot_use: list = field(default_factory=list)  # each second: share of the swarm's KV memory (request slots) in use
@@ -200,6 +201,8 @@ class World:
             node.first_used = t
         self.out.layer_steps[(node.kind if not node.on_probation or node.sybil else "newcomer", interactive)] += layers
         self.out.sybil_interactive_hops += node.sybil and interactive
+        if node.reputation is None and not node.on_probation:
+            self.out.unknown_steps[interactive] += layers
 
     # -- requests --------------------------------------------------------------------------
     def _arrive(self, client: Client) -> None:
