@@ -412,9 +412,8 @@ def _verifier(recorder, auditor):
 
 def _auditor(agent, ledger, model: Path, options: EngineOptions, rate: float | None, backend: str):
     """Audits of the hops' chunks (docs/accountability.md), re-executed here on the runtime the
-    path runs (``backend``, as every peer of it must: the arithmetic settings match). Across
-    runtimes a real model's hidden states differ by up to ~30 % on some chunks (SmolLM2: ONNX
-    Runtime vs llama.cpp), which no tolerance could tell from cheating."""
+    path runs (``backend``, as every peer of it must: the arithmetic settings match), so a peer
+    of this device's compute class is held to the tight tolerance (``ledger.audit.Auditor.tier``)."""
     from edge_agent.ledger.audit import DEFAULT_RATE, Auditor
     from edge_agent.runtime.backends import load_engine
 

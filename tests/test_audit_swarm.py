@@ -4,7 +4,8 @@ ONNX Runtime shards, real TLS); the client audits every chunk (rate 1.0).
 Each cheating node (``--test-fault``, allowed by EDGE_AGENT_TEST_FAULTS=1) is caught within
 2 audited chunks, with self-verifying evidence naming it in the client's ledger; honest
 variation (another thread count, a batch shared with another request, ONNX Runtime instead
-of llama.cpp) raises no flag."""
+of llama.cpp) raises no flag. The peers advertise their compute class in their capability
+records: llama.cpp peers on this machine share the client's and are audited at the tight tier."""
 
 from __future__ import annotations
 
@@ -80,6 +81,7 @@ def test_each_fault_is_caught_within_two_audited_chunks_and_attributed(swarm, fa
     first_two = sorted(outcomes, key=lambda o: o.chunk)[:2]
     assert any(not o.passed for o in first_two), [(o.chunk, o.distance) for o in outcomes]
     assert all(o.peer_id == peers[fault].agent_id for o in outcomes)
+    assert {o.tier for o in outcomes} == {"same-class"}  # its advertised class is the client's: llama.cpp, this build
     assert evidence and {row[1] for row in evidence} == {peers[fault].agent_id}
     assert all(Evidence(row[2]).problem() is None and row[0] == "failed-audit" for row in evidence)
     if fault == "downgrade":  # the command line shows it, re-verified
@@ -106,3 +108,5 @@ def test_honest_variation_raises_no_flag(swarm, name):
     outcomes, evidence = _audited(base, model, peers[name], name, backend=backend, concurrent=2 if name == "1 thread" else 1)
     assert len(outcomes) >= 3 and all(o.passed for o in outcomes), [(o.chunk, o.distance) for o in outcomes]
     assert evidence == []
+    # llama.cpp peers share the client's compute class (held to 0.005, and at 0); ONNX is not measured bit-exact
+    assert {o.tier for o in outcomes} == {"cross-class" if name == "onnx" else "same-class"}

@@ -42,9 +42,10 @@ from edge_agent.transport import Flag
 
 log = logging.getLogger(__name__)
 TOLERANCE = 0.08  # estimated relative RMS distance across compute classes; calibration and false-flag bound: docs/accountability.md
-# Same class, llama.cpp CPU: honest re-execution measured bit-exact (distance 0); this leaves room for the
-# fingerprint's own rounding (<= 0.0005 measured) and libm-level differences (ulp noise through 22 layers of
-# SmolLM2: <= 0.0002), and sits below a skipped layer of SmolLM2 (>= 0.013). docs/accountability.md.
+# Same class, llama.cpp CPU: honest re-execution is bit-exact (threads, batching: distance 0), so this only has
+# to clear the fingerprint's own float/fp16 rounding (<= 0.00013 measured); a skipped layer of a 22-layer SmolLM2
+# hop measured >= 0.016. No tolerance this tight survives one ulp of honest difference (amplified to ~1.5 % on
+# SmolLM2), which is why the class pins the build (runtime.compute_class). docs/accountability.md.
 TIGHT_TOLERANCE = 0.005
 CROSS_CLASS_RATE_FACTOR = 3  # audit rate multiplier for a node of another (or unknown) class than the auditor's
 DEFAULT_RATE = 0.03

@@ -36,8 +36,8 @@ AUDIT_MAGIC = b"EAA\x01"
 AUDIT_CONTEXT = b"edge-agent audit\n"
 AUDIT = struct.Struct(f"<4s32s32s{FINGERPRINT_SIZE}sIIBQ")
 INFINITE = 0xFFFFFFFF
-# An auditor may not claim a tighter tolerance than this: the same-class tier (ledger.audit.TIGHT_TOLERANCE), ten
-# times the fingerprint's own rounding floor. It is the auditor's claim that it shares the node's compute class; a
+# An auditor may not claim a tighter tolerance than this: the same-class tier (ledger.audit.TIGHT_TOLERANCE), ~40x
+# the fingerprint's own rounding floor (0.00013: two fingerprints of the same activations never differ by more). It is the auditor's claim that it shares the node's compute class; a
 # third party can no more check that than the auditor's fingerprint, and both are settled the same way: a third
 # execution from the committed input exposes a lying auditor, whose signature makes it accountable.
 MIN_TOLERANCE = 0.005
