@@ -96,3 +96,11 @@ def test_the_tier_follows_the_advertised_class():
 
 def test_evidence_admits_the_tight_tier():
     assert MIN_TOLERANCE <= TIGHT_TOLERANCE < TOLERANCE
+
+
+def test_a_build_that_cannot_be_identified_shares_no_class(tmp_path):
+    """Without its libraries the build is not pinned: two such processes must not look alike."""
+    from edge_agent.runtime.compute_class import _libraries_hash
+
+    assert _libraries_hash(tmp_path) != _libraries_hash(tmp_path / "absent")
+    assert _libraries_hash(tmp_path).startswith("unpinned-")

@@ -83,9 +83,14 @@ def _compute_class(backend: str, offload: bool) -> ComputeClass:
 
 
 def _libraries_hash(directory: Path) -> str:
-    """blake2b over llama.cpp's libraries in ``directory`` (each file once, symlinks resolved)."""
+    """blake2b over llama.cpp's libraries in ``directory`` (each file once, symlinks resolved).
+    Where they cannot be found the build is not pinned: a class of this process alone, which
+    no auditor shares (the cross-class tier), rather than a guess that could share one."""
     h = hashlib.blake2b(digest_size=16)
-    files = sorted({p.resolve() for p in directory.iterdir() if p.name.startswith(("libggml", "libllama", "ggml", "llama"))})
+    names = ("libggml", "libllama", "ggml", "llama")
+    files = sorted({p.resolve() for p in directory.iterdir() if p.name.startswith(names)}) if directory.is_dir() else []
+    if not files:
+        return "unpinned-" + os.urandom(8).hex()
     for path in files:
         size = path.stat().st_size
         h.update(f"{path.name}\0{size}\0".encode())
