@@ -10,8 +10,9 @@ The tolerance is tiered by compute class (``runtime.compute_class``, advertised 
 calibrated in docs/accountability.md): ``TIGHT_TOLERANCE`` when the node's class equals the
 auditor's and both run llama.cpp on the CPU (measured bit-exact across threads and batching),
 else ``TOLERANCE`` (other hardware, builds or runtimes: up to a few percent honestly), with
-a higher audit rate for such a node (a cheater gains nothing by claiming a class nobody shares). Two different signed commitments from one node for
-the same chunk are evidence too (equivocation). Every chunk's committed fingerprint is also
+a higher audit rate for such a node (what claiming a class nobody shares buys a cheater:
+docs/accountability.md). Two different signed commitments from one node for the same chunk
+are evidence too (equivocation). Every chunk's committed fingerprint is also
 checked against the fingerprint of the outputs the client actually received (``CONSISTENCY``):
 a node cannot send one thing and commit the fingerprint of another.
 
