@@ -128,7 +128,7 @@ def test_a_fingerprint_that_is_not_of_the_outputs_sent_fails():
     rng = np.random.default_rng(4)
     honest = rng.standard_normal((32, 64)).astype(np.float32)
     sent = honest + rng.standard_normal(honest.shape).astype(np.float32) * 0.2
-    frames = [(16 + i, None, sent[i:i + 1]) for i in range(32)]
+    frames = [(16 + i, None, sent[i:i + 1], 0) for i in range(32)]  # (position, input, received output, step flags)
     c_lie, c_true = _commitment(fingerprint(16, honest)), _commitment(fingerprint(16, sent))
     (failed,) = _consistency("peer", "req", 1, 4, frames, [c_lie])
     assert not failed.passed and "outputs sent" in failed.reason
@@ -180,11 +180,11 @@ def _audit_hop(auditor_engine, served, advertised: str | None, store=None):
     """Audit every chunk of a hop through the client's Auditor (rate 1), the node advertising ``advertised``:
     the request's fault (peer, first position) or None, and the outcomes."""
     import asyncio
-    from types import SimpleNamespace
 
     from edge_agent.ledger.audit import Auditor
     from edge_agent.ledger.fingerprint import Accumulator
     from edge_agent.runtime.compute_class import compute_class
+    from edge_agent.split.observe import HopRecord
 
     auditor = Auditor(AUDITOR, store, lambda a, b: auditor_engine, rate=1.0, own_class=compute_class("llamacpp"),
                       class_of={NODE.agent_id: advertised}.get)
@@ -194,8 +194,8 @@ def _audit_hop(auditor_engine, served, advertised: str | None, store=None):
         for pos, x, out in served:
             if lo <= pos < hi:
                 acc.add(pos, out)
-                auditor.observe(SimpleNamespace(side="client", request_id="req", peer_id=NODE.agent_id, start=4, end=26,
-                                                step=pos, input=x, output=out))
+                auditor.observe(HopRecord("client", "req", NODE.agent_id, 4, 26, pos, len(x), b"", b"", 0.0, input=x,
+                                          output=out))
         body = CommitmentBody(bytes(16), NODE.public_key, 4, 26, b"\xab" * 32, b"\xcd" * 32, chunk, lo, hi, chunk_hash([]),
                               chunk_hash([]), acc.finish(), 1, prev)
         commitments.append(Commitment.sign(NODE, body))
