@@ -5,6 +5,7 @@ each other over TLS (the direct path).
 
     .venv/bin/python bench/split.py [--quick] [--tokens N] [--rpc-bin DIR]
     .venv/bin/python bench/split.py --concurrency 1,4,8 [--quick]   # many requests at once
+    .venv/bin/python bench/split.py --speculate 8 --netem-ms 0,5,20   # bench/speculate.py
 
 ``--concurrency``: client + 2 peers over TLS (star), aggregate decode tokens/s of N
 requests at once (different prompts), each checked token for token against the same
@@ -148,7 +149,14 @@ def main() -> None:
     ap.add_argument("--rpc-bin", type=Path, default=None, help="folder with ggml-rpc-server and llama-bench")
     ap.add_argument("--concurrency", type=lambda v: [int(x) for x in v.split(",")], default=None,
                     help="e.g. 1,4,8: aggregate tok/s of that many requests at once (client + 2 peers, TLS)")
+    ap.add_argument("--speculate", type=int, default=0, help="N: speculative decoding over delayed links (bench/speculate.py)")
+    ap.add_argument("--netem-ms", default="0,5,20", help="with --speculate: round trips per hop to emulate, ms")
     args = ap.parse_args()
+    if args.speculate:
+        import speculate
+
+        sys.argv = [sys.argv[0], "--speculate", str(args.speculate), "--rtt-ms", args.netem_ms, "--threads", str(args.threads)]
+        return speculate.main()
     shape = SHAPE_QUICK if args.quick else SHAPE_04B
     model = make_random_gguf(CACHE / f"random-{'quick' if args.quick else '04b'}-q4_0.gguf", ftype="q4_0", **shape)
     L = shape["n_layer"]

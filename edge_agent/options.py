@@ -18,6 +18,8 @@ AuditRateOpt = typer.Option(0.03, "--audit-rate", min=0.0, max=1.0, help="Share 
                             "here to check them (docs/accountability.md); 0: none.")
 VerifyOpt = typer.Option(False, "--verify", help="Answer only once this request's audits passed; past a caught "
                          "cheater, generate again without it (no streaming before that; docs/accountability.md).")
+SpeculateOpt = typer.Option(0, "--speculate", min=0, max=15, help="Draft up to N tokens from the context and verify "
+                            "them in one pass through every hop (greedy only; output unchanged; docs/split.md). 0: off.")
 UbatchOpt = typer.Option(512, "--ubatch", min=1, help="Micro-batch rows (llama.cpp n_ubatch). Changes the arithmetic: "
                          "a swarm's nodes must match.")
 MaxTokensOpt = typer.Option(64, "--max-tokens", "-n")

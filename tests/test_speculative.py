@@ -118,3 +118,19 @@ def test_verified_speculation_audits_every_chunk_exactly(tmp_path, peers, smollm
     rolled = res.stats["verified"]["rolled_back"]
     assert [r["cheater"] for r in rolled] == ([serving[0].agent_id] if fault else [])
     assert res.stats["speculation"]["accepted"] > 0
+
+
+def test_drafts_only_as_many_as_pay_for_themselves():
+    from edge_agent.split.speculation import Speculation
+
+    spec = Speculation(8, True, [1, 2, 3], n_ctx=512)
+    assert spec.worth_drafting() == 0  # first measure a one-row step
+    spec.observe(1, 0.010)
+    spec.accepted, spec.rejected = 60, 4  # long runs of accepted drafts (repetitive text)
+    spec.row_s = 0.0005  # rows verified in one pass: nearly free
+    assert spec.worth_drafting() == 8
+    spec.row_s = 0.010  # a whole step per row (one pass per row), and runs are short: no drafts
+    spec.accepted, spec.rejected = 2, 30
+    assert spec.worth_drafting() == 0
+    spec._idle = 16  # after a while without drafts, look again
+    assert spec.worth_drafting() == 8

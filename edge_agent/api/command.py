@@ -13,7 +13,8 @@ import typer
 from edge_agent.commands.common import _agent_config, _client_config, _engine_options, _fail, _resolve_model
 from edge_agent.options import (AuditRateOpt, BootstrapOpt, BackendOpt, CtxOpt, DataDirOpt, DiscoverOpt, FlashAttnOpt, IceServerOpt,
                                 MdnsInterfaceOpt, ModelOpt, ModeOpt, NoLocalFallbackOpt, NoMdnsOpt, PeerOpt, PrivacyOpt,
-                                SplitOpt, SwarmKeyOpt, TargetTbtOpt, ThreadsOpt, TransportOpt, UbatchOpt, VerifyOpt)
+                                SplitOpt, SwarmKeyOpt, TargetTbtOpt, ThreadsOpt, TransportOpt, UbatchOpt, VerifyOpt,
+                                SpeculateOpt)
 
 
 def serve_command(
@@ -37,6 +38,7 @@ def serve_command(
     privacy: str = PrivacyOpt,  # for every request
     audit_rate: float = AuditRateOpt,
     verify: bool = VerifyOpt,
+    speculate: int = SpeculateOpt,
     data_dir: Optional[Path] = DataDirOpt,
     swarm_key: Optional[str] = SwarmKeyOpt,
     peer: list[str] = PeerOpt,
@@ -55,6 +57,7 @@ def serve_command(
     cfg = _agent_config(data_dir, swarm_key, "127.0.0.1", 0, 0, peer, no_mdns, mdns_interface, transport, ice_server,
                         bootstrap)
     client_cfg = _client_config(cfg, split, privacy, swarm_key, target_tbt_ms, mode, backend, no_local_fallback, verify)
+    client_cfg.speculate = speculate
     if ctx < 16 or max_concurrent < 1:
         _fail("--ctx must be >= 16 and --max-concurrent >= 1")
     try:

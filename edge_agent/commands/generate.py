@@ -14,7 +14,7 @@ from edge_agent.options import (BootstrapOpt, AuditRateOpt, BackendOpt, ChatOpt,
                                 IceServerOpt, MaxTokensOpt, MdnsInterfaceOpt, ModelOpt, ModeOpt, NoLocalFallbackOpt,
                                 NoMdnsOpt, PeerOpt, PrivacyOpt, RepeatPenaltyOpt, SeedOpt, SplitOpt, StopOpt, SwarmKeyOpt,
                                 TargetTbtOpt, TemperatureOpt, ThreadsOpt, TopKOpt, TopPOpt, TransportOpt, UbatchOpt,
-                                VerifyOpt)
+                                SpeculateOpt, VerifyOpt)
 
 RUN_EPILOG = """[bold]Examples[/bold]
 
@@ -136,6 +136,7 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token_ids, path, stats)."),
     audit_rate: float = AuditRateOpt,
     verify: bool = VerifyOpt,
+    speculate: int = SpeculateOpt,
     data_dir: Optional[Path] = DataDirOpt,
     swarm_key: Optional[str] = SwarmKeyOpt,
     peer: list[str] = PeerOpt,
@@ -155,6 +156,7 @@ def run(
     cfg = _agent_config(data_dir, swarm_key, "127.0.0.1", 0, 0, peer, no_mdns, mdns_interface, transport, ice_server,
                         bootstrap)
     client_cfg = _client_config(cfg, split, privacy, swarm_key, target_tbt_ms, mode, backend, no_local_fallback, verify)
+    client_cfg.speculate = speculate
     try:
         params = _sampling(max_tokens, temperature, top_k, top_p, repeat_penalty, seed, stop)
         opts = _engine_options(ctx, threads, flash_attn, ubatch, max_requests=2)

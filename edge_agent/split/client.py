@@ -342,6 +342,7 @@ class SwarmClient:
                     self._local_ms = (t1 - t0 + time.perf_counter() - t2) * 1000.0
                 req.step_index += 1
                 if draft:
+                    spec.observe(feed.shape[0], time.perf_counter() - t0)
                     accepted, nxt = decoder.advance_drafts(logits.reshape(feed.shape[0], -1), feed[1:].tolist(), on_token)
                     n_kept = accepted + 1
                 else:

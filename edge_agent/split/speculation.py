@@ -12,6 +12,13 @@ keep every cache exact:
   engine guarantees by running the rows in as few passes as its kernels allow
   (``runtime/exactness.py``).
 
+How many drafts a pass carries is a bet: a row costs compute on every hop (little where
+an engine verifies drafts in one pass, a whole decode row where its kernels need one pass
+per row), and it pays only if accepted. ``Speculation`` measures both as it goes, the
+step time by rows and how long the drafts' runs of accepted tokens are, and drafts the
+number of tokens that maximises the expected tokens per second; after a run of passes
+without drafts it tries again, since text can turn repetitive.
+
 Speculation is for greedy requests only: sampled ones would need rejection sampling to
 keep their distribution, which is not built; they run one token per step.
 """
@@ -38,12 +45,22 @@ class Speculation:
         if self.max_draft:
             self.lookup.extend(prompt_tokens)
         self._seen = 0  # generated tokens already in the lookup index
-        self.passes = self.drafted = self.accepted = 0
+        self.passes = self.drafted = self.accepted = self.rejected = 0
+        self.step_s: float | None = None  # a one-row step, whole path (moving average)
+        self.row_s = 0.0  # what each further row adds to a step
+        self._idle = 0  # decode steps since the last draft
 
     def flags(self, pos: int, decoding: bool) -> int:
         if not self.enabled or pos == 0:
             return 0
         return int(Flag.REWIND | (Flag.DRAFT if decoding else 0))
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """A decode step of ``rows`` rows took ``seconds`` through head, hops and tail."""
+        if rows == 1:
+            self.step_s = seconds if self.step_s is None else 0.8 * self.step_s + 0.2 * seconds
+        elif self.step_s is not None:
+            self.row_s = 0.7 * self.row_s + 0.3 * max(0.0, (seconds - self.step_s) / (rows - 1))
 
     def next_feed(self, token: np.ndarray | None, decoder, pos: int, drafted: int, accepted: int) -> np.ndarray | None:
         """What to feed at ``pos`` after a step that drafted ``drafted`` tokens and kept ``accepted``."""
@@ -51,15 +68,36 @@ class Speculation:
             self.passes += 1
             self.drafted += drafted
             self.accepted += accepted
+            self.rejected += accepted < drafted
         if token is None or not self.max_draft:
             return token
         self.lookup.extend(decoder.tokens[self._seen:])
         self._seen = len(decoder.tokens)
         # no draft past max_tokens (the pass could not emit it) or past the context
-        limit = min(self.max_draft, decoder.params.max_tokens - len(decoder.tokens) - 1, self.n_ctx - pos - 1)
+        limit = min(self.worth_drafting(), decoder.params.max_tokens - len(decoder.tokens) - 1, self.n_ctx - pos - 1)
         drafts = self.lookup.draft(limit)
+        self._idle = 0 if drafts else self._idle + 1
         return np.concatenate([token, np.asarray(drafts, dtype=np.int32)]) if drafts else token
+
+    def worth_drafting(self) -> int:
+        """Drafts per pass that maximise expected tokens per second. Accepted runs are taken as
+        geometric: each draft continues the run with probability ``q``, estimated from the runs
+        seen (accepted drafts over accepted plus rejections); a pass of k drafts then yields
+        ``(1 - q^(k+1)) / (1 - q)`` tokens and costs ``step_s + k * row_s``."""
+        if self.step_s is None:  # measure a one-row step first
+            return 0
+        if self._idle >= 16:  # time to look again
+            return self.max_draft
+        q = (self.accepted + 1) / (self.accepted + self.rejected + 2)
+        best, best_rate = 0, 1.0 / self.step_s
+        for k in range(1, self.max_draft + 1):
+            rate = (1 - q ** (k + 1)) / (1 - q) / (self.step_s + k * self.row_s)
+            if rate > best_rate:
+                best, best_rate = k, rate
+        return best
 
     def stats(self) -> dict:
         return {"max_draft": self.max_draft, "passes": self.passes, "drafted": self.drafted, "accepted": self.accepted,
-                "acceptance": round(self.accepted / self.drafted, 3) if self.drafted else None}
+                "acceptance": round(self.accepted / self.drafted, 3) if self.drafted else None,
+                "step_ms": round(self.step_s * 1000, 3) if self.step_s is not None else None,
+                "row_ms": round(self.row_s * 1000, 3)}
