@@ -1,6 +1,7 @@
 """Where a middle shard's step time goes: the graph-eval capture, the GIL, and one hop.
 
     .venv/bin/python bench/hop_profile.py [--quick] [--rounds R] [--steps N] [--tokens T] [--skip-peer]
+    .venv/bin/python bench/hop_profile.py --breakdown [--quick] [--split 2] [--rounds R] [--tokens T]
 
 1. Callback census: graph-eval callback calls per decode step, and the time spent inside
    the Python callback (a timing wrapper; the C callback's own time is not measurable
@@ -16,6 +17,13 @@
    client over loopback TLS holding the head (0:1) and tail (L-1:L); the two alternate,
    R runs each. Per decode token: the peer's reported compute_us, and the hop's
    overhead = client wall time of the hop - that compute (p50, p99).
+
+``--breakdown`` (only this): where one hop of one decode token goes, stage by stage, on a
+client + ``--split`` `join` peers star path over loopback TLS. Every process stamps the
+hop's stages (edge_agent/transport/hoptrace.py, on through EDGE_AGENT_HOP_TRACE; the peers
+write their stamps when they exit); CLOCK_MONOTONIC is one clock for all processes, so
+the client's and the peers' stamps of a hop line up. p50/p99 per stage over every decode
+hop, and the overhead (client wall time of the hop - the peer's compute_us).
 
 The model is bench/runtime.py's random-weight 0.4B-shape Q4_0 (``--quick``: small shape).
 """
@@ -184,32 +192,39 @@ def in_process(model: Path, spans: list[tuple[int, int]], x: np.ndarray, rounds:
                                         "max": round(max(v), 2)} for (kind, load), v in samples.items()}
 
 
-async def drive_peers(model: Path, peers: dict, rounds: int, n_tokens: int) -> dict:
-    """One client per capture kind, knowing only that kind's peers; the two alternate, ``rounds`` times."""
-    from contextlib import AsyncExitStack
-
+async def open_client(stack, model: Path, peers: list):
+    """A SwarmClient that knows only ``peers`` (closed with ``stack``), warmed up: connections, page cache."""
     from edge_agent.node import Agent, AgentConfig, PeerDirectory
     from edge_agent.runtime.sampling import SamplingParams
     from edge_agent.runtime.shards import inspect_model
     from edge_agent.split.client import ClientConfig, SwarmClient
 
-    info = inspect_model(model)
+    d = stack.enter_context(tempfile.TemporaryDirectory())
+    agent = Agent(AgentConfig(Path(d), mdns=False, manual_peers=[("127.0.0.1", p.ready["tls_port"]) for p in peers]))
+    await agent.start()
+    stack.push_async_callback(agent.close)
+    directory = PeerDirectory(agent, inspect_model(model).model_hash)
+    stack.push_async_callback(directory.close)
+    ccfg = ClientConfig(target_tbt_ms=10_000)
+    await directory.wait_for_coverage(inspect_model(model).n_layer, ccfg.policy, 60)
+    client = SwarmClient(model, directory, ccfg, OPTS, CACHE / "shards")
+    stack.callback(client.close)
+    await client.generate([1, 2, 3, 4], SamplingParams(max_tokens=8))
+    return client
+
+
+async def drive_peers(model: Path, peers: dict, rounds: int, n_tokens: int) -> dict:
+    """One client per capture kind, knowing only that kind's peers; the two alternate, ``rounds`` times."""
+    from contextlib import AsyncExitStack
+
+    from edge_agent.runtime.sampling import SamplingParams
+
     records: dict[str, list] = {kind: [] for kind in peers}
     per_round: dict[str, list[dict]] = {kind: [] for kind in peers}
     async with AsyncExitStack() as stack:
         clients = {}
         for kind, kind_peers in peers.items():
-            d = stack.enter_context(tempfile.TemporaryDirectory())
-            agent = Agent(AgentConfig(Path(d), mdns=False, manual_peers=[("127.0.0.1", p.ready["tls_port"]) for p in kind_peers]))
-            await agent.start()
-            stack.push_async_callback(agent.close)
-            directory = PeerDirectory(agent, info.model_hash)
-            stack.push_async_callback(directory.close)
-            ccfg = ClientConfig(target_tbt_ms=10_000)
-            await directory.wait_for_coverage(info.n_layer, ccfg.policy, 60)
-            clients[kind] = client = SwarmClient(model, directory, ccfg, OPTS, CACHE / "shards")
-            stack.callback(client.close)
-            await client.generate([1, 2, 3, 4], SamplingParams(max_tokens=4))  # warm-up: connection, page cache
+            clients[kind] = client = await open_client(stack, model, kind_peers)
             client.observers.add(lambda rec, k=kind: records[k].append(rec) if rec.n_positions == 1 and not rec.replay else None)
         prompt = [1] + [300 + (i * 7) % 5000 for i in range(31)]
         for r in range(rounds):
@@ -254,6 +269,112 @@ def peer_process(model: Path, spans: list[tuple[int, int]], rounds: int, n_token
                 peer.stop()
 
 
+# (stage, process that stamps its end, the stamp that ends it); a stage starts where the previous ends
+STAGES = [("client: Router.call -> channel.send (encode frame, link)", "c", "send"),
+          ("client: header encode + TLS write", "c", "sent"),
+          ("wire -> peer (loopback, peer wake-up, decrypt)", "p", "rx"),
+          ("peer: parse frame", "p", "deliver"),
+          ("peer: read loop wakes", "p", "recv"),
+          ("peer: dispatch, checks, queue put", "p", "queued"),
+          ("peer: shard worker wakes", "p", "worker"),
+          ("peer: hand-off to the engine thread", "p", "thread"),
+          ("peer: engine.forward (compute_us inside)", "p", "computed"),
+          ("peer: hand-off back to the loop", "p", "back"),
+          ("peer: reply built (Frame.from_array)", "p", "send"),
+          ("peer: header encode + TLS write", "p", "sent"),
+          ("wire -> client (loopback, client wake-up, decrypt)", "c", "rx"),
+          ("client: parse frame", "c", "deliver"),
+          ("client: link read loop wakes", "c", "read"),
+          ("client: request's future wakes", "c", "woken"),
+          ("client: check_reply, observers", "c", "done")]
+
+
+def stamps_of(rows) -> dict:
+    out: dict[tuple, dict[str, int]] = {}
+    for stage, rid, seq, start, ns in rows:
+        out.setdefault((rid, seq, start), {}).setdefault(stage, ns)  # first stamp of a stage wins
+    return out
+
+
+async def drive_traced(model: Path, peers: list, rounds: int, n_tokens: int) -> tuple[list, list]:
+    """A client over ``peers`` with its own stamps on; (client stamp rows, client HopRecords)."""
+    from contextlib import AsyncExitStack
+
+    from edge_agent.runtime.sampling import SamplingParams
+    from edge_agent.split import strategy
+    from edge_agent.transport import hoptrace
+
+    hoptrace.ON = True
+    plain_activation, plain_call = strategy.activation, strategy.Router.call
+    current: list = [None]
+
+    def activation(rid, pos, x, *a, **kw):  # the client's first stamp: before its frame is built
+        t0 = hoptrace.now()
+        frame = plain_activation(rid, pos, x, *a, **kw)
+        current[0] = frame if x.shape[0] == 1 and not kw.get("flags", a[4] if len(a) > 4 else 0) else None
+        if current[0] is not None:
+            hoptrace.mark("call", frame, t0)
+        return frame
+
+    async def call(self, *a, **kw):
+        out = await plain_call(self, *a, **kw)
+        if current[0] is not None:
+            hoptrace.mark("done", current[0])
+        return out
+
+    strategy.activation, strategy.Router.call = activation, call
+    records: list = []
+    try:
+        async with AsyncExitStack() as stack:
+            client = await open_client(stack, model, peers)
+            hoptrace._rows.clear()
+            client.observers.add(lambda rec: records.append(rec) if rec.n_positions == 1 and not rec.replay else None)
+            prompt = [1] + [300 + (i * 7) % 5000 for i in range(31)]
+            for _ in range(rounds):
+                await client.generate(prompt, SamplingParams(max_tokens=n_tokens + 1))
+    finally:
+        strategy.activation, strategy.Router.call = plain_activation, plain_call
+        hoptrace.ON = False
+    return list(hoptrace._rows), records
+
+
+def breakdown(model: Path, spans: list[tuple[int, int]], rounds: int, n_tokens: int) -> None:
+    from swarm_util import start_peer
+
+    with tempfile.TemporaryDirectory() as d:
+        os.environ["EDGE_AGENT_HOP_TRACE"] = f"{d}/trace"  # the peer processes inherit it
+        peers = []
+        try:
+            for a, b in spans:
+                peers.append(start_peer(model, f"{a}:{b}", Path(d) / f"peer-{a}"))
+            os.environ.pop("EDGE_AGENT_HOP_TRACE")
+            client_rows, records = asyncio.run(drive_traced(model, peers, rounds, n_tokens))
+        finally:
+            os.environ.pop("EDGE_AGENT_HOP_TRACE", None)
+            for peer in peers:
+                peer.stop()
+        peer_rows = [tuple(json.loads(line)) for f in Path(d).glob("trace.*") for line in f.read_text().splitlines()]
+    client, peer = stamps_of(client_rows), stamps_of(peer_rows)
+    hops = [(c, peer[k]) for k, c in client.items() if "call" in c and "done" in c and k in peer]
+    stamp = {"c": 0, "p": 1}
+    print(f"{len(hops)} decode hops ({len(spans)} peers, {rounds} x {n_tokens} tokens); microseconds per hop:")
+    print(f"  {'stage':54} {'p50':>7} {'p99':>7}")
+    prev = ("c", "call")
+    rows = {}
+    for name, proc, end in STAGES:
+        d_us = [(h[stamp[proc]][end] - h[stamp[prev[0]]][prev[1]]) / 1000 for h in hops]
+        rows[name] = d_us
+        print(f"  {name:54} {np.percentile(d_us, 50):7.1f} {np.percentile(d_us, 99):7.1f}")
+        prev = (proc, end)
+    compute = [r.compute_ms * 1000 for r in records]
+    overhead = [(r.wall_ms - r.compute_ms) * 1000 for r in records]
+    whole = [(c["done"] - c["call"]) / 1000 for c, _ in hops]
+    print(f"  {'peer compute_us (llama_decode)':54} {np.percentile(compute, 50):7.1f} {np.percentile(compute, 99):7.1f}")
+    print(f"  {'Router.call, whole (call -> done)':54} {np.percentile(whole, 50):7.1f} {np.percentile(whole, 99):7.1f}")
+    print(f"overhead = link wall - compute_us over {len(records)} hops: p50 {np.percentile(overhead, 50) / 1000:.3f} ms, "
+          f"p99 {np.percentile(overhead, 99) / 1000:.3f} ms; load avg {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -262,12 +383,17 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=24, help="decode tokens per peer run")
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--split", type=int, default=1, help="the middle layers as this many equal spans (peers)")
+    ap.add_argument("--breakdown", action="store_true", help="only the stage-by-stage breakdown of one hop")
     args = ap.parse_args()
     shape = SHAPE_QUICK if args.quick else SHAPE_04B
     model = make_random_gguf(CACHE / f"random-{'quick' if args.quick else '04b'}-q4_0.gguf", ftype="q4_0", **shape)
     n_layer = shape["n_layer"]
     cuts = [1 + round(i * (n_layer - 2) / args.split) for i in range(args.split + 1)]
     spans = list(zip(cuts, cuts[1:]))
+    if args.breakdown:
+        print(f"model {shape} Q4_0, peers {' + '.join(f'{a}:{b}' for a, b in spans)}, 1 thread each; "
+              f"load avg {os.getloadavg()[0]:.2f} at start")
+        return breakdown(model, spans, args.rounds, args.tokens)
     x = np.random.default_rng(0).standard_normal((16 + max(args.steps, 20), shape["n_embd"])).astype(np.float32)
     print(f"model {shape} Q4_0, middle layers as {' + '.join(f'{a}:{b}' for a, b in spans)}, 1 thread each; "
           f"load avg {os.getloadavg()[0]:.2f} at start")

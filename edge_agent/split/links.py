@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from edge_agent.split.protocol import ErrorCode, HopFailed, control_frame, parse_control, parse_error
-from edge_agent.transport import Frame, FrameError, MsgType, PeerLostError
+from edge_agent.transport import Frame, FrameError, MsgType, PeerLostError, hoptrace
 
 __all__ = ["HopFailed", "PeerLink", "Reply"]
 
@@ -46,6 +46,8 @@ class PeerLink:
         try:
             while True:
                 frame = await self.channel.recv()
+                if hoptrace.ON and frame.type == MsgType.ACTIVATION:
+                    hoptrace.mark("read", frame)
                 if self.on_traffic is not None:
                     self.on_traffic(self.peer_id)
                 fut = self._pending.pop((frame.request_id, frame.seq), None)
@@ -77,6 +79,8 @@ class PeerLink:
             await self.channel.send(frame)
             async with asyncio.timeout(timeout_s):  # no extra waiter future, unlike wait_for on 3.11
                 reply = await fut
+            if hoptrace.ON and reply.type == MsgType.ACTIVATION:
+                hoptrace.mark("woken", reply)
         except (PeerLostError, FrameError) as exc:
             self._fail(f"connection lost ({exc})")
             raise HopFailed(self.peer_id, str(exc), ErrorCode.PEER_LOST) from None

@@ -30,7 +30,7 @@ from edge_agent.runtime.engine import EngineError, StepInput, UnknownRequestErro
 from edge_agent.split.observe import HopRecord, Observers, digest
 from edge_agent.split.protocol import ErrorCode, engine_error_code, error_frame, error_reply, parse_control, valid_next
 from edge_agent.split.testhooks import OutputFault, TestHooks
-from edge_agent.transport import DType, Flag, Frame, MsgType, PeerLostError
+from edge_agent.transport import DType, Flag, Frame, MsgType, PeerLostError, hoptrace
 
 log = logging.getLogger(__name__)
 MAX_PENDING_PER_SHARD = 256  # queued steps beyond this are refused: a peer cannot fill our memory
@@ -128,6 +128,8 @@ class HopServer:
                 frame = await channel.recv()
             except PeerLostError:
                 return
+            if hoptrace.ON and frame.type == MsgType.ACTIVATION:
+                hoptrace.mark("recv", frame)
             try:
                 await self._dispatch(channel, frame)
             except Exception as exc:  # noqa: BLE001 - one bad frame must not end the peer's session
@@ -166,6 +168,8 @@ class HopServer:
             shard.last_used[rid] = time.monotonic()
             step = StepInput(rid, frame.step, arr, rewind=bool(frame.flags & Flag.REWIND), draft=bool(frame.flags & Flag.DRAFT))
             shard.queue.put_nowait(_Job(channel, frame, step))
+            if hoptrace.ON:
+                hoptrace.mark("queued", frame)
         elif frame.type == MsgType.END_REQUEST:
             route = self.routes.get(rid)
             if channel is not self.owners.get(rid) and (route is None or route[0] is not channel):
@@ -251,6 +255,10 @@ class HopServer:
         jobs = [await shard.queue.get()]
         while not shard.queue.empty():
             jobs.append(shard.queue.get_nowait())
+        if hoptrace.ON:
+            for job in jobs:
+                if job.frame is not None:
+                    hoptrace.mark("worker", job.frame)
         # steps up to the first END marker form this round, one step per request (a request's
         # later frames wait for the next round); everything else goes back, in order
         cut = next((i for i, j in enumerate(jobs) if j.end_request is not None), len(jobs))
@@ -273,7 +281,10 @@ class HopServer:
         if self.hooks.delay_ms:
             await asyncio.sleep(self.hooks.delay_ms / 1000.0)
         try:
-            outs = await asyncio.to_thread(shard.compute.forward, [j.step for j in batch])
+            outs = await asyncio.to_thread(_traced(shard.compute.forward, batch) if hoptrace.ON else shard.compute.forward, [j.step for j in batch])
+            if hoptrace.ON:
+                for j in batch:
+                    hoptrace.mark("back", j.frame)
             results = list(zip(batch, outs, [None] * len(batch)))
         except EngineError:
             # isolate the bad step: run each alone so the others still get their answer
@@ -301,6 +312,8 @@ class HopServer:
             reply = Frame.from_array(MsgType.ACTIVATION, out.data, request_id=f.request_id, step=f.step,
                                      n_positions=f.n_positions, layer_start=f.layer_start, layer_end=f.layer_end,
                                      seq=f.seq, flags=f.flags & _KEPT_FLAGS, compute_us=int(out.compute_ms * 1000))
+            if hoptrace.ON:
+                hoptrace.mark("encoded", f)
             if route is not None and route[1] is not None:
                 await self._forward(route, reply)
             else:
@@ -343,3 +356,15 @@ class HopServer:
                             self.evicted.popitem(last=False)
                         log.info("evicted idle request %s from %d:%d", rid[:8], shard.engine.info.start, shard.engine.info.end)
 
+
+
+def _traced(forward, batch):
+    def run(steps):
+        for j in batch:
+            hoptrace.mark("thread", j.frame)
+        try:
+            return forward(steps)
+        finally:
+            for j in batch:
+                hoptrace.mark("computed", j.frame)
+    return run

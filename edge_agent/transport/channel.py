@@ -21,6 +21,7 @@ import time
 from collections import deque
 from typing import Awaitable, Callable, Protocol, TypeVar, runtime_checkable
 
+from . import hoptrace
 from .errors import HandshakeError, PeerLostError
 from .frames import DEFAULT_MAX_PAYLOAD, Frame, MsgType, encode_parts
 
@@ -78,6 +79,7 @@ class FrameChannel:
         self._lost_callbacks: list[Callable[[PeerLostError], None]] = []
         self.frames_sent = 0
         self.frames_received = 0
+        self._rx_ns = 0  # hoptrace only: when the bytes of the frames being parsed arrived
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} peer={self.peer_id[:12]} lost={self._lost is not None}>"
@@ -111,6 +113,9 @@ class FrameChannel:
         if t == MsgType.CLOSE:
             self._fail("closed by peer")
             return
+        if hoptrace.ON and t == MsgType.ACTIVATION:
+            hoptrace.mark("rx", frame, self._rx_ns)
+            hoptrace.mark("deliver", frame)
         self._rx.append(frame)
         self._rx_bytes += len(frame.payload)
         self.frames_received += 1
@@ -177,6 +182,8 @@ class FrameChannel:
     async def send(self, frame: Frame) -> None:
         if self._lost is not None:
             raise self._lost
+        if hoptrace.ON and frame.type == MsgType.ACTIVATION:
+            hoptrace.mark("send", frame)
         header, payload = encode_parts(frame, self.max_payload)
         try:
             await self._transmit(header, payload)
@@ -184,6 +191,8 @@ class FrameChannel:
             self._fail(f"send failed: {exc!r}")
         if self._lost is not None:
             raise self._lost
+        if hoptrace.ON and frame.type == MsgType.ACTIVATION:
+            hoptrace.mark("sent", frame)
         self._last_tx = time.monotonic()
         self.frames_sent += 1
 

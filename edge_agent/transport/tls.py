@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ..discovery.identity import Identity, SwarmKey
+from . import hoptrace
 from .channel import ChannelHandler, FrameChannel, hand_over
 from .errors import FrameError, HandshakeError, PeerLostError
 from .frames import HEADER_SIZE, MsgType, check_header, decode_parts
@@ -149,6 +150,8 @@ class TlsChannel(FrameChannel, asyncio.BufferedProtocol):
         if self._lost is not None:
             return
         self._last_rx = time.monotonic()
+        if hoptrace.ON:
+            self._rx_ns = hoptrace.now()
         try:
             if self._pbuf is not None:
                 self._pfill += nbytes
