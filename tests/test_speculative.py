@@ -134,3 +134,38 @@ def test_drafts_only_as_many_as_pay_for_themselves():
     assert spec.worth_drafting() == 0
     spec._idle = 16  # after a while without drafts, look again
     assert spec.worth_drafting() == 8
+
+
+def test_kept_conversation_resumes_past_rejected_drafts(tmp_path, peers, smollm_path):
+    """A finished speculative turn leaves rejected drafts in every cache; the next turn, which
+    resumes the kept request, rewinds them first: both turns equal those of a client that
+    does not speculate (turn two is not compared with llama.cpp alone, which would compute
+    the whole conversation as one prompt, in other chunks)."""
+    import asyncio
+
+    from edge_agent.node import AgentConfig, swarm_client
+    from edge_agent.runtime.sampling import SamplingParams
+    from edge_agent.split.client import ClientConfig
+
+    a = peers(smollm_path, "1:29")
+    cfg = AgentConfig(tmp_path / "client", manual_peers=[("127.0.0.1", a.ready["tls_port"])], mdns=False, host="127.0.0.1")
+    cfg.data_dir.mkdir()
+
+    async def go(speculate: int):
+        async with swarm_client(cfg, smollm_path, ClientConfig(speculate=speculate),
+                                EngineOptions(n_ctx_per_request=512, max_requests=2), discover_s=30.0) as client:
+            first = client.tokenizer.encode(TEXT)
+            kept = []
+            # the stop string ends the turn inside a pass: the drafts after it stay in every cache
+            one = await client.generate(first, SamplingParams(max_tokens=40, stop=["limes"]), keep=kept.append)
+            held = client.head.positions(kept[0].state.rid.hex()) - len(kept[0].tokens)  # rows of rejected drafts
+            second = first + one.token_ids + client.tokenizer.encode(" Once more:", add_special=False)
+            two = await client.generate(second, SamplingParams(max_tokens=20), resume=kept[0])
+            return one, two, held
+
+    one, two, held = asyncio.run(go(6))
+    plain_one, plain_two, _ = asyncio.run(go(0))
+    assert held > 0
+    assert one.finish_reason == "stop" and one.stats["speculation"]["accepted"] > 0
+    assert two.stats["kv_reused_tokens"] > 0
+    assert (one.token_ids, two.token_ids) == (plain_one.token_ids, plain_two.token_ids)
