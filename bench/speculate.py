@@ -1,11 +1,12 @@
 """Speculative decoding over latency-bound links: client + 2 peers, one-token steps vs drafts.
 
     .venv/bin/python bench/speculate.py [--rtt-ms 0,5,20] [--speculate 8] [--tokens 96] [--threads 2] [--flash-attn]
+                                        [--modes star,chain]
     (also: bench/split.py --speculate 8 --netem-ms 0,5,20)
 
 SmolLM2-135M-Instruct (the packaged model: a trained model, so drafts are accepted as
 often as real text allows), split 1:15 and 15:29 over two `edge-agent join` peers, star
-mode over TLS. Each peer sits behind a delay relay (``bench/delay_relay.py``: this kernel
+mode over TLS (``--modes star,chain``: chain too, hops forwarding through the relays). Each peer sits behind a delay relay (``bench/delay_relay.py``: this kernel
 has no netem) that adds half the round trip each way. Two workloads: *repetitive* (the
 model rewrites a given paragraph, as in summarising or editing) and *free chat*. For each
 round trip: llama.cpp alone (same run), the split with one-token steps, the split with
@@ -73,6 +74,10 @@ def relayed_directory(agent, model_hash: str, relay_of: dict[int, int]):
     from edge_agent.transport import tls
 
     class Relayed(PeerDirectory):
+        def address(self, peer_id: str) -> tuple[str, int]:  # chain mode: hops forward through the relays too
+            host, port = super().address(peer_id)
+            return host, relay_of.get(port, port)
+
         async def _connect(self, entry):
             c = entry.caps
             return await tls.connect(self.agent.identity, self.agent.swarm, "127.0.0.1", relay_of[c.tls_port],
@@ -82,7 +87,7 @@ def relayed_directory(agent, model_hash: str, relay_of: dict[int, int]):
 
 
 async def split_runs(model: Path, relay_of: dict[int, int], prompts: dict, n: int, threads: int, flash_attn: bool,
-                     speculate: int) -> dict:
+                     speculate: int, mode: str) -> dict:
     from edge_agent.node import Agent, AgentConfig
     from edge_agent.runtime.engine import EngineOptions
     from edge_agent.runtime.sampling import SamplingParams
@@ -96,7 +101,7 @@ async def split_runs(model: Path, relay_of: dict[int, int], prompts: dict, n: in
         await agent.start()
         directory = relayed_directory(agent, info.model_hash, relay_of)
         for k in (0, speculate):
-            ccfg = ClientConfig(target_tbt_ms=10_000, speculate=k)
+            ccfg = ClientConfig(target_tbt_ms=10_000, speculate=k, mode=mode)
             await directory.wait_for_coverage(info.n_layer, ccfg.policy, 60)
             client = SwarmClient(model, directory, ccfg, EngineOptions(n_ctx_per_request=1024, max_requests=2, n_threads=threads,
                                                                        flash_attn=flash_attn))
@@ -126,6 +131,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--flash-attn", action="store_true")
+    ap.add_argument("--modes", default="star", help="star, chain or star,chain")
     args = ap.parse_args()
     model = packaged_model()
     tok = Tokenizer(model)
@@ -138,19 +144,19 @@ def main() -> None:
         peers = [start_peer(model, r, Path(d) / f"p{i}", "--threads", str(args.threads), *fa)
                  for i, r in enumerate(("1:15", "15:29"))]
         try:
-            for rtt in args.rtt_ms:
+            for rtt, mode in ((r, m) for r in args.rtt_ms for m in args.modes.split(",")):
                 relays = [start_relay(p.ready["tls_port"], rtt / 2) for p in peers]
                 try:
                     relay_of = {p.ready["tls_port"]: port for p, (_, port) in zip(peers, relays)}
                     runs = asyncio.run(split_runs(model, relay_of, prompts, args.tokens, args.threads, args.flash_attn,
-                                                  args.speculate))
+                                                  args.speculate, mode))
                 finally:
                     for proc, _ in relays:
                         proc.kill()
                 for name in prompts:
                     one, spec = runs[(name, 0)], runs[(name, args.speculate)]
                     s = spec["speculation"] or {}
-                    rows.append({"rtt_ms": rtt, "workload": name, "llama_cpp_tok_s": round(refs[name][1], 1),
+                    rows.append({"rtt_ms": rtt, "mode": mode, "workload": name, "llama_cpp_tok_s": round(refs[name][1], 1),
                                  "one_token_tok_s": one["tok_s"], "speculative_tok_s": spec["tok_s"],
                                  "gain": round(spec["tok_s"] / one["tok_s"], 2) if one["tok_s"] else None,
                                  "tokens_per_pass": round((s.get("accepted", 0) + s.get("passes", 0)) / s["passes"], 2)
@@ -160,11 +166,12 @@ def main() -> None:
         finally:
             for p in peers:
                 p.stop()
-    print(f"SmolLM2-135M Q4_1, client + 2 peers (1:15, 15:29), star over TLS, {args.threads} threads, "
+    print(f"SmolLM2-135M Q4_1, client + 2 peers (1:15, 15:29), over TLS, {args.threads} threads, "
           f"{args.tokens} tokens, --speculate {args.speculate}, flash attention {'on' if args.flash_attn else 'off'}")
-    print(f"{'RTT/hop':>7} {'workload':11} {'llama.cpp':>9} {'1-token':>8} {'spec':>8} {'gain':>5} {'tok/pass':>8} {'accept':>6} exact")
+    print(f"{'RTT/hop':>7} {'mode':5} {'workload':11} {'llama.cpp':>9} {'1-token':>8} {'spec':>8} {'gain':>5} {'tok/pass':>8} "
+          f"{'accept':>6} exact")
     for r in rows:
-        print(f"{r['rtt_ms']:5.0f}ms {r['workload']:11} {r['llama_cpp_tok_s']:9.1f} {r['one_token_tok_s']:8.1f} "
+        print(f"{r['rtt_ms']:5.0f}ms {r['mode']:5} {r['workload']:11} {r['llama_cpp_tok_s']:9.1f} {r['one_token_tok_s']:8.1f} "
               f"{r['speculative_tok_s']:8.1f} {r['gain']:5.2f} {r['tokens_per_pass'] or 0:8.2f} {r['acceptance'] or 0:6.2f} {r['exact']}")
     print(json.dumps(rows))
 
