@@ -363,12 +363,12 @@ async def swarm_client(config: AgentConfig, model: "Path | ThinModel", client_co
                 client.auditor = auditor  # its outcomes, for telemetry and tests
                 client.observers.add(auditor.observe)
                 recorder.on_commitments = auditor.on_commitments
+                recorder.on_settled = auditor.on_settled  # chain-mode hops are audited together
                 client.verifier = _verifier(recorder, auditor)
-        if client_config.verify and (client.verifier is None or client_config.mode != "star"):
+        if client_config.verify and client.verifier is None:
             from edge_agent.split.verified import VerifyError
 
-            raise VerifyError("--verify needs audits: an --audit-rate above 0, the ledger (EDGE_AGENT_LEDGER=off turns it off) "
-                              "and --mode star (in chain mode this device never sees what it would audit)")
+            raise VerifyError("--verify needs audits: an --audit-rate above 0 and the ledger (EDGE_AGENT_LEDGER=off turns it off)")
         yield client
     finally:
         if auditor is not None:  # audits start once receipts are in, and their evidence goes out with the last sync

@@ -59,9 +59,6 @@ def _client_config(cfg, split: str, privacy: str, swarm_key, target_tbt_ms: floa
 
     if mode not in ("star", "chain", "auto"):
         _fail(f"--mode must be star, chain or auto (got {mode!r})")
-    if verify and mode == "chain":
-        _fail("--verify needs --mode star: in chain mode this device never sees the middle activations it would audit")
-    mode = "star" if verify else mode
     k, m = parse_range(split)  # ShardRangeError, PolicyError, TrustError: one line + hint (cli_errors)
     # per request, so that `edge-agent trust add` applies to a running `serve`'s next request
     policy_for = lambda level: privacy_policy(level, k, m, cfg.data_dir, swarm_key)  # noqa: E731

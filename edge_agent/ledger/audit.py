@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 
 from edge_agent.discovery.identity import Identity
+from edge_agent.ledger.chain_audit import ChainHop, boundaries, frames_at_start, judge, last_needed, recompute
 from edge_agent.ledger.evidence import AuditStatement, Evidence
 from edge_agent.ledger.fingerprint import Accumulator, distance
 from edge_agent.ledger.records import Commitment
@@ -56,6 +57,10 @@ CONSISTENCY = 0.01  # committed vs received fingerprint: the same bytes, only fl
 
 class AuditIncomplete(RuntimeError):
     """A chunk chosen for audit could not be audited (its inputs were dropped, or time ran out)."""
+
+
+class UnattributableFault(AuditIncomplete):
+    """The earliest fault is a broken chain link: one of two nodes lied, the records cannot say which."""
 
 
 @dataclass(frozen=True)
@@ -87,10 +92,12 @@ def _consistency(peer_id: str, request_id: str, start: int, end: int, frames, co
     failed = []
     for c in commitments:
         f = c.fields
+        outs = [(pos, out) for pos, _, out, _ in frames if f.step_start <= pos < f.step_end]
+        if not outs or any(out is None for _, out in outs):
+            continue  # a chain hop's output this device never received: the chain audit recomputes it
         acc = Accumulator()
-        for pos, _, out, _ in frames:
-            if f.step_start <= pos < f.step_end:
-                acc.add(pos, out)
+        for pos, out in outs:
+            acc.add(pos, out)
         d = distance(f.fingerprint, acc.finish())
         if d > CONSISTENCY:
             failed.append(AuditOutcome(peer_id, request_id, start, end, f.chunk, d, False,
@@ -144,6 +151,8 @@ class Auditor:
         self._tasks: set[asyncio.Task] = set()
         self._by_request: dict[str, set[asyncio.Task]] = {}
         self.unaudited: dict[str, list[str]] = {}  # request -> hops chosen for audit whose inputs were not kept
+        self.chained: dict[str, set[tuple]] = {}  # request -> keys of its hops that ran chain steps
+        self.chain_commitments: dict[str, list[tuple[str, int, int, list[Commitment]]]] = {}  # request -> its chain hops'
 
     def tier(self, peer_id: str) -> Tier:
         """The tolerance and audit rate for ``peer_id``'s chunks, from its advertised class.
@@ -155,10 +164,17 @@ class Auditor:
         return Tier("cross-class", TOLERANCE, min(1.0, self.rate * CROSS_CLASS_RATE_FACTOR))
 
     def observe(self, rec) -> None:
-        """A client HopRecord: keep the hop's input and output rows (references, not copies)."""
-        if rec.side != "client" or rec.input is None or rec.output is None or self.rate == 0.0:
+        """A client HopRecord: keep the hop's input and output rows (references, not copies).
+        A chain step's records (flagged CHAIN) know only hop 0's input and the last hop's output:
+        the hop is then audited by the chain audit (``on_settled``)."""
+        chain = bool(rec.flags & Flag.CHAIN)
+        if rec.side != "client" or self.rate == 0.0 or (not chain and (rec.input is None or rec.output is None)):
             return
         key = (rec.request_id, rec.peer_id, rec.start, rec.end)
+        if chain:
+            self.chained.setdefault(rec.request_id, set()).add(key)
+            while len(self.chained) > MAX_KEPT:
+                self.chained.pop(next(iter(self.chained)))
         frames = self.inputs.setdefault(key, [])
         if frames and rec.step <= frames[-1][0]:  # replayed from rec.step (a rebuilt path): same inputs again
             frames[:] = [f for f in frames if f[0] < rec.step]
@@ -169,18 +185,24 @@ class Auditor:
     def on_commitments(self, request_id: str, peer_id: str, start: int, end: int, commitments: list[Commitment]) -> None:
         """A hop's verified commitments (the receipt flow checked them): check equivocation,
         pick chunks to audit and audit them in the background."""
-        frames = self.inputs.pop((request_id, peer_id, start, end), None)
         evidence = [e for c in commitments if (e := self._equivocation(c)) is not None]
         if evidence and self.store is not None:
             self.store.add(evidence=evidence)
+        if (request_id, peer_id, start, end) in self.chained.get(request_id, ()):
+            self.chain_commitments.setdefault(request_id, []).append((peer_id, start, end, commitments))
+            return  # audited with the rest of its chain once the request settled
+        frames = self.inputs.pop((request_id, peer_id, start, end), None)
         tier = self.tier(peer_id)
         chosen = [c for c in commitments if self.rng.random() < tier.rate]
         if not frames:
             if chosen:  # dropped (MAX_KEPT) or never seen (chain mode): a verified answer must not count it as passed
                 self.unaudited.setdefault(request_id, []).append(f"{peer_id[:12]} {start}:{end}")
             return
-        task = asyncio.get_running_loop().create_task(self._audit(request_id, peer_id, start, end, frames, commitments,
-                                                                   chosen, tier))
+        self._start(request_id, self._audit(request_id, f"{peer_id[:12]} {start}:{end}", bool(chosen),
+                                            lambda: self._run(request_id, peer_id, start, end, frames, commitments, chosen, tier)))
+
+    def _start(self, request_id: str, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self._by_request.setdefault(request_id, set()).add(task)
@@ -209,7 +231,9 @@ class Auditor:
         failed = [o for o in self.outcomes if o.request_id == request_id and not o.passed]
         if not failed:
             return None
-        first = min(failed, key=lambda o: o.step_start)
+        first = min(failed, key=lambda o: (o.step_start, not o.peer_id))
+        if not first.peer_id:
+            raise UnattributableFault(first.reason)
         return first.peer_id, first.step_start
 
     def _equivocation(self, c: Commitment) -> Evidence | None:
@@ -220,28 +244,27 @@ class Auditor:
             self.seen.clear()
         return Evidence.equivocation(first, c) if first.body != c.body else None
 
-    async def _audit(self, request_id: str, peer_id: str, start: int, end: int, frames, commitments: list[Commitment],
-                     chosen: list[Commitment], tier: Tier) -> None:
+    async def _audit(self, request_id: str, what: str, chosen: bool, work: Callable[[], tuple[list, list]]) -> None:
+        """Run ``work`` (-> outcomes, evidence) off the event loop; keep its outcomes, store its evidence."""
         try:
-            outcomes = await asyncio.to_thread(_consistency, peer_id, request_id, start, end, frames, commitments)
-            audited, evidence = await asyncio.to_thread(self._run, request_id, peer_id, start, end, frames, chosen, tier)
-            outcomes += audited
+            outcomes, evidence = await asyncio.to_thread(work)
         except Exception as exc:  # noqa: BLE001 - an audit that cannot run is logged, never a crash
-            log.warning("audit of %s %d:%d failed to run: %r", peer_id[:12], start, end, exc)
+            log.warning("audit of %s failed to run: %r", what, exc)
             if chosen:
-                self.unaudited.setdefault(request_id, []).append(f"{peer_id[:12]} {start}:{end} ({exc!r})")
+                self.unaudited.setdefault(request_id, []).append(f"{what} ({exc!r})")
             return
         self.outcomes.extend(outcomes)
         if evidence and self.store is not None:
             await asyncio.wrap_future(self.store.add(evidence=evidence))
         for o in outcomes:
             if not o.passed:
-                log.warning("audit failed: %s layers %d:%d chunk %d distance %.4f (%s): %s", peer_id[:12], start, end,
-                            o.chunk, o.distance, o.tier, o.reason)
+                log.warning("audit failed: %s layers %d:%d chunk %d distance %.4f (%s): %s", o.peer_id[:12] or "-", o.start,
+                            o.end, o.chunk, o.distance, o.tier, o.reason)
 
-    def _run(self, request_id, peer_id, start, end, frames, chosen, tier: Tier):
+    def _run(self, request_id, peer_id, start, end, frames, commitments, chosen, tier: Tier):
+        consistency = _consistency(peer_id, request_id, start, end, frames, commitments)
         if not chosen:
-            return [], []
+            return consistency, []
         with self._lock:
             engine = self._engines.get((start, end))
             if engine is None:
@@ -259,7 +282,70 @@ class Auditor:
             outcomes.append(AuditOutcome(peer_id, request_id, start, end, c.fields.chunk, d, passed,
                                          ev.id if ev is not None else None, "" if passed else "re-execution differs",
                                          c.fields.step_start, tier.name))
-        return outcomes, evidence
+        return consistency + outcomes, evidence
+
+    def on_settled(self, request_id: str) -> None:
+        """Every hop's commitments of this request were checked: audit its chain hops together
+        (``ledger.chain_audit``: recompute from hop 0's inputs, judge each hop alone)."""
+        keys = self.chained.pop(request_id, None)
+        reported = self.chain_commitments.pop(request_id, [])
+        if not keys:
+            return
+        frames = {k: self.inputs.pop(k, []) for k in keys}
+        s0 = min(k[2] for k in keys)
+        hops = []
+        for peer_id, start, end, commitments in reported:
+            tier = self.tier(peer_id)
+            hops.append(ChainHop(peer_id, start, end, commitments, tier.tolerance, tier.name,
+                                 {i for i in range(len(commitments)) if self.rng.random() < tier.rate}))
+        reported_keys = {(request_id, h.peer_id, h.start, h.end) for h in hops}
+        unreported = {k[3] for k in keys if k not in reported_keys}
+        hop0 = frames_at_start([fr for k, fr in frames.items() if k[2] == s0])
+        self._start(request_id, self._audit(request_id, "its chain", any(h.chosen for h in hops),
+                                            lambda: self._run_chain(request_id, hops, hop0, frames, unreported)))
+
+    def _run_chain(self, request_id: str, hops: list[ChainHop], hop0, frames: dict, unreported: set[int]):
+        consistency = []  # the last hop's outputs reached this device: they must be what it committed
+        for h in hops:
+            consistency += _consistency(h.peer_id, request_id, h.start, h.end,
+                                        frames.get((request_id, h.peer_id, h.start, h.end), []), h.commitments)
+        last = last_needed(hops)
+        if not last:
+            return consistency, []
+        if not hop0:
+            raise AuditIncomplete("hop 0's inputs were not kept")
+        with self._lock:
+            segments = boundaries(hops)
+            for seg in segments:
+                if seg not in self._engines:
+                    self._engines[seg] = self.engine_for(*seg)
+            at = recompute({seg: self._engines[seg] for seg in segments}, hop0, last)
+        verdicts, broken = judge(hops, at, last, TOLERANCE, unreported)
+        outcomes, evidence = [], []
+        now = int(time.time() * 1000)
+        judged = set()
+        for v in verdicts:
+            f = v.chunk.fields
+            judged.add((v.hop.peer_id, v.hop.start, f.chunk))
+            if v.passed and f.chunk not in v.hop.chosen:
+                continue  # recomputed on the way to a chosen chunk: only failures are worth reporting
+            ev = None
+            if not v.passed:
+                ev = Evidence.failed_audit(v.chunk, AuditStatement.sign(self.identity, v.chunk.id, v.fingerprint, v.distance,
+                                                                        v.tolerance, now))
+                evidence.append(ev)
+            outcomes.append(AuditOutcome(v.hop.peer_id, request_id, v.hop.start, v.hop.end, f.chunk, v.distance, v.passed,
+                                         ev.id if ev is not None else None, v.reason, f.step_start, v.tier))
+        for pos, what in broken:
+            outcomes.append(AuditOutcome("", request_id, 0, 0, -1, float("inf"), False, reason=f"broken chain link: {what}",
+                                         step_start=pos, tier="link"))
+        first_fault = min((o.step_start for o in outcomes if not o.passed), default=None)
+        for h in hops:  # chosen but not judged: upstream of it failed (covered by that fault) or its input is unknown
+            for i in sorted(h.chosen):
+                f = h.commitments[i].fields
+                if (h.peer_id, h.start, i) not in judged and (first_fault is None or f.step_start < first_fault):
+                    self.unaudited.setdefault(request_id, []).append(f"{h.peer_id[:12]} {h.start}:{h.end} chunk {i}")
+        return consistency + outcomes, evidence
 
     async def drain(self, timeout_s: float = 60.0) -> None:
         if self._tasks:

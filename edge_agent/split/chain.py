@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from edge_agent.runtime.engine import ContextFullError
+from edge_agent.split.observe import HopRecord, digest
 from edge_agent.split.protocol import ErrorCode, HopFailed, activation, check_reply, control_frame, parse_error, route_message
 from edge_agent.split.strategy import RequestState, Router, Strategy
 from edge_agent.transport import Flag, FrameError, MsgType, PeerLostError
@@ -73,7 +74,10 @@ class ChainStrategy(Strategy):
                 out = check_reply(peer_id, f, pos, last.hop.start, last.hop.end, x.shape)
                 first.history.append((pos, x, flags))
                 req.histories_complete = len(req.hops) == 1
-                req.chain_ms += (time.perf_counter() - t0) * 1000.0
+                wall_ms = (time.perf_counter() - t0) * 1000.0
+                req.chain_ms += wall_ms
+                if self.router.observers.callbacks:
+                    self._observe(req, pos, x, flags, f, out, wall_ms)
                 return out
         except HopFailed as exc:
             blamed, reason = exc.peer_id, f"{exc.code}: {exc.reason}"
@@ -86,3 +90,16 @@ class ChainStrategy(Strategy):
             req.excluded.add(blamed)
         await self.rebuild(req, reason, pos, blamed or "")
         return await self.fallback.step(req, pos, x, flags)  # this step in star mode; chain resumes next step
+
+    def _observe(self, req: RequestState, pos: int, x: np.ndarray, flags: int, reply, out: np.ndarray, wall_ms: float) -> None:
+        """One client HopRecord per hop of a chain step (flagged CHAIN): hop 0's input and the last
+        hop's output are what this device sent and received; what it never saw has an empty
+        digest and no rows. The ledger checks what is known; the auditor recomputes the rest."""
+        n = len(req.hops)
+        for i, hs in enumerate(req.hops):
+            first, last = i == 0, i == n - 1
+            self.router.observers.emit(HopRecord(
+                "client", req.rid.hex(), hs.link.peer_id, hs.hop.start, hs.hop.end, pos, x.shape[0],
+                digest(x.tobytes()) if first else b"", digest(reply.payload) if last else b"",
+                reply.compute_us / 1000.0 if last else 0.0, wall_ms, flags=flags | int(Flag.CHAIN),
+                input=x if first else None, output=out if last else None))
