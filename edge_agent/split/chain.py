@@ -17,7 +17,7 @@ import numpy as np
 from edge_agent.runtime.engine import ContextFullError
 from edge_agent.split.observe import HopRecord, digest
 from edge_agent.split.protocol import ErrorCode, HopFailed, activation, check_reply, control_frame, parse_error, route_message
-from edge_agent.split.strategy import RequestState, Router, Strategy
+from edge_agent.split.strategy import RequestState, Router, Strategy, step_timeout
 from edge_agent.transport import Flag, FrameError, MsgType, PeerLostError
 
 
@@ -44,7 +44,7 @@ class ChainStrategy(Strategy):
         key = (req.rid, seq)
         futs = {hs.link.peer_id: hs.link.expect(key) for hs in req.hops}
         frame = activation(req.rid, pos, x, first.hop.start, first.hop.end, seq, int(Flag.CHAIN) | flags)
-        timeout = self.prefill_timeout_s if x.shape[0] > 1 else self.hop_timeout_s
+        timeout = step_timeout(x.shape[0], flags, self.hop_timeout_s, self.prefill_timeout_s)
         t0 = time.perf_counter()
         blamed, reason = None, "chain step timed out"
         try:

@@ -13,7 +13,7 @@ import numpy as np
 from edge_agent.runtime.engine import ContextFullError
 from edge_agent.split.planner import has_alternative
 from edge_agent.split.protocol import ErrorCode, HopFailed
-from edge_agent.split.strategy import RequestState, Router, Strategy
+from edge_agent.split.strategy import RequestState, Router, Strategy, step_timeout
 
 
 class StarStrategy(Strategy):
@@ -25,7 +25,7 @@ class StarStrategy(Strategy):
     async def step(self, req: RequestState, pos: int, x: np.ndarray, flags: int = 0) -> np.ndarray:
         decode = x.shape[0] == 1
         # a silent hop is replaced after hop_timeout_s; a merely late one after the step (deadlines)
-        timeout = self.hop_timeout_s if decode else self.prefill_timeout_s
+        timeout = step_timeout(x.shape[0], flags, self.hop_timeout_s, self.prefill_timeout_s)
         x0, observed, i = x, [], 0
         while i < len(req.hops):
             hs = req.hops[i]

@@ -197,6 +197,14 @@ class Router:
             inputs = outs
 
 
+def step_timeout(rows: int, flags: int, hop_timeout_s: float, prefill_timeout_s: float) -> float:
+    """How long a silent hop may take: a decode step's timeout per row of drafts (each may be
+    its own decode there), a prefill chunk's otherwise."""
+    if flags & Flag.DRAFT:
+        return hop_timeout_s * rows
+    return hop_timeout_s if rows == 1 else prefill_timeout_s
+
+
 class Strategy:
     """One step of a request through its remote hops, and a rebuild after a failure."""
 
