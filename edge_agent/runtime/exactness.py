@@ -8,7 +8,10 @@ model: ggml picks matmul paths by weight type and row count, and the CPU it runs
 Measured on an AVX-512 EPYC (docs/split.md): Q4_0, Q4_1 and Q8_0 rows stay identical up to
 16 rows; Q4_K matmuls change path at 4 rows, Q6_K at 8; attention without flash attention
 differs from 2 rows of one request on. So each engine measures it once, when it loads,
-with random inputs on its own kernels (a few dozen rows: ~0.1 s for a small shard).
+with random inputs on its own kernels, at 2, 4 and 8 rows (at most 22 small decodes:
+~0.1 s for SmolLM2 on a quiet machine; a shard probed once in a process is not probed
+again). Beyond 8 rows nothing is batched: the gain from larger batches is small next to
+the cost of measuring them.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import numpy as np
 
 from edge_agent.runtime.engine import StepInput
 
-PROBE_ROWS = (2, 3, 4, 8, 16)
+PROBE_ROWS = (2, 4, 8)
+_measured: dict[tuple, tuple[int, int]] = {}  # (shard content, settings) -> result, for this process
 
 
 def _inputs(engine, n: int) -> list[np.ndarray]:
@@ -40,6 +44,15 @@ def exact_rows(engine, sizes=PROBE_ROWS) -> tuple[int, int]:
     sizes = [n for n in sizes if n <= n_max]
     if not sizes:
         return 1, 1
+    o = engine.options
+    key = (engine.info.shard_hash, n_max, o.n_batch, o.n_ubatch, o.flash_attn, o.kv_type, o.gpu_layers)
+    if key not in _measured:
+        _measured[key] = _measure(engine, sizes)
+    return _measured[key]
+
+
+def _measure(engine, sizes: list[int]) -> tuple[int, int]:
+    n_max = max(sizes)
     logits = engine.info.role in ("tail", "full")
     xs = _inputs(engine, n_max)
     engine.batch_rows = engine.draft_rows = 1
