@@ -24,7 +24,7 @@ from edge_agent.node import AgentConfig, swarm_client
 from edge_agent.runtime.engine import EngineOptions
 from edge_agent.runtime.sampling import SamplingParams
 from edge_agent.split.client import ClientConfig
-from swarm_util import start_peer
+from swarm_util import peers, start_peer  # noqa: F401 - peers is a fixture
 
 SHAPE = dict(n_layer=7, n_embd=64, n_head=8, n_head_kv=4, n_ff=172, n_vocab=512, seed=14)  # the audit tests' Q8_0 shape
 PEERS = {  # name: (layers, join options); the client runs layers 0 and 6 itself
@@ -124,3 +124,37 @@ def _assert_evidence_only_against(culprit: str, failed, rows) -> None:
     assert mine and mine <= set(stored)
     assert all(stored[i][0] == "failed-audit" and stored[i][1] == culprit and Evidence(stored[i][2]).problem() is None
                for i in mine)
+
+
+def test_audits_after_a_chain_rebuild_raise_no_flag(tmp_path, peers):
+    """The chain's last hop dies mid-generation: every hop is rebuilt from hop 0's inputs
+    (star replays, a star step), then the chain resumes. The audits of the new chain see the
+    same hop 0 inputs and pass; nothing is blamed on an honest hop."""
+    from edge_agent.runtime.synthetic import make_random_gguf
+
+    model = make_random_gguf(tmp_path / "q8_0.gguf", ftype="q8_0", **SHAPE)
+    a = peers(model, "1:2")
+    doomed = peers(model, "2:6", "--test-advertise-ms", "0.001")  # the planner's first choice for 2:6
+    spare = peers(model, "2:6", "--test-advertise-ms", "5")
+    cfg = AgentConfig(tmp_path / "client", manual_peers=[("127.0.0.1", p.ready["tls_port"]) for p in (a, doomed, spare)],
+                      mdns=False, host="127.0.0.1")
+    cfg.data_dir.mkdir()
+    seen = []
+
+    def on_token(tok, _text):
+        seen.append(tok)
+        if len(seen) == 12:
+            doomed.kill()
+
+    async def go():
+        async with swarm_client(cfg, model, ClientConfig(mode="chain"), EngineOptions(n_ctx_per_request=512, max_requests=2),
+                                discover_s=30.0, audit_rate=1.0) as client:
+            prompt = client.tokenizer.encode("Once upon a time")
+            res = await client.generate(prompt, SamplingParams(max_tokens=40), on_token)
+            return prompt, res, client.auditor
+
+    prompt, res, auditor = asyncio.run(go())
+    assert res.token_ids == reference_tokens(model, prompt, 40)
+    assert res.stats["mode"] == "chain" and [r["from"] for r in res.stats["reroutes"]] == [doomed.agent_id]
+    assert all(o.passed for o in auditor.outcomes)
+    assert {o.peer_id for o in auditor.outcomes} >= {a.agent_id, spare.agent_id}

@@ -301,10 +301,11 @@ class Auditor:
         reported_keys = {(request_id, h.peer_id, h.start, h.end) for h in hops}
         unreported = {k[3] for k in keys if k not in reported_keys}
         hop0 = frames_at_start([fr for k, fr in frames.items() if k[2] == s0])
+        segments = boundaries([(k[2], k[3]) for k in keys])
         self._start(request_id, self._audit(request_id, "its chain", any(h.chosen for h in hops),
-                                            lambda: self._run_chain(request_id, hops, hop0, frames, unreported)))
+                                            lambda: self._run_chain(request_id, hops, hop0, frames, segments, unreported)))
 
-    def _run_chain(self, request_id: str, hops: list[ChainHop], hop0, frames: dict, unreported: set[int]):
+    def _run_chain(self, request_id: str, hops: list[ChainHop], hop0, frames: dict, segments, unreported: set[int]):
         consistency = []  # the last hop's outputs reached this device: they must be what it committed
         for h in hops:
             consistency += _consistency(h.peer_id, request_id, h.start, h.end,
@@ -315,7 +316,6 @@ class Auditor:
         if not hop0:
             raise AuditIncomplete("hop 0's inputs were not kept")
         with self._lock:
-            segments = boundaries(hops)
             for seg in segments:
                 if seg not in self._engines:
                     self._engines[seg] = self.engine_for(*seg)

@@ -15,8 +15,10 @@ to a fingerprint of its output, so a chunk is judged like a star-mode audit:
   tolerance): the auditor's input differs from the real one by what that upstream hop
   deviated. Such a chunk is judged only when every link into it is intact (a feeder chunk
   upstream committed ``outputs_hash`` = this chunk's ``inputs_hash``) and every feeder passed;
-  the tolerance is then ``TOLERANCE + the feeders' largest distance`` (tier "cumulative"):
-  the honest cross-class bound plus the deviation carried in (docs/accountability.md).
+  the tolerance is then ``sqrt(TOLERANCE² + carried²)`` (tier "cumulative"), ``carried`` the
+  feeders' largest distance: a fault's own effect is independent of the deviation carried
+  in and adds to it in quadrature, and what an honest hop adds to a carried deviation was
+  measured well under ``TOLERANCE`` (docs/accountability.md, "Chain mode").
   Chunks downstream of a failed or unjudged one are not judged: their input is not known.
 - **broken link**: an upstream chunk over the same steps whose committed ``outputs_hash`` is
   not this chunk's committed ``inputs_hash`` means one of the two signed something other than
@@ -28,6 +30,7 @@ Pure functions over engines and records: ``ledger.audit.Auditor`` does the I/O.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -88,9 +91,10 @@ def recompute(engines: dict[tuple[int, int], object], frames: list[tuple], last:
     return at
 
 
-def boundaries(hops: list[ChainHop]) -> list[tuple[int, int]]:
-    """The consecutive layer ranges to re-execute: every hop's start and end is a cut."""
-    cuts = sorted({h.start for h in hops} | {h.end for h in hops})
+def boundaries(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The consecutive layer ranges to re-execute: every hop's start and end is a cut (of every
+    hop that ran chain steps, whether or not its commitments came)."""
+    cuts = sorted({s for s, _ in ranges} | {e for _, e in ranges})
     return list(zip(cuts, cuts[1:]))
 
 
@@ -132,7 +136,7 @@ def judge(hops: list[ChainHop], at: dict[int, list[tuple[int, np.ndarray]]], las
                 for p, y in _rows(at[hop.end], c):
                     acc.add(p, y)
                 mine = acc.finish()
-                tolerance, tier = (hop.tolerance, hop.tier) if exact else (cumulative_tolerance + carried, "cumulative")
+                tolerance, tier = (hop.tolerance, hop.tier) if exact else (math.hypot(cumulative_tolerance, carried), "cumulative")
                 d = distance(f.fingerprint, mine)
                 verdict = Verdict(hop, c, d, tolerance, tier, d <= tolerance, mine,
                                   "" if d <= tolerance else "re-execution differs" + ("" if exact else

@@ -77,7 +77,7 @@ class ChainStrategy(Strategy):
                 wall_ms = (time.perf_counter() - t0) * 1000.0
                 req.chain_ms += wall_ms
                 if self.router.observers.callbacks:
-                    self._observe(req, pos, x, flags, f, out, wall_ms)
+                    self._observe(req, len(req.hops), pos, x, flags, wall_ms, f, out)
                 return out
         except HopFailed as exc:
             blamed, reason = exc.peer_id, f"{exc.code}: {exc.reason}"
@@ -88,16 +88,21 @@ class ChainStrategy(Strategy):
                 hs.link.forget(key)
         if blamed:
             req.excluded.add(blamed)
+            if self.router.observers.callbacks:  # the hops before the blamed one computed this step too
+                ran = next((i for i, h in enumerate(req.hops) if h.hop.peer_id == blamed), 0)
+                self._observe(req, ran, pos, x, flags, (time.perf_counter() - t0) * 1000.0)
         await self.rebuild(req, reason, pos, blamed or "")
         return await self.fallback.step(req, pos, x, flags)  # this step in star mode; chain resumes next step
 
-    def _observe(self, req: RequestState, pos: int, x: np.ndarray, flags: int, reply, out: np.ndarray, wall_ms: float) -> None:
-        """One client HopRecord per hop of a chain step (flagged CHAIN): hop 0's input and the last
-        hop's output are what this device sent and received; what it never saw has an empty
-        digest and no rows. The ledger checks what is known; the auditor recomputes the rest."""
-        n = len(req.hops)
-        for i, hs in enumerate(req.hops):
-            first, last = i == 0, i == n - 1
+    def _observe(self, req: RequestState, ran: int, pos: int, x: np.ndarray, flags: int, wall_ms: float, reply=None,
+                 out: np.ndarray | None = None) -> None:
+        """One client HopRecord (flagged CHAIN) per hop that ran a chain step, the first ``ran``:
+        hop 0's input and the last hop's ``reply`` are what this device sent and received; what it
+        never saw has an empty digest and no rows. The ledger checks what is known; the auditor
+        recomputes the rest. A failed step is recorded for the hops before the blamed one: they
+        computed it, and their commitments count it."""
+        for i, hs in enumerate(req.hops[:ran]):
+            first, last = i == 0, reply is not None and i == len(req.hops) - 1
             self.router.observers.emit(HopRecord(
                 "client", req.rid.hex(), hs.link.peer_id, hs.hop.start, hs.hop.end, pos, x.shape[0],
                 digest(x.tobytes()) if first else b"", digest(reply.payload) if last else b"",
