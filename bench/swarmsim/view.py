@@ -20,13 +20,15 @@ reputation ``GRADUATED_REPUTATION`` (the ledger's job once it lands; here an ora
 budget is no yardstick: a loose target leaves even a peer 50x slower than it claims room.
 
 Newcomers with stake (reputation still unknown) compete on merit like any peer, and the
-view also keeps the ``NEWCOMERS_PER_SEGMENT`` it saw last per segment, whoever ranks
-above them: on a trial request (the planner's ``trial_share`` of batch requests, drawn
-from the request id) the youngest ``TRIAL_CANDIDATES`` of them join the candidates and the
-planner prefers them where the request's target allows, so they are used, and earn
-history, within seconds of joining rather than only when they beat the best. The ones
-handed over do not overlap (only one peer can serve a layer of a path), and a newcomer
-this client already tried goes after those it has not: the turns go round.
+view also keeps ``NEWCOMERS_PER_SEGMENT`` of them per segment (untried by this client,
+then the longest known), whoever ranks above them; the world fetches them from the segments'
+newcomer keys too (``newcomer_key``). On a trial request (the planner's ``trial_share``
+of batch requests, drawn from the request id) ``TRIAL_CANDIDATES`` of them join the
+candidates, untried ones first, in an order of this client's own, each restricted to a
+slice of its layers no other of them holds (``trial_slices``: joiners pile up on the same
+weakest windows, and one path can use only one peer per layer), and the planner prefers
+them where the request's target allows: they are used, and earn history, within seconds
+of joining rather than only when they beat the best.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from dataclasses import replace
 
 from edge_agent.split.planner import PeerCapability
 
@@ -44,7 +47,7 @@ SEGMENTS = 8
 TOP_PER_SEGMENT = 4
 KEEP_PER_SEGMENT = 8
 NEWCOMERS_PER_SEGMENT = 8  # staked peers with no history kept in the view besides the best
-TRIAL_CANDIDATES = 6  # of them handed to the planner on a trial request: untried first, no two overlapping
+TRIAL_CANDIDATES = 4  # of them handed to the planner on a trial request, each on its own slice of layers
 COVER = 2  # peers per layer the candidates must include (when the view has them): one may fail
 RECORD_TTL_S = 150.0  # records are republished every 60 s; a departed node's record lingers this long
 NEWCOMER_TTL_S = 30.0  # a joiner's entry under its segments' newcomer keys: stored once, at join
@@ -146,14 +149,15 @@ class Client:
                     fresh.append(node)
                 elif free >= (node.span[1] - node.span[0]) * KV_MB_PER_LAYER:
                     if node.reputation is None:
-                        unknown.append((-self.seen_at[node.idx], key_of(self.agent_id, node.agent_id), node))
+                        unknown.append((node.idx in self.tried, self.seen_at[node.idx],
+                                        key_of(self.agent_id, node.agent_id), node))
                     rep = UNKNOWN_REPUTATION if node.reputation is None else node.reputation
                     per_layer = (node.claimed_ms + rtt / (hi - lo)) * (1 + REPUTATION_WEIGHT * (1 - rep))
                     ranked.append((per_layer, node.agent_id, node))
             ranked.sort(key=lambda r: r[:2])
             self.top[s] = _covering([n for _, _, n in ranked], (a, b), KEEP_PER_SEGMENT)
             self.probation[s] = self.rng.sample(fresh, min(len(fresh), KEEP_PER_SEGMENT))
-            self.newcomers[s] = [n for *_, n in sorted(unknown, key=lambda r: r[:2])[:NEWCOMERS_PER_SEGMENT]]
+            self.newcomers[s] = [n for *_, n in sorted(unknown, key=lambda r: r[:3])[:NEWCOMERS_PER_SEGMENT]]
             keep.update(n.idx for n in self.top[s] + self.probation[s] + self.newcomers[s])
         self.entries = {i: e for i, e in self.entries.items() if i in keep}
         self.seen_at = {i: t for i, t in self.seen_at.items() if i in keep}
@@ -196,18 +200,45 @@ class Client:
         if trial:
             fresh = {n.idx: n for seg in self.newcomers for n in seg if n.reputation is None and n.idx not in self.dead
                      and n.agent_id not in exclude and self.entries[n.idx][2] >= (n.span[1] - n.span[0]) * KV_MB_PER_LAYER}
-            spans: list[tuple[int, int]] = []
             # untried first, then in an order of this client's own, so clients that see the same
             # newcomers (from the newcomer keys) do not all queue at the same one
-            for n in sorted(fresh.values(), key=lambda n: (n.idx in self.tried, key_of(self.agent_id, n.agent_id))):
-                if len(spans) < TRIAL_CANDIDATES and all(n.span[1] <= a or b <= n.span[0] for a, b in spans):
-                    spans.append(n.span)
-                    chosen[n.idx] = n
+            order = sorted(fresh.values(), key=lambda n: (n.idx in self.tried, key_of(self.agent_id, n.agent_id)))
+            slices = trial_slices(order[:TRIAL_CANDIDATES])
+            chosen.update((n.idx, n) for n in order if n.idx in slices)
+        else:
+            slices = {}
         out = []
         for node in chosen.values():
             if node.first_offered is None:
                 node.first_offered = now
             _, _, free, rtt = self.entries.get(node.idx, (node, 0.0, 0.0, rtt_ms(self.pos, node.pos)))
             rep = PROBATION_REPUTATION if node.on_probation else node.reputation  # None: the planner's unknown
-            out.append(node.capability(rtt, free, rep))
+            cap = node.capability(rtt, free, rep)
+            out.append(replace(cap, ranges=(slices[node.idx],)) if node.idx in slices else cap)
         return out
+
+
+def trial_slices(newcomers: list[Node]) -> dict[int, tuple[int, int]]:
+    """A slice of its layers for each newcomer (in priority order) that no other holds, so one
+    trial path can use them all: the widest run of its span nobody claimed yet, or else the
+    front half of the slice it overlaps that starts where its span does (joiners pile up at
+    the same weakest windows); a newcomer with no room left waits for the next trial."""
+    slices: dict[int, tuple[int, int]] = {}
+    for n in newcomers:
+        lo, hi = n.span
+        claimed = sorted((max(a, lo), min(b, hi)) for a, b in slices.values() if a < hi and lo < b)
+        runs, edge = [], lo
+        for a, b in claimed:
+            runs.append((edge, a))
+            edge = max(edge, b)
+        runs.append((edge, hi))
+        best = max(runs, key=lambda r: (r[1] - r[0], -r[0]))
+        if best[1] > best[0]:
+            slices[n.idx] = best
+            continue
+        for other, (a, b) in list(slices.items()):
+            if a == lo and b - a >= 2 and b <= hi:  # share it: the newcomer takes the front half
+                mid = (a + b) // 2
+                slices[n.idx], slices[other] = (a, mid), (mid, b)
+                break
+    return slices
