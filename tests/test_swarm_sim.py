@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 from swarmsim.dht import K, Dht  # noqa: E402
 from swarmsim.nodes import SWARM, draw_node, sealed_record  # noqa: E402
-from swarmsim.view import PROBATION_SHARE  # noqa: E402
+from swarmsim.view import PROBATION_SHARE, trial_slices  # noqa: E402
 from swarmsim.world import Config, World  # noqa: E402
 
 from edge_agent.discovery.capabilities import decode_txt  # noqa: E402
@@ -59,6 +59,30 @@ def test_joiners_are_used_and_control_bytes_counted(churned):
     assert any(used is not None for *_, used in churned.joined)
     assert churned.node_bytes_per_min > 0 and churned.client_bytes_per_min > 0
     assert set(churned.bytes_by_kind) == {"find", "store", "get"}
+
+
+def test_staked_joiners_are_used_within_30_simulated_seconds(churned):
+    """The target's joiners (staked, up for their first 30 s): every one used within 30 s here,
+    through newcomer keys and trials on batch requests; never more than the batch work."""
+    target = [used for _, eligible, *_, used in churned.joined if eligible]
+    assert len(target) >= 10
+    assert all(used is not None and used <= 30.0 for used in target)
+    batch = sum(v for (_, interactive), v in churned.layer_steps.items() if not interactive)
+    assert 0 < churned.unknown_steps[False] < 0.5 * batch
+
+
+def test_trial_slices_give_overlapping_newcomers_their_own_layers():
+    rng = random.Random(4)
+    nodes = [draw_node(i, rng, 0.0) for i in range(4)]
+    for node, span in zip(nodes, [(1, 9), (1, 7), (3, 12), (1, 9)]):
+        node.span = span
+    slices = trial_slices(nodes)
+    assert len(slices) == 4
+    for node in nodes:
+        a, b = slices[node.idx]
+        assert node.span[0] <= a < b <= node.span[1]  # inside what it serves
+    taken = sorted(slices.values())
+    assert all(x[1] <= y[0] for x, y in zip(taken, taken[1:]))  # no two share a layer
 
 
 def test_records_are_real_signed_records():

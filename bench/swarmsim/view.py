@@ -237,8 +237,8 @@ def trial_slices(newcomers: list[Node]) -> dict[int, tuple[int, int]]:
             slices[n.idx] = best
             continue
         for other, (a, b) in list(slices.items()):
-            if a == lo and b - a >= 2 and b <= hi:  # share it: the newcomer takes the front half
-                mid = (a + b) // 2
+            if a == lo and min(b, hi) - a >= 2:  # share it: the newcomer takes the front half of the overlap
+                mid = (a + min(b, hi)) // 2
                 slices[n.idx], slices[other] = (a, mid), (mid, b)
                 break
     return slices
