@@ -20,6 +20,8 @@ VerifyOpt = typer.Option(False, "--verify", help="Answer only once this request'
                          "cheater, generate again without it (no streaming before that; docs/accountability.md).")
 SpeculateOpt = typer.Option(0, "--speculate", min=0, max=15, help="Draft up to N tokens from the context and verify "
                             "them in one pass through every hop (greedy only; output unchanged; docs/split.md). 0: off.")
+DraftModelOpt = typer.Option(None, "--draft-model", help="A small GGUF with the model's vocabulary that drafts on this "
+                             "device where the context has no match (implies --speculate 4 unless given).")
 UbatchOpt = typer.Option(512, "--ubatch", min=1, help="Micro-batch rows (llama.cpp n_ubatch). Changes the arithmetic: "
                          "a swarm's nodes must match.")
 MaxTokensOpt = typer.Option(64, "--max-tokens", "-n")

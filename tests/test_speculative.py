@@ -169,3 +169,29 @@ def test_kept_conversation_resumes_past_rejected_drafts(tmp_path, peers, smollm_
     assert one.finish_reason == "stop" and one.stats["speculation"]["accepted"] > 0
     assert two.stats["kv_reused_tokens"] > 0
     assert (one.token_ids, two.token_ids) == (plain_one.token_ids, plain_two.token_ids)
+
+
+@pytest.mark.parametrize("draft", ["same model", "random weights"])
+def test_draft_model_drafts_where_the_context_has_no_match(tmp_path, peers, smollm_path, draft):
+    """A small model with the same vocabulary drafts on the client (here SmolLM2 itself, whose
+    greedy drafts the swarm accepts, and a random-weight model of the same vocabulary, whose
+    drafts it rejects): the output is llama.cpp's either way."""
+    from edge_agent.runtime.synthetic import make_random_gguf
+
+    path = smollm_path if draft == "same model" else make_random_gguf(
+        tmp_path / "draft.gguf", n_layer=2, n_embd=64, n_head=2, n_head_kv=1, n_ff=128, n_vocab=49152, ftype="q8_0")
+    a = peers(smollm_path, "1:29")
+    prompt, res = swarm_generate(tmp_path, smollm_path, "Once upon a time, in a small village by the sea,", 24, [a], speculate=4,
+                                 draft_model=path)
+    assert res.token_ids == reference_tokens(smollm_path, prompt, 24)
+    spec = res.stats["speculation"]
+    assert spec["drafted"] > 0
+    if draft == "same model":
+        assert spec["accepted"] >= spec["drafted"] * 0.8
+
+
+def test_draft_model_with_another_vocabulary_is_one_clear_error(tmp_path, smollm_path, tiny_model):
+    from edge_agent.runtime.drafting import DraftModelError, ModelDrafter
+
+    with pytest.raises(DraftModelError, match="same vocabulary"):
+        ModelDrafter.load(tiny_model, EngineOptions(max_requests=1, n_ctx_per_request=128), 49152)

@@ -14,7 +14,7 @@ from edge_agent.commands.common import _agent_config, _client_config, _engine_op
 from edge_agent.options import (AuditRateOpt, BootstrapOpt, BackendOpt, CtxOpt, DataDirOpt, DiscoverOpt, FlashAttnOpt, IceServerOpt,
                                 MdnsInterfaceOpt, ModelOpt, ModeOpt, NoLocalFallbackOpt, NoMdnsOpt, PeerOpt, PrivacyOpt,
                                 SplitOpt, SwarmKeyOpt, TargetTbtOpt, ThreadsOpt, TransportOpt, UbatchOpt, VerifyOpt,
-                                SpeculateOpt)
+                                DraftModelOpt, SpeculateOpt)
 
 
 def serve_command(
@@ -39,6 +39,7 @@ def serve_command(
     audit_rate: float = AuditRateOpt,
     verify: bool = VerifyOpt,
     speculate: int = SpeculateOpt,
+    draft_model: Optional[Path] = DraftModelOpt,
     data_dir: Optional[Path] = DataDirOpt,
     swarm_key: Optional[str] = SwarmKeyOpt,
     peer: list[str] = PeerOpt,
@@ -57,7 +58,7 @@ def serve_command(
     cfg = _agent_config(data_dir, swarm_key, "127.0.0.1", 0, 0, peer, no_mdns, mdns_interface, transport, ice_server,
                         bootstrap)
     client_cfg = _client_config(cfg, split, privacy, swarm_key, target_tbt_ms, mode, backend, no_local_fallback, verify)
-    client_cfg.speculate = speculate
+    client_cfg.speculate, client_cfg.draft_model = speculate or (4 if draft_model else 0), draft_model
     if ctx < 16 or max_concurrent < 1:
         _fail("--ctx must be >= 16 and --max-concurrent >= 1")
     try:

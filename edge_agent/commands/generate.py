@@ -14,7 +14,7 @@ from edge_agent.options import (BootstrapOpt, AuditRateOpt, BackendOpt, ChatOpt,
                                 IceServerOpt, MaxTokensOpt, MdnsInterfaceOpt, ModelOpt, ModeOpt, NoLocalFallbackOpt,
                                 NoMdnsOpt, PeerOpt, PrivacyOpt, RepeatPenaltyOpt, SeedOpt, SplitOpt, StopOpt, SwarmKeyOpt,
                                 TargetTbtOpt, TemperatureOpt, ThreadsOpt, TopKOpt, TopPOpt, TransportOpt, UbatchOpt,
-                                SpeculateOpt, VerifyOpt)
+                                DraftModelOpt, SpeculateOpt, VerifyOpt)
 
 RUN_EPILOG = """[bold]Examples[/bold]
 
@@ -137,6 +137,7 @@ def run(
     audit_rate: float = AuditRateOpt,
     verify: bool = VerifyOpt,
     speculate: int = SpeculateOpt,
+    draft_model: Optional[Path] = DraftModelOpt,
     data_dir: Optional[Path] = DataDirOpt,
     swarm_key: Optional[str] = SwarmKeyOpt,
     peer: list[str] = PeerOpt,
@@ -156,7 +157,7 @@ def run(
     cfg = _agent_config(data_dir, swarm_key, "127.0.0.1", 0, 0, peer, no_mdns, mdns_interface, transport, ice_server,
                         bootstrap)
     client_cfg = _client_config(cfg, split, privacy, swarm_key, target_tbt_ms, mode, backend, no_local_fallback, verify)
-    client_cfg.speculate = speculate
+    client_cfg.speculate, client_cfg.draft_model = speculate or (4 if draft_model else 0), draft_model
     try:
         params = _sampling(max_tokens, temperature, top_k, top_p, repeat_penalty, seed, stop)
         opts = _engine_options(ctx, threads, flash_attn, ubatch, max_requests=2)

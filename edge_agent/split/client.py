@@ -15,8 +15,10 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, NamedTuple, Protocol, Sequence
 
+from edge_agent.runtime.drafting import ModelDrafter
 from edge_agent.runtime.engine import EngineOptions, StepInput
 from edge_agent.runtime.generation import Decoder, GenerationResult
 from edge_agent.runtime.sampling import SamplingParams
@@ -97,6 +99,7 @@ class ClientConfig:
     local_ms_per_layer: float = 1000.0  # planner cost of a local layer: a last resort, never preferred
     verify: bool = False  # answer only after the request's audits passed; regenerate past a cheater (split.verified)
     speculate: int = 0  # most drafted tokens verified per pass (prompt lookup, greedy only); 0: one token per step
+    draft_model: Path | None = None  # a small GGUF with the same vocabulary: drafts where the context has none
 
 
 class SwarmClient:
@@ -170,6 +173,7 @@ class SwarmClient:
         """Batchers, observers and routing strategies around the loaded head and tail."""
         cfg = self.config
         self._head_steps, self._tail_steps = StepBatcher(self.head), StepBatcher(self.tail)  # shared by concurrent requests
+        self.drafter = ModelDrafter.load(cfg.draft_model, self.options, self.tail.info.n_vocab) if cfg.draft_model else None
         self.observers = Observers()  # HopRecord of every hop step this client accepts
         self.end_hooks: list[Callable[[RequestEnd], None]] = []  # e.g. the ledger's receipts
         self.verifier: Verifier | None = None  # request id -> its earliest failed audit (the ledger's auditor)
@@ -194,6 +198,8 @@ class SwarmClient:
         self.head.close()
         self.tail.close()
         self.tokenizer.close()
+        if self.drafter is not None:
+            self.drafter.close()
 
     # -- planning ---------------------------------------------------------------------------
     def policy_for(self, level: str | None = None) -> PrivacyPolicy:
@@ -326,7 +332,7 @@ class SwarmClient:
         pos, sid, reused = len(fed), req.rid.hex(), len(fed)
         # speculation: the caches may hold rejected drafts beyond ``pos`` (also from a kept turn),
         # so every later step rewinds; decode steps carry drafts (greedy only: docs/split.md)
-        spec = Speculation(self.config.speculate, params.greedy, prompt_tokens, self.options.n_ctx_per_request)
+        spec = Speculation(self.config.speculate, params.greedy, prompt_tokens, self.options.n_ctx_per_request, self.drafter, sid)
         kept = None
         try:
             while feed is not None:
@@ -349,9 +355,10 @@ class SwarmClient:
                     nxt, n_kept = decoder.advance(logits, on_token), feed.shape[0]
                 fed.extend(feed[:n_kept].tolist())
                 pos += n_kept
-                feed = spec.next_feed(nxt, decoder, pos, feed.shape[0] - 1 if draft else 0, n_kept - 1 if draft else 0)
+                feed = await spec.next_feed(nxt, decoder, pos, feed.shape[0] - 1 if draft else 0, n_kept - 1 if draft else 0)
             kept = KeptRequest(req, fed) if keep is not None else None
         finally:  # also on cancellation: free the request everywhere
+            spec.close()
             if kept is None:
                 await self.release(KeptRequest(req, fed))
         if kept is not None:

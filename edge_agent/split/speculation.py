@@ -2,7 +2,8 @@
 
 One pass feeds ``[last token, draft 1 .. draft k]`` through the head, every hop and the
 tail at once, so a latency-bound path pays its round trips once for up to k + 1 tokens.
-Drafts come from the context (``runtime.drafting.PromptLookup``); greedy sampling keeps
+Drafts come from the context (``runtime.drafting.PromptLookup``) or, where it has no match,
+from a small model the user gives (``ModelDrafter``, ``--draft-model``); greedy sampling keeps
 them up to the first it would not have chosen (``Decoder.advance_drafts``). Two step flags
 keep every cache exact:
 
@@ -25,11 +26,13 @@ keep their distribution, which is not built; they run one token per step.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Sequence
 
 import numpy as np
 
-from edge_agent.runtime.drafting import PromptLookup
+from edge_agent.runtime.drafting import ModelDrafter, PromptLookup
 from edge_agent.transport import Flag
 
 
@@ -37,10 +40,13 @@ class Speculation:
     """One request's speculation: ``max_draft`` 0 turns drafting off (flags still rewind
     when the client speculates: a kept turn's caches may hold rejected drafts)."""
 
-    def __init__(self, max_draft: int, greedy: bool, prompt_tokens: Sequence[int], n_ctx: int):
+    def __init__(self, max_draft: int, greedy: bool, prompt_tokens: Sequence[int], n_ctx: int,
+                 model: ModelDrafter | None = None, request_id: str = ""):
         self.enabled = max_draft > 0
         self.max_draft = max_draft if greedy else 0
         self.n_ctx = n_ctx
+        self.model, self.request_id = model, request_id  # drafts where the context has no match
+        self.draft_s = 0.0  # the draft model's time per drafted token (moving average)
         self.lookup = PromptLookup()
         if self.max_draft:
             self.lookup.extend(prompt_tokens)
@@ -62,7 +68,7 @@ class Speculation:
         elif self.step_s is not None:
             self.row_s = 0.7 * self.row_s + 0.3 * max(0.0, (seconds - self.step_s) / (rows - 1))
 
-    def next_feed(self, token: np.ndarray | None, decoder, pos: int, drafted: int, accepted: int) -> np.ndarray | None:
+    async def next_feed(self, token: np.ndarray | None, decoder, pos: int, drafted: int, accepted: int) -> np.ndarray | None:
         """What to feed at ``pos`` after a step that drafted ``drafted`` tokens and kept ``accepted``."""
         if drafted:
             self.passes += 1
@@ -76,6 +82,11 @@ class Speculation:
         # no draft past max_tokens (the pass could not emit it) or past the context
         limit = min(self.worth_drafting(), decoder.params.max_tokens - len(decoder.tokens) - 1, self.n_ctx - pos - 1)
         drafts = self.lookup.draft(limit)
+        if not drafts and self.model is not None and limit > 0:
+            t0 = time.perf_counter()
+            drafts = await asyncio.to_thread(self.model.draft, self.request_id, decoder.prompt_tokens + decoder.tokens, limit)
+            if drafts:
+                self.draft_s = 0.7 * self.draft_s + 0.3 * (time.perf_counter() - t0) / len(drafts)
         self._idle = 0 if drafts else self._idle + 1
         return np.concatenate([token, np.asarray(drafts, dtype=np.int32)]) if drafts else token
 
@@ -91,10 +102,14 @@ class Speculation:
         q = (self.accepted + 1) / (self.accepted + self.rejected + 2)
         best, best_rate = 0, 1.0 / self.step_s
         for k in range(1, self.max_draft + 1):
-            rate = (1 - q ** (k + 1)) / (1 - q) / (self.step_s + k * self.row_s)
+            rate = (1 - q ** (k + 1)) / (1 - q) / (self.step_s + k * (self.row_s + self.draft_s))
             if rate > best_rate:
                 best, best_rate = k, rate
         return best
+
+    def close(self) -> None:
+        if self.model is not None:
+            self.model.end(self.request_id)
 
     def stats(self) -> dict:
         return {"max_draft": self.max_draft, "passes": self.passes, "drafted": self.drafted, "accepted": self.accepted,
