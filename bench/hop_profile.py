@@ -271,22 +271,22 @@ def peer_process(model: Path, spans: list[tuple[int, int]], rounds: int, n_token
 
 # (stage, process that stamps its end, the stamp that ends it); a stage starts where the previous ends
 STAGES = [("client: Router.call -> channel.send (encode frame, link)", "c", "send"),
-          ("client: header encode + TLS write", "c", "sent"),
-          ("wire -> peer (loopback, peer wake-up, decrypt)", "p", "rx"),
+          ("client: header + TLS write, wire, peer wakes, decrypts", "p", "rx"),
           ("peer: parse frame", "p", "deliver"),
-          ("peer: read loop wakes", "p", "recv"),
-          ("peer: dispatch, checks, queue put", "p", "queued"),
+          ("peer: step taken (receive callback; was: read loop wakes)", "p", "recv"),
+          ("peer: checks, queue put", "p", "queued"),
           ("peer: shard worker wakes", "p", "worker"),
           ("peer: hand-off to the engine thread", "p", "thread"),
           ("peer: engine.forward (compute_us inside)", "p", "computed"),
           ("peer: hand-off back to the loop", "p", "back"),
           ("peer: reply built (Frame.from_array)", "p", "send"),
-          ("peer: header encode + TLS write", "p", "sent"),
-          ("wire -> client (loopback, client wake-up, decrypt)", "c", "rx"),
+          ("peer: header + TLS write, wire, client wakes, decrypts", "c", "rx"),
           ("client: parse frame", "c", "deliver"),
-          ("client: link read loop wakes", "c", "read"),
+          ("client: link gets it (receive callback; was: reader task)", "c", "read"),
           ("client: request's future wakes", "c", "woken"),
           ("client: check_reply, observers", "c", "done")]
+# the sender's write call alone (send -> sent): the receiver often has the bytes before it returns
+WRITES = [("  (client's write call)", "c"), ("  (peer's write call)", "p")]
 
 
 def stamps_of(rows) -> dict:
@@ -300,10 +300,12 @@ async def drive_traced(model: Path, peers: list, rounds: int, n_tokens: int) -> 
     """A client over ``peers`` with its own stamps on; (client stamp rows, client HopRecords)."""
     from contextlib import AsyncExitStack
 
+    from edge_agent import eventloop
     from edge_agent.runtime.sampling import SamplingParams
     from edge_agent.split import strategy
     from edge_agent.transport import hoptrace
 
+    print(f"client loop: {eventloop.kind()}")
     hoptrace.ON = True
     plain_activation, plain_call = strategy.activation, strategy.Router.call
     current: list = [None]
@@ -358,19 +360,20 @@ def breakdown(model: Path, spans: list[tuple[int, int]], rounds: int, n_tokens: 
     hops = [(c, peer[k]) for k, c in client.items() if "call" in c and "done" in c and k in peer]
     stamp = {"c": 0, "p": 1}
     print(f"{len(hops)} decode hops ({len(spans)} peers, {rounds} x {n_tokens} tokens); microseconds per hop:")
-    print(f"  {'stage':54} {'p50':>7} {'p99':>7}")
+    print(f"  {'stage':58} {'p50':>7} {'p99':>7}")
     prev = ("c", "call")
-    rows = {}
     for name, proc, end in STAGES:
         d_us = [(h[stamp[proc]][end] - h[stamp[prev[0]]][prev[1]]) / 1000 for h in hops]
-        rows[name] = d_us
-        print(f"  {name:54} {np.percentile(d_us, 50):7.1f} {np.percentile(d_us, 99):7.1f}")
+        print(f"  {name:58} {np.percentile(d_us, 50):7.1f} {np.percentile(d_us, 99):7.1f}")
         prev = (proc, end)
+    for name, proc in WRITES:
+        d_us = [(h[stamp[proc]]["sent"] - h[stamp[proc]]["send"]) / 1000 for h in hops]
+        print(f"  {name:58} {np.percentile(d_us, 50):7.1f} {np.percentile(d_us, 99):7.1f}")
     compute = [r.compute_ms * 1000 for r in records]
     overhead = [(r.wall_ms - r.compute_ms) * 1000 for r in records]
     whole = [(c["done"] - c["call"]) / 1000 for c, _ in hops]
-    print(f"  {'peer compute_us (llama_decode)':54} {np.percentile(compute, 50):7.1f} {np.percentile(compute, 99):7.1f}")
-    print(f"  {'Router.call, whole (call -> done)':54} {np.percentile(whole, 50):7.1f} {np.percentile(whole, 99):7.1f}")
+    print(f"  {'peer compute_us (llama_decode)':58} {np.percentile(compute, 50):7.1f} {np.percentile(compute, 99):7.1f}")
+    print(f"  {'Router.call, whole (call -> done)':58} {np.percentile(whole, 50):7.1f} {np.percentile(whole, 99):7.1f}")
     print(f"overhead = link wall - compute_us over {len(records)} hops: p50 {np.percentile(overhead, 50) / 1000:.3f} ms, "
           f"p99 {np.percentile(overhead, 99) / 1000:.3f} ms; load avg {os.getloadavg()[0]:.2f}")
 
@@ -391,8 +394,11 @@ def main() -> None:
     cuts = [1 + round(i * (n_layer - 2) / args.split) for i in range(args.split + 1)]
     spans = list(zip(cuts, cuts[1:]))
     if args.breakdown:
-        print(f"model {shape} Q4_0, peers {' + '.join(f'{a}:{b}' for a, b in spans)}, 1 thread each; "
-              f"load avg {os.getloadavg()[0]:.2f} at start")
+        from edge_agent import eventloop
+
+        eventloop.install()  # as the CLI does, in the client here and in the peers (EDGE_AGENT_UVLOOP=0: asyncio's)
+        print(f"model {shape} Q4_0, peers {' + '.join(f'{a}:{b}' for a, b in spans)}, 1 thread each, "
+              f"{'asyncio' if os.environ.get(eventloop.ENV) == '0' else 'uvloop'} loops; load avg {os.getloadavg()[0]:.2f} at start")
         return breakdown(model, spans, args.rounds, args.tokens)
     x = np.random.default_rng(0).standard_normal((16 + max(args.steps, 20), shape["n_embd"])).astype(np.float32)
     print(f"model {shape} Q4_0, middle layers as {' + '.join(f'{a}:{b}' for a, b in spans)}, 1 thread each; "

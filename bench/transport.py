@@ -1,6 +1,6 @@
 """Transport benchmark: bare TCP vs TLS vs WebRTC on loopback, peers in separate processes.
 
-    .venv/bin/python bench/transport.py [--quick] [--kinds tcp,tls,webrtc]
+    .venv/bin/python bench/transport.py [--quick] [--kinds tcp,tls,webrtc]   (EDGE_AGENT_UVLOOP=0: asyncio's loop)
 
 For each transport an echo peer runs in its own process (edge_agent.transport.loadgen echo).
 Measured, for activation frames of hidden size 576 and 4096 in f16:
@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from edge_agent import eventloop  # noqa: E402
 from edge_agent.discovery.identity import Identity, SwarmKey  # noqa: E402
 from edge_agent.transport.frames import Frame, MsgType, encode  # noqa: E402
 from edge_agent.transport.loadgen import BareTcp, open_channel  # noqa: E402
@@ -159,9 +160,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
     kinds = args.kinds.split(",")
+    eventloop.install()  # as an agent runs, here and in the echo peers (EDGE_AGENT_UVLOOP=0: asyncio's loop)
     results = asyncio.run(run_all(kinds, args.quick, args.reps))
     base = results.get("tcp")
-    print(f"\nloopback, peers in separate processes, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
+    loop = "asyncio" if os.environ.get(eventloop.ENV) == "0" else "uvloop"
+    print(f"\nloopback, peers in separate processes, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {loop} loops, "
           f"{args.reps} rounds; RTT = one-token frame there and back; prefill = 512 x hidden f16 one way")
     print(f"{'transport':<9} {'hidden':>6} {'RTT p50 ms':>10} {'RTT p99 ms':>10} {'prefill MB/s':>12} "
           f"{'p50 x tcp':>9} {'MB/s / tcp':>10}")

@@ -295,3 +295,36 @@ async def _junk_clients() -> None:
 
 def test_junk_and_silent_clients_do_not_wedge_the_listener():
     asyncio.run(_junk_clients())
+
+
+async def _receiver_keeps_order() -> None:
+    server, accepted = await listen_one("tls", tls)
+    ch = await tls.connect(Identity.generate(), SwarmKey.from_secret(SECRET), HOST, server.port)
+    try:
+        rx = await asyncio.wait_for(accepted, 10)
+        taken: list[int] = []
+        rx.set_receiver(lambda f: f.type == MsgType.ACTIVATION and not taken.append(f.seq))
+        kinds = [MsgType.ACTIVATION, MsgType.CONTROL, MsgType.ACTIVATION, MsgType.ACTIVATION]
+        for seq, kind in enumerate(kinds):
+            await ch.send(Frame(kind, seq=seq))
+        for _ in range(500):  # bounded: all four delivered before anyone calls recv()
+            if rx.frames_received == 4:
+                break
+            await asyncio.sleep(0.01)
+        # the receiver took the first step; the control frame waits for recv(), and so do the
+        # steps behind it: nothing overtakes a frame left for recv()
+        assert taken == [0]
+        assert [(await rx.recv()).seq for _ in range(3)] == [1, 2, 3]
+        await ch.send(Frame(MsgType.ACTIVATION, seq=4))  # nothing waiting now: taken at once
+        for _ in range(500):
+            if taken[-1] == 4:
+                break
+            await asyncio.sleep(0.01)
+        assert taken == [0, 4]
+    finally:
+        await ch.close()
+        server.close()
+
+
+def test_receiver_takes_frames_in_order_and_leaves_the_rest_to_recv():
+    asyncio.run(_receiver_keeps_order())

@@ -1,8 +1,9 @@
 """The client's side of a connection to one peer: request/reply over a channel.
 
 Many requests (and many hops of one request, in chain mode) share one channel to a peer;
-a reader task matches each reply to its waiter by (request id, seq). A lost peer fails
-every waiter at once with ``HopFailed`` so the client can re-route without hanging.
+each reply is matched to its waiter by (request id, seq) as the channel receives it. A
+lost peer fails every waiter at once with ``HopFailed`` so the client can re-route
+without hanging.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ class PeerLink:
         self._pending: dict[tuple[bytes, int], asyncio.Future] = {}
         self._seq = itertools.count(1)
         self._lost: str | None = None
-        self._reader = asyncio.create_task(self._read())
+        # replies are matched in the channel's receive callback: no reader task to wake first
+        channel.add_lost_callback(lambda exc: self._fail(f"connection lost ({exc})"))
+        channel.set_receiver(self._on_frame)
 
     @property
     def alive(self) -> bool:
@@ -42,26 +45,18 @@ class PeerLink:
     def next_seq(self) -> int:
         return next(self._seq)
 
-    async def _read(self) -> None:
-        try:
-            while True:
-                frame = await self.channel.recv()
-                if hoptrace.ON and frame.type == MsgType.ACTIVATION:
-                    hoptrace.mark("read", frame)
-                if self.on_traffic is not None:
-                    self.on_traffic(self.peer_id)
-                fut = self._pending.pop((frame.request_id, frame.seq), None)
-                if fut is not None and not fut.done():
-                    fut.set_result(frame)
-        except PeerLostError as exc:
-            self._fail(f"connection lost ({exc})")
-        except asyncio.CancelledError:
-            self._fail("link closed")
-        except Exception as exc:  # noqa: BLE001 - a dead reader must not look like a live link
-            self._fail(f"link reader failed: {exc!r}")
+    def _on_frame(self, frame: Frame) -> bool:
+        if hoptrace.ON and frame.type == MsgType.ACTIVATION:
+            hoptrace.mark("read", frame)
+        if self.on_traffic is not None:
+            self.on_traffic(self.peer_id)
+        fut = self._pending.pop((frame.request_id, frame.seq), None)
+        if fut is not None and not fut.done():
+            fut.set_result(frame)
+        return True  # a reply nobody waits for (timed out) is dropped
 
     def _fail(self, reason: str) -> None:
-        self._lost = reason
+        self._lost = self._lost or reason  # the first cause, not the channel's echo of it
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(HopFailed(self.peer_id, reason, ErrorCode.PEER_LOST))
@@ -132,7 +127,7 @@ class PeerLink:
         return info
 
     async def close(self) -> None:
-        self._reader.cancel()
+        self._fail("link closed")
         try:
             await self.channel.close()
         except Exception:  # noqa: BLE001 - closing a dead channel

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from edge_agent.runtime.engine import EngineError, StepInput, UnknownRequestError
+from edge_agent.split.engine_thread import EngineThread
 from edge_agent.split.observe import HopRecord, Observers, digest
 from edge_agent.split.protocol import ErrorCode, engine_error_code, error_frame, error_reply, parse_control, valid_next
 from edge_agent.split.testhooks import OutputFault, TestHooks
@@ -53,6 +54,7 @@ class _Shard:
     queue: "asyncio.Queue[_Job]" = field(default_factory=asyncio.Queue)
     last_used: dict[str, float] = field(default_factory=dict)
     cheat: object = None  # test faults only: the engine a cheating node computes with instead
+    thread: EngineThread | None = None  # runs the engine's calls; started with the shard's worker
 
     @property
     def compute(self):
@@ -96,14 +98,22 @@ class HopServer:
         for (start, end), shard in self.shards.items():
             if self.fault_engine is not None:
                 shard.cheat = await asyncio.to_thread(self.fault_engine, start, end)
-            self._tasks.append(asyncio.create_task(self._worker(shard)))
+            self._start_worker(shard)
         self._tasks.append(asyncio.create_task(self._evict_loop()))
+
+    def _start_worker(self, shard: _Shard) -> None:
+        shard.thread = EngineThread(f"engine {shard.engine.info.start}:{shard.engine.info.end}")
+        self._tasks.append(asyncio.create_task(self._worker(shard)))
 
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        for shard in self.shards.values():
+            if shard.thread is not None:
+                shard.thread.close()
+                shard.thread = None
         for link in self._next_links.values():
             await link.close()
         self._next_links.clear()
@@ -122,7 +132,11 @@ class HopServer:
 
     # -- per channel -----------------------------------------------------------------------
     async def handle(self, channel) -> None:
-        """Read loop for one connected peer; returns when the peer goes away."""
+        """Read loop for one connected peer; returns when the peer goes away. While the loop
+        is not in the middle of a frame, steps for a held shard are taken straight from the
+        channel's receive callback (``_take``): no reader task to wake on the hop's path."""
+        busy = [False]  # the loop is handling a frame: later ones wait for it (order)
+        channel.set_receiver(lambda frame: not busy[0] and self._take(channel, frame))
         while True:
             try:
                 frame = await channel.recv()
@@ -130,11 +144,50 @@ class HopServer:
                 return
             if hoptrace.ON and frame.type == MsgType.ACTIVATION:
                 hoptrace.mark("recv", frame)
+            busy[0] = True
             try:
                 await self._dispatch(channel, frame)
             except Exception as exc:  # noqa: BLE001 - one bad frame must not end the peer's session
                 log.warning("refused a frame from %s: %r", getattr(channel, "peer_id", "?")[:12], exc)
                 await self._reply(channel, error_reply(frame, ErrorCode.BAD_FRAME, f"frame refused: {exc!r}"[:500]))
+            finally:
+                busy[0] = False
+
+    def _take(self, channel, frame: Frame) -> bool:
+        """Queue a step at once if it needs nothing awaited (a held shard, f32, admissible);
+        anything else (and any refusal) is left to the read loop, which answers it."""
+        if frame.type != MsgType.ACTIVATION or frame.dtype != DType.F32:
+            return False
+        shard = self.shards.get((frame.layer_start, frame.layer_end))
+        if shard is None:
+            return False
+        if hoptrace.ON:
+            hoptrace.mark("recv", frame)
+        try:
+            return self._admit(channel, frame, shard) is None
+        except Exception:  # noqa: BLE001 - the read loop handles it again and answers bad_frame
+            return False
+
+    def _admit(self, channel, frame: Frame, shard: _Shard) -> tuple[ErrorCode, str] | None:
+        """Check a step and queue it; or the refusal, with nothing changed."""
+        arr = frame.array()
+        info, opts = shard.engine.info, shard.engine.options
+        if arr.ndim != 2 or arr.shape[1] != info.n_embd or not 0 < arr.shape[0] <= opts.n_ctx_per_request:
+            return ErrorCode.INPUT_SHAPE, f"hidden states must be (n <= {opts.n_ctx_per_request}, {info.n_embd}), got {arr.shape}"
+        if shard.queue.qsize() >= MAX_PENDING_PER_SHARD:
+            return ErrorCode.BUSY, f"node busy: {MAX_PENDING_PER_SHARD} steps queued on layers {info.start}:{info.end}"
+        # positions are checked by engine.forward when the step runs (earlier frames of the
+        # request may still be queued); a bad step is isolated there
+        rid = frame.request_id.hex()
+        if rid not in self.owners and len(self.owners) >= MAX_TRACKED:
+            self.owners.pop(next(iter(self.owners)))
+        self.owners.setdefault(rid, channel)
+        shard.last_used[rid] = time.monotonic()
+        step = StepInput(rid, frame.step, arr, rewind=bool(frame.flags & Flag.REWIND), draft=bool(frame.flags & Flag.DRAFT))
+        shard.queue.put_nowait(_Job(channel, frame, step))
+        if hoptrace.ON:
+            hoptrace.mark("queued", frame)
+        return None
 
     async def _dispatch(self, channel, frame: Frame) -> None:
         rid = frame.request_id.hex()
@@ -150,26 +203,9 @@ class HopServer:
             if frame.dtype != DType.F32:
                 await self._reply(channel, error_reply(frame, ErrorCode.BAD_DTYPE, "hidden states must be f32 (f16 would change the arithmetic)"))
                 return
-            arr = frame.array()
-            info, opts = shard.engine.info, shard.engine.options
-            refusal = None
-            if arr.ndim != 2 or arr.shape[1] != info.n_embd or not 0 < arr.shape[0] <= opts.n_ctx_per_request:
-                refusal = (ErrorCode.INPUT_SHAPE, f"hidden states must be (n <= {opts.n_ctx_per_request}, {info.n_embd}), got {arr.shape}")
-            elif shard.queue.qsize() >= MAX_PENDING_PER_SHARD:
-                refusal = (ErrorCode.BUSY, f"node busy: {MAX_PENDING_PER_SHARD} steps queued on layers {info.start}:{info.end}")
+            refusal = self._admit(channel, frame, shard)
             if refusal:
                 await self._reply(channel, error_reply(frame, *refusal))
-                return
-            # positions are checked by engine.forward when the step runs (earlier frames of the
-            # request may still be queued); a bad step is isolated there
-            if rid not in self.owners and len(self.owners) >= MAX_TRACKED:
-                self.owners.pop(next(iter(self.owners)))
-            self.owners.setdefault(rid, channel)
-            shard.last_used[rid] = time.monotonic()
-            step = StepInput(rid, frame.step, arr, rewind=bool(frame.flags & Flag.REWIND), draft=bool(frame.flags & Flag.DRAFT))
-            shard.queue.put_nowait(_Job(channel, frame, step))
-            if hoptrace.ON:
-                hoptrace.mark("queued", frame)
         elif frame.type == MsgType.END_REQUEST:
             route = self.routes.get(rid)
             if channel is not self.owners.get(rid) and (route is None or route[0] is not channel):
@@ -198,7 +234,7 @@ class HopServer:
         if shard.engine is not engine:
             engine.close()  # another frame loaded it meanwhile
         elif self._tasks:
-            self._tasks.append(asyncio.create_task(self._worker(shard)))
+            self._start_worker(shard)
         return shard
 
     async def _control(self, channel, frame: Frame) -> None:
@@ -265,7 +301,7 @@ class HopServer:
         if cut == 0:
             for job in jobs[1:]:
                 shard.queue.put_nowait(job)
-            await asyncio.to_thread(shard.compute.end_request, jobs[0].end_request)
+            await shard.thread.run(shard.compute.end_request, jobs[0].end_request)
             return
         batch: list[_Job] = []
         later: list[_Job] = []
@@ -281,7 +317,8 @@ class HopServer:
         if self.hooks.delay_ms:
             await asyncio.sleep(self.hooks.delay_ms / 1000.0)
         try:
-            outs = await asyncio.to_thread(_traced(shard.compute.forward, batch) if hoptrace.ON else shard.compute.forward, [j.step for j in batch])
+            outs = await shard.thread.run(_traced(shard.compute.forward, batch) if hoptrace.ON else shard.compute.forward,
+                                          [j.step for j in batch])
             if hoptrace.ON:
                 for j in batch:
                     hoptrace.mark("back", j.frame)
@@ -291,7 +328,7 @@ class HopServer:
             results = []
             for job in batch:
                 try:
-                    results.append((job, (await asyncio.to_thread(shard.compute.forward, [job.step]))[0], None))
+                    results.append((job, (await shard.thread.run(shard.compute.forward, [job.step]))[0], None))
                 except EngineError as exc:
                     results.append((job, None, exc))
         except Exception as exc:  # noqa: BLE001 - an engine bug: every waiter gets an answer
@@ -350,7 +387,7 @@ class HopServer:
                         del shard.last_used[rid]
                         self.owners.pop(rid, None)
                         self.routes.pop(rid, None)
-                        await asyncio.to_thread(shard.compute.end_request, rid)
+                        await shard.thread.run(shard.compute.end_request, rid)
                         self.evicted[rid] = now
                         while len(self.evicted) > 4096:
                             self.evicted.popitem(last=False)

@@ -80,6 +80,7 @@ class FrameChannel:
         self.frames_sent = 0
         self.frames_received = 0
         self._rx_ns = 0  # hoptrace only: when the bytes of the frames being parsed arrived
+        self._receiver: Callable[[Frame], bool] | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} peer={self.peer_id[:12]} lost={self._lost is not None}>"
@@ -116,9 +117,17 @@ class FrameChannel:
         if hoptrace.ON and t == MsgType.ACTIVATION:
             hoptrace.mark("rx", frame, self._rx_ns)
             hoptrace.mark("deliver", frame)
+        self.frames_received += 1
+        if self._receiver is not None and not self._rx:  # never ahead of frames left for recv()
+            try:
+                if self._receiver(frame):
+                    return
+            except Exception as exc:  # noqa: BLE001 - a receiver bug fails this channel, not the transport
+                log.exception("%s: frame receiver failed", self.kind)
+                self._fail(f"frame receiver failed: {exc!r}")
+                return
         self._rx.append(frame)
         self._rx_bytes += len(frame.payload)
-        self.frames_received += 1
         w = self._rx_waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -216,6 +225,20 @@ class FrameChannel:
                 await self._rx_waiter
             finally:
                 self._rx_waiter = None
+
+    def set_receiver(self, receiver: Callable[[Frame], bool]) -> None:
+        """Offer every frame to ``receiver(frame)`` as it arrives, in the transport's callback:
+        True means it took the frame, False leaves it for ``recv()``. A consumer reached this
+        way needs no reader task to be woken first (a request/reply link, or a hop server's
+        steps, save a loop pass per frame). Order is kept: while frames wait for ``recv()``,
+        later ones wait behind them. The receiver must not block, and frames it takes are not
+        counted by the receive buffer's backpressure. Frames buffered now are offered first."""
+        self._receiver = receiver
+        was_full = self.rx_full
+        while self._rx and receiver(self._rx[0]):
+            self._rx_bytes -= len(self._rx.popleft().payload)
+        if was_full and not self.rx_full:
+            self._on_rx_drained()
 
     async def close(self) -> None:
         """Tell the peer (best effort, bounded) and drop the connection."""

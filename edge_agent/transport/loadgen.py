@@ -157,6 +157,9 @@ async def _send(kind: str, host: str, port: int, secret: str, count: int, big_ev
 
 
 def main(argv: list[str]) -> None:
+    from edge_agent import eventloop
+
+    eventloop.install()  # the loop an agent runs (EDGE_AGENT_UVLOOP=0: asyncio's), for the benchmark's peers
     mode, kind = argv[0], argv[1]
     if mode == "echo":
         asyncio.run(_echo(kind, argv[2], argv[3]))
