@@ -2,6 +2,10 @@
 
     .venv/bin/python bench/swarm_sim.py [--nodes N] [--churn-per-min 0.05] [--minutes M] [--seed S]
                                         [--sybils 1000] [--tokens 32] [--clients C]
+                                        [--spread 0.2] [--trial-share 1.0] [--no-newcomer-keys]
+
+``--spread 0 --trial-share 0 --no-newcomer-keys`` is the client as it was before load
+spread and newcomer trials (the "before" figures in docs/benchmarks.md).
 
 Real planner (``split/planner.py``), deadlines (``split/deadlines.py``) and failure handling
 (``split/strategy.py``'s Router through ``split/star.py``), real signed capability records;
