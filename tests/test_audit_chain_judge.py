@@ -14,7 +14,7 @@ import pytest
 from nacl.signing import SigningKey
 
 from edge_agent.discovery.identity import Identity
-from edge_agent.ledger.audit import TIGHT_TOLERANCE, TOLERANCE
+from edge_agent.ledger.audit import MAX_CARRIED, TIGHT_TOLERANCE, TOLERANCE
 from edge_agent.ledger.chain_audit import ChainHop, boundaries, judge, recompute
 from edge_agent.ledger.encoding import CommitmentBody, chunk_hash
 from edge_agent.ledger.fingerprint import Accumulator
@@ -85,7 +85,7 @@ def _chain(engines, *, a_noise=0.0, b_engine=(2, 4), b_inputs_hash=None, a_tier=
             _commit("c", c, TIGHT_TOLERANCE, "same-class")]
     assert boundaries([(h.start, h.end) for h in hops]) == [(1, 2), (2, 4), (4, 6)]
     at = recompute({r: engines[r] for r in RANGES.values()}, frames, 48)
-    verdicts, broken = judge(hops, at, 48, TOLERANCE)
+    verdicts, broken = judge(hops, at, 48, TOLERANCE, MAX_CARRIED)
     by = {name: [v for v in verdicts if v.hop is hop] for name, hop in zip("abc", hops)}
     return by, broken
 
@@ -97,22 +97,24 @@ def test_same_class_chain_is_judged_exactly_at_every_hop(engines):
 
 
 def test_a_foreign_class_upstream_is_carried_into_a_cumulative_tolerance(engines):
-    by, broken = _chain(engines, a_noise=0.02, a_tier=("cross-class", TOLERANCE))
+    by, broken = _chain(engines, a_noise=0.015, a_tier=("cross-class", TOLERANCE))
     assert not broken and all(v.passed for h in "abc" for v in by[h]), {h: [v.distance for v in by[h]] for h in "abc"}
+    assert all(len(by[h]) == 2 for h in "abc")
     assert {v.tier for v in by["a"]} == {"cross-class"} and {v.tier for h in "bc" for v in by[h]} == {"cumulative"}
     assert all(v.distance > 0 for h in "bc" for v in by[h])  # inexact: it is the bound, not bit equality, that holds
 
 
 def test_an_upstream_deviation_under_its_tolerance_does_not_blame_an_honest_successor(engines):
-    """Hop a deviates by 6 % (passes the cross-class tier, 8 %): the honest hops after it
-    compute from that input; the deviation they carry must not be charged to them."""
+    """Hop a deviates by 6 % (passes the cross-class tier, 8 %, but more than an honest class
+    carries): the hops after it compute from that input, which the auditor does not know well
+    enough to judge them: they are not judged, so never blamed for it."""
     by, _ = _chain(engines, a_noise=0.06, a_tier=("cross-class", TOLERANCE))
-    assert all(v.passed for v in by["a"])
-    assert all(v.passed for h in "bc" for v in by[h]), {h: [(v.distance, v.tolerance) for v in by[h]] for h in "abc"}
+    assert all(v.passed and v.distance > MAX_CARRIED for v in by["a"])
+    assert by["b"] == [] and by["c"] == []
 
 
 def test_a_cheating_middle_hop_after_a_foreign_class_is_caught_and_the_next_hop_not_judged(engines):
-    by, _ = _chain(engines, a_noise=0.02, a_tier=("cross-class", TOLERANCE), b_engine=(2, 3))  # b skips its last layer
+    by, _ = _chain(engines, a_noise=0.015, a_tier=("cross-class", TOLERANCE), b_engine=(2, 3))  # b skips its last layer
     assert all(v.passed for v in by["a"])
     assert by["b"] and all(not v.passed and v.tier == "cumulative" for v in by["b"]), [v.distance for v in by["b"]]
     assert by["c"] == []  # its input is the cheater's output: unknown to the auditor
@@ -128,6 +130,6 @@ def test_a_same_class_cheater_is_judged_from_its_exact_input(engines):
 def test_a_broken_link_names_no_node_and_stops_judging_downstream(engines):
     """b commits an input that a did not commit as its output: one of them lies, the records
     cannot say which. With a of a foreign class b's input is not exact, so b is not judged."""
-    by, broken = _chain(engines, a_noise=0.02, a_tier=("cross-class", TOLERANCE), b_inputs_hash=b"\x07" * 32)
+    by, broken = _chain(engines, a_noise=0.015, a_tier=("cross-class", TOLERANCE), b_inputs_hash=b"\x07" * 32)
     assert [pos for pos, _ in broken] == [0, 16] and all("layers 2" in what for _, what in broken)
     assert all(v.passed for v in by["a"]) and by["b"] == [] and by["c"] == []

@@ -53,6 +53,10 @@ CROSS_CLASS_RATE_FACTOR = 3  # audit rate multiplier for a node of another (or u
 DEFAULT_RATE = 0.03
 MAX_KEPT = 256  # hops whose inputs are kept awaiting their commitments
 CONSISTENCY = 0.01  # committed vs received fingerprint: the same bytes, only float rounding may differ
+# Chain mode: the largest upstream deviation a hop is judged after (from the auditor's recomputed input, at
+# sqrt(TOLERANCE^2 + carried^2)); beyond it an honest SmolLM2 hop amplified its position-0 chunk past that
+# tolerance. ledger.chain_audit, docs/accountability.md "Chain mode".
+MAX_CARRIED = 0.03
 
 
 class AuditIncomplete(RuntimeError):
@@ -320,7 +324,7 @@ class Auditor:
                 if seg not in self._engines:
                     self._engines[seg] = self.engine_for(*seg)
             at = recompute({seg: self._engines[seg] for seg in segments}, hop0, last)
-        verdicts, broken = judge(hops, at, last, TOLERANCE, unreported)
+        verdicts, broken = judge(hops, at, last, TOLERANCE, MAX_CARRIED, unreported)
         outcomes, evidence = [], []
         now = int(time.time() * 1000)
         judged = set()

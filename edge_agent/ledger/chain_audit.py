@@ -14,11 +14,13 @@ to a fingerprint of its output, so a chunk is judged like a star-mode audit:
 - **inexact input** (an upstream hop of another class rounds differently, within its own
   tolerance): the auditor's input differs from the real one by what that upstream hop
   deviated. Such a chunk is judged only when every link into it is intact (a feeder chunk
-  upstream committed ``outputs_hash`` = this chunk's ``inputs_hash``) and every feeder passed;
-  the tolerance is then ``sqrt(TOLERANCE² + carried²)`` (tier "cumulative"), ``carried`` the
-  feeders' largest distance: a fault's own effect is independent of the deviation carried
-  in and adds to it in quadrature, and what an honest hop adds to a carried deviation was
-  measured well under ``TOLERANCE`` (docs/accountability.md, "Chain mode").
+  upstream committed ``outputs_hash`` = this chunk's ``inputs_hash``), every feeder passed,
+  and the deviation they carry in (``carried``, their largest distance) is at most
+  ``max_carried``; the tolerance is then ``sqrt(TOLERANCE² + carried²)`` (tier "cumulative"):
+  a fault's own effect is independent of the deviation carried in and adds to it in
+  quadrature. Above ``max_carried`` an honest hop can amplify what it was fed past that
+  (measured on SmolLM2's position-0 chunks), so it is not judged: docs/accountability.md,
+  "Chain mode".
   Chunks downstream of a failed or unjudged one are not judged: their input is not known.
 - **broken link**: an upstream chunk over the same steps whose committed ``outputs_hash`` is
   not this chunk's committed ``inputs_hash`` means one of the two signed something other than
@@ -104,7 +106,7 @@ def _rows(at: list[tuple[int, np.ndarray]], c: Commitment) -> list[tuple[int, np
 
 
 def judge(hops: list[ChainHop], at: dict[int, list[tuple[int, np.ndarray]]], last: int, cumulative_tolerance: float,
-          unreported: set[int] = frozenset()) -> tuple[list[Verdict], list[tuple[int, str]]]:
+          max_carried: float, unreported: set[int] = frozenset()) -> tuple[list[Verdict], list[tuple[int, str]]]:
     """Verdicts for every chunk recomputed (ending by ``last``), hops in chain order, and the
     broken links as (first position, description). ``unreported``: layer boundaries where a
     hop of the request ends whose commitments never came (a dead hop): a chunk there may have
@@ -130,6 +132,7 @@ def judge(hops: list[ChainHop], at: dict[int, list[tuple[int, np.ndarray]]], las
             if not exact:
                 known = known and bool(feeders) and all(v is not None and v.passed for v in feeders)
                 carried = max([carried, *(v.distance for v in feeders if v is not None)])
+                known = known and carried <= max_carried
             verdict = None
             if exact or known:
                 acc = Accumulator()

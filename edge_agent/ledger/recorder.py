@@ -246,7 +246,8 @@ class ClientRecorder:
 
         ``request_for(peer_id)`` -> an async ledger request function for that peer, or None for
         this device's own fallback hop. ``hops`` (the final path) adds hops the client has no
-        records of: chain mode, where it never sees the middle activations.
+        records of (their commitments are checked for signatures and links only). Once every
+        hop is settled, ``on_settled`` starts the audits that need them all (chain mode).
         """
         out = []
         keys = [k for k in self.hops if k[0] == request_id]
