@@ -113,8 +113,8 @@ def judge(hops: list[ChainHop], at: dict[int, list[tuple[int, np.ndarray]]], las
     been fed by it, so a missing feeder is no broken link."""
     verdicts: list[Verdict] = []
     broken: list[tuple[int, str]] = []
-    # (boundary, step_start, step_end, outputs_hash) -> verdict of the upstream chunk that committed it
-    fed: dict[tuple[int, int, int, bytes], Verdict | None] = {}
+    # (boundary, step_start, step_end) -> [(outputs_hash, verdict or None)] of the upstream chunks over those steps
+    fed: dict[tuple[int, int, int], list[tuple[bytes, Verdict | None]]] = {}
     for hop in sorted(hops, key=lambda h: h.start):
         exact = known = True  # every chunk so far: input bit-identical to ours / fed by judged, passing chunks
         carried = 0.0
@@ -124,8 +124,8 @@ def judge(hops: list[ChainHop], at: dict[int, list[tuple[int, np.ndarray]]], las
                 continue  # not recomputed (a later chunk of an earlier attempt may still be: a rebuild replays)
             rows_in = _rows(at[hop.start], c)
             exact = exact and bool(rows_in) and f.inputs_hash == chunk_hash([digest(x.tobytes()) for _, x in rows_in])
-            feeders = [v for k, v in fed.items() if k[0] == hop.start and k[1:] == (f.step_start, f.step_end, f.inputs_hash)]
-            upstream = [k for k in fed if k[0] == hop.start and k[1:3] == (f.step_start, f.step_end)]
+            upstream = fed.get((hop.start, f.step_start, f.step_end), [])
+            feeders = [v for outputs_hash, v in upstream if outputs_hash == f.inputs_hash]
             if upstream and not feeders and hop.start not in unreported:
                 broken.append((f.step_start, f"layers {hop.start}: no upstream chunk over steps {f.step_start}:{f.step_end} "
                                              f"committed the input {hop.peer_id[:12]} committed"))
@@ -145,7 +145,7 @@ def judge(hops: list[ChainHop], at: dict[int, list[tuple[int, np.ndarray]]], las
                                   "" if d <= tolerance else "re-execution differs" + ("" if exact else
                                                                                      " (from a recomputed input)"))
                 verdicts.append(verdict)
-            fed[(hop.end, f.step_start, f.step_end, f.outputs_hash)] = verdict
+            fed.setdefault((hop.end, f.step_start, f.step_end), []).append((f.outputs_hash, verdict))
     return verdicts, broken
 
 
