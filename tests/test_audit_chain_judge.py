@@ -9,19 +9,22 @@ auditor (1-4 %, docs/accountability.md)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 from nacl.signing import SigningKey
 
 from edge_agent.discovery.identity import Identity
-from edge_agent.ledger.audit import MAX_CARRIED, TIGHT_TOLERANCE, TOLERANCE
+from edge_agent.ledger.audit import MAX_CARRIED, TIGHT_TOLERANCE, TOLERANCE, Auditor, UnattributableFault
 from edge_agent.ledger.chain_audit import ChainHop, boundaries, judge, recompute
 from edge_agent.ledger.encoding import CommitmentBody, chunk_hash
 from edge_agent.ledger.fingerprint import Accumulator
 from edge_agent.ledger.records import Commitment
 from edge_agent.runtime.engine import EngineOptions, StepInput
 from edge_agent.runtime.llamacpp import LlamaCppEngine
-from edge_agent.split.observe import digest
+from edge_agent.split.observe import HopRecord, digest
+from edge_agent.transport import Flag
 
 SHAPE = dict(n_layer=7, n_embd=64, n_head=8, n_head_kv=4, n_ff=172, n_vocab=512, seed=14)
 OPTS = EngineOptions(n_ctx_per_request=128, max_requests=2, n_threads=1)
@@ -133,3 +136,40 @@ def test_a_broken_link_names_no_node_and_stops_judging_downstream(engines):
     by, broken = _chain(engines, a_noise=0.015, a_tier=("cross-class", TOLERANCE), b_inputs_hash=b"\x07" * 32)
     assert [pos for pos, _ in broken] == [0, 16] and all("layers 2" in what for _, what in broken)
     assert all(v.passed for v in by["a"]) and by["b"] == [] and by["c"] == []
+
+
+@pytest.mark.parametrize("case", ["skip-layer at b", "broken link into b"])
+def test_the_auditor_names_the_cheater_or_refuses_to_name_anyone(engines, case):
+    """The Auditor's wiring: CHAIN-flagged client records (hop 0's input, the last hop's
+    output), each hop's verified commitments, then ``on_settled``; ``fault`` answers the
+    cheater and the first position it corrupted, or raises for a link that names no node."""
+    frames = _frames()
+    a = _serve(engines[(1, 2)], frames)
+    b = _serve(engines[(2, 3) if case == "skip-layer at b" else (2, 4)], [(p, y, 0) for p, _, y in a])
+    c = _serve(engines[(4, 6)], [(p, y, 0) for p, _, y in b])
+    hops = [_commit("a", a, TOLERANCE, ""), _commit("b", b, TOLERANCE, "", b"\x07" * 32 if "link" in case else None),
+            _commit("c", c, TOLERANCE, "")]
+    rid = bytes(16).hex()
+    auditor = Auditor(NODES["a"], None, lambda s, e: engines[(s, e)], rate=1.0, seed=1)
+
+    async def audit():
+        for (pos, x, _), (_, _, y) in zip(frames, c):
+            for name, hop in zip("abc", hops):
+                first, last = name == "a", name == "c"
+                auditor.observe(HopRecord("client", rid, hop.peer_id, hop.start, hop.end, pos, x.shape[0],
+                                          digest(x.tobytes()) if first else b"", digest(y.tobytes()) if last else b"", 0.0,
+                                          flags=int(Flag.CHAIN), input=x if first else None, output=y if last else None))
+        for hop in hops:
+            auditor.on_commitments(rid, hop.peer_id, hop.start, hop.end, hop.commitments)
+        auditor.on_settled(rid)
+        return await auditor.fault(rid)
+
+    if case == "skip-layer at b":
+        assert asyncio.run(audit()) == (hops[1].peer_id, 0)
+        failed = [o for o in auditor.outcomes if not o.passed]
+        assert {o.peer_id for o in failed} == {hops[1].peer_id} and all(o.evidence_id for o in failed)
+        assert {o.peer_id for o in auditor.outcomes if o.passed} == {hops[0].peer_id}  # c: after the cheater, not judged
+    else:
+        with pytest.raises(UnattributableFault, match="broken chain link"):
+            asyncio.run(audit())
+        assert all(o.passed for o in auditor.outcomes if o.peer_id)  # a passed (exact); b and c: not judged, not blamed
