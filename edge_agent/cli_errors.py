@@ -139,9 +139,10 @@ class EdgeAgentTyper(typer.Typer):
     """The app: known failures of any command become one line + hint and exit 2."""
 
     def __call__(self, *args, **kwargs):
-        from edge_agent import eventloop
+        if len(sys.argv) > 1 and not {"--help", "-h", "--version"} & set(sys.argv[1:]):  # help runs no loop: no asyncio import
+            from edge_agent import eventloop
 
-        eventloop.install()  # every command's asyncio.run gets uvloop where installed (edge_agent/eventloop.py)
+            eventloop.install()  # every command's asyncio.run gets uvloop where installed (edge_agent/eventloop.py)
         try:
             return super().__call__(*args, **kwargs)
         except KeyboardInterrupt:
