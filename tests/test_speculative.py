@@ -13,6 +13,7 @@ from edge_agent.runtime.llamacpp import LlamaCppEngine
 from edge_agent.runtime.shards import inspect_model
 from swarm_util import peers, swarm_generate  # noqa: F401 - peers is a fixture
 
+STORY = "Once upon a time, in a small village by the sea,"  # drafts are few and mostly rejected
 TEXT = ("Copy this list exactly. Apples, pears, plums, cherries, grapes, lemons, limes, figs. "
         "Apples, pears, plums, cherries, grapes, lemons, limes, figs. Apples, pears,")
 
@@ -86,8 +87,19 @@ def test_killed_peer_mid_speculation_is_replayed_exactly(tmp_path, peers, smollm
     assert res.stats["speculation"]["accepted"] > 0
 
 
-@pytest.mark.parametrize("fault", [None, "skip-layer"])
-def test_verified_speculation_audits_every_chunk_exactly(tmp_path, peers, smollm_path, monkeypatch, fault):
+def test_chunks_are_told_apart_by_their_frames_not_their_positions():
+    from edge_agent.ledger.chain_audit import chunk_members
+
+    # a pass at 10 over 10..14 (2 drafts kept), then single rows again from 13 on
+    frames = [(0, 10), (10, 5), (13, 1), (14, 1), (15, 1)]
+    assert chunk_members(frames, 10, 15) == [1]
+    assert chunk_members(frames, 13, 16) == [2, 3, 4]
+    assert chunk_members(frames, 0, 10) == [0]
+
+
+@pytest.mark.parametrize("fault,mode,text", [(None, "star", TEXT), (None, "star", STORY), (None, "chain", STORY),
+                                             ("skip-layer", "star", TEXT)])
+def test_verified_speculation_audits_every_chunk_exactly(tmp_path, peers, smollm_path, monkeypatch, fault, mode, text):
     """Audits re-execute speculative steps with their flags (rewinds, row-exact drafts): an honest
     peer audited on every chunk raises no flag; a cheater that speculation served is still
     caught, and the answer is llama.cpp's."""
@@ -97,8 +109,8 @@ def test_verified_speculation_audits_every_chunk_exactly(tmp_path, peers, smollm
     from edge_agent.runtime.sampling import SamplingParams
     from edge_agent.split.client import ClientConfig
 
-    honest = peers(smollm_path, "1:29", "--test-advertise-ms", "5")
-    serving = [honest]
+    serving = [peers(smollm_path, "1:29", "--test-advertise-ms", "5")] if mode == "star" else \
+        [peers(smollm_path, "1:15"), peers(smollm_path, "15:29")]
     if fault:
         monkeypatch.setenv("EDGE_AGENT_TEST_FAULTS", "1")
         serving.insert(0, peers(smollm_path, "1:29", "--test-fault", fault, "--test-advertise-ms", "0.001"))
@@ -108,16 +120,16 @@ def test_verified_speculation_audits_every_chunk_exactly(tmp_path, peers, smollm
     cfg.data_dir.mkdir()
 
     async def go():
-        async with swarm_client(cfg, smollm_path, ClientConfig(verify=True, speculate=6),
+        async with swarm_client(cfg, smollm_path, ClientConfig(verify=True, speculate=6, mode=mode),
                                 EngineOptions(n_ctx_per_request=512, max_requests=2), discover_s=30.0, audit_rate=1.0) as client:
-            tokens = client.tokenizer.encode(TEXT)
+            tokens = client.tokenizer.encode(text)
             return tokens, await client.generate(tokens, SamplingParams(max_tokens=36))
 
     prompt, res = asyncio.run(go())
     assert res.token_ids == reference_tokens(smollm_path, prompt, 36)
     rolled = res.stats["verified"]["rolled_back"]
     assert [r["cheater"] for r in rolled] == ([serving[0].agent_id] if fault else [])
-    assert res.stats["speculation"]["accepted"] > 0
+    assert res.stats["speculation"]["drafted"] > 0
 
 
 def test_drafts_only_as_many_as_pay_for_themselves():

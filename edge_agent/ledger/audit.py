@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 
 from edge_agent.discovery.identity import Identity
-from edge_agent.ledger.chain_audit import ChainHop, boundaries, frames_at_start, judge, last_needed, recompute
+from edge_agent.ledger.chain_audit import ChainHop, boundaries, chunk_members, frames_at_start, judge, last_needed, recompute
 from edge_agent.ledger.evidence import AuditStatement, Evidence
 from edge_agent.ledger.fingerprint import Accumulator, distance
 from edge_agent.ledger.records import Commitment
@@ -89,6 +89,13 @@ class Tier:
     rate: float
 
 
+def _shape(frame: tuple) -> tuple[int, int]:
+    """(position, rows) of a kept frame; a chain hop's middle records carry no rows (then 1:
+    their chunks are not checked here, the chain audit recomputes them)."""
+    rows = next((a for a in frame[1:3] if a is not None), None)
+    return frame[0], rows.shape[0] if rows is not None else 1
+
+
 def _consistency(peer_id: str, request_id: str, start: int, end: int, frames, commitments: list[Commitment]) -> list:
     """Failed outcomes for chunks whose committed fingerprint is not that of the outputs the
     client received. Not self-verifying evidence (a third party would need the activations),
@@ -96,7 +103,7 @@ def _consistency(peer_id: str, request_id: str, start: int, end: int, frames, co
     failed = []
     for c in commitments:
         f = c.fields
-        outs = [(pos, out) for pos, _, out, _ in frames if f.step_start <= pos < f.step_end]
+        outs = [(frames[i][0], frames[i][2]) for i in chunk_members([_shape(fr) for fr in frames], f.step_start, f.step_end)]
         if not outs or any(out is None for _, out in outs):
             continue  # a chain hop's output this device never received: the chain audit recomputes it
         acc = Accumulator()
@@ -114,18 +121,18 @@ def reexecute(engine, frames: list[tuple], chunks: list[tuple[int, int]]) -> lis
     and optionally step flags, in send order) on ``engine``, from position 0 up to the last
     chunk's end. A speculative step's flags rewind past rejected drafts and keep its rows
     exact, as on the hop."""
-    last = max(end for _, end in chunks)
+    shapes = [_shape(f) for f in frames]
+    members = [set(chunk_members(shapes, start, end)) for start, end in chunks]
+    last = max((i for m in members for i in m), default=-1)
     accumulators = [Accumulator() for _ in chunks]
     rid = f"audit-{random.getrandbits(64):016x}"
     try:
-        for pos, x, *flags in frames:
+        for i, (pos, x, *flags) in enumerate(frames[:last + 1]):
             flags = flags[0] if flags else 0
-            if pos >= last:
-                break
             step = StepInput(rid, pos, x, rewind=bool(flags & Flag.REWIND), draft=bool(flags & Flag.DRAFT))
             out = engine.forward([step])[0].data
-            for (start, end), acc in zip(chunks, accumulators):
-                if start <= pos < end:
+            for m, acc in zip(members, accumulators):
+                if i in m:
                     acc.add(pos, out)
     finally:
         engine.end_request(rid)

@@ -100,9 +100,18 @@ def boundaries(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return list(zip(cuts, cuts[1:]))
 
 
+def chunk_members(frames: list[tuple[int, int]], start: int, end: int) -> list[int]:
+    """Indexes of the frames, given as (position, rows), that make up the chunk over steps
+    ``[start, end)``: a frame of several rows is a chunk of its own (``recorder.chunks_of``),
+    single rows tile theirs. Position ranges alone do not say it: with speculative decoding
+    a pass at P covers P..P+k and the single-row steps after it start again at P+a+1."""
+    whole = [i for i, (p, n) in enumerate(frames) if n > 1 and p == start and p + n == end]
+    return whole[-1:] if whole else [i for i, (p, n) in enumerate(frames) if n == 1 and start <= p < end]
+
+
 def _rows(at: list[tuple[int, np.ndarray]], c: Commitment) -> list[tuple[int, np.ndarray]]:
     f = c.fields
-    return [(p, x) for p, x in at if f.step_start <= p < f.step_end]
+    return [at[i] for i in chunk_members([(p, x.shape[0]) for p, x in at], f.step_start, f.step_end)]
 
 
 def judge(hops: list[ChainHop], at: dict[int, list[tuple[int, np.ndarray]]], last: int, cumulative_tolerance: float,
