@@ -347,7 +347,7 @@ async def swarm_client(config: AgentConfig, model: "Path | ThinModel", client_co
             client = await asyncio.to_thread(SwarmClient.from_shards, model, directory, client_config, options)
         else:
             client = await SwarmClient.create(model, directory, client_config, options, config.data_dir / "shards")
-        ledger = agent.open_ledger()
+        ledger = client.ledger = agent.open_ledger()
         if ledger is not None:  # checks the hops' commitments and countersigns receipts after each request
             from edge_agent.ledger.accounts import Accounts
 

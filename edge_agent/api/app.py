@@ -13,7 +13,7 @@ import logging
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -28,6 +28,9 @@ from edge_agent.api.schemas import (MAX_BODY_BYTES, ApiError, ChatRequest, Compl
                                     parse_body, sse, usage)
 from edge_agent.runtime.generation import GenerationResult
 from edge_agent.runtime.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from edge_agent.api.accounts_panel import AccountsPanel
 
 log = logging.getLogger(__name__)
 OPEN_PATHS = ("/health", "/metrics", "/")  # and /static/*: no API key needed, nothing private there
@@ -44,6 +47,7 @@ class ApiServices:
     swarm: Callable[[], dict]  # model, layers, local ranges and live peers (see server.swarm_view)
     api_key: str | None = None
     created: int = int(time.time())
+    accounts: "AccountsPanel | None" = None  # the dashboard's ledger view; None: this agent keeps no ledger
 
 
 def error_response(err: ApiError) -> JSONResponse:

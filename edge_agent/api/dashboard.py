@@ -3,7 +3,9 @@
 The page (static/index.html, dashboard.js, dashboard.css) needs no build step and fetches
 nothing from outside this agent. ``/api/events`` pushes one snapshot a second: the
 model's layers and who serves them, live peers, requests in flight with their paths, and
-the recent requests' TTFT / TBT / tokens per second for the plots.
+the recent requests' TTFT / TBT / tokens per second for the plots; and, when it changed, an
+``accounts`` event: the Accounts panel (balances, stake, reputation, evidence; api/accounts_panel.py),
+also at ``GET /v1/ledger/accounts``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+
+from edge_agent.api.accounts_panel import NO_LEDGER
 
 EVENT_INTERVAL_S = 1.0
 MAX_EVENT_STREAM_S = 3600.0  # a tab left open reconnects after this (bounded loop)
@@ -39,15 +43,31 @@ def page_routes() -> list:
     return [Route("/", index, methods=["GET"]), Mount("/static", StaticFiles(directory=str(static)), name="static")]
 
 
+def event(name: str, data: dict) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+async def accounts_view(s) -> dict:
+    return NO_LEDGER if s.accounts is None else await s.accounts.view()
+
+
 def dashboard_routes(s) -> list:
     async def swarm(_request: Request):
         return JSONResponse(snapshot(s))
 
+    async def accounts(_request: Request):
+        return JSONResponse(await accounts_view(s))
+
     async def events(request: Request):
         async def feed():
             deadline = time.monotonic() + MAX_EVENT_STREAM_S
+            sent = None
             while time.monotonic() < deadline and not await request.is_disconnected():
-                yield f"event: snapshot\ndata: {json.dumps(snapshot(s), separators=(',', ':'))}\n\n".encode()
+                yield event("snapshot", snapshot(s))
+                panel = await accounts_view(s)
+                if panel != sent:  # mostly unchanged: not sent again
+                    yield event("accounts", panel)
+                    sent = panel
                 await asyncio.sleep(EVENT_INTERVAL_S)
 
         return StreamingResponse(feed(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -55,5 +75,6 @@ def dashboard_routes(s) -> list:
     return [
         Route("/api/swarm", swarm, methods=["GET"]),
         Route("/api/events", events, methods=["GET"]),
+        Route("/v1/ledger/accounts", accounts, methods=["GET"]),
         *page_routes(),
     ]

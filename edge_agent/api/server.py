@@ -97,6 +97,7 @@ async def api_app(config, model: Path, client_config, engine_options, opts: Serv
     ``engine_options``: this device's engine settings (context per request, arithmetic);
     ``opts.max_concurrent`` of its KV slots serve requests at once. Used by ``serve`` and the
     desktop app (edge_agent/desktop.py), which swaps the app in once the model is loaded."""
+    from edge_agent.api.accounts_panel import AccountsPanel
     from edge_agent.api.app import ApiServices, create_app
     from edge_agent.api.dashboard import dashboard_routes
     from edge_agent.api.engine import ApiEngine
@@ -112,12 +113,17 @@ async def api_app(config, model: Path, client_config, engine_options, opts: Serv
         metrics.in_flight.set_function(lambda: len(engine.flights))
         metrics.kept.set_function(lambda: len(engine.conversations))
         client.observers.add(engine.observe)
-        services = ApiServices(engine, metrics, model_id, engine_options.n_ctx_per_request, view, opts.api_key)
+        agent_id = client.peers.agent.identity.agent_id
+        panel = None if client.ledger is None else AccountsPanel(client.ledger.store, agent_id,
+                                                                 lambda: [p["peer_id"] for p in view()["peers"]])
+        services = ApiServices(engine, metrics, model_id, engine_options.n_ctx_per_request, view, opts.api_key, accounts=panel)
         try:
             yield create_app(services, dashboard_routes(services)), {
-                "model": model_id, "agent_id": client.peers.agent.identity.agent_id, "peers": len(view()["peers"])}
+                "model": model_id, "agent_id": agent_id, "peers": len(view()["peers"])}
         finally:
             await engine.close()  # every hop ends its requests before the links close
+            if panel is not None:
+                panel.close()
 
 
 async def serve(config, model: Path, client_config, engine_options, opts: ServeOptions, on_ready=None) -> None:

@@ -69,7 +69,7 @@ def show(data_dir: Optional[Path] = DataDirOpt, as_json: bool = typer.Option(Fal
 def evidence(data_dir: Optional[Path] = DataDirOpt, as_json: bool = typer.Option(False, "--json", help="JSON lines."),
              accused: Optional[str] = typer.Option(None, "--accused", help="Only evidence against this agent id.")) -> None:
     """Evidence against nodes (failed audits, equivocation), each re-verified (docs/accountability.md)."""
-    from edge_agent.ledger.evidence import Evidence
+    from edge_agent.ledger.report import evidence_entry
 
     store = _store(data_dir, create=False)
     try:
@@ -77,20 +77,13 @@ def evidence(data_dir: Optional[Path] = DataDirOpt, as_json: bool = typer.Option
     finally:
         store.close()
     for row in rows:
-        ev = Evidence(row["body"])
-        problem = ev.problem()
-        out = {"id": row["id"].hex(), "kind": row["kind"], "accused": row["accused"], "stored_ms": row["stored_ms"],
-               "valid": problem is None, "problem": problem}
-        if ev.kind == "failed-audit" and problem is None:
-            _, _, _, dist, tol, _, _ = ev.statement().fields
-            out.update(auditor=ev.statement().fields[0].hex(), distance=dist / 1e6, tolerance=tol / 1e6,
-                       chunk=ev.commitments()[0].fields.chunk)
+        out = evidence_entry(row)
         if as_json:
             typer.echo(json.dumps(out))
         else:
             extra = f"  distance {out['distance']:.3f} > {out['tolerance']:.3f}" if "distance" in out else ""
             typer.echo(f"{out['id'][:16]}  {out['kind']}  accused {out['accused'][:12]}{extra}  "
-                       f"{'valid' if problem is None else 'INVALID: ' + problem}")
+                       f"{'valid' if out['valid'] else 'INVALID: ' + out['problem']}")
 
 
 @ledger_app.command("verify")
@@ -259,7 +252,8 @@ def balance(agent: Optional[str] = typer.Argument(None, help="Agent id or its pr
 @ledger_app.command("reputation")
 def reputation(data_dir: Optional[Path] = DataDirOpt, as_json: bool = typer.Option(False, "--json", help="JSON lines.")) -> None:
     """Every agent the ledger knows: reputation (the planner's input), stake, offences, work served."""
-    from edge_agent.ledger.accounts import MIN_REPUTATION, Accounts
+    from edge_agent.ledger.accounts import Accounts
+    from edge_agent.ledger.report import routing
 
     store = _store(data_dir, create=False)
     try:
@@ -267,10 +261,11 @@ def reputation(data_dir: Optional[Path] = DataDirOpt, as_json: bool = typer.Opti
     finally:
         store.close()
     for a in rows:
+        route = routing(a)
         if as_json:
-            typer.echo(json.dumps({**a.to_dict(), "routable": a.reputation >= MIN_REPUTATION}))
+            typer.echo(json.dumps({**a.to_dict(), **route}))
         else:
-            flag = "" if a.reputation >= MIN_REPUTATION else "  (not routed to)"
+            flag = "" if route["routable"] else f"  (not routed to: {route['not_routable_because']})"
             typer.echo(f"{a.agent_id[:12]}  reputation {a.reputation:.3f}  stake {a.stake}  offences {a.offences}  "
                        f"layer-tokens {a.layer_tokens}{flag}")
 

@@ -177,6 +177,7 @@ class SwarmClient:
         self.observers = Observers()  # HopRecord of every hop step this client accepts
         self.end_hooks: list[Callable[[RequestEnd], None]] = []  # e.g. the ledger's receipts
         self.verifier: Verifier | None = None  # request id -> its earliest failed audit (the ledger's auditor)
+        self.ledger = None  # this agent's ledger.background.Ledger when it keeps one (node.swarm_client sets it)
         self.banned: set[str] = set()  # peers caught cheating: planned around for the rest of this client's life
         self._local_ms = 0.0
         self._local_link: LocalLink | None = None
@@ -358,7 +359,7 @@ class SwarmClient:
                 feed = await spec.next_feed(nxt, decoder, pos, feed.shape[0] - 1 if draft else 0, n_kept - 1 if draft else 0)
             kept = KeptRequest(req, fed) if keep is not None else None
         finally:  # also on cancellation: free the request everywhere
-            spec.close()
+            await spec.close()
             if kept is None:
                 await self.release(KeptRequest(req, fed))
         if kept is not None:

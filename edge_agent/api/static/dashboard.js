@@ -183,6 +183,44 @@ function render(snap) {
   plot("plot-tps", snap.recent.map((r) => [r.t, r.tokens_per_s]), "#3ddc97");
 }
 
+// The Accounts panel: this agent's own verified ledger, as `edge-agent ledger balance|reputation|evidence`
+// compute it. Agent ids, reasons and problems come from the network: written with textContent only.
+const KINDS = { "failed-audit": "failed audit", equivocation: "equivocation" };
+const count = (n) => Number(n).toLocaleString("en-US");
+const num = (n) => el("td", count(n), { class: "num" });
+
+function agentCell(a) {
+  const cell = el("td", null, { title: a.agent_id, class: "agent" });
+  if (a.live) cell.appendChild(el("span", null, { class: "swatch", style: `background:${colourOf(a.agent_id)}` }));
+  cell.append(a.this_device ? `this device (${a.agent_id.slice(0, 10)})` : a.agent_id.slice(0, 10));
+  return cell;
+}
+
+function renderAccounts(panel) {
+  const note = $("accounts-note");
+  const problem = !panel.ledger ? panel.message : panel.error;
+  note.hidden = !problem;
+  note.textContent = problem || "";
+  $("accounts-tables").hidden = Boolean(problem);
+  $("accounts-summary").textContent = problem ? "" : `(${panel.accounts_total} agent(s) in this agent's ledger and seen live)`;
+  if (problem) return;
+  const rows = panel.accounts.map((a) => {
+    const rep = el("td", a.reputation.toFixed(3) + (a.in_ledger ? "" : " (new)"), { class: "num" });
+    const route = a.routable ? el("td", "yes") : el("td", "no: " + a.not_routable_because, { class: "bad", title: a.not_routable_because });
+    return [agentCell(a), num(a.balance), num(a.earned), num(a.spent), num(a.bonded), num(a.stake), rep, route, num(a.offences)];
+  });
+  fillTable("accounts", rows, "no accounts yet", 9);
+  [...$("accounts").tBodies[0].rows].forEach((tr, i) => { if (panel.accounts[i]) tr.dataset.agent = panel.accounts[i].agent_id; });
+  const shown = panel.evidence.length;
+  $("evidence-summary").textContent = shown < panel.evidence_total ? `(newest ${shown} of ${panel.evidence_total})` : `(${shown})`;
+  fillTable("evidence", panel.evidence.map((e) => [
+    new Date(e.stored_ms).toLocaleString(), KINDS[e.kind] || e.kind, el("td", e.accused.slice(0, 10), { title: e.accused }),
+    e.valid ? el("td", e.request.slice(0, 12), { title: e.request }) : "", e.valid ? String(e.chunk) : "",
+    e.distance !== undefined ? `${e.distance.toFixed(3)} > ${e.tolerance.toFixed(3)}` : "",
+    e.valid ? "yes" : el("td", "no: " + e.problem, { class: "bad", title: e.problem }),
+  ]), "no evidence: no node has been caught", 7);
+}
+
 function setLive(on) {
   $("live").textContent = on ? "live" : "offline";
   $("live").className = "pill " + (on ? "on" : "off");
@@ -194,7 +232,10 @@ async function followEvents() {
       const res = await fetch("/api/events", { headers: headers() });
       if (!res.ok) throw new Error("HTTP " + res.status);
       setLive(true);
-      await readSSE(res, (name, data) => { if (name === "snapshot") render(JSON.parse(data)); });
+      await readSSE(res, (name, data) => {
+        if (name === "snapshot") render(JSON.parse(data));
+        else if (name === "accounts") renderAccounts(JSON.parse(data));
+      });
     } catch (err) {
       console.warn("event stream:", err);
     }
