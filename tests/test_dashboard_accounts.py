@@ -167,3 +167,26 @@ def test_without_a_ledger_the_panel_says_so_in_one_line(agents, browser):
         assert page.is_hidden("#accounts-tables")
     finally:
         page.close()
+
+
+def test_a_record_stored_later_reaches_the_endpoint_and_the_open_page(agents, browser):
+    """Records arrive while the agent runs (syncs, audits): the cached panel picks them up, and the open page is
+    updated by the live feed without a reload."""
+    me, data_dir, server, _ = agents
+    page = browser.new_page()
+    try:
+        page.goto(server.url + "/")
+        page.fill("#api-key", API_KEY)
+        bonded = f"#accounts tbody tr[data-agent='{me.agent_id}'] td:nth-child(5)"
+        page.wait_for_selector(bonded, timeout=30_000)
+        assert page.text_content(bonded) == "500"
+        store = LedgerStore.open(data_dir)
+        try:
+            store.add(bonds=[Bond.sign(me, 100, 2)]).result(30)
+        finally:
+            store.close()
+        page.wait_for_function(f"document.querySelector(\"{bonded}\").textContent === '600'", timeout=30_000)
+    finally:
+        page.close()
+    (mine,) = ledger_cli("balance", "--data-dir", str(data_dir))
+    assert mine["bonded"] == 600 and get(server.url + "/v1/ledger/accounts")["accounts"][0]["bonded"] == 600
