@@ -38,6 +38,7 @@ MAX_PENDING_PER_SHARD = 256  # queued steps beyond this are refused: a peer cann
 MAX_TRACKED = 4096
 _STEP_FLAGS = int(Flag.REWIND | Flag.DRAFT)  # a speculative step's (runtime.engine.StepInput)
 _KEPT_FLAGS = int(Flag.REPLAY | Flag.PREFILL) | _STEP_FLAGS  # a reply (and chain forward) keeps these
+_REWIND, _DRAFT, _CHAIN = int(Flag.REWIND), int(Flag.DRAFT), int(Flag.CHAIN)  # plain ints on the hop path: IntFlag ops cost ~0.7 us
 
 
 @dataclass
@@ -183,7 +184,7 @@ class HopServer:
             self.owners.pop(next(iter(self.owners)))
         self.owners.setdefault(rid, channel)
         shard.last_used[rid] = time.monotonic()
-        step = StepInput(rid, frame.step, arr, rewind=bool(frame.flags & Flag.REWIND), draft=bool(frame.flags & Flag.DRAFT))
+        step = StepInput(rid, frame.step, arr, rewind=bool(frame.flags & _REWIND), draft=bool(frame.flags & _DRAFT))
         shard.queue.put_nowait(_Job(channel, frame, step))
         if hoptrace.ON:
             hoptrace.mark("queued", frame)
@@ -337,7 +338,7 @@ class HopServer:
         for job, out, exc in results:
             f = job.frame
             back = job.channel
-            route = self.routes.get(job.step.request_id) if f.flags & Flag.CHAIN else None
+            route = self.routes.get(job.step.request_id) if f.flags & _CHAIN else None
             if route is not None:
                 back = route[0]  # in chain mode answers and errors go straight to the client
             if exc is not None:
