@@ -31,8 +31,9 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
             due, data = await queue.get()
             if (wait := due - loop.time()) > 0:
                 await asyncio.sleep(wait)
-            if not data:
-                writer.close()
+            if not data:  # the sender closed: pass it on once what it sent is delivered
+                if writer.can_write_eof():
+                    writer.write_eof()
                 return
             writer.write(data)
             await writer.drain()

@@ -207,3 +207,38 @@ def test_draft_model_with_another_vocabulary_is_one_clear_error(tmp_path, smollm
 
     with pytest.raises(DraftModelError, match="same vocabulary"):
         ModelDrafter.load(tiny_model, EngineOptions(max_requests=1, n_ctx_per_request=128), 49152)
+
+
+def test_bad_draft_steps_change_no_cache(tmp_path):
+    """Every step of a call is validated before anything changes: a draft pass that would
+    overflow the context, an oversized draft, or a rewinding step in an invalid batch leave
+    every request's cache as it was (a hop server then runs the other steps alone)."""
+    from edge_agent.runtime.engine import ContextFullError, InputShapeError
+    from edge_agent.runtime.synthetic import make_random_gguf
+
+    path = make_random_gguf(tmp_path / "q8.gguf", n_layer=2, n_embd=64, n_head=2, n_head_kv=1, n_ff=128, n_vocab=256,
+                            ftype="q8_0")
+    e = LlamaCppEngine.from_model(path, 0, 1, EngineOptions(max_requests=4, n_ctx_per_request=24, n_threads=1))
+    try:
+        e.forward([StepInput("honest", 0, np.arange(1, 4, dtype=np.int32))])
+        e.forward([StepInput("bad", 0, np.arange(1, 11, dtype=np.int32))])
+        overflow = StepInput("bad", 10, np.arange(1, 16, dtype=np.int32), rewind=True, draft=True)  # 10 + 15 > 24
+        with pytest.raises(ContextFullError):
+            e.forward([StepInput("honest", 3, np.array([7], np.int32)), overflow])
+        assert (e.positions("honest"), e.positions("bad")) == (3, 10)
+        with pytest.raises(InputShapeError, match="at most 16 rows"):
+            e.forward([StepInput("bad", 5, np.ones(17, np.int32), rewind=True, draft=True)])
+        with pytest.raises(InputShapeError, match="once"):  # the same request twice: refused before the rewind
+            e.forward([StepInput("bad", 2, np.array([1], np.int32), rewind=True), StepInput("bad", 2, np.array([1], np.int32))])
+        assert e.positions("bad") == 10
+        e.forward([StepInput("honest", 3, np.array([7], np.int32))])  # untouched: it goes on where it was
+    finally:
+        e.close()
+
+
+def test_probe_finds_float_weights_row_by_row(tiny_model):
+    e = LlamaCppEngine.from_model(tiny_model, 1, 3, EngineOptions(max_requests=4, n_threads=1, flash_attn=True))
+    try:
+        assert (e.batch_rows, e.draft_rows) == (1, 1)  # F32 matmuls: other kernels from 2 rows on (batch_decode auto)
+    finally:
+        e.close()

@@ -76,9 +76,15 @@ class ModelDrafter:
 
     @classmethod
     def load(cls, path, options, n_vocab: int) -> "ModelDrafter":
+        import dataclasses
+        from pathlib import Path
+
         from edge_agent.runtime.llamacpp import LlamaCppEngine
         from edge_agent.runtime.shards import inspect_model
 
+        if not Path(path).is_file():
+            raise DraftModelError(f"draft model {path} not found")
+        options = dataclasses.replace(options, batch_decode="off")  # one request per decode: nothing to measure
         return cls(LlamaCppEngine.from_model(path, 0, inspect_model(path, with_hash=False).n_layer, options), n_vocab)
 
     def draft(self, request_id: str, context: Sequence[int], limit: int) -> list[int]:

@@ -164,9 +164,10 @@ class EngineOptions:
     flash_attn: bool = False
     kv_type: Literal["f16", "f32", "q8_0"] = "f16"
     gpu_layers: int = 0  # >0 offloads that many layers when llama.cpp has a GPU backend
-    # Several requests' decode steps in one llama_decode. Measured bit-exact for quantized
-    # weights (Q4_0, Q8_0, Q4_K) but not for F32/F16 ones (other matmul kernels, ~1e-7
-    # relative): "auto" batches only when the shard's layer weights are all quantized.
+    # Several requests' decode steps (or one request's drafts) in one llama_decode: "auto"
+    # measures, when the engine loads, how many rows stay bit-identical to single rows
+    # (runtime/exactness.py: kernels differ by weight type and row count); "off": one row
+    # per decode; "on": trust every batch (tests only).
     batch_decode: Literal["auto", "on", "off"] = "auto"
     extra: dict = field(default_factory=dict)
 
@@ -235,6 +236,10 @@ def validate_step(step: StepInput, info: ShardInfo, options: EngineOptions, *, t
             f"(never started, ended or evicted); replay it from position 0"
         )
     held = held or 0
+    if step.rewind:  # drops what it holds from pos on first
+        held = min(held, step.pos)
+    if step.draft and n > MAX_DRAFT_ROWS:
+        raise InputShapeError(f"a draft step has at most {MAX_DRAFT_ROWS} rows, got {n}")
     if step.pos != held:
         kind = "gap" if step.pos > held else "overlap"
         raise PositionError(f"request {step.request_id!r}: position {step.pos} does not follow the {held} held ({kind})")
@@ -244,11 +249,27 @@ def validate_step(step: StepInput, info: ShardInfo, options: EngineOptions, *, t
         raise CapacityError(f"all {options.max_requests} request slots are busy")
 
 
-def rewind(steps: Sequence[StepInput], positions, truncate) -> None:
-    """Drop what rewinding steps' requests hold from their ``pos`` on (under the engine's lock)."""
+MAX_DRAFT_ROWS = 16  # a draft step's rows (last token + drafts): --speculate is at most 15
+
+
+def forward_speculative(steps: Sequence[StepInput], check, positions, truncate, rollback, forward_once,
+                        rows_per_pass: int) -> list[StepOutput]:
+    """An engine's ``forward`` around its one backend call, under its lock: every step is
+    validated first (a rewinding one against what it will hold), then rewinding steps drop
+    their rejected drafts, then draft steps run in passes of at most ``rows_per_pass`` rows.
+    A pass that fails after others ran rolls every step's request back to its ``pos``
+    (``rollback``), so a bad step never leaves another request's cache advanced."""
+    validate_batch(steps, check)
     for s in steps:
-        if s.rewind and positions(s.request_id) > s.pos >= 0:
+        if s.rewind and positions(s.request_id) > s.pos:
             truncate(s.request_id, s.pos)
+    if not any(s.draft and s.data.shape[0] > rows_per_pass for s in steps):
+        return forward_once(steps)
+    try:
+        return forward_rows(steps, forward_once, rows_per_pass)
+    except EngineError:
+        rollback(steps)
+        raise
 
 
 def forward_rows(steps: Sequence[StepInput], forward_once, per_pass: int = 1) -> list[StepOutput]:

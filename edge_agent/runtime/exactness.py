@@ -8,10 +8,9 @@ model: ggml picks matmul paths by weight type and row count, and the CPU it runs
 Measured on an AVX-512 EPYC (docs/split.md): Q4_0, Q4_1 and Q8_0 rows stay identical up to
 16 rows; Q4_K matmuls change path at 4 rows, Q6_K at 8; attention without flash attention
 differs from 2 rows of one request on. So each engine measures it once, when it loads,
-with random inputs on its own kernels, at 2, 4 and 8 rows (at most 22 small decodes:
-~0.1 s for SmolLM2 on a quiet machine; a shard probed once in a process is not probed
-again). Beyond 8 rows nothing is batched: the gain from larger batches is small next to
-the cost of measuring them.
+with random inputs on its own kernels, at every size from 2 to 8 rows (about 30 small
+decodes: ~0.1-0.2 s for SmolLM2 on a quiet machine; a shard probed once in a process is
+not probed again).
 """
 
 from __future__ import annotations
@@ -20,7 +19,8 @@ import numpy as np
 
 from edge_agent.runtime.engine import StepInput
 
-PROBE_ROWS = (2, 4, 8)
+PROBE_MAX_ROWS = 8  # beyond this nothing is batched: larger batches gain little next to measuring them
+PROBE_PREFIX = 64  # positions cached before the draft rows are measured
 _measured: dict[tuple, tuple[int, int]] = {}  # (shard content, settings) -> result, for this process
 
 
@@ -35,60 +35,75 @@ def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
     return all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
-def exact_rows(engine, sizes=PROBE_ROWS) -> tuple[int, int]:
+def exact_rows(engine, max_rows: int = PROBE_MAX_ROWS) -> tuple[int, int]:
     """``(batch_rows, draft_rows)`` for a loaded llama.cpp engine with no requests yet: the
-    most rows (among ``sizes``) per decode that equal single rows, for one row of each of
-    several requests and for several rows of one request. Uses the engine's own slots and
-    frees them; sets ``engine.batch_rows`` / ``draft_rows`` while it measures."""
-    n_max = min(max(sizes), engine.options.max_requests, engine.options.n_batch)
-    sizes = [n for n in sizes if n <= n_max]
-    if not sizes:
-        return 1, 1
+    most rows per decode, up to ``max_rows``, that equal single rows, for one row of each of
+    several requests (every size from 2 up: a batch's last group may be any size) and for
+    several rows of one request (drafts, after a prefix, since attention kernels may
+    depend on the cache's length). Uses the engine's own slots and frees them."""
     o = engine.options
-    key = (engine.info.shard_hash, n_max, o.n_batch, o.n_ubatch, o.flash_attn, o.kv_type, o.gpu_layers)
+    key = (engine.info.shard_hash, max_rows, o.max_requests, o.n_ctx_per_request, o.n_batch, o.n_ubatch, o.flash_attn,
+           o.kv_type, o.gpu_layers)
     if key not in _measured:
-        _measured[key] = _measure(engine, sizes)
+        _measured[key] = _measure(engine, max_rows)
     return _measured[key]
 
 
-def _measure(engine, sizes: list[int]) -> tuple[int, int]:
-    n_max = max(sizes)
+def _largest_exact(sizes, same) -> int:
+    best = 1
+    for n in sizes:
+        if not same(n):
+            break
+        best = n
+    return best
+
+
+def _measure(engine, max_rows: int) -> tuple[int, int]:
+    o = engine.options
     logits = engine.info.role in ("tail", "full")
-    xs = _inputs(engine, n_max)
     engine.batch_rows = engine.draft_rows = 1
-    names: list[str] = []
+    names: set[str] = set()
 
     def run(steps: list[StepInput]) -> list[np.ndarray]:
-        names.extend(s.request_id for s in steps)
+        names.update(s.request_id for s in steps)
         try:
-            return [o.data for o in engine.forward(steps)]
+            return [out.data for out in engine.forward(steps)]
         finally:
             for s in steps:
                 engine.end_request(s.request_id)
 
     try:
+        n_batch = min(max_rows, o.max_requests, o.n_batch)
+        xs = _inputs(engine, n_batch)
         alone = [run([StepInput(f"probe-alone-{i}", 0, x)])[0] for i, x in enumerate(xs)]
-        batch = 1
-        for n in sizes:
+
+        def batch_same(n: int) -> bool:
             engine.batch_rows = n
-            if not _same(run([StepInput(f"probe-batch-{i}", 0, x) for i, x in enumerate(xs[:n])]), alone):
-                break
-            batch = n
+            return _same(run([StepInput(f"probe-batch-{i}", 0, x) for i, x in enumerate(xs[:n])]), alone)
+
+        batch = _largest_exact(range(2, n_batch + 1), batch_same)
         engine.batch_rows = batch
         draft = 1
-        if engine.options.flash_attn and batch > 1:  # plain attention differs from 2 rows of one request on
-            seq = np.concatenate(xs)
-            singles = []
-            for r in range(len(xs)):  # one request fed a row at a time, as decode does
-                singles.append(engine.forward([StepInput("probe-seq", r, seq[r:r + 1], all_logits=logits)])[0].data)
+        prefix = min(PROBE_PREFIX, o.n_ctx_per_request - max_rows)
+        n_draft = min(max_rows, o.n_batch, o.n_ctx_per_request)
+        if o.flash_attn and n_draft > 1 and prefix >= 0:  # plain attention differs from 2 rows of one request on
+            head = np.concatenate(_inputs(engine, prefix)) if prefix else None
+            seq = np.concatenate(_inputs(engine, n_draft))
+            if head is not None:
+                engine.forward([StepInput("probe-seq", 0, head)])
+            singles = [engine.forward([StepInput("probe-seq", prefix + r, seq[r:r + 1], all_logits=logits)])[0].data
+                       for r in range(n_draft)]  # one request fed a row at a time, as decode does
             engine.end_request("probe-seq")
             rows = np.concatenate(singles) if singles[0].ndim == 2 else None
-            for n in (n for n in sizes if n <= batch):
+
+            def draft_same(n: int) -> bool:
                 engine.draft_rows = n
-                out = run([StepInput("probe-draft", 0, seq[:n], all_logits=logits, draft=True)])[0]
-                if rows is None or not np.array_equal(out, rows[:n]):
-                    break
-                draft = n
+                if head is not None:
+                    engine.forward([StepInput("probe-draft", 0, head)])
+                out = run([StepInput("probe-draft", prefix, seq[:n], all_logits=logits, draft=True)])[0]
+                return rows is not None and np.array_equal(out, rows[:n])
+
+            draft = _largest_exact(range(2, n_draft + 1), draft_same)
         return batch, draft
     finally:
         for name in {*names, "probe-seq"}:

@@ -34,12 +34,11 @@ from edge_agent.runtime.engine import (
     StepOutput,
     UnsupportedModelError,
     default_threads,
-    forward_rows,
-    rewind,
+    forward_speculative,
     validate_batch,
     validate_step,
 )
-from edge_agent.runtime.exactness import PROBE_ROWS, exact_rows
+from edge_agent.runtime.exactness import exact_rows
 from edge_agent.runtime.shards import SUPPORTED_ARCHS, ensure_shard, inspect_model
 
 _KV_TYPES = {"f16": lc.GGML_TYPE_F16, "f32": lc.GGML_TYPE_F32, "q8_0": lc.GGML_TYPE_Q8_0}
@@ -144,9 +143,14 @@ class LlamaCppEngine:
         if mode == "off" or (mode == "auto" and float_weights):
             self.batch_rows = self.draft_rows = 1
         elif mode == "on":
-            self.batch_rows = self.draft_rows = self.options.n_batch
+            self.batch_rows = self.options.n_batch
+            self.draft_rows = self.options.n_batch if self.options.flash_attn else 1  # plain attention: inexact from 2 rows
         else:
-            self.batch_rows, self.draft_rows = exact_rows(self, PROBE_ROWS)
+            try:
+                self.batch_rows, self.draft_rows = exact_rows(self)
+            except Exception:
+                self.close()
+                raise
         self.batches_requests = self.batch_rows > 1
 
     @classmethod
@@ -211,10 +215,8 @@ class LlamaCppEngine:
         if not steps:
             return []
         with self._lock:
-            rewind(steps, self.positions, self._truncate)
-            if any(s.draft and s.data.shape[0] > self.draft_rows for s in steps):
-                return forward_rows(steps, self._forward, self.draft_rows)
-            return self._forward(steps)
+            return forward_speculative(steps, self.check, self.positions, self._truncate, self._rollback, self._forward,
+                                       self.draft_rows)
 
     def _forward(self, steps: Sequence[StepInput]) -> list[StepOutput]:
         validate_batch(steps, self.check)
@@ -346,9 +348,12 @@ class LlamaCppEngine:
                 logits[si].append(np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy())
 
     def _rollback(self, steps) -> None:
-        """A failed decode leaves no partial state: drop what this call added."""
+        """A failed decode leaves no partial state: drop what this call added (requests it
+        never reached, or already rolled back, are skipped)."""
         for s in steps:
-            slot = self._slots[s.request_id]
+            slot = self._slots.get(s.request_id)
+            if slot is None:
+                continue
             lc.llama_memory_seq_rm(self._mem, slot, s.pos, -1)
             self._positions[slot] = s.pos
             if s.pos == 0:

@@ -37,8 +37,7 @@ from edge_agent.runtime.engine import (
     StepOutput,
     UnsupportedModelError,
     default_threads,
-    forward_rows,
-    rewind,
+    forward_speculative,
     validate_batch,
     validate_step,
 )
@@ -206,11 +205,15 @@ class OnnxEngine:
     def forward(self, steps: Sequence[StepInput]) -> list[StepOutput]:
         if not steps:
             return []
-        with self._lock:
-            rewind(steps, self.positions, self._truncate)
-            if any(s.draft and s.data.shape[0] > 1 for s in steps):  # no multi-row exactness measured here
-                return forward_rows(steps, self._forward)
-            return self._forward(steps)
+        with self._lock:  # drafts one row at a time: no multi-row exactness measured here
+            return forward_speculative(steps, self.check, self.positions, self._truncate, self._rollback, self._forward, 1)
+
+    def _rollback(self, steps: Sequence[StepInput]) -> None:
+        for s in steps:
+            if s.pos == 0:
+                self._requests.pop(s.request_id, None)
+            else:
+                self._truncate(s.request_id, s.pos)
 
     def _forward(self, steps: Sequence[StepInput]) -> list[StepOutput]:
         validate_batch(steps, self.check)

@@ -46,15 +46,17 @@ class Speculation:
         self.max_draft = max_draft if greedy else 0
         self.n_ctx = n_ctx
         self.model, self.request_id = model, request_id  # drafts where the context has no match
-        self.draft_s = 0.0  # the draft model's time per drafted token (moving average)
+        self.draft_s: float | None = None  # the draft model's time per drafted token (moving average)
         self.lookup = PromptLookup()
         if self.max_draft:
             self.lookup.extend(prompt_tokens)
         self._seen = 0  # generated tokens already in the lookup index
         self.passes = self.drafted = self.accepted = self.rejected = 0
         self.step_s: float | None = None  # a one-row step, whole path (moving average)
-        self.row_s = 0.0  # what each further row adds to a step
+        self.row_s: float | None = None  # what each further row adds to a step
         self._idle = 0  # decode steps since the last draft
+        self._model_used = False
+        self._drafting: asyncio.Future | None = None  # the draft model's call in flight
 
     def flags(self, pos: int, decoding: bool) -> int:
         if not self.enabled or pos == 0:
@@ -66,7 +68,7 @@ class Speculation:
         if rows == 1:
             self.step_s = seconds if self.step_s is None else 0.8 * self.step_s + 0.2 * seconds
         elif self.step_s is not None:
-            self.row_s = 0.7 * self.row_s + 0.3 * max(0.0, (seconds - self.step_s) / (rows - 1))
+            self.row_s = _average(self.row_s, max(0.0, (seconds - self.step_s) / (rows - 1)))
 
     async def next_feed(self, token: np.ndarray | None, decoder, pos: int, drafted: int, accepted: int) -> np.ndarray | None:
         """What to feed at ``pos`` after a step that drafted ``drafted`` tokens and kept ``accepted``."""
@@ -74,27 +76,34 @@ class Speculation:
             self.passes += 1
             self.drafted += drafted
             self.accepted += accepted
-            self.rejected += accepted < drafted
+            self.rejected += token is not None and accepted < drafted  # a pass cut by a stop rejected nothing
         if token is None or not self.max_draft:
             return token
         self.lookup.extend(decoder.tokens[self._seen:])
         self._seen = len(decoder.tokens)
         # no draft past max_tokens (the pass could not emit it) or past the context
-        limit = min(self.worth_drafting(), decoder.params.max_tokens - len(decoder.tokens) - 1, self.n_ctx - pos - 1)
-        drafts = self.lookup.draft(limit)
+        room = min(decoder.params.max_tokens - len(decoder.tokens) - 1, self.n_ctx - pos - 1)
+        drafts = self.lookup.draft(min(self.worth_drafting(0.0), room))  # looking up costs nothing
+        limit = min(self.worth_drafting(self.draft_s or 0.0), room)
         if not drafts and self.model is not None and limit > 0:
+            first = self.draft_s is None and not self._model_used  # its first call also reads the whole prompt
+            self._model_used = True
             t0 = time.perf_counter()
-            drafts = await asyncio.to_thread(self.model.draft, self.request_id, decoder.prompt_tokens + decoder.tokens, limit)
-            if drafts:
-                self.draft_s = 0.7 * self.draft_s + 0.3 * (time.perf_counter() - t0) / len(drafts)
+            # shielded: a cancelled request's draft runs to its end, then close() frees its slot
+            self._drafting = asyncio.ensure_future(asyncio.to_thread(self.model.draft, self.request_id,
+                                                                     decoder.prompt_tokens + decoder.tokens, limit))
+            drafts = await asyncio.shield(self._drafting)
+            if drafts and not first:
+                self.draft_s = _average(self.draft_s, (time.perf_counter() - t0) / len(drafts))
         self._idle = 0 if drafts else self._idle + 1
         return np.concatenate([token, np.asarray(drafts, dtype=np.int32)]) if drafts else token
 
-    def worth_drafting(self) -> int:
-        """Drafts per pass that maximise expected tokens per second. Accepted runs are taken as
-        geometric: each draft continues the run with probability ``q``, estimated from the runs
-        seen (accepted drafts over accepted plus rejections); a pass of k drafts then yields
-        ``(1 - q^(k+1)) / (1 - q)`` tokens and costs ``step_s + k * row_s``."""
+    def worth_drafting(self, draft_s: float = 0.0) -> int:
+        """Drafts per pass that maximise expected tokens per second, when drafting one costs
+        ``draft_s``. Accepted runs are taken as geometric: each draft continues the run with
+        probability ``q``, estimated from the runs seen (accepted drafts over accepted plus
+        rejections); a pass of k drafts then yields ``(1 - q^(k+1)) / (1 - q)`` tokens and
+        costs ``step_s + k * (row_s + draft_s)``."""
         if self.step_s is None:  # measure a one-row step first
             return 0
         if self._idle >= 16:  # time to look again
@@ -102,17 +111,25 @@ class Speculation:
         q = (self.accepted + 1) / (self.accepted + self.rejected + 2)
         best, best_rate = 0, 1.0 / self.step_s
         for k in range(1, self.max_draft + 1):
-            rate = (1 - q ** (k + 1)) / (1 - q) / (self.step_s + k * (self.row_s + self.draft_s))
+            rate = (1 - q ** (k + 1)) / (1 - q) / (self.step_s + k * ((self.row_s or 0.0) + draft_s))
             if rate > best_rate:
                 best, best_rate = k, rate
         return best
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Free the request in the draft model (off the event loop: a draft may be running)."""
         if self.model is not None:
-            self.model.end(self.request_id)
+            if self._drafting is not None:
+                await asyncio.wait([self._drafting])
+            await asyncio.to_thread(self.model.end, self.request_id)
 
     def stats(self) -> dict:
         return {"max_draft": self.max_draft, "passes": self.passes, "drafted": self.drafted, "accepted": self.accepted,
                 "acceptance": round(self.accepted / self.drafted, 3) if self.drafted else None,
                 "step_ms": round(self.step_s * 1000, 3) if self.step_s is not None else None,
-                "row_ms": round(self.row_s * 1000, 3)}
+                "row_ms": round(self.row_s * 1000, 3) if self.row_s is not None else None}
+
+
+def _average(old: float | None, sample: float) -> float:
+    """A moving average that starts at its first sample."""
+    return sample if old is None else 0.7 * old + 0.3 * sample
