@@ -350,8 +350,6 @@ class HopServer:
             reply = Frame.from_array(MsgType.ACTIVATION, out.data, request_id=f.request_id, step=f.step,
                                      n_positions=f.n_positions, layer_start=f.layer_start, layer_end=f.layer_end,
                                      seq=f.seq, flags=f.flags & _KEPT_FLAGS, compute_us=int(out.compute_ms * 1000))
-            if hoptrace.ON:
-                hoptrace.mark("encoded", f)
             if route is not None and route[1] is not None:
                 await self._forward(route, reply)
             else:
@@ -395,14 +393,14 @@ class HopServer:
                         log.info("evicted idle request %s from %d:%d", rid[:8], shard.engine.info.start, shard.engine.info.end)
 
 
-
-def _traced(forward, batch):
-    def run(steps):
-        for j in batch:
-            hoptrace.mark("thread", j.frame)
+def _traced(forward: Callable, batch: list[_Job]) -> Callable:
+    """``forward`` stamping when the engine thread starts and ends it (hoptrace on only)."""
+    def run(steps: list[StepInput]):
+        for job in batch:
+            hoptrace.mark("thread", job.frame)
         try:
             return forward(steps)
         finally:
-            for j in batch:
-                hoptrace.mark("computed", j.frame)
+            for job in batch:
+                hoptrace.mark("computed", job.frame)
     return run
