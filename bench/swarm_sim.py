@@ -2,10 +2,10 @@
 
     .venv/bin/python bench/swarm_sim.py [--nodes N] [--churn-per-min 0.05] [--minutes M] [--seed S]
                                         [--sybils 1000] [--tokens 32] [--clients C]
-                                        [--spread 0.2] [--trial-share 1.0] [--no-newcomer-keys]
+                                        [--spread 0] [--trial-share 1.0] [--no-newcomer-keys]
 
-``--spread 0 --trial-share 0 --no-newcomer-keys`` is the client as it was before load
-spread and newcomer trials (the "before" figures in docs/benchmarks.md).
+``--trial-share 0 --no-newcomer-keys`` is the client as it was before newcomer trials
+(the "before" figures in docs/benchmarks.md); ``--spread 0.2`` spreads load (PlannerConfig.spread).
 
 Real planner (``split/planner.py``), deadlines (``split/deadlines.py``) and failure handling
 (``split/strategy.py``'s Router through ``split/star.py``), real signed capability records;
@@ -70,7 +70,8 @@ def report(r: Results, wall_s: float) -> list[tuple[str, str]]:
          f"{median(r.plan_cpu_ms):.2f} / {pct(r.plan_cpu_ms, 99):.2f} CPU"),
         ("candidates handed to the planner, median / max", f"{median(r.candidates):.0f} / {max(r.candidates, default=0)}"),
         ("re-planning ms, median / p99", f"{median(r.replan_ms):.2f} / {pct(r.replan_ms, 99):.2f} ({len(r.replan_ms)})"),
-        ("time between tokens ms, median / p95", f"{median(r.tbt_ms):.0f} / {pct(r.tbt_ms, 95):.0f}"),
+        ("time between tokens ms, median / p95", f"{median(r.tbt_ms):.0f} / {pct(r.tbt_ms, 95):.0f}; interactive "
+         f"{median(r.tbt_interactive_ms):.0f} / {pct(r.tbt_interactive_ms, 95):.0f}"),
         ("control bytes per serving node per minute", f"{r.node_bytes_per_min:,.0f}"),
         ("  of which lookups / stores / gets (once per message)",
          " / ".join(f"{r.bytes_by_kind.get(k, 0):,.0f}" for k in ("find", "store", "get"))),

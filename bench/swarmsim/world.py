@@ -66,6 +66,7 @@ class Results:
     replan_ms: list = field(default_factory=list)
     infeasible: int = 0
     tbt_ms: list = field(default_factory=list)
+    tbt_interactive_ms: list = field(default_factory=list)
     node_bytes_per_min: float = 0.0
     client_bytes_per_min: float = 0.0
     refills: int = 0  # out-of-turn view refreshes (a request found no route in the view)
@@ -231,6 +232,8 @@ class World:
         self.out.exact += sreq.exact
         self.out.reroutes += len(sreq.state.reroutes)
         self.out.tbt_ms += sreq.tbt
+        if sreq.interactive:
+            self.out.tbt_interactive_ms += sreq.tbt
         self.at(sreq.clock.t + self.rng.expovariate(1.0 / self.cfg.think_s), "arrive", sreq.client)
 
     def _failed(self, client: Client, sreq: SimRequest | None, exc: Exception) -> None:
