@@ -14,7 +14,7 @@ from edge_agent.runtime.llamacpp import LlamaCppEngine
 from edge_agent.split.links import PeerLink
 from edge_agent.split.protocol import HopFailed, parse_error
 from edge_agent.split.serve import HopServer
-from edge_agent.transport import DType, Frame, MsgType, tls
+from edge_agent.transport import DType, Flag, Frame, MsgType, tls
 
 RID = b"q" * 16
 
@@ -72,12 +72,23 @@ def test_hostile_frames_get_errors_and_the_node_keeps_serving(tiny_model, tmp_pa
         ok = await a.request(act(a, x), 10)
         assert ok.frame.dtype == DType.F32 and ok.frame.array().shape == (2, 64)
         ok_b = await b.request(act(b, x, rid=b"w" * 16), 10)
-        # a peer that did not send a request's work cannot end it
+        # a peer that did not send a request's work cannot end it, nor rewind it (speculative steps)
         await b.send(Frame(MsgType.END_REQUEST, request_id=RID))
+        rewinds = int(Flag.REWIND | Flag.DRAFT)
+        for sender, frame in ((b, act(b, x[:1], step=0, flags=rewinds)),  # another peer's rewind
+                              (a, act(a, np.zeros((17, 64), np.float32), step=2, flags=rewinds))):  # a draft of 17 rows
+            with pytest.raises(HopFailed) as err:
+                await sender.request(frame, 10)
+            codes.append(err.value.code)
         again = await a.request(act(a, x[:1], step=2), 10)
-        return codes, ok_b, again
+        # the owner may: drop position 2, draft again from there
+        redo = await a.request(act(a, x, step=2, flags=rewinds), 10)
+        return codes, ok_b, again, redo
 
-    codes, ok_b, again = asyncio.run(with_node(tiny_model, body, tmp_path))
+    codes, ok_b, again, redo = asyncio.run(with_node(tiny_model, body, tmp_path))
+    assert codes[-2:] == ["bad_frame", "InputShapeError"]
+    assert redo.frame.step == 2 and redo.frame.array().shape == (2, 64)
+    codes = codes[:-2]
     assert codes == ["bad_control", "bad_route", "weights", "InputShapeError", "InputShapeError", "no_shard",
                      "bad_dtype", "UnknownRequestError"]
     assert ok_b.frame.array().shape == (2, 64) and again.frame.step == 2

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from edge_agent.runtime.engine import EngineError, StepInput, UnknownRequestError
+from edge_agent.runtime.engine import MAX_DRAFT_ROWS, EngineError, StepInput, UnknownRequestError
 from edge_agent.split.engine_thread import EngineThread
 from edge_agent.split.observe import HopRecord, Observers, digest
 from edge_agent.split.protocol import ErrorCode, engine_error_code, error_frame, error_reply, parse_control, valid_next
@@ -180,6 +180,12 @@ class HopServer:
         # positions are checked by engine.forward when the step runs (earlier frames of the
         # request may still be queued); a bad step is isolated there
         rid = frame.request_id.hex()
+        if frame.flags & _DRAFT and arr.shape[0] > MAX_DRAFT_ROWS:  # each row may be a decode of its own
+            return ErrorCode.INPUT_SHAPE, f"a draft step has at most {MAX_DRAFT_ROWS} rows, got {arr.shape[0]}"
+        owner, route = self.owners.get(rid, channel), self.routes.get(rid)
+        if frame.flags & _REWIND and not frame.flags & _CHAIN and owner is not channel and (route is None or route[0] is not channel):
+            # a rewind drops cached positions: only who sent the request's work (or set its route) may
+            return ErrorCode.BAD_FRAME, "only the peer that sent this request's work may rewind it"
         if rid not in self.owners and len(self.owners) >= MAX_TRACKED:
             self.owners.pop(next(iter(self.owners)))
         self.owners.setdefault(rid, channel)
