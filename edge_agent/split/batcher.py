@@ -7,8 +7,10 @@ at the same moment share one ``engine.forward`` (one llama_decode: the weights a
 once for all of them), as the hop servers batch their shards (``split/serve.py``).
 
 No waiting window: the first step to arrive runs at once, and whatever arrives while an
-engine call is in flight goes into the next one. Batching is bit-exact for quantized
-weights (each request keeps its own KV stream), so outputs do not change.
+engine call is in flight goes into the next one. The engine runs no more rows per decode
+than it measured bit-identical to single rows (``runtime/exactness.py``; each request keeps
+its own KV stream), so outputs do not change. Engine calls run on one long-lived thread
+per engine (``engine_thread.EngineThread``), not through ``asyncio.to_thread``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncio
 import numpy as np
 
 from edge_agent.runtime.engine import EngineError, StepInput
+from edge_agent.split.engine_thread import EngineThread
 
 
 class StepBatcher:
@@ -25,6 +28,7 @@ class StepBatcher:
 
     def __init__(self, engine) -> None:
         self.engine = engine
+        self._thread = EngineThread(f"engine-{engine.info.start}-{engine.info.end}")  # cheaper than to_thread per call
         self._pending: list[tuple[StepInput, asyncio.Future]] = []
         self._runner: asyncio.Task | None = None
         self.calls = 0  # engine calls made (telemetry: steps / calls is the mean batch)
@@ -43,7 +47,7 @@ class StepBatcher:
             self.calls += 1
             self.steps += len(batch)
             try:
-                outs = await asyncio.to_thread(self.engine.forward, [s for s, _ in batch])
+                outs = await self._thread.run(self.engine.forward, [s for s, _ in batch])
                 results = [(o.data, None) for o in outs]
             except EngineError:  # isolate the bad step: the others still get their answer
                 results = [await self._alone(s) for s, _ in batch]
@@ -57,8 +61,11 @@ class StepBatcher:
                 else:
                     fut.set_result(data)
 
+    def close(self) -> None:
+        self._thread.close()
+
     async def _alone(self, step: StepInput) -> tuple[np.ndarray | None, Exception | None]:
         try:
-            return (await asyncio.to_thread(self.engine.forward, [step]))[0].data, None
+            return (await self._thread.run(self.engine.forward, [step]))[0].data, None
         except Exception as exc:  # noqa: BLE001 - handed to that step's waiter
             return None, exc

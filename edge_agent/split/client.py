@@ -196,6 +196,8 @@ class SwarmClient:
     def close(self) -> None:
         if self._local_link is not None:
             self._local_link.close()
+        self._head_steps.close()
+        self._tail_steps.close()
         self.head.close()
         self.tail.close()
         self.tokenizer.close()
