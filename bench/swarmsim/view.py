@@ -188,7 +188,7 @@ class Client:
                    trial: bool = False) -> list[PeerCapability]:
         """What the planner gets for one request: the best few per segment (``exclude``: peer ids
         this request gave up on), its probation peer if any (``probation_pick``), on a trial
-        request the youngest newcomers in the view, and ``keep``: the peers of the path
+        request up to TRIAL_CANDIDATES newcomers on slices of their own, and ``keep``: the peers of the path
         being repaired, which the planner keeps where they still serve."""
         chosen: dict[int, Node] = {n.idx: n for n in keep}
         for bounds, ranked in zip(SEGMENT_BOUNDS, self.top):

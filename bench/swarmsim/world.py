@@ -47,7 +47,7 @@ class Config:
     batch_tbt_ms: float = 4000.0
     think_s: float = 5.0
     staked_joiners: bool = True
-    spread: float = PLANNER.spread  # PlannerConfig knobs (0, 0: the planner as before issue 17's fixes)
+    spread: float = PLANNER.spread  # PlannerConfig knobs (trial_share 0: no newcomer trials, as before them)
     trial_share: float = PLANNER.trial_share
     newcomer_keys: bool = True  # joiners also announce themselves under the segments' newcomer keys
 
