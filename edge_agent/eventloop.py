@@ -23,10 +23,14 @@ def install() -> None:
 
     class Policy(asyncio.DefaultEventLoopPolicy):
         def new_event_loop(self) -> asyncio.AbstractEventLoop:
+            import logging
+
             try:
                 import uvloop
             except ImportError:
+                logging.getLogger(__name__).debug("event loop: asyncio's (uvloop is not installed)")
                 return super().new_event_loop()
+            logging.getLogger(__name__).debug("event loop: uvloop %s", uvloop.__version__)
             return uvloop.new_event_loop()
 
     asyncio.set_event_loop_policy(Policy())
