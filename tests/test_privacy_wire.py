@@ -77,7 +77,7 @@ def test_only_hidden_states_leave_the_client_and_the_wire_is_encrypted(tmp_path,
 
     async def recording_connect(self, entry):
         channel = await real_dir_connect(self, entry)
-        send, recv = channel.send, channel.recv
+        send, recv, set_receiver = channel.send, channel.recv, channel.set_receiver
 
         async def record_send(frame):
             sent.append(frame)
@@ -88,7 +88,16 @@ def test_only_hidden_states_leave_the_client_and_the_wire_is_encrypted(tmp_path,
             received.append(frame)
             return frame
 
-        channel.send, channel.recv = record_send, record_recv
+        def record_set_receiver(receiver):  # the link takes replies in the channel's receive callback
+            def recording(frame):
+                taken = receiver(frame)
+                if taken:
+                    received.append(frame)
+                return taken
+
+            set_receiver(recording)
+
+        channel.send, channel.recv, channel.set_receiver = record_send, record_recv, record_set_receiver
         return channel
 
     monkeypatch.setattr(tls, "connect", via_relay)
