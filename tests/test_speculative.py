@@ -141,11 +141,13 @@ def test_drafts_only_as_many_as_pay_for_themselves():
     spec.accepted, spec.rejected = 60, 4  # long runs of accepted drafts (repetitive text)
     spec.row_s = 0.0005  # rows verified in one pass: nearly free
     assert spec.worth_drafting() == 8
-    spec.row_s = 0.010  # a whole step per row (one pass per row), and runs are short: no drafts
+    spec.row_s = 0.008  # most of a step per row (one pass per row), and runs are short: no drafts
     spec.accepted, spec.rejected = 2, 30
     assert spec.worth_drafting() == 0
-    spec._idle = 16  # after a while without drafts, look again
-    assert spec.worth_drafting() == 8
+    spec._idle = 16  # after a while without drafts, look again, with a few
+    assert spec.worth_drafting() == 3
+    spec.row_s = 0.012  # unless a row costs a whole step: then no draft can pay
+    assert spec.worth_drafting() == 0
 
 
 def test_kept_conversation_resumes_past_rejected_drafts(tmp_path, peers, smollm_path):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from typing import Sequence
 
 import numpy as np
@@ -52,8 +53,9 @@ class Speculation:
             self.lookup.extend(prompt_tokens)
         self._seen = 0  # generated tokens already in the lookup index
         self.passes = self.drafted = self.accepted = self.rejected = 0
-        self.step_s: float | None = None  # a one-row step, whole path (moving average)
+        self.step_s: float | None = None  # a one-row step, whole path
         self.row_s: float | None = None  # what each further row adds to a step
+        self._timings: deque[tuple[int, float]] = deque(maxlen=32)  # (rows, seconds) of the latest steps
         self._idle = 0  # decode steps since the last draft
         self._model_used = False
         self._drafting: asyncio.Future | None = None  # the draft model's call in flight
@@ -64,11 +66,20 @@ class Speculation:
         return int(Flag.REWIND | (Flag.DRAFT if decoding else 0))
 
     def observe(self, rows: int, seconds: float) -> None:
-        """A decode step of ``rows`` rows took ``seconds`` through head, hops and tail."""
-        if rows == 1:
-            self.step_s = seconds if self.step_s is None else 0.8 * self.step_s + 0.2 * seconds
-        elif self.step_s is not None:
-            self.row_s = _average(self.row_s, max(0.0, (seconds - self.step_s) / (rows - 1)))
+        """A decode step of ``rows`` rows took ``seconds`` through head, hops and tail: fit
+        ``seconds = step_s + (rows - 1) * row_s`` by least squares over the latest steps (one
+        slow step, or a stale first one, moves a fit less than a moving average)."""
+        self._timings.append((rows - 1, seconds))
+        xs, ys = [x for x, _ in self._timings], [y for _, y in self._timings]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        var = sum((x - mx) ** 2 for x in xs)
+        if var == 0:
+            if mx == 0:
+                self.step_s = my
+            return
+        b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var
+        self.row_s = max(0.0, b)
+        self.step_s = max(my - self.row_s * mx, 1e-6)
 
     async def next_feed(self, token: np.ndarray | None, decoder, pos: int, drafted: int, accepted: int) -> np.ndarray | None:
         """What to feed at ``pos`` after a step that drafted ``drafted`` tokens and kept ``accepted``."""
@@ -106,12 +117,17 @@ class Speculation:
         costs ``step_s + k * (row_s + draft_s)``."""
         if self.step_s is None:  # measure a one-row step first
             return 0
-        if self._idle >= 16:  # time to look again
-            return self.max_draft
+        if self.row_s is None:  # then a pass of few drafts, to learn what a row costs
+            return min(self.max_draft, 2)
+        row = (self.row_s or 0.0) + draft_s
+        if row >= self.step_s:  # a row costs a whole step: no acceptance rate could pay for a draft
+            return 0
+        if self._idle >= 16:  # time to look again, with a few drafts: the text may have turned repetitive
+            return min(self.max_draft, 3)
         q = (self.accepted + 1) / (self.accepted + self.rejected + 2)
         best, best_rate = 0, 1.0 / self.step_s
         for k in range(1, self.max_draft + 1):
-            rate = (1 - q ** (k + 1)) / (1 - q) / (self.step_s + k * ((self.row_s or 0.0) + draft_s))
+            rate = (1 - q ** (k + 1)) / (1 - q) / (self.step_s + k * row)
             if rate > best_rate:
                 best, best_rate = k, rate
         return best
