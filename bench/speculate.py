@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -25,6 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# Client, peers and llama.cpp alone share this machine's cores: every process waits passively
+# (the protocol), or OpenMP's spinning threads steal the cores of whoever computes next.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
