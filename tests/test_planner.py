@@ -18,12 +18,13 @@ from edge_agent.split.deadlines import (
     split_budget,
     step_budgets,
 )
+from edge_agent.split.capacity import capacity_layers
 from edge_agent.split.planner import (
     NoRouteError,
     PeerCapability,
     Plan,
     PlannerConfig,
-    capacity_layers,
+
     has_alternative,
     hop_cost,
     plan_path,

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Collection, Literal, Optional, Sequence
 
+from .capacity import capacity_layers, check_number as _num
+
 from .deadlines import split_budget
 from .policy import LayerRange, PolicyError, PrivacyPolicy
 from .spread import is_trial, peer_weights
@@ -33,24 +35,6 @@ def format_layers(r: LayerRange) -> str:
     """``(12, 18)`` -> ``"layers 12-17"`` (inclusive, as people count); ``(5, 6)`` -> ``"layer 5"``."""
     a, b = r
     return f"layer {a}" if b - a == 1 else f"layers {a}-{b - 1}"
-
-
-def _num(name: str, value: object, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value}")
-    return float(value)
-
-
-def capacity_layers(free_memory_mb: float, layer_bytes_mb: Optional[float]) -> Optional[int]:
-    """Most layers with ``n * layer_bytes_mb <= free_memory_mb``; None means unlimited."""
-    if layer_bytes_mb is None:
-        return None
-    n = int(free_memory_mb // layer_bytes_mb) + 1
-    while n > 0 and n * layer_bytes_mb > free_memory_mb:  # guard float rounding of //
-        n -= 1
-    return n
 
 
 @dataclass(frozen=True)
