@@ -1,13 +1,19 @@
 """Speculative decoding over latency-bound links: client + 2 peers, one-token steps vs drafts.
 
-    .venv/bin/python bench/speculate.py [--rtt-ms 0,5,20] [--speculate 8] [--tokens 96] [--threads 2] [--flash-attn]
-                                        [--modes star,chain]
+    .venv/bin/python bench/speculate.py [--rtt-ms 0,5,20] [--loss 0.01] [--speculate 8] [--tokens 96] [--threads 2]
+                                        [--flash-attn] [--modes star,chain,auto] [--link netns|relay]
     (also: bench/split.py --speculate 8 --netem-ms 0,5,20)
 
 SmolLM2-135M-Instruct (the packaged model: a trained model, so drafts are accepted as
-often as real text allows), split 1:15 and 15:29 over two `edge-agent join` peers, star
-mode over TLS (``--modes star,chain``: chain too, hops forwarding through the relays). Each peer sits behind a delay relay (``bench/delay_relay.py``: this kernel
-has no netem) that adds half the round trip each way. Two workloads: *repetitive* (the
+often as real text allows), split 1:15 and 15:29 over two `edge-agent join` peers, over TLS,
+in star mode (``--modes``: chain too, and auto, which picks by the links' measured round trips).
+
+Links (``--link``): *netns* (the default where root and /dev/net/tun allow): the client and each
+peer in their own network namespace, every packet through a router namespace that holds it half
+the round trip and drops a share ``--loss`` of them (``bench/netns_links.py``; the kernel's TCP
+retransmits, as behind a real lossy link); chain hops forward through the router too.
+*relay*: each peer behind a user-space TCP relay on loopback (``bench/delay_relay.py``) that
+holds every byte half the round trip each way; no loss. Two workloads: *repetitive* (the
 model rewrites a given paragraph, as in summarising or editing) and *free chat*. For each
 round trip: llama.cpp alone (same run), the split with one-token steps, the split with
 speculation; outputs are checked token for token against llama.cpp alone.
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -32,6 +39,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import netns_links  # noqa: E402
 
 PARAGRAPH = ("The committee met on Tuesday to review the budget for the new library. After a long discussion, "
              "the members agreed to fund the reading room, the children's corner and the study hall, but they "
@@ -90,9 +100,9 @@ def relayed_directory(agent, model_hash: str, relay_of: dict[int, int]):
     return Relayed(agent, model_hash)
 
 
-async def split_runs(model: Path, relay_of: dict[int, int], prompts: dict, n: int, threads: int, flash_attn: bool,
-                     speculate: int, mode: str) -> dict:
-    from edge_agent.node import Agent, AgentConfig
+async def split_runs(model: Path, peer_addresses: list[tuple[str, int]], relay_of: dict[int, int] | None, prompts: dict,
+                     n: int, threads: int, flash_attn: bool, speculate: int, mode: str) -> dict:
+    from edge_agent.node import Agent, AgentConfig, PeerDirectory
     from edge_agent.runtime.engine import EngineOptions
     from edge_agent.runtime.sampling import SamplingParams
     from edge_agent.runtime.shards import inspect_model
@@ -101,9 +111,10 @@ async def split_runs(model: Path, relay_of: dict[int, int], prompts: dict, n: in
     info = inspect_model(model)
     out = {}
     with tempfile.TemporaryDirectory() as d:
-        agent = Agent(AgentConfig(Path(d), mdns=False, manual_peers=[("127.0.0.1", p) for p in relay_of.values()]))
+        agent = Agent(AgentConfig(Path(d), mdns=False, manual_peers=peer_addresses))
         await agent.start()
-        directory = relayed_directory(agent, info.model_hash, relay_of)
+        directory = (relayed_directory(agent, info.model_hash, relay_of) if relay_of is not None
+                     else PeerDirectory(agent, info.model_hash))
         for k in (0, speculate):
             ccfg = ClientConfig(target_tbt_ms=10_000, speculate=k, mode=mode)
             await directory.wait_for_coverage(info.n_layer, ccfg.policy, 60)
@@ -114,6 +125,7 @@ async def split_runs(model: Path, relay_of: dict[int, int], prompts: dict, n: in
                 for name, prompt in prompts.items():
                     res = await client.generate(prompt, SamplingParams(max_tokens=n))
                     out[(name, k)] = {"tok_s": res.stats["tokens_per_s"], "tokens": res.token_ids,
+                                      "mode": res.stats.get("mode"), "hop_peers": [h["peer_id"] for h in res.stats["hops"]],
                                       "speculation": res.stats.get("speculation"),
                                       "transfer_ms_per_step": [round(h["transfer_ms"] / max(1, h["steps"]), 2)
                                                                for h in res.stats["hops"]]}
@@ -135,8 +147,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--flash-attn", action="store_true")
-    ap.add_argument("--modes", default="star", help="star, chain or star,chain")
+    ap.add_argument("--modes", default="star", help="star, chain, auto or a list: star,chain,auto")
+    ap.add_argument("--loss", type=float, default=0.0, help="share of packets dropped (netns links only), e.g. 0.01")
+    ap.add_argument("--link", choices=("netns", "relay"), default=None, help="default: netns where it can run, else relay")
     args = ap.parse_args()
+    link = args.link or ("relay" if netns_links.unavailable() else "netns")
+    if link == "netns" and netns_links.unavailable():
+        sys.exit(f"--link netns: {netns_links.unavailable()}")
+    if args.loss and link != "netns":
+        sys.exit("--loss needs --link netns (a TCP relay cannot lose packets)")
     model = packaged_model()
     tok = Tokenizer(model)
     prompts = {name: tok.prompt_tokens(text, True) for name, text in WORKLOADS.items()}
@@ -144,39 +163,51 @@ def main() -> None:
     refs = {name: reference(model, p, args.tokens, args.threads, args.flash_attn) for name, p in prompts.items()}
     fa = ["--flash-attn"] if args.flash_attn else []
     rows = []
-    with tempfile.TemporaryDirectory() as d:
-        peers = [start_peer(model, r, Path(d) / f"p{i}", "--threads", str(args.threads), *fa)
+    with tempfile.TemporaryDirectory() as d, (netns_links.NetnsLinks(2) if link == "netns" else contextlib.nullcontext()) as ns:
+        peers = [start_peer(model, r, Path(d) / f"p{i}", "--threads", str(args.threads), *fa,
+                            *(("--host", ns.peer_address(i)) if ns else ()), prefix=tuple(ns.command(i, [])) if ns else ())
                  for i, r in enumerate(("1:15", "15:29"))]
+        if ns:
+            ns.enter_client()  # from here on this process's sockets are the client's, behind the router
         try:
             for rtt, mode in ((r, m) for r in args.rtt_ms for m in args.modes.split(",")):
-                relays = [start_relay(p.ready["tls_port"], rtt / 2) for p in peers]
+                relays = [] if ns else [start_relay(p.ready["tls_port"], rtt / 2) for p in peers]
                 try:
-                    relay_of = {p.ready["tls_port"]: port for p, (_, port) in zip(peers, relays)}
-                    runs = asyncio.run(split_runs(model, relay_of, prompts, args.tokens, args.threads, args.flash_attn,
-                                                  args.speculate, mode))
+                    if ns:
+                        ns.set(rtt / 2, args.loss)
+                        addresses, relay_of = [(ns.peer_address(i), p.ready["tls_port"]) for i, p in enumerate(peers)], None
+                    else:
+                        relay_of = {p.ready["tls_port"]: port for p, (_, port) in zip(peers, relays)}
+                        addresses = [("127.0.0.1", port) for port in relay_of.values()]
+                    runs = asyncio.run(split_runs(model, addresses, relay_of, prompts, args.tokens, args.threads,
+                                                  args.flash_attn, args.speculate, mode))
                 finally:
                     for proc, _ in relays:
                         proc.kill()
                 for name in prompts:
                     one, spec = runs[(name, 0)], runs[(name, args.speculate)]
                     s = spec["speculation"] or {}
-                    rows.append({"rtt_ms": rtt, "mode": mode, "workload": name, "llama_cpp_tok_s": round(refs[name][1], 1),
+                    rows.append({"rtt_ms": rtt, "loss": args.loss, "mode": mode, "chosen": one["mode"], "workload": name, "llama_cpp_tok_s": round(refs[name][1], 1),
                                  "one_token_tok_s": one["tok_s"], "speculative_tok_s": spec["tok_s"],
                                  "gain": round(spec["tok_s"] / one["tok_s"], 2) if one["tok_s"] else None,
                                  "tokens_per_pass": round((s.get("accepted", 0) + s.get("passes", 0)) / s["passes"], 2)
                                  if s.get("passes") else None, "acceptance": s.get("acceptance"),
                                  "exact": one["tokens"] == refs[name][0] and spec["tokens"] == refs[name][0],
+                                 "remote": "local" not in one["hop_peers"] + spec["hop_peers"],
                                  "hop_transfer_ms_per_step": one["transfer_ms_per_step"], "speculation": s})
         finally:
             for p in peers:
                 p.stop()
     print(f"SmolLM2-135M Q4_1, client + 2 peers (1:15, 15:29), over TLS, {args.threads} threads, "
-          f"{args.tokens} tokens, --speculate {args.speculate}, flash attention {'on' if args.flash_attn else 'off'}")
-    print(f"{'RTT/hop':>7} {'mode':5} {'workload':11} {'llama.cpp':>9} {'1-token':>8} {'spec':>8} {'gain':>5} {'tok/pass':>8} "
-          f"{'accept':>6} exact")
+          f"{args.tokens} tokens, --speculate {args.speculate}, flash attention {'on' if args.flash_attn else 'off'}, "
+          f"links: {link}{f', {args.loss:.1%} loss' if args.loss else ''}")
+    print(f"{'RTT/hop':>7} {'mode':10} {'workload':11} {'llama.cpp':>9} {'1-token':>8} {'vs alone':>8} {'spec':>8} {'gain':>5} "
+          f"{'tok/pass':>8} {'accept':>6} exact remote")
     for r in rows:
-        print(f"{r['rtt_ms']:5.0f}ms {r['mode']:5} {r['workload']:11} {r['llama_cpp_tok_s']:9.1f} {r['one_token_tok_s']:8.1f} "
-              f"{r['speculative_tok_s']:8.1f} {r['gain']:5.2f} {r['tokens_per_pass'] or 0:8.2f} {r['acceptance'] or 0:6.2f} {r['exact']}")
+        mode = r["mode"] if r["mode"] != "auto" else f"auto:{r['chosen']}"
+        print(f"{r['rtt_ms']:5.0f}ms {mode:10} {r['workload']:11} {r['llama_cpp_tok_s']:9.1f} {r['one_token_tok_s']:8.1f} "
+              f"{r['one_token_tok_s'] / r['llama_cpp_tok_s']:8.2f} {r['speculative_tok_s']:8.1f} {r['gain']:5.2f} "
+              f"{r['tokens_per_pass'] or 0:8.2f} {r['acceptance'] or 0:6.2f} {r['exact']} {r['remote']}")
     print(json.dumps(rows))
 
 

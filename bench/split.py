@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
@@ -54,7 +56,8 @@ def llama_cpp_ttft_ms(model: Path, threads: int, n_ctx: int) -> float:
         llm.close()
 
 
-async def swarm_numbers(model: Path, peers, transport: str, n_tokens: int, n_ctx: int, mode: str = "star") -> dict:
+async def swarm_numbers(model: Path, peers, transport: str, n_tokens: int, n_ctx: int, mode: str = "star",
+                        threads: int = 2) -> dict:
     from edge_agent.node import Agent, AgentConfig, PeerDirectory
     from edge_agent.runtime.engine import EngineOptions
     from edge_agent.runtime.sampling import SamplingParams
@@ -69,7 +72,7 @@ async def swarm_numbers(model: Path, peers, transport: str, n_tokens: int, n_ctx
         directory = PeerDirectory(agent, info.model_hash)
         ccfg = ClientConfig(target_tbt_ms=10_000, mode=mode)
         await directory.wait_for_coverage(info.n_layer, ccfg.policy, 60)
-        client = SwarmClient(model, directory, ccfg, EngineOptions(n_ctx_per_request=n_ctx, max_requests=2, n_threads=2),
+        client = SwarmClient(model, directory, ccfg, EngineOptions(n_ctx_per_request=n_ctx, max_requests=2, n_threads=threads),
                              CACHE / "shards")
         try:
             await client.generate([1, 2, 3, 4], SamplingParams(max_tokens=4))  # warm-up: connections, page cache
@@ -80,6 +83,34 @@ async def swarm_numbers(model: Path, peers, transport: str, n_tokens: int, n_ctx
             client.close()
             await directory.close()
             await agent.close()
+
+
+def batched_ceiling(model: Path, levels: list[int], n_tokens: int, n_ctx: int, threads: int) -> dict:
+    """The whole model in one process, N requests decoded in one engine call per step: what
+    batching itself gains on this CPU (the engine keeps to its exact-batching row cap)."""
+    from edge_agent.runtime.backends import load_engine
+    from edge_agent.runtime.engine import EngineOptions, StepInput
+    from edge_agent.runtime.shards import inspect_model
+
+    n_layer = inspect_model(model).n_layer
+    engine = load_engine("llamacpp", model, 0, n_layer, EngineOptions(n_ctx_per_request=n_ctx, max_requests=max(levels),
+                                                                      n_threads=threads), CACHE / "shards")
+    try:
+        rates = {}
+        for n in levels:
+            ids = [f"c{n}-{r}" for r in range(n)]
+            prompts = [np.array([1] + [300 + (i * 7 + 11 * r) % 5000 for i in range(31)], dtype=np.int32) for r in range(n)]
+            last = [int(np.argmax(engine.forward([StepInput(rid, 0, p)])[0].data)) for rid, p in zip(ids, prompts)]
+            t0 = time.perf_counter()
+            for k in range(n_tokens):
+                outs = engine.forward([StepInput(rid, 32 + k, np.array([t], dtype=np.int32)) for rid, t in zip(ids, last)])
+                last = [int(np.argmax(o.data)) for o in outs]
+            rates[n] = n * n_tokens / (time.perf_counter() - t0)
+            for rid in ids:
+                engine.end_request(rid)
+        return rates
+    finally:
+        engine.close()
 
 
 async def concurrency_numbers(model: Path, peers, levels: list[int], n_tokens: int, n_ctx: int, threads: int) -> dict:
@@ -146,6 +177,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--ftype", default="q4_0", choices=("q4_0", "q4_k_m", "q8_0"), help="quantization of the random model")
     ap.add_argument("--rpc-bin", type=Path, default=None, help="folder with ggml-rpc-server and llama-bench")
     ap.add_argument("--concurrency", type=lambda v: [int(x) for x in v.split(",")], default=None,
                     help="e.g. 1,4,8: aggregate tok/s of that many requests at once (client + 2 peers, TLS)")
@@ -158,7 +190,8 @@ def main() -> None:
         sys.argv = [sys.argv[0], "--speculate", str(args.speculate), "--rtt-ms", args.netem_ms, "--threads", str(args.threads)]
         return speculate.main()
     shape = SHAPE_QUICK if args.quick else SHAPE_04B
-    model = make_random_gguf(CACHE / f"random-{'quick' if args.quick else '04b'}-q4_0.gguf", ftype="q4_0", **shape)
+    model = make_random_gguf(CACHE / f"random-{'quick' if args.quick else '04b'}-{args.ftype}.gguf", ftype=args.ftype, **shape)
+    quant = args.ftype.upper()
     L = shape["n_layer"]
     if args.concurrency:
         with tempfile.TemporaryDirectory() as d:
@@ -169,11 +202,14 @@ def main() -> None:
             finally:
                 for p in peers:
                     p.stop()
-        one = rows[min(rows)]["aggregate_tok_s"]
-        print(f"model {shape} Q4_0, {args.threads} threads per process, {args.tokens} decode tokens per request, loopback TLS")
+        ceiling = batched_ceiling(model, args.concurrency, args.tokens, args.ctx, args.threads)
+        one, one_alone = rows[min(rows)]["aggregate_tok_s"], ceiling[min(ceiling)]
+        print(f"model {shape} {quant}, {args.threads} threads per process, {args.tokens} decode tokens per request, loopback TLS")
         for n, r in rows.items():
+            r["whole_model_batched_tok_s"] = round(ceiling[n], 2)
             print(f"{n:3} requests: {r['aggregate_tok_s']:8.2f} tok/s aggregate ({r['aggregate_tok_s'] / one:5.2f}x one), "
-                  f"outputs exact: {r['exact']}, mean head batch {r['mean_head_batch']}")
+                  f"outputs exact: {r['exact']}, mean head batch {r['mean_head_batch']}; whole model in one process, "
+                  f"batched: {ceiling[n]:8.2f} tok/s ({ceiling[n] / one_alone:5.2f}x one)")
         print(json.dumps(rows))
         return
     ref = llama_cpp_tok_s(model, args.tokens, args.threads, args.ctx)
@@ -186,7 +222,7 @@ def main() -> None:
         try:
             for mode, transport in (("star", "tls"), ("chain", "tls"), ("star", "webrtc"), ("chain", "webrtc")):
                 rows[f"edge-agent {mode}, 2 peers, {transport}"] = asyncio.run(
-                    swarm_numbers(model, peers, transport, args.tokens, args.ctx, mode))
+                    swarm_numbers(model, peers, transport, args.tokens, args.ctx, mode, args.threads))
         finally:
             for p in peers:
                 p.stop()
@@ -198,7 +234,7 @@ def main() -> None:
     rows["llama.cpp alone"]["tok_s"] = (ref + ref2) / 2
     base = rows["llama.cpp alone"]
     rpc_tok = rows.get("llama.cpp RPC, 2 rpc-servers", {}).get("tok_s")
-    print(f"model {shape} Q4_0, {args.threads} threads per process, {args.tokens} decode tokens, loopback")
+    print(f"model {shape} {quant}, {args.threads} threads per process, {args.tokens} decode tokens, loopback")
     print(f"{'setup':36} {'tok/s':>8} {'vs alone':>9} {'vs RPC':>7} {'TTFT 256':>10} {'vs alone':>9}")
     for name, r in rows.items():
         tok, ttft = r.get("tok_s"), r.get("ttft_256_ms")

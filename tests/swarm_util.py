@@ -42,10 +42,13 @@ class Peer:
                 self.kill()
 
 
-def start_peer(model: Path | None, layers: str | None, data_dir: Path, *extra: str, mdns: bool = False) -> Peer:
+def start_peer(model: Path | None, layers: str | None, data_dir: Path, *extra: str, mdns: bool = False,
+               prefix: tuple[str, ...] = ()) -> Peer:
+    """``prefix``: what the command runs under (e.g. ``ip netns exec NS``); a later ``--host`` in
+    ``extra`` replaces the loopback one."""
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir / "join.log"
-    args = [sys.executable, "-m", "edge_agent", "join", *(["--model", str(model)] if model else []),
+    args = [*prefix, sys.executable, "-m", "edge_agent", "join", *(["--model", str(model)] if model else []),
             *(["--layers", layers] if layers else []),
             "--data-dir", str(data_dir), "--host", "127.0.0.1", "--threads", "1", "--ctx", "512", *extra]
     args += ["--mdns-interface", "127.0.0.1"] if mdns else ["--no-mdns"]
@@ -58,6 +61,7 @@ def start_agent(args: list[str], data_dir: Path, log: Path, env: dict) -> tuple[
     env = dict(env, EDGE_AGENT_DATA_DIR=str(data_dir))
     out = open(data_dir / "stdout.log", "w+")
     proc = subprocess.Popen(args, stdout=out, stderr=open(log, "w"), env=env, cwd=Path(__file__).parent.parent)
+    name = next((a for a in args if a in ("join", "serve")), args[0])
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         out.seek(0)
@@ -65,10 +69,10 @@ def start_agent(args: list[str], data_dir: Path, log: Path, env: dict) -> tuple[
             if line.startswith('{"ready"'):
                 return proc, json.loads(line)["ready"], log
         if proc.poll() is not None:
-            raise RuntimeError(f"{args[3]} exited with {proc.returncode}: {log.read_text()[-2000:]}")
+            raise RuntimeError(f"{name} exited with {proc.returncode}: {log.read_text()[-2000:]}")
         time.sleep(0.1)
     proc.kill()
-    raise RuntimeError(f"{args[3]} not ready in {READY_TIMEOUT_S} s: {log.read_text()[-2000:]}")
+    raise RuntimeError(f"{name} not ready in {READY_TIMEOUT_S} s: {log.read_text()[-2000:]}")
 
 
 @pytest.fixture
