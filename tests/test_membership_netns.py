@@ -1,6 +1,7 @@
 """Membership beyond one LAN, between two "sites" (network namespaces) joined by a router
-namespace: multicast does not cross it (mDNS stays on each site), and `tc netem` delays each
-direction by 20 ms where the kernel has netem.  Agents are real `node.Agent`s in their own OS
+namespace: multicast does not cross it (mDNS stays on each site), and the router delays each
+direction by 20 ms: with `tc netem` where the kernel has it, else with tests/tun_netem.py (the
+same delay in user space through a TUN device).  Agents are real `node.Agent`s in their own OS
 processes; the test creates and deletes every namespace (tests/netns_util.py explains why).
 Needs root and `ip`; skipped otherwise, like the other namespace tests.  Every wait is bounded."""
 
@@ -20,6 +21,7 @@ from typing import Iterator
 import pytest
 
 from conftest import reference_tokens
+import tun_netem
 from netns_util import ROOT, in_netns, netns_unavailable_reason, spawn
 
 pytestmark = pytest.mark.netns
@@ -35,16 +37,17 @@ def _ip(*args: str) -> None:
 @contextlib.contextmanager
 def two_sites() -> Iterator[dict]:
     """{"a": (ns, ip), "b": (ns, ip), "netem": bool}: site A and site B routed through a third
-    namespace; netem delays what the router sends each way, when the kernel has it."""
+    namespace that delays what it forwards each way (``tc netem``, else tests/tun_netem.py)."""
     tag = f"{os.getpid() % 1000}{os.urandom(2).hex()}"  # interface names stay under IFNAMSIZ
     ns_a, ns_b, ns_r = f"ea-sa-{tag}", f"ea-sb-{tag}", f"ea-r-{tag}"
     created: list[str] = []
+    tun = None
     try:
         for ns in (ns_a, ns_b, ns_r):
             _ip("netns", "add", ns)
             created.append(ns)
             _ip("-n", ns, "link", "set", "lo", "up")
-        netem = True
+        netem, links = True, []
         for site, ns, net in (("a", ns_a, SITE_A), ("b", ns_b, SITE_B)):
             dev, rdev = f"v{site}{tag}", f"vr{site}{tag}"
             _ip("link", "add", dev, "netns", ns, "type", "veth", "peer", "name", rdev, "netns", ns_r)
@@ -54,19 +57,37 @@ def two_sites() -> Iterator[dict]:
             _ip("-n", ns, "route", "add", "default", "via", f"{net}.254")
             _ip("-n", ns_r, "addr", "add", f"{net}.254/24", "dev", rdev)
             _ip("-n", ns_r, "link", "set", rdev, "up")
-            res = subprocess.run(in_netns(ns_r, ["tc", "qdisc", "add", "dev", rdev, "root", "netem", "delay",
-                                                 f"{ONE_WAY_DELAY_MS}ms"]), capture_output=True, timeout=10)
-            netem = netem and res.returncode == 0
+            links.append((rdev, f"{net}.0/24"))
+            if netem:
+                res = subprocess.run(in_netns(ns_r, ["tc", "qdisc", "add", "dev", rdev, "root", "netem", "delay",
+                                                     f"{ONE_WAY_DELAY_MS}ms"]), capture_output=True, timeout=10)
+                netem = res.returncode == 0
         subprocess.run(in_netns(ns_r, ["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"]), check=True, timeout=10)
+        if not netem and os.path.exists("/dev/net/tun"):
+            for rdev, _ in links:  # a half-applied tc qdisc would delay twice
+                subprocess.run(in_netns(ns_r, ["tc", "qdisc", "del", "dev", rdev, "root"]), capture_output=True, timeout=10)
+            tun, netem = tun_netem.start(ns_r, "sitenetem", links, ONE_WAY_DELAY_MS), True
         yield {"a": (ns_a, f"{SITE_A}.1"), "b": (ns_b, f"{SITE_B}.1"), "netem": netem}
     finally:
+        if tun is not None:
+            tun.terminate()
+            tun.wait(timeout=5)
         for ns in created:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
 
 
+def tcp_connect_ms(ns: str, ip: str, port: int) -> float:
+    """The fastest of 3 TCP connects from namespace ``ns``: one round trip across the router."""
+    code = ("import socket, time\nbest = 1e9\nfor _ in range(3):\n    t = time.perf_counter()\n"
+            f"    socket.create_connection(({ip!r}, {port}), timeout=5).close()\n"
+            "    best = min(best, time.perf_counter() - t)\nprint(best * 1000)")
+    return float(subprocess.run(in_netns(ns, [sys.executable, "-c", code]), capture_output=True, text=True,
+                                timeout=30, check=True).stdout)
+
+
 def warn_without_netem(sites: dict) -> None:
     if not sites["netem"]:  # said, not skipped: everything but the delay is still tested
-        warnings.warn("this kernel has no sch_netem: the sites are joined without the 20 ms delay", stacklevel=2)
+        warnings.warn("no sch_netem and no /dev/net/tun: the sites are joined without the 20 ms delay", stacklevel=2)
 
 
 MEMBER_SRC = r'''
@@ -121,6 +142,8 @@ def test_sites_join_through_one_address_survive_its_death_and_keep_outsiders_out
 
         try:
             b1, b1_port = await start("b1", ns_b, ip_b, [])  # the only address site A is told
+            if sites["netem"]:  # the sites really are 20 ms apart each way
+                assert tcp_connect_ms(ns_a, ip_b, b1_port) >= 2 * ONE_WAY_DELAY_MS * 0.95
             b2, _ = await start("b2", ns_b, ip_b, [[ip_b, b1_port]])
             a1, _ = await start("a1", ns_a, ip_a, [[ip_b, b1_port]])
             a2, _ = await start("a2", ns_a, ip_a, [[ip_b, b1_port]])
