@@ -78,6 +78,8 @@ async def swarm_numbers(model: Path, peers, transport: str, n_tokens: int, n_ctx
             await client.generate([1, 2, 3, 4], SamplingParams(max_tokens=4))  # warm-up: connections, page cache
             res = await client.generate([1] + [300 + (i * 7) % 5000 for i in range(31)], SamplingParams(max_tokens=n_tokens + 1))
             ttft = await client.generate(PROMPT_LONG, SamplingParams(max_tokens=1))
+            if any(h["peer_id"] == "local" for h in res.stats["hops"]):  # no link: the client ran the layers itself
+                return {"tok_s": None, "ttft_256_ms": None, "error": "a hop ran on the client: no link to its peer"}
             return {"tok_s": res.stats["tokens_per_s"], "ttft_256_ms": ttft.stats["ttft_ms"], "hops": res.stats["hops"]}
         finally:
             client.close()
