@@ -2,10 +2,11 @@
 
 ``PeerDirectory`` implements ``split.client.PeerSource`` on top of a running ``node.Agent``:
 capabilities for the planner (only peers whose arithmetic settings equal the client's, each
-with its reputation from this agent's ledger), the ones kept off every path with the reason
-(other arithmetic, or a reputation below ``ledger.accounts.MIN_REPUTATION``), and live links
-(TLS where the peer is reachable directly, else WebRTC). ``fetch_weights``: a layer range's
-weights from a peer that shares them (a node started without the model file).
+with its standing in this agent's ledger, ``planner_reputation``), the ones kept off every
+path with the reason (other arithmetic, or a reputation below ``ledger.accounts.MIN_REPUTATION``),
+which peers serve speculative steps (their record's ``fx`` entry), and live links (TLS where
+the peer is reachable directly, else WebRTC). ``fetch_weights``: a layer range's weights from
+a peer that shares them (a node started without the model file).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from edge_agent.ledger.accounts import MIN_REPUTATION
+from edge_agent.discovery.capabilities import FEATURE_SPECULATION
+from edge_agent.ledger.accounts import MIN_REPUTATION, Account, reputation_of
 from edge_agent.runtime.engine import Arithmetic
 from edge_agent.split.client import IncompatiblePeer
 from edge_agent.split.links import PeerLink
@@ -28,6 +30,22 @@ if TYPE_CHECKING:
     from edge_agent.node import Agent
 
 log = logging.getLogger(__name__)
+# decode steps on record that make a peer established: until then a staked peer is a newcomer
+# that batch requests try (docs/discovery.md, "Rule for newcomers and Sybils": 50 good steps)
+HISTORY_STEPS = 50
+STRANGER = reputation_of(0.0, 0.0, 0, 0)  # the ledger's (and the planner's) reputation of a peer it knows nothing of
+
+
+def planner_reputation(account: Account | None) -> float | None:
+    """What the planner is told of a peer: None (a newcomer: trials on batch requests) for one
+    with stake and under ``HISTORY_STEPS`` of history; else its reputation, a stranger's for a
+    peer the ledger has never seen (planned on its merits, never tried on purpose: stake is what
+    earns trials, and identities cost nothing)."""
+    if account is None:
+        return STRANGER
+    if account.stake > 0 and account.deadlines_met + account.deadlines_missed < HISTORY_STEPS:
+        return None
+    return account.reputation
 
 
 def arithmetic_mismatch(mine: Arithmetic | None, advertised: str | None) -> str | None:
@@ -47,16 +65,17 @@ class PeerDirectory:
     Only peers whose arithmetic settings equal ``arithmetic`` (the client's) are offered to
     the planner; the others are listed by ``incompatible()`` with the reason.
     ``layer_bytes_mb``: KV memory one layer of one request needs (planner's memory check).
-    ``reputation``: agent id -> reputation in [0, 1] or None (unknown), e.g. ``ledger.accounts.Accounts``.
+    ``account``: agent id -> its ``ledger.accounts.Account`` or None (never seen), e.g.
+    ``Accounts.known``; None: no ledger (every peer a stranger).
     """
 
     def __init__(self, agent: Agent, model_hash: str, arithmetic: Arithmetic | None = None,
-                 layer_bytes_mb: float | None = None, reputation: Callable[[str], float | None] | None = None):
+                 layer_bytes_mb: float | None = None, account: Callable[[str], Account | None] | None = None):
         self.agent = agent
         self.model_hash = model_hash
         self.arithmetic = arithmetic
         self.layer_bytes_mb = layer_bytes_mb
-        self.reputation = reputation
+        self.account = account
         self._links: dict[str, PeerLink] = {}
 
     def _serving(self):
@@ -72,9 +91,9 @@ class PeerDirectory:
         reason = arithmetic_mismatch(self.arithmetic, caps.arithmetic)
         if reason is not None:
             return reason
-        rep = self.reputation(caps.agent_id) if self.reputation is not None else None
-        if rep is not None and rep < MIN_REPUTATION:
-            return f"reputation {rep:.2f} is below {MIN_REPUTATION} (`edge-agent ledger reputation`)"
+        account = self.account(caps.agent_id) if self.account is not None else None
+        if account is not None and account.reputation < MIN_REPUTATION:
+            return f"reputation {account.reputation:.2f} is below {MIN_REPUTATION} (`edge-agent ledger reputation`)"
         return None
 
     def capabilities(self) -> list[PeerCapability]:
@@ -85,10 +104,16 @@ class PeerDirectory:
                 continue
             link = self._links.get(c.agent_id)
             rtt = link.rtt_ms if link is not None and link.rtt_ms is not None else 1.0
+            account = self.account(c.agent_id) if self.account is not None else None
             caps.append(PeerCapability(c.agent_id, ranges, float(c.free_mem_mb), max(c.ms_per_layer, 0.001), rtt,
-                                       layer_bytes_mb=self.layer_bytes_mb,
-                                       reputation=self.reputation(c.agent_id) if self.reputation is not None else None))
+                                       layer_bytes_mb=self.layer_bytes_mb, reputation=planner_reputation(account)))
         return caps
+
+    def speculates(self, peer_id: str) -> bool:
+        """True when the peer's record says it serves speculative steps (REWIND, DRAFT): a node
+        older than them refuses the flags, which would read as a failure."""
+        entry = self.agent.table.get(peer_id)
+        return entry is not None and entry.caps.has_feature(FEATURE_SPECULATION)
 
     def incompatible(self) -> list[IncompatiblePeer]:
         out = []

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator
 
-from edge_agent.discovery.capabilities import ARITH_KEY, COMPUTE_KEY, Capabilities
+from edge_agent.discovery.capabilities import ARITH_KEY, COMPUTE_KEY, Capabilities, features_entry
 from edge_agent.discovery.identity import Identity, SwarmKey
 from edge_agent.discovery.membership import Membership
 from edge_agent.discovery.peers import PeerTable
@@ -266,6 +266,8 @@ async def join(config: AgentConfig, opts: JoinOptions, on_ready=None, on_progres
                  (COMPUTE_KEY, compute_class(engine.backend, eopts.gpu_layers).to_text())]  # picks its audits' tolerance
         if sharing:
             extra.append(("w", "1"))  # this node can share the model's weights
+        if not opts.hooks.hide_features:  # speculative steps: clients send them only to nodes that say so
+            extra.append(features_entry())
         caps = Capabilities(agent.identity.agent_id, shards=((model_hash[:16], *opts.layers),), free_mem_mb=_free_memory_mb(),
                             ms_per_layer=ms if opts.hooks.advertise_ms is None else opts.hooks.advertise_ms,
                             backend=("gpu" if gpu else engine.backend), extra=tuple(extra))
@@ -353,7 +355,7 @@ async def swarm_client(config: AgentConfig, model: "Path | ThinModel", client_co
 
             accounts = Accounts(ledger.store)
             await asyncio.to_thread(accounts.refresh)  # the first read decodes every receipt: off the event loop
-            directory.reputation = accounts.reputation  # the planner's input; evidence keeps a peer off
+            directory.account = accounts.known  # the planner's input (reputation, newcomers); evidence keeps a peer off
             recorder = ledger.client_recorder(model_hash, info.n_embd)
             client.observers.add(recorder.observe)
             request_for = ledger.requester_via(directory.link)

@@ -94,6 +94,7 @@ def join(
     test_claim_model_hash: Optional[str] = typer.Option(None, "--test-claim-model-hash", hidden=True, help="Test only: lie about the model hash."),
     test_fault: Optional[str] = typer.Option(None, "--test-fault", hidden=True, help="Test only (EDGE_AGENT_TEST_FAULTS=1): cheat: "
                                              "downgrade, skip-layer, stale, noise or garbage."),
+    test_no_features: bool = typer.Option(False, "--test-no-features", hidden=True, help="Test only: advertise no step features (an older node)."),
     no_share_weights: bool = typer.Option(False, "--no-share-weights", help="Do not let peers fetch layer ranges from this node."),
     model_hash: Optional[str] = typer.Option(None, "--model-hash", help="No model file: fetch the --layers of this model (content hash) from a peer, verified tensor by tensor."),
 ) -> None:
@@ -123,7 +124,7 @@ def join(
     opts = JoinOptions(path, rng, backend, _serves_on_gpu(share_gpu), weights_mb, threads, ctx, max_requests,
                        flash_attn=flash_attn, n_ubatch=ubatch, idle_timeout_s=idle_timeout, model_hash=model_hash,
                        share_weights=not no_share_weights,
-                       hooks=TestHooks(test_delay_ms, test_advertise_ms, test_claim_model_hash, test_fault))
+                       hooks=TestHooks(test_delay_ms, test_advertise_ms, test_claim_model_hash, test_fault, test_no_features))
     try:
         opts.hooks.check_enabled()
     except ValueError as exc:

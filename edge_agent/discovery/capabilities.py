@@ -42,6 +42,13 @@ ARITH_KEY = "ar"  # extra entry: the settings that change arithmetic (backend/n_
 # ``<8 hex>:<readable>``; it picks the audit tolerance tier (ledger.audit). Optional: a record
 # without it (an older node) is of an unknown class; a malformed one is refused.
 COMPUTE_KEY = "cc"
+# extra entry: the step features the node serves, a bit set in lowercase hex (``fx=1``): short,
+# and a newer feature is a new bit. A record without it (a node older than the entry) serves
+# none: it refuses the step flags they need. Bits this version does not know are kept (signed).
+FEATURES_KEY = "fx"
+FEATURE_SPECULATION = 1 << 0  # REWIND and DRAFT steps (split.speculation)
+FEATURE_NAMES = {FEATURE_SPECULATION: "spec"}
+SERVED_FEATURES = FEATURE_SPECULATION  # what every node of this release serves
 ROLES = ("peer", "client")
 
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
@@ -53,6 +60,7 @@ _UINT = re.compile(r"(?:0|[1-9][0-9]{0,9})\Z")
 _B64 = re.compile(r"[A-Za-z0-9_-]+\Z")
 _EXTRA_VALUE = re.compile(r"[\x20-\x7e]{0,200}\Z")
 _COMPUTE_CLASS = re.compile(r"[0-9a-f]{8}:[a-z0-9.-]{0,40}\Z")
+_FEATURES = re.compile(r"(?:0|[1-9a-f][0-9a-f]{0,3})\Z")  # 16 bits at most, one spelling per set
 _KNOWN = ("v", "id", "sw", "r", "sp", "tp", "m", "us", "b", "sh")
 _TRAILER = ("mac", "sig")
 
@@ -121,6 +129,9 @@ class Capabilities:
         cc = dict(extra).get(COMPUTE_KEY)
         if cc is not None and not _COMPUTE_CLASS.match(cc):
             raise ValueError(f"{COMPUTE_KEY} must be <8 hex>:<at most 40 of [a-z0-9.-]>")
+        fx = dict(extra).get(FEATURES_KEY)
+        if fx is not None and not _FEATURES.match(fx):
+            raise ValueError(f"{FEATURES_KEY} must be 1-4 lowercase hex digits without leading zeros")
         object.__setattr__(self, "extra", extra)
         if len(self.mac) not in (0, MAC_BYTES):
             raise ValueError(f"mac must be empty or {MAC_BYTES} bytes")
@@ -163,6 +174,15 @@ class Capabilities:
         """The node's compute class as it advertises it (``runtime.compute_class.ComputeClass.to_text``), or None."""
         return dict(self.extra).get(COMPUTE_KEY)
 
+    @property
+    def features(self) -> int:
+        """The step features the node advertises (``FEATURE_*`` bits); 0 for a record without them."""
+        return int(dict(self.extra).get(FEATURES_KEY, "0"), 16)
+
+    def has_feature(self, feature: int) -> bool:
+        """True when the node advertises every bit of ``feature``."""
+        return self.features & feature == feature
+
     def with_changes(self, **changes: Any) -> "Capabilities":
         """A copy with fields changed and the seal dropped (re-seal before advertising)."""
         return replace(self, mac=b"", signature=b"", **changes)
@@ -198,9 +218,15 @@ class Capabilities:
         d = asdict(self)
         d["shards"] = [{"model": m, "start": a, "end": b} for m, a, b in self.shards]
         d["extra"] = dict(self.extra)
+        d["features"] = [name for bit, name in FEATURE_NAMES.items() if self.has_feature(bit)]
         d["mac"] = self.mac.hex()
         d["signature"] = self.signature.hex()
         return d
+
+
+def features_entry(features: int = SERVED_FEATURES) -> tuple[str, str]:
+    """The extra entry that advertises ``features`` (``FEATURE_*`` bits)."""
+    return FEATURES_KEY, format(features, "x")
 
 
 def decode_txt(data: bytes) -> Capabilities:

@@ -162,12 +162,16 @@ class Accounts:
         found = self.accounts().get(agent_id)
         return found or Account(agent_id, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0.0, reputation_of(0.0, 0.0, 0, 0))
 
-    def reputation(self, agent_id: str) -> float | None:
-        """The planner's input: None for an agent the ledger has never seen (the planner's default).
-        Reads new records at most every ``min_refresh_s``."""
+    def known(self, agent_id: str) -> Account | None:
+        """One agent's account, None for an agent the ledger has never seen; the planner asks
+        per peer per plan, so new records are read at most every ``min_refresh_s``."""
         if time.monotonic() - self._refreshed >= self.min_refresh_s:
             self.refresh()
         if self._cache is None:
             self._cache = self._compute()
-        found = self._cache.get(agent_id)
+        return self._cache.get(agent_id)
+
+    def reputation(self, agent_id: str) -> float | None:
+        """None for an agent the ledger has never seen (the planner's default)."""
+        found = self.known(agent_id)
         return None if found is None else found.reputation

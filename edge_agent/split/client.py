@@ -11,6 +11,7 @@ running one ends that request on every hop, which frees its KV caches there.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -25,10 +26,13 @@ from edge_agent.runtime.sampling import SamplingParams
 from edge_agent.split.batcher import StepBatcher
 from edge_agent.split.chain import ChainStrategy
 from edge_agent.split.deadlines import DeadlineConfig, DeadlineTracker
+from edge_agent.split.explain import explain_no_route, request_stats
 from edge_agent.split.links import PeerLink
 from edge_agent.split.local import LOCAL_PEER_ID, LocalLink
 from edge_agent.split.observe import Observers
-from edge_agent.split.planner import NoRouteError, PeerCapability, Plan, format_layers, plan_path
+from edge_agent.split import needs as request_needs
+from edge_agent.split.needs import RequestNeeds
+from edge_agent.split.planner import NoRouteError, PeerCapability, Plan, PlannerConfig, plan_path
 from edge_agent.split.policy import PRIVACY_LEVELS, PolicyError, PrivacyPolicy
 from edge_agent.split.protocol import ErrorCode, HopFailed
 from edge_agent.split.star import StarStrategy
@@ -63,6 +67,7 @@ class KeptRequest:
 
     state: RequestState
     tokens: list[int]  # every token fed so far: the positions the KV caches hold
+    needs: RequestNeeds = RequestNeeds()  # what its path was planned for: every turn keeps it
 
     def extended_by(self, prompt: Sequence[int]) -> bool:
         """True when ``prompt`` starts with these tokens and adds at least one (its logits are needed)."""
@@ -76,6 +81,8 @@ class PeerSource(Protocol):
     def capabilities(self) -> list[PeerCapability]: ...  # peers the client may route to
 
     def incompatible(self) -> list[IncompatiblePeer]: ...
+
+    def speculates(self, peer_id: str) -> bool: ...  # it advertises speculative steps (REWIND, DRAFT)
 
     async def link(self, peer_id: str) -> PeerLink: ...
 
@@ -100,6 +107,10 @@ class ClientConfig:
     verify: bool = False  # answer only after the request's audits passed; regenerate past a cheater (split.verified)
     speculate: int = 0  # most drafted tokens verified per pass (prompt lookup, greedy only); 0: one token per step
     draft_model: Path | None = None  # a small GGUF with the same vocabulary: drafts where the context has none
+    # requests not latency-critical (a batch job; ``generate(batch=)`` decides per request): the
+    # planner may try staked newcomers on their first plan (docs/discovery.md, "Rule for newcomers")
+    batch: bool = False
+    planner: PlannerConfig = field(default_factory=lambda: PlannerConfig(trial_share=1.0, trial_weight=0.01))
 
 
 class SwarmClient:
@@ -181,6 +192,7 @@ class SwarmClient:
         self.banned: set[str] = set()  # peers caught cheating: planned around for the rest of this client's life
         self._local_ms = 0.0
         self._local_link: LocalLink | None = None
+        self._said_no_speculation = False  # logged once: peers that do not serve speculative steps
         router = Router(self._plan, self._link, self.observers, max_reroutes=cfg.max_reroutes,
                         replay_timeout_s=cfg.prefill_timeout_s)
         self.router = router
@@ -226,17 +238,21 @@ class SwarmClient:
         raise PolicyError(f"privacy {level!r} needs a trust list, which this client was not given")
 
     def _admitted(self, policy: PrivacyPolicy) -> list[PeerCapability]:
-        """The peers the privacy policy lets see activations (``--privacy trusted``: the allow-list)."""
-        return [c for c in self.peers.capabilities() if policy.admits(c.peer_id)]
+        """The peers the privacy policy lets see activations (``--privacy trusted``: the allow-list)
+        and that serve what the running request needs (``split.needs``: speculative steps)."""
+        caps = [c for c in self.peers.capabilities() if policy.admits(c.peer_id)]
+        return request_needs.admit(caps, request_needs.current(), self.peers.speculates)
 
-    def _plan(self, policy: PrivacyPolicy, previous: Plan | None = None, exclude=(), replace_hops=()) -> Plan:
+    def _plan(self, policy: PrivacyPolicy, previous: Plan | None = None, exclude=(), replace_hops=(), trial=False) -> Plan:
+        """``trial``: the request's first plan, and it is a batch request: staked newcomers may be tried."""
         caps = self._admitted(policy)
         me = PeerCapability(LOCAL_PEER_ID, (policy.remote_range(self.n_layer),), 1e9,
                             self.config.local_ms_per_layer, 0.0)
         if previous is not None and LOCAL_PEER_ID in previous.peer_ids:
             caps = [*caps, me]  # a hop we run ourselves stays ours
         kw = dict(target_tbt_ms=self.config.target_tbt_ms, local_ms=self._local_ms, previous=previous, exclude=exclude,
-                  replace_hops=replace_hops, mode=self.config.mode)
+                  replace_hops=replace_hops, mode=self.config.mode, config=self.config.planner,
+                  request_key=request_needs.current().key, trial_eligible=trial)
         try:
             return plan_path(self.n_layer, policy, caps, **kw)
         except NoRouteError as exc:
@@ -245,31 +261,16 @@ class SwarmClient:
                                    "model's GGUF to run privately", what="this device cannot run") from None
             fallback = self.config.local_fallback or policy.name == "local"  # local: this device is the only route
             if not fallback or policy.strict or LOCAL_PEER_ID in exclude or me in caps:
-                raise self._explain(exc, policy) from None
+                raise explain_no_route(exc, policy, self.peers) from None
         # no peer can take some layers: this device can, since it holds the whole model
         return plan_path(self.n_layer, policy, [*caps, me], **kw)
-
-    def _explain(self, exc: NoRouteError, policy: PrivacyPolicy) -> NoRouteError:
-        """Name the settings that kept a peer off the path, when one could have served the layers."""
-        if policy.strict:  # never weakened: say which layers no trusted peer holds, and who else does
-            others = sorted({c.peer_id[:12] for c in self.peers.capabilities() if not policy.admits(c.peer_id)
-                             and any(a < e and s < b for a, b in c.ranges for s, e in exc.missing)})
-            held = f"untrusted peers serve them: {', '.join(others)}; " if others else ""
-            return NoRouteError(exc.missing, f"privacy policy {policy.name!r}: {held}trust a peer with "
-                                "`edge-agent trust add ID`, or run with --privacy local", what="no trusted peer holds")
-        reasons = [f"peer {p.peer_id[:12]} ({', '.join(format_layers(r) for r in p.ranges)}): {p.reason}"
-                   for p in self.peers.incompatible()
-                   if any(a < e and s < b for a, b in p.ranges for s, e in exc.missing)]
-        if not reasons:
-            return exc
-        hint = " (match them with --flash-attn/--no-flash-attn, --ubatch, --backend)" if any(
-            "reputation" not in r for r in reasons) else ""
-        return NoRouteError(exc.missing, "only peers this client does not route to serve them: " + "; ".join(reasons) + hint)
 
     async def _link(self, peer_id: str, policy: PrivacyPolicy):
         if peer_id != LOCAL_PEER_ID:
             if not policy.admits(peer_id):  # the last gate before activations leave
                 raise HopFailed(peer_id, f"not admitted by privacy policy {policy.name!r}", ErrorCode.INCOMPATIBLE)
+            if request_needs.current().speculates and not self.peers.speculates(peer_id):  # nor speculative steps
+                raise HopFailed(peer_id, "it does not advertise speculative steps", ErrorCode.INCOMPATIBLE)
             return await self.peers.link(peer_id)
         if self._local_link is None:
             self._local_link = LocalLink(self._load)
@@ -287,10 +288,11 @@ class SwarmClient:
         return self.star  # a path through this device or through one peer twice runs in star mode
 
     async def _start(self, rid: bytes, policy: PrivacyPolicy) -> RequestState:
-        """Plan a path and open its links; peers that cannot be reached are planned around."""
+        """Plan a path and open its links; peers that cannot be reached are planned around
+        (re-plans are no trials: docs/discovery.md)."""
         excluded: set[str] = set(self.banned)
-        for _ in range(self.config.max_reroutes + 1):
-            plan = self._plan(policy, exclude=excluded)
+        for attempt in range(self.config.max_reroutes + 1):
+            plan = self._plan(policy, exclude=excluded, trial=request_needs.current().batch and attempt == 0)
             try:
                 states = await self.router.open(plan, {}, policy)
                 return RequestState(rid, plan, DeadlineTracker(plan, self.config.deadline), states, policy, excluded)
@@ -302,10 +304,12 @@ class SwarmClient:
     # -- the token loop ---------------------------------------------------------------------
     async def generate(self, prompt_tokens: Sequence[int], params: SamplingParams,
                        on_token: Callable[[int, str], None] | None = None, *, resume: KeptRequest | None = None,
-                       keep: Callable[[KeptRequest], None] | None = None, privacy: str | None = None) -> GenerationResult:
+                       keep: Callable[[KeptRequest], None] | None = None, privacy: str | None = None,
+                       batch: bool | None = None) -> GenerationResult:
         """One completion; ``on_token(token_id, new_text)`` streams it. Safe to run many at once.
 
         ``privacy``: this request's level, which may tighten the client's default (``policy_for``).
+        ``batch``: not latency-critical (None: ``config.batch``), so staked newcomers may be tried on it.
         Multi-turn KV reuse: ``keep`` receives the finished request still alive instead of it
         being ended; a later ``generate(resume=that)`` whose prompt extends its tokens, under the
         same policy, computes only the new ones (else it is released and the prompt computed afresh).
@@ -314,18 +318,39 @@ class SwarmClient:
         if self.config.verify and self.verifier is not None:
             if resume is not None:
                 await self.release(resume)
-            return await generate_verified(self._generate, self.verifier, self.banned.add, self.tokenizer, prompt_tokens,
-                                           params, on_token, privacy)
-        return await self._generate(prompt_tokens, params, on_token, resume=resume, keep=keep, privacy=privacy)
+            return await generate_verified(functools.partial(self._generate, batch=batch), self.verifier, self.banned.add,
+                                           self.tokenizer, prompt_tokens, params, on_token, privacy)
+        return await self._generate(prompt_tokens, params, on_token, resume=resume, keep=keep, privacy=privacy, batch=batch)
 
     async def _generate(self, prompt_tokens: Sequence[int], params: SamplingParams,
                         on_token: Callable[[int, str], None] | None = None, *, resume: KeptRequest | None = None,
-                        keep: Callable[[KeptRequest], None] | None = None, privacy: str | None = None) -> GenerationResult:
+                        keep: Callable[[KeptRequest], None] | None = None, privacy: str | None = None,
+                        batch: bool | None = None) -> GenerationResult:
         policy = self.policy_for(privacy)
         if resume is not None and (not resume.extended_by(prompt_tokens) or resume.state.policy != policy):
             await self.release(resume)
             resume = None
-        req = resume.state if resume is not None else await self._start(uuid.uuid4().bytes, policy)
+        needs = resume.needs if resume is not None else self._needs(policy, params, batch)
+        with request_needs.serving(needs):  # every plan and link of the request, re-routes included, obeys it
+            return await self._run(prompt_tokens, params, on_token, policy, needs, resume, keep)
+
+    def _needs(self, policy: PrivacyPolicy, params: SamplingParams, batch: bool | None) -> RequestNeeds:
+        """A new request's: it speculates (greedy, on a speculating client) only where the peers that
+        serve speculative steps cover every layer the others do; else it runs one token per step."""
+        speculates = self.config.speculate > 0 and params.greedy
+        if speculates:
+            caps = [c for c in self.peers.capabilities() if policy.admits(c.peer_id) and c.peer_id not in self.banned]
+            older = request_needs.speculation_loses_layers(self.n_layer, caps, self.peers.speculates)
+            speculates = not older
+            if older and not self._said_no_speculation:
+                self._said_no_speculation = True
+                log.info("no speculation while peers %s alone serve some layers and do not advertise speculative steps "
+                         "(older nodes): those requests run one token per step", ", ".join(p[:12] for p in older))
+        return RequestNeeds(uuid.uuid4().bytes, speculates, self.config.batch if batch is None else batch)
+
+    async def _run(self, prompt_tokens: Sequence[int], params: SamplingParams, on_token, policy: PrivacyPolicy,
+                   needs: RequestNeeds, resume: KeptRequest | None, keep) -> GenerationResult:
+        req = resume.state if resume is not None else await self._start(needs.key, policy)
         fed = list(resume.tokens) if resume is not None else []  # what the KV caches hold
         for hs in req.hops:  # per-turn numbers
             hs.steps, hs.compute_ms, hs.transfer_ms = 0, 0.0, 0.0
@@ -335,7 +360,8 @@ class SwarmClient:
         pos, sid, reused = len(fed), req.rid.hex(), len(fed)
         # speculation: the caches may hold rejected drafts beyond ``pos`` (also from a kept turn),
         # so every later step rewinds; decode steps carry drafts (greedy only: docs/split.md)
-        spec = Speculation(self.config.speculate, params.greedy, prompt_tokens, self.options.n_ctx_per_request, self.drafter, sid)
+        spec = Speculation(self.config.speculate if needs.speculates else 0, params.greedy, prompt_tokens,
+                           self.options.n_ctx_per_request, self.drafter, sid)
         kept = None
         try:
             while feed is not None:
@@ -359,17 +385,19 @@ class SwarmClient:
                 fed.extend(feed[:n_kept].tolist())
                 pos += n_kept
                 feed = await spec.next_feed(nxt, decoder, pos, feed.shape[0] - 1 if draft else 0, n_kept - 1 if draft else 0)
-            kept = KeptRequest(req, fed) if keep is not None else None
+            kept = KeptRequest(req, fed, needs) if keep is not None else None
         finally:  # also on cancellation: free the request everywhere
             await spec.close()
             if kept is None:
                 await self.release(KeptRequest(req, fed))
         if kept is not None:
             keep(kept)
-        result = decoder.result(self._stats(req))
+        result = decoder.result(request_stats(req, [self.head.info, self.tail.info]))
         result.stats["kv_reused_tokens"] = reused
         if spec.enabled:
             result.stats["speculation"] = spec.stats()
+        elif self.config.speculate and params.greedy:
+            result.stats["speculation"] = {"off": "a peer for some layers does not advertise speculative steps"}
         return result
 
     async def release(self, kept: KeptRequest) -> None:
@@ -386,25 +414,3 @@ class SwarmClient:
                 hook(end)
             except Exception:  # noqa: BLE001 - a hook (control plane) never breaks a request
                 log.exception("request end hook failed")
-
-    def _stats(self, req: RequestState) -> dict:
-        tel = req.tracker.telemetry()
-        return {
-            "request_id": req.rid.hex(),  # as in the ledger (`edge-agent ledger show --request`)
-            "mode": req.plan.mode,
-            "path": [{"peer_id": h.hop.peer_id, "range": f"{h.hop.start}:{h.hop.end}"} for h in req.hops],
-            "hops": [
-                {"peer_id": h.hop.peer_id, "range": f"{h.hop.start}:{h.hop.end}", "steps": h.steps,
-                 "compute_ms": round(h.compute_ms, 3), "transfer_ms": round(h.transfer_ms, 3),
-                 "budget_ms": round(h.hop.budget_ms, 3)}
-                for h in req.hops
-            ],
-            "slack_ms": round(tel.budget_ms - tel.mean_total_ms, 3) if tel.mean_total_ms is not None else None,
-            "deadline_misses": tel.step_misses,
-            "chain_ms": round(req.chain_ms, 3),
-            "reroutes": req.reroutes,
-            "local": [f"{self.head.info.start}:{self.head.info.end}", f"{self.tail.info.start}:{self.tail.info.end}"],
-            "privacy": {"policy": req.policy.name, "k": req.policy.k, "m": req.policy.m,
-                        "peers_saw_activations": sorted(({h.hop.peer_id for h in req.hops} | {r["from"] for r in req.reroutes}
-                                                         | {p for r in req.reroutes for p in r["to"]}) - {LOCAL_PEER_ID, None})},
-        }

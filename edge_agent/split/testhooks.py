@@ -31,6 +31,7 @@ class TestHooks:
     advertise_ms: float | None = None  # advertise this ms per layer instead of the measured one
     claim_model_hash: str | None = None  # advertise this model hash (a node with tampered weights)
     fault: str | None = None  # one of FAULTS (an output fault may say KIND@POSITION): a node that cheats on its results
+    hide_features: bool = False  # advertise no step features (as a node older than them: docs/discovery.md)
 
     @property
     def active(self) -> bool:
