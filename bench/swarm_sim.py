@@ -61,10 +61,12 @@ def report(r: Results, wall_s: float) -> list[tuple[str, str]]:
                                                            f"{', newcomer keys' if c.newcomer_keys else ''}"),
         ("churn per minute, minutes", f"{c.churn_per_min:.0%}, {c.minutes:g}"),
         ("requests", f"{r.requests}"),
-        ("completed with unchanged output", f"{exact:.2%} (completed {done:.2%}, {r.reroutes} re-routes)"),
+        ("completed with unchanged output", f"{exact:.2%} (completed {done:.2%}: {r.completed}, {r.reroutes} re-routes)"),
         ("failures", ", ".join(f"{k} x{v}" for k, v in r.failures.most_common(3)) or "none"),
         ("infeasible plans (checker)", f"{r.infeasible}"),
         ("out-of-turn view refreshes (no route in the view)", f"{r.refills}"),
+        ("waits for a free slot: count, median / p95 / max s", f"{len(r.slot_waits)}, {median(r.slot_waits):.2f} / "
+         f"{pct(r.slot_waits, 95):.2f} / {max(r.slot_waits, default=0):.2f}"),
         ("error replies (engine refusals)", ", ".join(f"{k} x{v}" for k, v in r.refusals.most_common()) or "none"),
         ("planning ms per request, median / p99", f"{median(r.plan_ms):.2f} / {pct(r.plan_ms, 99):.2f} wall, "
          f"{median(r.plan_cpu_ms):.2f} / {pct(r.plan_cpu_ms, 99):.2f} CPU"),
@@ -137,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trial-share", type=float, default=PLANNER.trial_share,
                     help="PlannerConfig.trial_share: batch requests newcomers are tried on (0: none)")
     ap.add_argument("--no-newcomer-keys", action="store_true", help="joiners are found through the segment keys only")
+    ap.add_argument("--refusal-memory", type=float, default=float("inf"), metavar="S",
+                    help="a client plans around a peer that refused it for S seconds (default: until a newer record)")
     ap.add_argument("--planner-scaling", type=int, nargs="*", metavar="N",
                     help="instead: time plan_path over swarms of N peers, all of them vs a client's view")
     args = ap.parse_args(argv)
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Config(nodes=args.nodes, churn_per_min=args.churn_per_min, minutes=args.minutes, seed=args.seed,
                  sybils=args.sybils, clients=args.clients or max(5, args.nodes // 20), tokens=args.tokens,
                  staked_joiners=not args.unstaked_joiners, spread=args.spread, trial_share=args.trial_share,
-                 newcomer_keys=not args.no_newcomer_keys)
+                 newcomer_keys=not args.no_newcomer_keys, full_for_s=args.refusal_memory)
     t0 = time.perf_counter()
     result = World(cfg).run()
     rows = report(result, time.perf_counter() - t0)

@@ -136,7 +136,7 @@ class SimLink:
             self.clock.t += rtt / 1000
             self.client.refusals[refused] += 1
             if refused == str(ErrorCode.CAPACITY):
-                self.client.full(node)
+                self.client.full(node, self.clock.t)
             raise HopFailed(self.peer_id, "refused", refused)
         rows = frame.n_positions
         compute = node.ms_per_layer * (b - a) * max(1.0, rows / 4) * self.jitter()
@@ -186,6 +186,7 @@ class Driver:
         self.replan_ms: list[float] = []
         self.candidates: list[int] = []
         self.infeasible = 0  # plans the checker refused (must stay 0)
+        self.slot_waits: list[float] = []  # each wait of a request for a free slot, s
 
     def _plan_fn(self, sreq: SimRequest):
         def plan(policy: PrivacyPolicy, previous: Plan | None = None, exclude=(), replace_hops=()) -> Plan:
@@ -241,7 +242,8 @@ class Driver:
         observers.add(lambda rec: self._observe(sreq, rec))
         jitter = lambda: math.exp(self.world.rng.gauss(0.0, 0.1))  # noqa: E731
         router = Router(self._plan_fn(sreq), lambda pid, policy: self._link(pid, sreq, jitter), observers,
-                        max_reroutes=MAX_REROUTES, replay_timeout_s=PREFILL_TIMEOUT_S)
+                        max_reroutes=MAX_REROUTES, replay_timeout_s=PREFILL_TIMEOUT_S,
+                        clock=lambda: sreq.clock.t, sleep=lambda s: self._wait(sreq, s), rng=self.world.rng)
         sreq.strategy = StarStrategy(router, lambda policy: client.candidates(sreq.clock.t, sreq.state.excluded, (), sreq.probation),
                                      hop_timeout_s=HOP_TIMEOUT_S,
                                      prefill_timeout_s=PREFILL_TIMEOUT_S)
@@ -250,6 +252,11 @@ class Driver:
                                   DeadlineTracker(plan, DEADLINES), run(router.open(plan, {}, POLICY)), POLICY)
         sreq.x = np.array([[self.world.rng.randrange(MOD)] for _ in range(PREFILL_ROWS)], dtype=np.float32)
         return sreq
+
+    async def _wait(self, sreq: SimRequest, seconds: float) -> None:
+        """The Router waiting for a free slot: the request's own time passes (``SlotWait``)."""
+        sreq.clock.t += seconds
+        self.slot_waits.append(seconds)
 
     async def _link(self, peer_id: str, sreq: SimRequest, jitter) -> SimLink:
         return SimLink(self.world.by_id[peer_id], sreq.client, sreq.clock, jitter)

@@ -113,8 +113,11 @@ def _covering(ranked: list[Node], bounds: tuple[int, int], at_least: int) -> lis
 class Client:
     """A requesting device: a DHT client with its own view and probation quota."""
 
-    def __init__(self, idx: int, agent_id: str, pos: tuple[float, float], rng: random.Random) -> None:
+    def __init__(self, idx: int, agent_id: str, pos: tuple[float, float], rng: random.Random,
+                 full_for_s: float = math.inf) -> None:
         self.idx, self.agent_id, self.pos, self.rng = idx, agent_id, pos, rng
+        self.full_for_s = full_for_s  # how long a refusal keeps a peer out of this client's plans
+        self.full_until: dict[int, float] = {}
         self.dht_id = int(agent_id[:16], 16)
         self.entries: dict[int, tuple[Node, float, float, float]] = {}  # idx -> node, published, free MB, rtt
         self.top: list[list[Node]] = [[] for _ in SEGMENT_BOUNDS]
@@ -163,12 +166,21 @@ class Client:
         self.seen_at = {i: t for i, t in self.seen_at.items() if i in keep}
         self.tried.intersection_update(keep)
         self.dead.intersection_update(n.idx for n, *_ in self.entries.values())
+        self.full_until = {i: t for i, t in self.full_until.items() if i in keep and t > now}
 
-    def full(self, node: Node) -> None:
-        """It refused for want of a free slot: plan around it until a newer record says otherwise."""
+    def full(self, node: Node, now: float) -> None:
+        """It refused for want of a free slot: plan around it for ``full_for_s``, or (inf) until
+        a newer record says otherwise."""
         entry = self.entries.get(node.idx)
-        if entry is not None:
+        if entry is not None and math.isinf(self.full_for_s):
             self.entries[node.idx] = (entry[0], entry[1], 0.0, entry[3])
+        elif entry is not None:
+            self.full_until[node.idx] = now + self.full_for_s
+
+    def has_room(self, node: Node, now: float) -> bool:
+        """Its record advertises a free slot for its whole span, and it has not refused lately."""
+        return (self.entries[node.idx][2] >= (node.span[1] - node.span[0]) * KV_MB_PER_LAYER
+                and self.full_until.get(node.idx, -math.inf) <= now)
 
     def probation_pick(self, interactive: bool, positions: int) -> Node | None:
         """The one probation peer a request may use, or None. Its worst case (all its layers at
@@ -193,13 +205,13 @@ class Client:
         chosen: dict[int, Node] = {n.idx: n for n in keep}
         for bounds, ranked in zip(SEGMENT_BOUNDS, self.top):
             live = [n for n in ranked if n.idx not in self.dead and not n.on_probation and n.agent_id not in exclude
-                    and self.entries[n.idx][2] >= (n.span[1] - n.span[0]) * KV_MB_PER_LAYER]
+                    and self.has_room(n, now)]
             chosen.update((n.idx, n) for n in _covering(live, bounds, TOP_PER_SEGMENT))
         if probation is not None and probation.idx not in self.dead and probation.agent_id not in exclude:
             chosen[probation.idx] = probation
         if trial:
             fresh = {n.idx: n for seg in self.newcomers for n in seg if n.reputation is None and n.idx not in self.dead
-                     and n.agent_id not in exclude and self.entries[n.idx][2] >= (n.span[1] - n.span[0]) * KV_MB_PER_LAYER}
+                     and n.agent_id not in exclude and self.has_room(n, now)}
             # untried first, then in an order of this client's own, so clients that see the same
             # newcomers (from the newcomer keys) do not all queue at the same one
             order = sorted(fresh.values(), key=lambda n: (n.idx in self.tried, key_of(self.agent_id, n.agent_id)))

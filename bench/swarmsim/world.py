@@ -50,6 +50,7 @@ class Config:
     spread: float = PLANNER.spread  # PlannerConfig knobs (trial_share 0: no newcomer trials, as before them)
     trial_share: float = PLANNER.trial_share
     newcomer_keys: bool = True  # joiners also announce themselves under the segments' newcomer keys
+    full_for_s: float = float("inf")  # a refusal keeps the peer out of that client's plans this long (inf: until a newer record)
 
 
 @dataclass
@@ -78,6 +79,7 @@ class Results:
     refusals: Counter = field(default_factory=Counter)  # error replies (engine refusals) by code
     record_bytes: list = field(default_factory=list)
     slot_use: list = field(default_factory=list)  # each second: share of the swarm's KV memory (request slots) in use
+    slot_waits: list = field(default_factory=list)  # each wait of a request for a free slot (SlotWait), s
 
 
 class World:
@@ -103,7 +105,7 @@ class World:
             self._publish(node, first=True)
         n_clients = cfg.clients or max(5, cfg.nodes // 20)
         self.clients = [Client(next(self.ids), seeded_identity(self.rng).agent_id, (self.rng.random(), self.rng.random()),
-                               self.rng) for _ in range(n_clients)]
+                               self.rng, cfg.full_for_s) for _ in range(n_clients)]
         for c in self.clients:
             self._refresh(c)
             self.at(self.rng.uniform(0, REFRESH_EVERY_S), "refresh", c)
@@ -283,7 +285,7 @@ class World:
         out.node_bytes_per_min = sum(b for i, b in grown.items() if i not in client_ids) / len(self.nodes) / minutes
         d = self.driver
         out.plan_ms, out.plan_cpu_ms, out.replan_ms, out.infeasible = d.plan_ms, d.plan_cpu_ms, d.replan_ms, d.infeasible
-        out.candidates = d.candidates
+        out.candidates, out.slot_waits = d.candidates, d.slot_waits
         out.bytes_by_kind = {k: (v - warm_kinds.get(k, 0.0)) / len(self.nodes) / minutes for k, v in self.dht.by_kind.items()}
         for c in self.clients:
             out.refusals.update(c.refusals)

@@ -17,7 +17,7 @@ import numpy as np
 from edge_agent.runtime.engine import ContextFullError
 from edge_agent.split.observe import HopRecord, digest
 from edge_agent.split.protocol import ErrorCode, HopFailed, activation, check_reply, control_frame, parse_error, route_message
-from edge_agent.split.strategy import RequestState, Router, Strategy, step_timeout
+from edge_agent.split.strategy import RequestState, Router, Strategy, is_refusal, step_timeout
 from edge_agent.transport import Flag, FrameError, MsgType, PeerLostError
 
 
@@ -46,7 +46,7 @@ class ChainStrategy(Strategy):
         frame = activation(req.rid, pos, x, first.hop.start, first.hop.end, seq, int(Flag.CHAIN) | flags)
         timeout = step_timeout(x.shape[0], flags, self.hop_timeout_s, self.prefill_timeout_s)
         t0 = time.perf_counter()
-        blamed, reason = None, "chain step timed out"
+        blamed, reason, refused = None, "chain step timed out", False
         try:
             if not req.routed:
                 await self._set_routes(req)
@@ -66,7 +66,7 @@ class ChainStrategy(Strategy):
                     idx = next(i for i, h in enumerate(req.hops) if h.link.peer_id == peer_id)
                     if code == ErrorCode.NEXT_HOP_UNREACHABLE and idx + 1 < len(req.hops):
                         idx += 1
-                    blamed, reason = req.hops[idx].hop.peer_id, f"{code}: {message}"
+                    blamed, reason, refused = req.hops[idx].hop.peer_id, f"{code}: {message}", code == ErrorCode.CAPACITY
                     break
                 if peer_id != last.link.peer_id:
                     blamed, reason = peer_id, "chain reply from a hop that is not the last"
@@ -80,18 +80,19 @@ class ChainStrategy(Strategy):
                     self._observe(req, len(req.hops), pos, x, flags, wall_ms, f, out)
                 return out
         except HopFailed as exc:
-            blamed, reason = exc.peer_id, f"{exc.code}: {exc.reason}"
+            blamed, reason, refused = exc.peer_id, f"{exc.code}: {exc.reason}", is_refusal(exc)
         except (PeerLostError, FrameError) as exc:
             blamed, reason = first.hop.peer_id, f"peer_lost: {exc}"
         finally:
             for hs in req.hops:
                 hs.link.forget(key)
         if blamed:
-            req.excluded.add(blamed)
+            if not refused:  # a refusal costs the peer a cooldown only (Router.recover, SlotWait)
+                req.excluded.add(blamed)
             if self.router.observers.callbacks:  # the hops before the blamed one computed this step too
                 ran = next((i for i, h in enumerate(req.hops) if h.hop.peer_id == blamed), 0)
                 self._observe(req, ran, pos, x, flags, (time.perf_counter() - t0) * 1000.0)
-        await self.rebuild(req, reason, pos, blamed or "")
+        await self.rebuild(req, reason, pos, blamed or "", refused)
         return await self.fallback.step(req, pos, x, flags)  # this step in star mode; chain resumes next step
 
     def _observe(self, req: RequestState, ran: int, pos: int, x: np.ndarray, flags: int, wall_ms: float, reply=None,

@@ -13,7 +13,7 @@ import numpy as np
 from edge_agent.runtime.engine import ContextFullError
 from edge_agent.split.planner import has_alternative
 from edge_agent.split.protocol import ErrorCode, HopFailed
-from edge_agent.split.strategy import RequestState, Router, Strategy, step_timeout
+from edge_agent.split.strategy import RequestState, Router, Strategy, is_refusal, step_timeout
 
 
 class StarStrategy(Strategy):
@@ -34,7 +34,8 @@ class StarStrategy(Strategy):
             except HopFailed as exc:
                 if exc.code == ErrorCode.CONTEXT_FULL:  # no other peer has a bigger context to offer
                     raise ContextFullError(f"the request outgrew the context of the peers: {exc.reason}") from None
-                if await self.router.recover(req, f"{exc.code}: {exc.reason}", pos, index=i, permanent=exc.permanent):
+                if await self.router.recover(req, f"{exc.code}: {exc.reason}", pos, index=i, permanent=exc.permanent,
+                                             refused=is_refusal(exc)):
                     x, observed, i = x0, [], 0  # every hop was rebuilt up to this step: run it again from hop 0
                 continue  # retry the same layers on the replacement
             hs.record(pos, x, flags, compute_ms, wall_ms)
@@ -48,7 +49,8 @@ class StarStrategy(Strategy):
         alts: list[int] = []
         if any(o > hs.hop.budget_ms for o, hs in zip(observed, req.hops)):  # only a late hop can be replaced
             caps = self.capabilities(req.policy)
-            alts = [j for j in range(len(req.hops)) if has_alternative(req.plan, j, caps, req.excluded)]
+            avoid = req.avoid(self.router.clock())
+            alts = [j for j in range(len(req.hops)) if has_alternative(req.plan, j, caps, avoid)]
         report = req.tracker.observe(observed, alts)
         advice = next((a for a in report.replace if a.hop_index in alts), None)
         if advice is not None:  # one per step: indexes change once the path does

@@ -6,12 +6,16 @@ failure (``Strategy.rebuild``). ``star.StarStrategy`` calls each hop itself;
 ``chain.ChainStrategy`` lets the hops forward to each other. Both recover through the
 same ``Router``: replace the failed hop (or every hop) with what the planner offers, and
 replay the stored inputs in the chunks first sent, so the rebuilt KV caches are
-bit-identical and the output does not change.
+bit-identical and the output does not change. A capacity refusal (``SlotWait``) is load,
+not a fault: it costs the refusing peer a short cooldown, not its place for the request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
+import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Protocol
 
@@ -21,7 +25,7 @@ from edge_agent.split.deadlines import DeadlineTracker
 from edge_agent.split.observe import HopRecord, Observers, digest
 from edge_agent.split.planner import Hop, NoRouteError, Plan
 from edge_agent.split.policy import PrivacyPolicy
-from edge_agent.split.protocol import HopFailed, activation, check_reply
+from edge_agent.split.protocol import ErrorCode, HopFailed, activation, check_reply
 from edge_agent.transport import Flag, Frame, MsgType
 
 log = logging.getLogger(__name__)
@@ -73,9 +77,45 @@ class RequestState:
     routed: bool = False  # chain mode: the hops know their next hop
     histories_complete: bool = True  # False once a chain step ran: only hop 0's inputs are known
     chain_ms: float = 0.0
+    faults: int = 0  # re-routes a fault caused (peer lost, error, bad reply, late): what max_reroutes bounds
+    cooling: dict[str, float] = field(default_factory=dict)  # peer -> until when (Router.clock) it is planned around
+    refusals: int = 0  # capacity refusals met (SlotWait.max_refusals bounds them)
+    waited_s: float = 0.0  # time spent waiting for a free slot (SlotWait.max_wait_s bounds it)
+    waits: int = 0
 
     def end_frame(self) -> Frame:
         return Frame(MsgType.END_REQUEST, request_id=self.rid)
+
+    def avoid(self, now: float) -> set[str]:
+        """Peers a plan for this request must not use now: excluded ones and those cooling down."""
+        return self.excluded | {p for p, until in self.cooling.items() if until > now}
+
+
+@dataclass(frozen=True)
+class SlotWait:
+    """What a capacity refusal (``ErrorCode.CAPACITY``: the peer has no free request slot now)
+    costs a request. It is load, not a fault: under load every client ranks the same best
+    peers first and learns that one is full only when it refuses, so banning it for the
+    request and spending a re-route on it ran requests out of re-routes and of peers while
+    half the swarm's slots were free (docs/discovery.md, "Stale free memory under load").
+
+    A refusing peer is planned around for ``cooldown_s`` of the request's time; the re-route
+    around it spends no ``max_reroutes``. When no other peer can take the layers, the request
+    waits (backoff from ``backoff_s``, doubling up to ``max_backoff_s``, jittered down to half
+    so that refused clients do not return together) and plans again. Both are bounded: after
+    ``max_refusals`` refusals or ``max_wait_s`` of waiting a refusal is a fault again (peer
+    excluded, re-route spent) and a plan that finds no peer fails the request."""
+
+    cooldown_s: float = 0.5
+    backoff_s: float = 0.25
+    max_backoff_s: float = 2.0
+    max_refusals: int = 32
+    max_wait_s: float = 15.0
+
+
+def is_refusal(exc: HopFailed) -> bool:
+    """A peer that answered it has no free slot now (not that it failed)."""
+    return exc.code == ErrorCode.CAPACITY
 
 
 PlanFn = Callable[..., Plan]  # (policy, previous=, exclude=, replace_hops=) -> Plan, or NoRouteError
@@ -85,9 +125,13 @@ LinkFn = Callable[[str, PrivacyPolicy], Awaitable[Link]]  # refuses a peer the p
 class Router:
     """Hop calls and recovery, shared by both strategies."""
 
-    def __init__(self, plan: PlanFn, link: LinkFn, observers: Observers, *, max_reroutes: int, replay_timeout_s: float):
+    def __init__(self, plan: PlanFn, link: LinkFn, observers: Observers, *, max_reroutes: int, replay_timeout_s: float,
+                 slot_wait: SlotWait = SlotWait(), clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, rng: random.Random | None = None):
         self.plan, self.link, self.observers = plan, link, observers
         self.max_reroutes, self.replay_timeout_s = max_reroutes, replay_timeout_s
+        # clock and sleep: a simulation (bench/swarmsim) runs this code in its own time
+        self.slot_wait, self.clock, self.sleep, self.rng = slot_wait, clock, sleep, rng or random.Random()
 
     async def open(self, plan: Plan, keep: dict[tuple[str, int, int], HopState], policy: PrivacyPolicy) -> list[HopState]:
         """States for ``plan``'s hops: kept ones where (peer, layers) match, new links otherwise."""
@@ -117,19 +161,50 @@ class Router:
         for st in states:
             await st.link.send(req.end_frame())
 
+    def _cool(self, req: RequestState, peer_id: str) -> bool:
+        """Note a capacity refusal by ``peer_id``: it cools down (True) while the request's
+        refusal budget lasts; False once it is spent (then the refusal is a fault)."""
+        req.refusals += 1
+        if req.refusals > self.slot_wait.max_refusals or req.waited_s >= self.slot_wait.max_wait_s:
+            return False
+        req.cooling[peer_id] = self.clock() + self.slot_wait.cooldown_s
+        return True
+
+    async def _wait_for_slot(self, req: RequestState) -> bool:
+        """No plan now, after peers refused for want of a slot: wait for one to free (backoff with
+        jitter, at least until a refused peer's cooldown ends) and plan again. False when no
+        peer refused or the budget is spent: no wait makes a route then."""
+        sw = self.slot_wait
+        left = sw.max_wait_s - req.waited_s
+        if not 0 < req.refusals <= sw.max_refusals or left <= 0:
+            return False
+        now = self.clock()
+        delay = min(sw.max_backoff_s, sw.backoff_s * 2 ** min(req.waits, 16)) * self.rng.uniform(0.5, 1.0)
+        soonest = min((until - now for until in req.cooling.values() if until > now), default=0.0)
+        delay = min(left, max(delay, soonest))
+        await self.sleep(delay)
+        req.waited_s += delay
+        req.waits += 1
+        return True
+
     async def recover(self, req: RequestState, reason: str, pos: int, *, index: int | None = None, blamed: str = "",
-                      permanent: bool = True) -> bool:
+                      permanent: bool = True, refused: bool = False) -> bool:
         """Replace hop ``index`` with new peer(s) for its layers, or (``index`` None) rebuild every
         hop from hop 0's inputs before ``pos``; replay the inputs so the KV caches match again.
 
         A single hop becomes a full rebuild when its inputs are not known (after chain steps)
         or the new plan changes more than that hop's layers. Returns True after a full
-        rebuild: the caller restarts the current step at hop 0.
+        rebuild: the caller restarts the current step at hop 0. ``refused``: the failed hop
+        (or ``blamed``) refused for want of a free slot (``is_refusal``; ``SlotWait``).
         """
         failed = req.hops[index] if index is not None else None
         if failed is not None:
             blamed = failed.hop.peer_id
-            if permanent:
+        fault = not (refused and blamed and self._cool(req, blamed))
+        # a refused hop's peer may take its layers again once it cools down; a failed one may not
+        replace = [index] if failed is not None and fault else []
+        if failed is not None:
+            if (permanent and not refused) or (refused and fault):
                 req.excluded.add(blamed)
             # END_REQUEST frees the request on every shard of that node: not while it holds another hop of
             # ours; then its stale cache for these layers stays, so it may not take them again
@@ -139,18 +214,23 @@ class Router:
                 await failed.link.send(req.end_frame())
             if not req.histories_complete:
                 failed = None
+        elif refused and fault:
+            req.excluded.add(blamed)
         if failed is None:
             await self.end(req, req.hops)
         while True:
-            if len(req.reroutes) >= self.max_reroutes:
-                raise NoRouteError([(req.plan.start, req.plan.end)], f"gave up after {len(req.reroutes)} re-routes")
+            if req.faults >= self.max_reroutes:
+                raise NoRouteError([(req.plan.start, req.plan.end)], f"gave up after {req.faults} re-routes")
             try:
-                plan = self.plan(req.policy, previous=req.plan if failed else None, exclude=req.excluded,
-                                 replace_hops=[index] if failed else ())
+                plan = self.plan(req.policy, previous=req.plan if failed else None, exclude=req.avoid(self.clock()),
+                                 replace_hops=replace if failed else ())
             except NoRouteError as exc:
+                if await self._wait_for_slot(req):
+                    continue
                 who = f"peer {blamed[:12]} failed" if blamed else "after"
                 excluded = ", ".join(sorted(p[:12] for p in req.excluded)) or "none"
-                raise NoRouteError(exc.missing, f"{who}: {reason}; excluded: {excluded}; {exc}",
+                waited = f"; waited {req.waited_s:.1f} s for a slot after {req.refusals} refusals" if req.waits else ""
+                raise NoRouteError(exc.missing, f"{who}: {reason}; excluded: {excluded}{waited}; {exc}",
                                    what="no replacement: no other peer serves") from None
             if failed is not None:
                 keep = {(h.hop.peer_id, h.hop.start, h.hop.end): h for i, h in enumerate(req.hops) if i != index}
@@ -169,6 +249,7 @@ class Router:
             try:
                 states = await self.open(plan, keep, req.policy)
                 new = [st for st in states if all(st is not k for k in keep.values())]
+                req.faults += int(fault)  # a re-route around a refusal spends none of max_reroutes
                 req.reroutes.append({"step": req.step_index, "layers": layers, "from": blamed,
                                      "to": [st.hop.peer_id for st in new], "reason": to_note + reason})
                 log.info("re-route %s: layers %s from %s (%s) to %s", req.rid.hex()[:8], layers, blamed[:12], reason,
@@ -176,7 +257,9 @@ class Router:
                 await self._replay(req, inputs, new)
             except HopFailed as exc:  # the replacement failed too: route around it as well
                 reason = f"replacement failed: {exc.code}: {exc.reason}"
-                req.excluded.add(exc.peer_id)
+                fault = not (is_refusal(exc) and self._cool(req, exc.peer_id))
+                if fault:
+                    req.excluded.add(exc.peer_id)
                 await self.end(req, new)  # replayed ones must start clean next time
                 continue
             req.plan, req.hops = plan, states
@@ -215,6 +298,7 @@ class Strategy:
         """Rows ``pos ..`` through every remote hop; ``flags``: STEP_FLAGS of a speculative step."""
         raise NotImplementedError
 
-    async def rebuild(self, req: RequestState, reason: str, pos: int, blamed: str = "") -> None:
-        """Every hop anew, from hop 0's inputs before ``pos`` (the only inputs always known)."""
-        await self.router.recover(req, reason, pos, blamed=blamed)
+    async def rebuild(self, req: RequestState, reason: str, pos: int, blamed: str = "", refused: bool = False) -> None:
+        """Every hop anew, from hop 0's inputs before ``pos`` (the only inputs always known);
+        ``refused``: ``blamed`` refused for want of a free slot."""
+        await self.router.recover(req, reason, pos, blamed=blamed, refused=refused)
