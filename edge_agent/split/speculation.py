@@ -38,8 +38,10 @@ from edge_agent.transport import Flag
 
 
 class Speculation:
-    """One request's speculation: ``max_draft`` 0 turns drafting off (flags still rewind
-    when the client speculates: a kept turn's caches may hold rejected drafts)."""
+    """One request's speculation: ``max_draft`` 0 when the request does not speculate (no
+    flags: its path may hold nodes that refuse them, ``split.needs``); a sampled turn of a
+    speculating request drafts nothing but still rewinds (a kept turn's caches may hold
+    rejected drafts)."""
 
     def __init__(self, max_draft: int, greedy: bool, prompt_tokens: Sequence[int], n_ctx: int,
                  model: ModelDrafter | None = None, request_id: str = ""):
