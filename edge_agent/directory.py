@@ -175,22 +175,30 @@ class PeerDirectory:
         return None
 
     async def _connect(self, entry):
-        from edge_agent.transport import tls, webrtc
+        from edge_agent.transport import relay, tls, webrtc
 
         c, mode = entry.caps, self.agent.config.transport
+        routes = relay.routes(self.agent.table, c) if mode in ("auto", "tls") else []  # last resort: a relay member
+        limit = {"timeout": relay.DIRECT_TIMEOUT_S} if routes else {}  # a dead address must not stall it long
         errors = []
         for host in entry.addresses or ["127.0.0.1"]:
             if mode in ("auto", "tls") and c.tls_port:
                 try:
-                    return await tls.connect(self.agent.identity, self.agent.swarm, host, c.tls_port, expect_peer_id=c.agent_id)
+                    return await tls.connect(self.agent.identity, self.agent.swarm, host, c.tls_port, expect_peer_id=c.agent_id,
+                                             **limit)
                 except (TransportError, OSError) as exc:
                     errors.append(f"tls {host}:{c.tls_port}: {exc}")
             if mode in ("auto", "webrtc") and c.signal_port:
                 try:
                     return await webrtc.connect(self.agent.identity, self.agent.swarm, host, c.signal_port,
-                                                ice_servers=self.agent.config.ice_servers, expect_peer_id=c.agent_id)
+                                                ice_servers=self.agent.config.ice_servers, expect_peer_id=c.agent_id, **limit)
                 except (TransportError, OSError) as exc:
                     errors.append(f"webrtc {host}:{c.signal_port}: {exc}")
+        for relay_id, host, port in routes:
+            try:
+                return await relay.dial(self.agent.identity, self.agent.swarm, host, port, relay_id, c.agent_id)
+            except (TransportError, OSError) as exc:
+                errors.append(f"relay {relay_id[:12]} at {host}:{port}: {exc}")
         raise HopFailed(entry.agent_id, "cannot connect: " + "; ".join(errors), "unreachable")
 
     async def close(self) -> None:

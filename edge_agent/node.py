@@ -28,6 +28,7 @@ from edge_agent.runtime.compute_class import compute_class
 from edge_agent.runtime.engine import EngineOptions
 from edge_agent.split.links import PeerLink
 from edge_agent.split.testhooks import TestHooks
+from edge_agent.transport import relay
 
 if TYPE_CHECKING:
     from edge_agent.split.thin import ThinModel
@@ -48,6 +49,8 @@ class AgentConfig:
     bootstrap: list[tuple[str, int]] = field(default_factory=list)  # TLS host:port of members: learn the swarm (gossip)
     transport: str = "auto"  # auto | tls | webrtc
     ice_servers: list[str] = field(default_factory=list)  # STUN/TURN URLs, only if the user gives them
+    relay: bool = False  # carry circuits for members nobody can dial (transport/relay.py; bounds: RelayLimits)
+    relay_via: list[tuple[str, int]] = field(default_factory=list)  # TLS host:port of relays to keep a reservation at
     # signed commitments/receipts in <data_dir>/ledger.db, synced with peers (EDGE_AGENT_LEDGER=off: none)
     ledger: bool = field(default_factory=lambda: os.environ.get("EDGE_AGENT_LEDGER", "on") != "off")
 
@@ -64,6 +67,10 @@ class Agent:
         self._browser = None
         self._advertiser = None
         self.membership = Membership(self.identity, self.swarm, self.table, self._connect_tls, bootstrap=config.bootstrap)
+        self.relay = relay.RelayService() if config.relay else None
+        self.reservations: list[relay.Reservation] = []
+        self._unsealed: Capabilities | None = None  # what serve() advertises, before the relays are named
+        self._addresses: list[str] = []
 
     async def _connect_tls(self, host: str, port: int, expect_peer_id: str | None):
         from edge_agent.transport import tls
@@ -90,16 +97,25 @@ class Agent:
 
         self.server = server
         await server.start()
+        handler = self.membership.wrap(server.handle)  # membership exchanges are answered here
         tls_srv = await tls.listen(self.identity, self.swarm, self.config.host, self.config.tls_port,
-                                   self.membership.wrap(server.handle))  # membership exchanges are answered here
+                                   self.relay.wrap(handler) if self.relay else handler)
         rtc_srv = await webrtc.listen(self.identity, self.swarm, self.config.host, self.config.signal_port, server.handle,
                                       ice_servers=self.config.ice_servers)
-        self._closers += [tls_srv.close, rtc_srv.close]
-        self.caps = caps.with_changes(tls_port=tls_srv.port, signal_port=rtc_srv.port).sealed(self.identity, self.swarm)
+        self._closers += [tls_srv.close, rtc_srv.close] + ([self.relay.close] if self.relay else [])
+        self.reservations = [relay.Reservation(self.identity, self.swarm, h, p, handler, self._relays_changed)
+                             for h, p in self.config.relay_via]  # circuits reach the hop server like listener channels
+        for r in self.reservations:
+            await r.start()
+            self._closers.append(r.close)
+        await asyncio.gather(*(r.wait_reserved(relay.RelayLimits.setup_timeout_s) for r in self.reservations))
         from edge_agent.discovery.mdns import local_addresses
 
         wildcard = self.config.host in ("0.0.0.0", "::")
-        self.membership.advertise(self.caps, local_addresses(self.config.interfaces) if wildcard else [self.config.host])
+        self._addresses = local_addresses(self.config.interfaces) if wildcard else [self.config.host]
+        self._unsealed = caps.with_changes(tls_port=tls_srv.port, signal_port=rtc_srv.port)
+        self.caps = self._with_relays()
+        self.membership.advertise(self.caps, self._addresses)
         if self.config.mdns:
             from edge_agent.discovery.mdns import MdnsAdvertiser
 
@@ -107,6 +123,30 @@ class Agent:
             self._advertiser = MdnsAdvertiser(self.caps, interfaces=self.config.interfaces, addresses=addresses)
             await self._advertiser.start()
         return self.caps
+
+    def _with_relays(self) -> Capabilities:
+        """Our sealed record naming the relays that hold a reservation for us (as many as fit)."""
+        n = relay.MAX_ADVERTISED
+        while True:
+            caps = relay.with_relays(self._unsealed, self.reservations, n).sealed(self.identity, self.swarm)
+            try:
+                caps.to_txt()  # within the record's size bound
+                return caps
+            except ValueError:
+                if n == 0:
+                    raise
+                n -= 1
+
+    def _relays_changed(self) -> None:
+        """A reservation came up or went down: re-advertise (gossip and mDNS) what peers should dial."""
+        if self._unsealed is None or self.caps is None:
+            return  # serve() names them once it has waited for the first reservations
+        caps = self._with_relays()
+        if caps.extra != self.caps.extra:
+            self.caps = caps
+            self.membership.advertise(caps, self._addresses)
+            if self._advertiser is not None:
+                self._advert_update = asyncio.get_running_loop().create_task(self._advertiser.update(caps))
 
     async def connect_next(self, peer_id: str, host: str, port: int) -> PeerLink:
         """Chain mode: a hop opens its own authenticated link to the next hop."""

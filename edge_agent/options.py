@@ -47,6 +47,10 @@ SwarmKeyOpt = typer.Option(None, "--swarm-key", help="Private swarm secret (visi
 PeerOpt = typer.Option([], "--peer", help="A peer's TLS HOST:PORT, for networks where multicast is blocked (repeatable).")
 BootstrapOpt = typer.Option([], "--bootstrap", help="A swarm member's TLS HOST:PORT to learn the whole swarm from, "
                             "beyond this LAN (repeatable; docs/discovery.md).")
+RelayOpt = typer.Option(False, "--relay", help="Carry circuits for swarm members nobody can dial directly (bounded; "
+                       "it forwards their end-to-end encrypted bytes and reads none; docs/discovery.md).")
+RelayViaOpt = typer.Option([], "--relay-via", help="A --relay member's TLS HOST:PORT to stay reachable through when no one "
+                           "can dial this node (behind NAT; repeatable; docs/discovery.md).")
 JsonOpt = typer.Option(False, "--json", help="Print JSON on stdout (no progress display).")
 # join's defaults are for small devices: KV cache for 2 requests of 2048 positions (a node
 # serving half of SmolLM2-135M holds ~240 MB instead of ~370 MB with 8); --max-memory bounds it all

@@ -11,8 +11,8 @@ import typer
 
 from edge_agent.commands.common import _agent_config, _fail, _resolve_model, parse_size_mb
 from edge_agent.options import (BootstrapOpt, BackendOpt, CtxOpt, DataDirOpt, FlashAttnOpt, IceServerOpt, MaxMemoryOpt, MaxRequestsOpt,
-                                MdnsInterfaceOpt, ModelOpt, NoMdnsOpt, PeerOpt, SwarmKeyOpt, ThreadsOpt, TransportOpt,
-                                UbatchOpt)
+                                MdnsInterfaceOpt, ModelOpt, NoMdnsOpt, PeerOpt, RelayOpt, RelayViaOpt, SwarmKeyOpt, ThreadsOpt,
+                                TransportOpt, UbatchOpt)
 
 EPILOG = """[bold]Examples[/bold]
 
@@ -24,6 +24,9 @@ EPILOG = """[bold]Examples[/bold]
 
   [dim]# a private swarm where multicast is blocked: name a peer[/dim]
   EDGE_AGENT_SWARM_KEY=secret edge-agent join --no-mdns --peer 10.0.0.2:41000
+
+  [dim]# behind NAT: stay reachable through a member started with --relay[/dim]
+  edge-agent join --bootstrap 203.0.113.5:41000 --relay-via 203.0.113.5:41000
 
   [dim]# no model file: fetch layers 15-28 from a peer (hash-verified)[/dim]
   edge-agent join --model-hash HASH --layers 15:29 --peer 10.0.0.2:41000
@@ -85,6 +88,8 @@ def join(
     signal_port: int = typer.Option(0, "--signal-port", help="WebRTC signalling port (0: any free port)."),
     peer: list[str] = PeerOpt,
     bootstrap: list[str] = BootstrapOpt,
+    relay: bool = RelayOpt,
+    relay_via: list[str] = RelayViaOpt,
     no_mdns: bool = NoMdnsOpt,
     mdns_interface: list[str] = MdnsInterfaceOpt,
     transport: str = TransportOpt,
@@ -102,6 +107,7 @@ def join(
     import asyncio
 
     from edge_agent import progress
+    from edge_agent.discovery.peers import parse_peer_arg
     from edge_agent.node import JoinOptions
     from edge_agent.node import join as run_join
     from edge_agent.runtime.shards import inspect_model, parse_range, validate_range
@@ -112,6 +118,11 @@ def join(
     path = _resolve_model(model, data_dir) if (model or not model_hash) else None
     cfg = _agent_config(data_dir, swarm_key, host, port, signal_port, peer, no_mdns, mdns_interface, transport, ice_server,
                         bootstrap)
+    cfg.relay = relay
+    try:
+        cfg.relay_via = [parse_peer_arg(r) for r in relay_via]
+    except ValueError as exc:
+        _fail(str(exc), "--relay-via takes the TLS HOST:PORT a `join --relay` node prints in its ready line")
     rng = parse_range(layers) if layers else None
     if rng is not None and path is not None:  # before any port is bound: a range past the model's end is one line
         validate_range(*rng, inspect_model(path, with_hash=False).n_layer)

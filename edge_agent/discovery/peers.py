@@ -245,6 +245,12 @@ def parse_peer_arg(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _relay_note(row: dict[str, Any]) -> str:
+    """Where a peer nobody can dial is reached: the relays its record names (transport/relay.py)."""
+    relays = str((row.get("extra") or {}).get("rl", ""))
+    return f"via relay {relays}" if relays else ""
+
+
 def format_peers(rows: list[dict[str, Any]]) -> str:
     """Human-readable table of `list_peers()` rows for `edge-agent peers` (no --json); a row's
     ``incompatible`` reason (set by the caller) ends its line."""
@@ -259,6 +265,6 @@ def format_peers(rows: list[dict[str, Any]]) -> str:
         lines.append((r["agent_id"][:16], r.get("role", ""), f"{addr}:{port}", shards or "-",
                       str(r.get("free_mem_mb", "")), f"{r.get('ms_per_layer', 0):g}",
                       r.get("backend", ""), f"{r.get('age_s', 0):.1f}",
-                      f"incompatible: {r['incompatible']}" if r.get("incompatible") else ""))
+                      f"incompatible: {r['incompatible']}" if r.get("incompatible") else _relay_note(r)))
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)

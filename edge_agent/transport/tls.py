@@ -28,7 +28,7 @@ from ..discovery.identity import Identity, SwarmKey
 from . import hoptrace
 from .channel import ChannelHandler, FrameChannel, hand_over
 from .errors import FrameError, HandshakeError, PeerLostError
-from .frames import HEADER_SIZE, MsgType, check_header, decode_parts
+from .frames import HEADER_SIZE, Frame, MsgType, check_header, decode_parts, encode_parts
 from .handshake import DEFAULT_HANDSHAKE_TIMEOUT, HANDSHAKE_VERSION, run_handshake
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ class TlsChannel(FrameChannel, asyncio.BufferedProtocol):
         self._write_ok = asyncio.Event()
         self._write_ok.set()
         self._graceful = False
+        self._detached = False  # the connection now carries a relay circuit (relay.py): leave it open
         self.connected = asyncio.get_running_loop().create_future()
 
     # -- asyncio.BufferedProtocol -----------------------------------------------------------------
@@ -244,7 +245,7 @@ class TlsChannel(FrameChannel, asyncio.BufferedProtocol):
 
     def _abort(self) -> None:
         t = self._transport
-        if t is not None and not t.is_closing():
+        if t is not None and not t.is_closing() and not self._detached:
             t.close() if self._graceful else t.abort()
 
     def _on_rx_drained(self) -> None:
@@ -278,6 +279,31 @@ class TlsChannel(FrameChannel, asyncio.BufferedProtocol):
             raise PeerLostError(self._lost.reason if self._lost else exc.reason) from None
         if self._transport is not None and not self._transport.is_closing() and not self.rx_full:
             self._transport.resume_reading()
+
+
+    # -- relay circuits (relay.py) ----------------------------------------------------------
+    def quiesce(self) -> None:
+        """Stop heartbeats and the liveness check: this connection is about to carry a relay
+        circuit, where a heartbeat sent later would land inside the other protocol's bytes.
+        The caller bounds its own waits from here on.  Only on an authenticated channel."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
+    def detach(self, final: Frame | None = None) -> tuple[asyncio.Transport, bytes]:
+        """Hand the TLS connection over, open: write `final` as the last frame it carries, stop
+        parsing, and return the transport and the bytes that arrived after the last parsed frame.
+        The channel itself is lost from here on (its readers get PeerLostError)."""
+        t = self._transport
+        if t is None or t.is_closing() or self._lost is not None or self._pbuf is not None:
+            raise PeerLostError(self._lost.reason if self._lost else "connection not in a state to hand over")
+        if final is not None:
+            header, payload = encode_parts(final, self.max_payload)
+            t.write(header + payload)
+        leftover = bytes(self._sview[self._lo:self._hi])
+        self._lo = self._hi = 0
+        self._detached = True
+        self._fail("handed over to a relay circuit")
+        return t, leftover
 
 
 class TlsServer:
@@ -348,4 +374,30 @@ async def connect(identity: Identity, swarm: SwarmKey, host: str, port: int, exp
     der = transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
     binding = hashlib.sha256(der or b"").digest()
     await ch._authenticate(identity, swarm, binding, True, expect_peer_id, timeout, _version)
+    return ch
+
+
+async def over(transport: asyncio.Transport, identity: Identity, swarm: SwarmKey, *, server_side: bool,
+               expect_peer_id: str | None = None, timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+               **channel_kw: Any) -> TlsChannel:
+    """An authenticated channel *inside* an open connection (a relay circuit, relay.py): TLS 1.3
+    over `transport` (itself a TLS transport: TLS in TLS, which asyncio's loop and uvloop both
+    support in `start_tls`), then the same Ed25519 + swarm handshake as `connect`/`listen`, so
+    the relay in the middle forwards ciphertext it cannot read or alter unnoticed."""
+    ctx, own_binding = _context(identity, server=server_side)
+    loop = asyncio.get_running_loop()
+    ch = TlsChannel(**channel_kw)
+    try:
+        inner = await asyncio.wait_for(
+            loop.start_tls(transport, ch, ctx, server_side=server_side,
+                           server_hostname=None if server_side else "edge-agent", ssl_handshake_timeout=timeout), timeout)
+    except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
+        transport.abort()
+        raise PeerLostError(f"TLS through the relay failed: {exc!r}") from None
+    ch.connection_made(inner)  # start_tls does not call it
+    if server_side:
+        binding = own_binding
+    else:
+        binding = hashlib.sha256(inner.get_extra_info("ssl_object").getpeercert(binary_form=True) or b"").digest()
+    await ch._authenticate(identity, swarm, binding, not server_side, expect_peer_id, timeout, HANDSHAKE_VERSION)
     return ch
