@@ -61,6 +61,7 @@ def test_speculation_is_off_only_where_older_nodes_alone_serve_layers():
     new, old, old_too = (PeerCapability(pid, (r,), 1000.0, 1.0, 1.0) for pid, r in
                          (("new", (1, 4)), ("old", (1, 4)), ("old2", (3, 5))))
     able = {"new"}.__contains__
-    assert speculation_loses_layers(6, [new, old], able) == []  # the older node is only avoided
-    assert speculation_loses_layers(6, [new, old, old_too], able) == ["old2"]  # layer 4: only old2 serves it
-    assert speculation_loses_layers(6, [], able) == []
+    assert speculation_loses_layers((1, 5), [new, old], able) == []  # the older node is only avoided
+    assert speculation_loses_layers((1, 5), [new, old, old_too], able) == ["old2"]  # layer 4: only old2 serves it
+    assert speculation_loses_layers((1, 4), [new, old, old_too], able) == []  # layer 4 is the client's own
+    assert speculation_loses_layers((1, 5), [], able) == []

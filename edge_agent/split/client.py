@@ -340,7 +340,7 @@ class SwarmClient:
         speculates = self.config.speculate > 0 and params.greedy
         if speculates:
             caps = [c for c in self.peers.capabilities() if policy.admits(c.peer_id) and c.peer_id not in self.banned]
-            older = request_needs.speculation_loses_layers(self.n_layer, caps, self.peers.speculates)
+            older = request_needs.speculation_loses_layers(policy.remote_range(self.n_layer), caps, self.peers.speculates)
             speculates = not older
             if older and not self._said_no_speculation:
                 self._said_no_speculation = True

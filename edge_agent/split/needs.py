@@ -50,10 +50,12 @@ def admit(caps: Sequence[PeerCapability], needs: RequestNeeds, speculates: Calla
     return [c for c in caps if speculates(c.peer_id)] if needs.speculates else list(caps)
 
 
-def speculation_loses_layers(n_layer: int, caps: Sequence[PeerCapability], speculates: Callable[[str], bool]) -> list[str]:
-    """The peers that alone serve some layer among ``caps`` and do not serve speculative steps
-    (empty: a speculating request can be planned wherever a plain one can)."""
-    able = coverage(n_layer, [c for c in caps if speculates(c.peer_id)])
-    lost = [i for i, n in enumerate(coverage(n_layer, caps)) if n and not able[i]]
+def speculation_loses_layers(remote: tuple[int, int], caps: Sequence[PeerCapability],
+                             speculates: Callable[[str], bool]) -> list[str]:
+    """The peers that alone serve some layer of the ``remote`` range among ``caps`` and do not
+    serve speculative steps (empty: a speculating request can be planned wherever a plain one can)."""
+    lo, hi = remote
+    able = coverage(hi, [c for c in caps if speculates(c.peer_id)])
+    lost = [i for i, n in enumerate(coverage(hi, caps)) if i >= lo and n and not able[i]]
     return sorted({c.peer_id for c in caps if not speculates(c.peer_id)
                    and any(a <= i < b for a, b in c.ranges for i in lost)})
