@@ -1,6 +1,6 @@
-"""Transport benchmark: bare TCP vs TLS vs WebRTC on loopback, peers in separate processes.
+"""Transport benchmark: bare TCP vs TLS vs WebRTC vs a relayed TLS circuit on loopback, peers in separate processes.
 
-    .venv/bin/python bench/transport.py [--quick] [--kinds tcp,tls,webrtc]   (EDGE_AGENT_UVLOOP=0: asyncio's loop)
+    .venv/bin/python bench/transport.py [--quick] [--kinds tcp,tls,webrtc,relay]   (EDGE_AGENT_UVLOOP=0: asyncio's loop)
 
 For each transport an echo peer runs in its own process (edge_agent.transport.loadgen echo).
 Measured, for activation frames of hidden size 576 and 4096 in f16:
@@ -10,12 +10,15 @@ Measured, for activation frames of hidden size 576 and 4096 in f16:
 Kinds are measured interleaved over several rounds (the machine may be shared): RTT
 percentiles pool all rounds, throughput reports the best round.
 Bare TCP sends the same bytes with an 8-byte length prefix and no TLS, framing or handshake.
+"relay" is TLS end to end through a relay member (edge_agent/transport/relay.py) in a third
+process: the echo peer holds a reservation there and the benchmark dials it through the relay.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -28,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edge_agent import eventloop  # noqa: E402
 from edge_agent.discovery.identity import Identity, SwarmKey  # noqa: E402
+from edge_agent.transport import PeerLostError, relay, tls  # noqa: E402
 from edge_agent.transport.frames import Frame, MsgType, encode  # noqa: E402
-from edge_agent.transport.loadgen import BareTcp, open_channel  # noqa: E402
+from edge_agent.transport.loadgen import ECHO_LIMIT, BareTcp, open_channel  # noqa: E402
 
 HOST = "127.0.0.1"
 SECRET = "bench-secret"
@@ -38,14 +42,47 @@ PREFILL = 512
 WINDOW = 4
 
 
-def spawn_echo(kind: str) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen([sys.executable, "-m", "edge_agent.transport.loadgen", "echo", kind, HOST, SECRET],
-                            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+def spawn(args: list[str], what: str) -> tuple[subprocess.Popen, list[str]]:
+    """A peer process and its READY line's fields (port, agent id)."""
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
     line = proc.stdout.readline().split()
     if not line or line[0] != "READY":
         proc.kill()
-        raise RuntimeError(f"{kind} echo peer failed to start")
-    return proc, int(line[1])
+        raise RuntimeError(f"{what} failed to start")
+    return proc, line[1:]
+
+
+def spawn_echo(kind: str) -> tuple[list[subprocess.Popen], tuple]:
+    """The echo peer's processes and where to reach it: (port,), or for "relay" (relay port, relay id, peer id)."""
+    if kind != "relay":
+        proc, (port, _) = spawn(["-m", "edge_agent.transport.loadgen", "echo", kind, HOST, SECRET], f"{kind} echo peer")
+        return [proc], (int(port),)
+    member, (port, relay_id) = spawn([__file__, "--role", "relay"], "relay member")
+    peer, (_, peer_id) = spawn([__file__, "--role", "relayed-echo", "--relay-port", port], "relayed echo peer")
+    return [member, peer], (int(port), relay_id, peer_id)
+
+
+async def serve_role(role: str, relay_port: int) -> None:
+    """The relay member, or an echo peer reachable only through it (a reservation, no listener)."""
+    identity, swarm = Identity.generate(), SwarmKey.from_secret(SECRET)
+
+    async def echo(ch) -> None:
+        with contextlib.suppress(PeerLostError):
+            while True:
+                f = await ch.recv()
+                await ch.send(f if len(f.payload) <= ECHO_LIMIT else Frame(MsgType.ACK, seq=f.seq))
+
+    if role == "relay":
+        server = await tls.listen(identity, swarm, HOST, 0, relay.RelayService().wrap(echo))
+        relay_port = server.port
+    else:
+        reservation = relay.Reservation(identity, swarm, HOST, relay_port, echo)
+        await reservation.start()
+        if not await reservation.wait_reserved(10.0):
+            raise SystemExit("no reservation at the relay")
+    print(f"READY {relay_port} {identity.agent_id}", flush=True)
+    await asyncio.sleep(3600)
 
 
 class Conn:
@@ -54,10 +91,12 @@ class Conn:
     def __init__(self, kind: str) -> None:
         self.kind = kind
 
-    async def open(self, port: int) -> None:
+    async def open(self, port: int, *relayed: str) -> None:
         if self.kind == "tcp":
             loop = asyncio.get_running_loop()
             _, self.p = await loop.create_connection(BareTcp, HOST, port)
+        elif self.kind == "relay":
+            self.ch = await relay.dial(Identity.generate(), SwarmKey.from_secret(SECRET), HOST, port, *relayed)
         else:
             self.ch = await open_channel(self.kind, Identity.generate(), SwarmKey.from_secret(SECRET), HOST, port)
 
@@ -123,10 +162,10 @@ async def run_all(kinds: list[str], quick: bool, reps: int) -> dict:
     procs, conns = [], {}
     try:
         for kind in kinds:
-            proc, port = spawn_echo(kind)
-            procs.append(proc)
+            started, where = spawn_echo(kind)
+            procs += started
             conns[kind] = Conn(kind)
-            await conns[kind].open(port)
+            await conns[kind].open(*where)
         samples: dict = {(k, h): [] for k in kinds for h in HIDDENS}
         best: dict = {(k, h): 0.0 for k in kinds for h in HIDDENS}
         for _ in range(reps):
@@ -158,9 +197,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--kinds", default="tcp,tls,webrtc")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--role", choices=("relay", "relayed-echo"), help=argparse.SUPPRESS)  # the relay kind's processes
+    ap.add_argument("--relay-port", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     kinds = args.kinds.split(",")
     eventloop.install()  # as an agent runs, here and in the echo peers (EDGE_AGENT_UVLOOP=0: asyncio's loop)
+    if args.role:
+        asyncio.run(serve_role(args.role, args.relay_port))
+        return
     results = asyncio.run(run_all(kinds, args.quick, args.reps))
     base = results.get("tcp")
     loop = "asyncio" if os.environ.get(eventloop.ENV) == "0" else "uvloop"

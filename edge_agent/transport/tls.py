@@ -291,11 +291,13 @@ class TlsChannel(FrameChannel, asyncio.BufferedProtocol):
 
     def detach(self, final: Frame | None = None) -> tuple[asyncio.Transport, bytes]:
         """Hand the TLS connection over, open: write `final` as the last frame it carries, stop
-        parsing, and return the transport and the bytes that arrived after the last parsed frame.
-        The channel itself is lost from here on (its readers get PeerLostError)."""
+        parsing, and return the transport (reading paused: the new owner resumes it, as start_tls
+        does) and the bytes that arrived after the last parsed frame.  The channel itself is lost
+        from here on (its readers get PeerLostError)."""
         t = self._transport
         if t is None or t.is_closing() or self._lost is not None or self._pbuf is not None:
             raise PeerLostError(self._lost.reason if self._lost else "connection not in a state to hand over")
+        t.pause_reading()  # what comes next is for the new owner: it stays queued until that one reads
         if final is not None:
             header, payload = encode_parts(final, self.max_payload)
             t.write(header + payload)
