@@ -17,7 +17,7 @@ import pytest
 
 from edge_agent.discovery.capabilities import Capabilities
 from edge_agent.discovery.identity import Identity, SwarmKey
-from edge_agent.transport import Frame, HandshakeError, MsgType, PeerLostError, relay, tls
+from edge_agent.transport import Frame, HandshakeError, MsgType, PeerLostError, relay, splice, tls
 
 SECRET = "relay swarm"
 
@@ -73,13 +73,13 @@ def run(main, loop: str = "asyncio") -> None:
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_a_circuit_is_end_to_end_and_the_relay_forwards_only_ciphertext(tmp_path, monkeypatch, loop) -> None:
     forwarded = bytearray()
-    tapped = relay._Pipe.data_received
+    tapped = splice.Pipe.data_received
 
     def tap(self, data: bytes) -> None:
         forwarded.extend(data)
         tapped(self, data)
 
-    monkeypatch.setattr(relay._Pipe, "data_received", tap)
+    monkeypatch.setattr(splice.Pipe, "data_received", tap)
 
     async def main() -> None:
         async with Swarm(tmp_path) as s:
@@ -213,8 +213,8 @@ def test_a_client_agent_reaches_a_peer_it_cannot_dial_through_a_relay_member(tmp
     from edge_agent.split.serve import HopServer
 
     forwarded = bytearray()
-    tapped = relay._Pipe.data_received
-    monkeypatch.setattr(relay._Pipe, "data_received", lambda self, data: (forwarded.extend(data), tapped(self, data))[1])
+    tapped = splice.Pipe.data_received
+    monkeypatch.setattr(splice.Pipe, "data_received", lambda self, data: (forwarded.extend(data), tapped(self, data))[1])
 
     async def main() -> None:
         def config(name: str, **kw) -> AgentConfig:

@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -38,6 +37,7 @@ from . import tls
 from .channel import ChannelHandler, hand_over
 from .errors import PeerLostError, TransportError
 from .frames import Frame, MsgType
+from .splice import Splice
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class RelayService:
     def __init__(self, limits: RelayLimits = RelayLimits()) -> None:
         self.limits = limits
         self.stats = RelayStats()
-        self.circuits: set[Circuit] = set()
+        self.circuits: set[Splice] = set()
         self._reservations: dict[str, Any] = {}
         self._pending: dict[bytes, tuple[str, asyncio.Future[Any]]] = {}
 
@@ -142,6 +142,9 @@ class RelayService:
         for _, fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(PeerLostError("relay closing"))
+
+    def _carried(self, n: int) -> None:
+        self.stats.bytes_forwarded += n
 
     async def handle(self, channel: Any, op: int, body: bytes) -> None:
         if op == RESERVE:
@@ -204,7 +207,9 @@ class RelayService:
             await target_channel.close()
             return
         p_transport, p_rest = target_channel.detach()
-        self.circuits.add(Circuit(self, (c_transport, c_rest), (p_transport, p_rest)))
+        self.circuits.add(Splice((c_transport, c_rest), (p_transport, p_rest), max_bytes=self.limits.max_circuit_bytes,
+                                 idle_timeout_s=self.limits.idle_timeout_s, on_bytes=self._carried,
+                                 on_close=self.circuits.discard))
         self.stats.circuits_opened += 1
         log.info("relay: circuit %s -> %s", channel.peer_id[:12], target[:12])
 
@@ -247,81 +252,6 @@ class _RelayingChannel:
             if msg is None:
                 return frame
             await self._relay.handle(self._channel, *msg)
-
-
-class _Pipe(asyncio.Protocol):
-    """One direction of a circuit: bytes read from one connection are written to the other."""
-
-    def __init__(self, circuit: "Circuit", out: asyncio.Transport) -> None:
-        self.circuit, self.out = circuit, out
-        self.source: asyncio.Transport | None = None
-
-    def data_received(self, data: bytes) -> None:
-        self.circuit.forwarded(len(data))
-        if not self.out.is_closing():
-            self.out.write(data)
-
-    def eof_received(self) -> bool:
-        self.circuit.close("closed by an end")
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.circuit.close("an end went away")
-
-    # Our connection's write buffer is full of the *other* side's bytes: stop reading there.
-    def pause_writing(self) -> None:
-        self.circuit.other(self).pause_reading()
-
-    def resume_writing(self) -> None:
-        self.circuit.other(self).resume_reading()
-
-
-class Circuit:
-    """Two spliced connections, bounded in bytes and idle time."""
-
-    def __init__(self, relay: RelayService, a: tuple[asyncio.Transport, bytes], b: tuple[asyncio.Transport, bytes]) -> None:
-        self.relay = relay
-        self.bytes = 0
-        self.last = time.monotonic()
-        self._closed = False
-        (ta, rest_a), (tb, rest_b) = a, b
-        self.transports = (ta, tb)
-        self.pipes = (_Pipe(self, tb), _Pipe(self, ta))  # reads a writes b; reads b writes a
-        for transport, pipe, rest in ((ta, self.pipes[0], rest_a), (tb, self.pipes[1], rest_b)):
-            pipe.source = transport
-            transport.set_protocol(pipe)
-            if rest:  # bytes that came behind the last frame (not expected: forwarded all the same)
-                pipe.data_received(rest)
-            transport.resume_reading()
-        self._watch = asyncio.get_running_loop().create_task(self._idle())
-
-    def other(self, pipe: _Pipe) -> asyncio.Transport:
-        return self.transports[1] if pipe is self.pipes[0] else self.transports[0]
-
-    def forwarded(self, n: int) -> None:
-        self.bytes += n
-        self.relay.stats.bytes_forwarded += n
-        self.last = time.monotonic()
-        if self.bytes > self.relay.limits.max_circuit_bytes:
-            self.close(f"over {self.relay.limits.max_circuit_bytes} bytes")
-
-    async def _idle(self) -> None:
-        idle = self.relay.limits.idle_timeout_s
-        while not self._closed:
-            await asyncio.sleep(idle / 4)
-            if time.monotonic() - self.last > idle:
-                self.close(f"idle for {idle:.0f} s")
-
-    def close(self, reason: str) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        log.info("relay: circuit closed: %s", reason)
-        self.relay.circuits.discard(self)
-        if self._watch is not asyncio.current_task():
-            self._watch.cancel()
-        for t in self.transports:
-            t.close()
 
 
 # -- the unreachable peer (P) --------------------------------------------------------------
