@@ -269,8 +269,10 @@ class Reservation:
         self.active = False
         self.channels: set[Any] = set()
         self._max_setups = max_setups
-        self._setups: set[asyncio.Task[None]] = set()
+        self._setups: set[asyncio.Task[None]] = set()  # circuits being set up
+        self._serving: set[asyncio.Task[None]] = set()  # circuits handed to on_channel
         self._channel_kw = channel_kw
+        self._warned = False
         self._task: asyncio.Task[None] | None = None
         self._reserved = asyncio.Event()
 
@@ -283,7 +285,7 @@ class Reservation:
         return self.active
 
     async def close(self) -> None:
-        tasks = [t for t in (self._task, *self._setups) if t is not None]
+        tasks = [t for t in (self._task, *self._setups, *self._serving) if t is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -311,7 +313,9 @@ class Reservation:
                 finally:
                     await ch.close()
             except (TransportError, asyncio.TimeoutError, OSError) as exc:  # unreachable, refused, not that relay
-                log.info("relay: no reservation at %s:%d: %s", self.host, self.port, exc)
+                (log.info if self._warned else log.warning)("relay: no reservation at %s:%d (retrying): %s",
+                                                            self.host, self.port, exc)
+                self._warned = True
             if self.active:
                 self.active = False
                 self.on_change()
@@ -338,7 +342,9 @@ class Reservation:
             log.info("relay: a circuit through %s:%d failed: %s", self.host, self.port, exc)
             return
         inner.via_relay = self.relay_id
-        await hand_over(inner, self.channels, self.on_channel)
+        task = asyncio.get_running_loop().create_task(hand_over(inner, self.channels, self.on_channel))
+        self._serving.add(task)
+        task.add_done_callback(self._serving.discard)
 
 
 # -- the client (C) ------------------------------------------------------------------------
