@@ -105,6 +105,39 @@ def test_a_circuit_is_end_to_end_and_the_relay_forwards_only_ciphertext(tmp_path
     run(main, loop)
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_bytes_that_arrive_right_after_a_hand_over_wait_for_the_new_owner(tmp_path, loop) -> None:
+    """`detach` pauses reading: the server side hands over and only later starts inner TLS, while
+    the client's ClientHello is already there (between processes this window is real: without
+    the pause, the old channel dropped those bytes and 1 circuit in 5 timed out)."""
+    async def main() -> None:
+        swarm = SwarmKey.from_secret(SECRET)
+        a, b = identity(tmp_path, "a"), identity(tmp_path, "b")
+        inner_server: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        async def handler(ch) -> None:
+            ch.quiesce()
+            await ch.recv()  # the client's last frame
+            transport, rest = ch.detach(Frame.from_bytes(MsgType.CONTROL, b"go"))
+            await asyncio.sleep(0.3)  # the ClientHello arrives meanwhile
+            inner_server.set_result(await tls.over(transport, b, swarm, server_side=True))
+
+        server = await tls.listen(b, swarm, "127.0.0.1", 0, handler)
+        outer = await tls.connect(a, swarm, "127.0.0.1", server.port)
+        outer.quiesce()
+        await outer.send(Frame.from_bytes(MsgType.CONTROL, b"last"))
+        assert bytes((await outer.recv()).payload) == b"go"
+        transport, rest = outer.detach()
+        inner = await tls.over(transport, a, swarm, server_side=False, expect_peer_id=b.agent_id, timeout=5.0)
+        theirs = await asyncio.wait_for(inner_server, 5)
+        await inner.send(Frame.from_bytes(MsgType.CONTROL, b"inside"))
+        assert bytes((await asyncio.wait_for(theirs.recv(), 5)).payload) == b"inside" and rest == b""
+        await inner.close()
+        server.close()
+
+    run(main, loop)
+
+
 def test_outsiders_and_unknown_targets_are_refused(tmp_path) -> None:
     async def main() -> None:
         async with Swarm(tmp_path) as s:
