@@ -4,9 +4,10 @@
 capabilities for the planner (only peers whose arithmetic settings equal the client's, each
 with its standing in this agent's ledger, ``planner_reputation``), the ones kept off every
 path with the reason (other arithmetic, or a reputation below ``ledger.accounts.MIN_REPUTATION``),
-which peers serve speculative steps (their record's ``fx`` entry), and live links (TLS where
-the peer is reachable directly, else WebRTC). ``fetch_weights``: a layer range's weights from
-a peer that shares them (a node started without the model file).
+which peers are on probation (``on_probation``), which serve speculative steps (their
+record's ``fx`` entry), and live links (TLS where the peer is reachable directly, else
+WebRTC). ``fetch_weights``: a layer range's weights from a peer that shares them (a node
+started without the model file).
 """
 
 from __future__ import annotations
@@ -39,13 +40,19 @@ STRANGER = reputation_of(0.0, 0.0, 0, 0)  # the ledger's (and the planner's) rep
 def planner_reputation(account: Account | None) -> float | None:
     """What the planner is told of a peer: None (a newcomer: trials on batch requests) for one
     with stake and under ``HISTORY_STEPS`` of history; else its reputation, a stranger's for a
-    peer the ledger has never seen (planned on its merits, never tried on purpose: stake is what
-    earns trials, and identities cost nothing)."""
+    peer the ledger has never seen (never tried on purpose: stake is what earns trials, and
+    identities cost nothing; the client keeps such peers on probation, ``on_probation``)."""
     if account is None:
         return STRANGER
     if account.stake > 0 and account.deadlines_met + account.deadlines_missed < HISTORY_STEPS:
         return None
     return account.reputation
+
+
+def without_standing(account: Account | None) -> bool:
+    """Neither stake nor history (under ``HISTORY_STEPS`` decode deadlines on record): on
+    probation, what a fresh identity is and so what a Sybil is (docs/discovery.md)."""
+    return account is None or (account.stake <= 0 and account.deadlines_met + account.deadlines_missed < HISTORY_STEPS)
 
 
 def arithmetic_mismatch(mine: Arithmetic | None, advertised: str | None) -> str | None:
@@ -108,6 +115,14 @@ class PeerDirectory:
             caps.append(PeerCapability(c.agent_id, ranges, float(c.free_mem_mb), max(c.ms_per_layer, 0.001), rtt,
                                        layer_bytes_mb=self.layer_bytes_mb, reputation=planner_reputation(account)))
         return caps
+
+    def on_probation(self, peer_id: str) -> bool:
+        """True for a peer without standing in this agent's ledger, in an open swarm. Nobody is
+        with the ledger off (no stake exists, so no peer could earn its way out: behaviour as
+        before) nor in a private swarm (its key already vets who may join: docs/discovery.md)."""
+        if self.account is None or not self.agent.swarm.is_open:
+            return False
+        return without_standing(self.account(peer_id))
 
     def speculates(self, peer_id: str) -> bool:
         """True when the peer's record says it serves speculative steps (REWIND, DRAFT): a node

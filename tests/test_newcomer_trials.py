@@ -22,6 +22,7 @@ from edge_agent.node import AgentConfig, swarm_client
 from edge_agent.runtime.engine import EngineOptions
 from edge_agent.runtime.sampling import SamplingParams
 from edge_agent.split.client import ClientConfig
+from ledger_util import make_receipt
 from swarm_util import peers  # noqa: F401 - a fixture
 
 
@@ -51,15 +52,17 @@ def _stake(store: LedgerStore, newcomer: Identity) -> None:
 
 @pytest.mark.parametrize("batch", [False, True])
 def test_a_staked_newcomer_is_tried_on_batch_requests_only(tmp_path, peers, tiny_model, batch):
-    established = peers(tiny_model, "1:4", "--test-advertise-ms", "1")
+    established = peers(tiny_model, "1:4", "--test-advertise-ms", "1")  # history, no stake
     newcomer = peers(tiny_model, "1:4", "--test-advertise-ms", "3")  # slower: never chosen on its merits
-    stranger = peers(tiny_model, "1:4", "--test-advertise-ms", "2")  # no stake: no trials
+    stranger = peers(tiny_model, "1:4", "--test-advertise-ms", "2")  # neither: no trials (and on probation)
     cfg = AgentConfig(tmp_path / "client", manual_peers=[("127.0.0.1", p.ready["tls_port"]) for p in
                                                          (established, newcomer, stranger)], mdns=False, host="127.0.0.1")
     cfg.data_dir.mkdir()
     store = LedgerStore.open(cfg.data_dir)
     try:
         _stake(store, Identity.load_or_create(newcomer.log.parent))  # its key, from its data dir
+        other = Identity.generate()  # 80 decode deadlines on record: established
+        store.add(receipts=[make_receipt(Identity.load_or_create(established.log.parent), other, i) for i in range(2)]).result(30)
     finally:
         store.close()
 

@@ -135,7 +135,7 @@ def _sampling(s: ApiServices, body, n_prompt: int) -> SamplingParams:
 
 async def _answer(s: ApiServices, kind: str, body, prompt: list[int]) -> Response:
     params = _sampling(s, body, len(prompt))
-    flight = s.engine.start(kind, prompt, params, privacy=body.privacy)
+    flight = s.engine.start(kind, prompt, params, privacy=body.privacy, batch=body.batch())
     events = flight.events()
     try:
         first = await anext(events)

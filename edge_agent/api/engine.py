@@ -33,7 +33,8 @@ class Backend(Protocol):
 
     async def generate(self, prompt_tokens: Sequence[int], params: SamplingParams,
                        on_token: Callable[[int, str], None] | None = None, *, resume=None,
-                       keep: Callable[[object], None] | None = None, privacy: str | None = None) -> GenerationResult: ...
+                       keep: Callable[[object], None] | None = None, privacy: str | None = None,
+                       batch: bool | None = None) -> GenerationResult: ...
 
     async def release(self, kept) -> None: ...  # end a kept request on this device and every hop
 
@@ -148,15 +149,18 @@ class ApiEngine:
         self.recent: deque[dict] = deque(maxlen=240)  # finished requests, for the dashboard's plots
         self._on_gap, self._on_finish = on_gap, on_finish
 
-    def start(self, endpoint: str, prompt_tokens: list[int], params: SamplingParams, privacy: str | None = None) -> Flight:
-        """Run one request; ``privacy``: its level, which may only tighten the server's default."""
+    def start(self, endpoint: str, prompt_tokens: list[int], params: SamplingParams, privacy: str | None = None,
+              batch: bool = False) -> Flight:
+        """Run one request; ``privacy``: its level, which may only tighten the server's default;
+        ``batch``: not latency-critical (``service_tier`` "flex")."""
         flight = Flight(f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", endpoint, len(prompt_tokens),
                         on_gap=self._on_gap)
         self.flights[flight.id] = flight
-        flight.task = asyncio.create_task(self._run(flight, prompt_tokens, params, privacy))
+        flight.task = asyncio.create_task(self._run(flight, prompt_tokens, params, privacy, batch))
         return flight
 
-    async def _run(self, flight: Flight, prompt_tokens: list[int], params: SamplingParams, privacy: str | None) -> None:
+    async def _run(self, flight: Flight, prompt_tokens: list[int], params: SamplingParams, privacy: str | None,
+                   batch: bool) -> None:
         outcome: object = None
         _current.set(flight)  # this task's own context
         try:
@@ -166,7 +170,7 @@ class ApiEngine:
             try:
                 outcome = await self.backend.generate(prompt_tokens, params, flight.on_token, resume=resume,
                                                       keep=kept.append if self.keep_conversations else None,
-                                                      privacy=privacy)
+                                                      privacy=privacy, batch=batch)
             finally:
                 await self.conversations.done(kept[0] if kept else None)
         except asyncio.CancelledError:  # cancelled while queued for a slot: nothing started
@@ -219,6 +223,7 @@ def extension(stats: dict, flight: Flight) -> dict:
         "privacy": privacy.get("policy"),
         "activations_seen_by": privacy.get("peers_saw_activations", []),
         "kv_reused_tokens": stats.get("kv_reused_tokens", 0),
+        "batch": stats.get("batch", False),
         "ttft_ms": round(ttft, 3) if ttft is not None else None,
         "tbt_ms": stats.get("tbt_ms"),
         "tokens_per_s": stats.get("tokens_per_s"),

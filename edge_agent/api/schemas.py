@@ -66,6 +66,17 @@ class _Sampling(_Body):
     stream_options: Optional[StreamOptions] = None
     # extension: this request's privacy level; it may tighten the server's --privacy, never loosen it
     privacy: Optional[Literal["open", "trusted", "local"]] = None
+    # OpenAI's processing tier: "flex" (slower, cheaper) marks a batch request (docs/api.md)
+    service_tier: Optional[str] = None
+
+    def batch(self) -> bool:
+        """True for ``service_tier`` "flex": not latency-critical, so newcomers may be tried on it."""
+        if self.service_tier in (None, "auto", "default"):
+            return False
+        if self.service_tier == "flex":
+            return True
+        raise ApiError(400, f"service_tier {self.service_tier!r} is not offered here: use \"flex\" for a batch request, "
+                       "or \"auto\"/\"default\" (interactive)", param="service_tier", code="invalid_value")
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

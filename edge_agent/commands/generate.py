@@ -27,6 +27,9 @@ RUN_EPILOG = """[bold]Examples[/bold]
   [dim]# only trusted peers see activations; fail rather than run layers here[/dim]
   edge-agent run --privacy trusted --no-local-fallback "My tax number is"
 
+  [dim]# a job that can wait: newcomers may be tried on it[/dim]
+  edge-agent run --batch -n 256 "Summarise: ..."
+
   [dim]# where multicast is blocked: name the peers (their ready line's tls_port)[/dim]
   edge-agent run --no-mdns --peer 10.0.0.2:41000 --peer 10.0.0.3:41000 "Hi"
 
@@ -138,6 +141,9 @@ def run(
     verify: bool = VerifyOpt,
     speculate: int = SpeculateOpt,
     draft_model: Optional[Path] = DraftModelOpt,
+    batch: bool = typer.Option(False, "--batch", help="Not latency-critical (a job, not a person waiting): staked "
+                               "newcomers are tried on it, and one peer on probation may be, within a tenth of this "
+                               "client's batch work. See docs/discovery.md."),
     data_dir: Optional[Path] = DataDirOpt,
     swarm_key: Optional[str] = SwarmKeyOpt,
     peer: list[str] = PeerOpt,
@@ -158,6 +164,7 @@ def run(
                         bootstrap)
     client_cfg = _client_config(cfg, split, privacy, swarm_key, target_tbt_ms, mode, backend, no_local_fallback, verify)
     client_cfg.speculate, client_cfg.draft_model = speculate or (4 if draft_model else 0), draft_model
+    client_cfg.batch = batch
     try:
         params = _sampling(max_tokens, temperature, top_k, top_p, repeat_penalty, seed, stop)
         opts = _engine_options(ctx, threads, flash_attn, ubatch, max_requests=2)

@@ -15,7 +15,7 @@ import functools
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, NamedTuple, Protocol, Sequence
 
@@ -31,7 +31,7 @@ from edge_agent.split.links import PeerLink
 from edge_agent.split.local import LOCAL_PEER_ID, LocalLink
 from edge_agent.split.observe import Observers
 from edge_agent.split import needs as request_needs
-from edge_agent.split.needs import RequestNeeds
+from edge_agent.split.needs import ProbationQuota, RequestNeeds
 from edge_agent.split.planner import NoRouteError, PeerCapability, Plan, PlannerConfig, plan_path
 from edge_agent.split.policy import PRIVACY_LEVELS, PolicyError, PrivacyPolicy
 from edge_agent.split.protocol import ErrorCode, HopFailed
@@ -83,6 +83,8 @@ class PeerSource(Protocol):
     def incompatible(self) -> list[IncompatiblePeer]: ...
 
     def speculates(self, peer_id: str) -> bool: ...  # it advertises speculative steps (REWIND, DRAFT)
+
+    def on_probation(self, peer_id: str) -> bool: ...  # neither stake nor history (split.needs.ProbationQuota)
 
     async def link(self, peer_id: str) -> PeerLink: ...
 
@@ -193,6 +195,7 @@ class SwarmClient:
         self._local_ms = 0.0
         self._local_link: LocalLink | None = None
         self._said_no_speculation = False  # logged once: peers that do not serve speculative steps
+        self.probation = ProbationQuota()  # what peers on probation served of this client's batch requests
         router = Router(self._plan, self._link, self.observers, max_reroutes=cfg.max_reroutes,
                         replay_timeout_s=cfg.prefill_timeout_s)
         self.router = router
@@ -239,9 +242,16 @@ class SwarmClient:
 
     def _admitted(self, policy: PrivacyPolicy) -> list[PeerCapability]:
         """The peers the privacy policy lets see activations (``--privacy trusted``: the allow-list)
-        and that serve what the running request needs (``split.needs``: speculative steps)."""
+        and that serve what the running request needs (``split.needs``: speculative steps, no
+        peer on probation but the request's own pick)."""
         caps = [c for c in self.peers.capabilities() if policy.admits(c.peer_id)]
-        return request_needs.admit(caps, request_needs.current(), self.peers.speculates)
+        return request_needs.admit(caps, request_needs.current(), self.peers.speculates, self.peers.on_probation)
+
+    def _on_probation(self, policy: PrivacyPolicy, within=None, needs: RequestNeeds | None = None) -> list[PeerCapability]:
+        """The peers on probation the policy admits (``split.needs.probation_peers``)."""
+        caps = [c for c in self.peers.capabilities() if policy.admits(c.peer_id) and c.peer_id not in self.banned]
+        return request_needs.probation_peers(caps, needs or request_needs.current(), self.peers.speculates,
+                                             self.peers.on_probation, within)
 
     def _plan(self, policy: PrivacyPolicy, previous: Plan | None = None, exclude=(), replace_hops=(), trial=False) -> Plan:
         """``trial``: the request's first plan, and it is a batch request: staked newcomers may be tried."""
@@ -256,6 +266,15 @@ class SwarmClient:
         try:
             return plan_path(self.n_layer, policy, caps, **kw)
         except NoRouteError as exc:
+            # no route without peers on probation (a swarm's first day: nobody has stake or history
+            # yet): they may take the layers no other peer could, on any request
+            spare = self._on_probation(policy, exc.missing)
+            if spare:
+                caps = [*caps, *spare]
+                try:
+                    return plan_path(self.n_layer, policy, caps, **kw)
+                except NoRouteError as again:
+                    exc = again
             if policy.name == "local" and not self.holds_model:
                 raise NoRouteError(exc.missing, "a thin client holds only its head and tail shards: open the whole "
                                    "model's GGUF to run privately", what="this device cannot run") from None
@@ -326,17 +345,29 @@ class SwarmClient:
                         on_token: Callable[[int, str], None] | None = None, *, resume: KeptRequest | None = None,
                         keep: Callable[[KeptRequest], None] | None = None, privacy: str | None = None,
                         batch: bool | None = None) -> GenerationResult:
-        policy = self.policy_for(privacy)
-        if resume is not None and (not resume.extended_by(prompt_tokens) or resume.state.policy != policy):
+        policy, batch = self.policy_for(privacy), self.config.batch if batch is None else batch
+        # a path planned for a batch turn (newcomers, a peer on probation) is not an interactive turn's
+        if resume is not None and (not resume.extended_by(prompt_tokens) or resume.state.policy != policy
+                                   or resume.needs.batch != batch
+                                   or not self._charge_turn(resume.needs, len(prompt_tokens) - len(resume.tokens), params)):
             await self.release(resume)
             resume = None
-        needs = resume.needs if resume is not None else self._needs(policy, params, batch)
+        needs = resume.needs if resume is not None else self._needs(policy, params, batch, len(prompt_tokens))
         with request_needs.serving(needs):  # every plan and link of the request, re-routes included, obeys it
             return await self._run(prompt_tokens, params, on_token, policy, needs, resume, keep)
 
-    def _needs(self, policy: PrivacyPolicy, params: SamplingParams, batch: bool | None) -> RequestNeeds:
+    def _positions(self, new_tokens: int, params: SamplingParams) -> int:
+        """The most positions a turn may compute: what the probation quota charges up front."""
+        return min(new_tokens + params.max_tokens, self.options.n_ctx_per_request)
+
+    def _charge_turn(self, needs: RequestNeeds, new_tokens: int, params: SamplingParams) -> bool:
+        """A kept request's next turn pays again for its peer on probation; False: no room left."""
+        return needs.probation is None or self.probation.charge(needs.probation_layers * self._positions(new_tokens, params))
+
+    def _needs(self, policy: PrivacyPolicy, params: SamplingParams, batch: bool, n_prompt: int) -> RequestNeeds:
         """A new request's: it speculates (greedy, on a speculating client) only where the peers that
-        serve speculative steps cover every layer the others do; else it runs one token per step."""
+        serve speculative steps cover every layer the others do; else it runs one token per step.
+        A batch request may get one peer on probation, within the quota (``ProbationQuota``)."""
         speculates = self.config.speculate > 0 and params.greedy
         if speculates:
             caps = [c for c in self.peers.capabilities() if policy.admits(c.peer_id) and c.peer_id not in self.banned]
@@ -346,7 +377,12 @@ class SwarmClient:
                 self._said_no_speculation = True
                 log.info("no speculation while peers %s alone serve some layers and do not advertise speculative steps "
                          "(older nodes): those requests run one token per step", ", ".join(p[:12] for p in older))
-        return RequestNeeds(uuid.uuid4().bytes, speculates, self.config.batch if batch is None else batch)
+        needs = RequestNeeds(uuid.uuid4().bytes, speculates, batch)
+        if not batch:
+            return needs  # interactive: no peer on probation while a route exists without them (``_plan``)
+        pick = self.probation.pick(self._on_probation(policy, needs=needs), policy.remote_range(self.n_layer),
+                                   self._positions(n_prompt, params), needs.key)
+        return needs if pick is None else replace(needs, probation=pick[0], probation_layers=pick[1])
 
     async def _run(self, prompt_tokens: Sequence[int], params: SamplingParams, on_token, policy: PrivacyPolicy,
                    needs: RequestNeeds, resume: KeptRequest | None, keep) -> GenerationResult:
@@ -388,12 +424,16 @@ class SwarmClient:
             kept = KeptRequest(req, fed, needs) if keep is not None else None
         finally:  # also on cancellation: free the request everywhere
             await spec.close()
+            if needs.batch:  # the probation quota's base: what this turn's path computed
+                self.probation.served(sum(h.hop.end - h.hop.start for h in req.hops if h.hop.peer_id != LOCAL_PEER_ID)
+                                      * (len(fed) - reused))
             if kept is None:
                 await self.release(KeptRequest(req, fed))
         if kept is not None:
             keep(kept)
         result = decoder.result(request_stats(req, [self.head.info, self.tail.info]))
         result.stats["kv_reused_tokens"] = reused
+        result.stats["batch"] = needs.batch
         if spec.enabled:
             result.stats["speculation"] = spec.stats()
         elif self.config.speculate and params.greedy:
