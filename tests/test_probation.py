@@ -8,6 +8,9 @@ are llama.cpp's."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 
 import openai
 import pytest
@@ -21,6 +24,7 @@ from edge_agent.ledger.store import LedgerStore
 from edge_agent.node import AgentConfig, swarm_client
 from edge_agent.runtime.engine import EngineOptions
 from edge_agent.runtime.sampling import SamplingParams
+from edge_agent.runtime.tokenizer import Tokenizer
 from edge_agent.split.client import ClientConfig
 from edge_agent.split.needs import PROBATION_SHARE, ProbationQuota
 from ledger_util import make_receipt
@@ -129,9 +133,15 @@ def test_batch_requests_use_a_stranger_within_the_quota(tmp_path, peers, tiny_mo
     assert served <= quota.probation_layer_steps <= PROBATION_SHARE * quota.batch_layer_steps
 
 
-def test_service_tier_flex_marks_a_batch_request(tmp_path, peers, tiny_model):
-    from edge_agent.runtime.tokenizer import Tokenizer
+def _prompt_ids(model) -> list[int]:
+    tok = Tokenizer(model)
+    try:
+        return tok.encode(PROMPT)
+    finally:
+        tok.close()
 
+
+def test_service_tier_flex_marks_a_batch_request(tmp_path, peers, tiny_model):
     peer = peers(tiny_model, "1:4")
     server = start_server(tiny_model, [peer], tmp_path / "api")
     try:
@@ -141,7 +151,7 @@ def test_service_tier_flex_marks_a_batch_request(tmp_path, peers, tiny_model):
         try:
             want = tok.decode(reference_tokens(tiny_model, tok.encode(PROMPT), 12))
         finally:
-            tok.close()
+            tok.close()  # (the answer's text: the API returns no token ids)
         for tier, batch in (("flex", True), ("default", False), ("auto", False), (None, False)):
             extra = {"service_tier": tier} if tier else {}
             r = api.completions.create(model=model, prompt=PROMPT, temperature=0, max_tokens=12, extra_body=extra)
@@ -153,3 +163,15 @@ def test_service_tier_flex_marks_a_batch_request(tmp_path, peers, tiny_model):
         assert err["param"] == "service_tier" and "'priority' is not offered here" in err["message"]
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_run_batch_marks_the_request(tmp_path, peers, tiny_model, batch):
+    peer = peers(tiny_model, "1:4")
+    out = subprocess.run([sys.executable, "-m", "edge_agent", "run", "-m", str(tiny_model), "--no-mdns", "--peer", peer.address,
+                          "--data-dir", str(tmp_path / "client"), "--ctx", "512", "--json", "-n", "8",
+                          *(["--batch"] if batch else []), PROMPT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["stats"]["batch"] is batch and result["token_ids"] == reference_tokens(tiny_model, _prompt_ids(tiny_model), 8)
+    assert [h["peer_id"] for h in result["path"]] == [peer.agent_id]  # a stranger, but the only route: used
