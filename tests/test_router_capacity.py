@@ -30,19 +30,23 @@ MAX_REROUTES = 3
 
 
 def toy_layers(x: np.ndarray, start: int, end: int) -> np.ndarray:
-    return x * 2.0 + (end - start)  # what the real hop computes is not the point here: which peer did is
+    """Layer by layer, so any split of the layers gives the same output (the real hop's arithmetic
+    is not the point here: which peer ran which step is)."""
+    for layer in range(start, end):
+        x = x * 2.0 + layer
+    return x
 
 
 class Peer:
     """A hop server: ``refuse`` first steps of new requests answered CAPACITY (None: every one);
     ``broken``: every step fails with a fault (a lost connection)."""
 
-    def __init__(self, peer_id: str, refuse: int | None = 0, broken: bool = False) -> None:
-        self.peer_id, self.refuse, self.broken = peer_id, refuse, broken
-        self.requests = self.refusals = 0
+    def __init__(self, peer_id: str, refuse: int | None = 0, broken: bool = False, layers=(1, 7)) -> None:
+        self.peer_id, self.refuse, self.broken, self.layers = peer_id, refuse, broken, layers
+        self.requests = self.refusals = self.ends = 0
 
     def capability(self, ms: float) -> PeerCapability:
-        return PeerCapability(self.peer_id, ((1, 7),), 1e6, ms, 1.0)
+        return PeerCapability(self.peer_id, (self.layers,), 1e6, ms, 1.0)
 
 
 class Link:
@@ -67,8 +71,8 @@ class Link:
                                  layer_end=frame.layer_end, seq=frame.seq, compute_us=1000)
         return Reply(reply, 2.0)
 
-    async def send(self, frame: Frame) -> None:
-        pass
+    async def send(self, frame: Frame) -> None:  # END_REQUEST
+        self.peer.ends += 1
 
 
 class Harness:
@@ -133,6 +137,18 @@ def test_with_no_other_peer_the_request_waits_for_a_slot_with_backoff_and_comple
     # jittered exponential backoff, never shorter than the refused peer's cooldown, capped
     assert all(sw.cooldown_s * 0.999 <= s <= sw.max_backoff_s for s in h.sleeps)
     assert h.sleeps[-1] > h.sleeps[0]
+
+
+def test_a_request_waiting_at_its_first_step_holds_no_slot_meanwhile():
+    """The hop before the refusing one ran the prefill; while the request waits it is ended
+    (its slot is free for others) and the path is rebuilt after the wait."""
+    first, second = Peer("first", layers=(1, 4)), Peer("second", refuse=2, layers=(4, 7))
+    h = Harness(first, second)
+    req, outs = h.run()
+    assert all(np.array_equal(a, b) for a, b in zip(outs, reference()))
+    assert first.ends >= 1 and req.waits >= 1 and req.faults == 0
+    assert [hs.hop.peer_id for hs in req.hops] == ["first", "second"]
+    assert any(r["reason"].startswith("rebuild all hops") for r in req.reroutes)
 
 
 def test_a_peer_that_never_has_a_slot_fails_the_request_in_bounded_count_and_time():

@@ -150,7 +150,7 @@ class Client:
                     continue
                 if node.on_probation:
                     fresh.append(node)
-                elif free >= (node.span[1] - node.span[0]) * KV_MB_PER_LAYER:
+                elif free >= (node.span[1] - node.span[0]) * KV_MB_PER_LAYER and self.full_until.get(node.idx, -1.0) <= now:
                     if node.reputation is None:
                         unknown.append((node.idx in self.tried, self.seen_at[node.idx],
                                         key_of(self.agent_id, node.agent_id), node))

@@ -102,14 +102,15 @@ class SlotWait:
     A refusing peer is planned around for ``cooldown_s`` of the request's time; the re-route
     around it spends no ``max_reroutes``. When no other peer can take the layers, the request
     waits (backoff from ``backoff_s``, doubling up to ``max_backoff_s``, jittered down to half
-    so that refused clients do not return together) and plans again. Both are bounded: after
+    so that refused clients do not return together) and plans again; at position 0 it first
+    ends its other hops, so it holds no slot that other waiting requests need. Both are bounded: after
     ``max_refusals`` refusals or ``max_wait_s`` of waiting a refusal is a fault again (peer
     excluded, re-route spent) and a plan that finds no peer fails the request."""
 
     cooldown_s: float = 0.5
     backoff_s: float = 0.25
     max_backoff_s: float = 2.0
-    max_refusals: int = 32
+    max_refusals: int = 64
     max_wait_s: float = 15.0
 
 
@@ -170,22 +171,22 @@ class Router:
         req.cooling[peer_id] = self.clock() + self.slot_wait.cooldown_s
         return True
 
-    async def _wait_for_slot(self, req: RequestState) -> bool:
-        """No plan now, after peers refused for want of a slot: wait for one to free (backoff with
-        jitter, at least until a refused peer's cooldown ends) and plan again. False when no
-        peer refused or the budget is spent: no wait makes a route then."""
+    def _may_wait(self, req: RequestState) -> bool:
+        """A request with no plan now waits for a slot when peers refused it for want of one
+        and its refusal budget (count and time) is not spent; no wait makes a route otherwise."""
+        return 0 < req.refusals <= self.slot_wait.max_refusals and req.waited_s < self.slot_wait.max_wait_s
+
+    async def _wait_for_slot(self, req: RequestState) -> None:
+        """Wait for a slot to free: backoff with jitter (refused clients do not come back
+        together), at least until a refused peer's cooldown ends, within the time budget."""
         sw = self.slot_wait
-        left = sw.max_wait_s - req.waited_s
-        if not 0 < req.refusals <= sw.max_refusals or left <= 0:
-            return False
         now = self.clock()
         delay = min(sw.max_backoff_s, sw.backoff_s * 2 ** min(req.waits, 16)) * self.rng.uniform(0.5, 1.0)
         soonest = min((until - now for until in req.cooling.values() if until > now), default=0.0)
-        delay = min(left, max(delay, soonest))
+        delay = min(sw.max_wait_s - req.waited_s, max(delay, soonest))
         await self.sleep(delay)
         req.waited_s += delay
         req.waits += 1
-        return True
 
     async def recover(self, req: RequestState, reason: str, pos: int, *, index: int | None = None, blamed: str = "",
                       permanent: bool = True, refused: bool = False) -> bool:
@@ -225,7 +226,13 @@ class Router:
                 plan = self.plan(req.policy, previous=req.plan if failed else None, exclude=req.avoid(self.clock()),
                                  replace_hops=replace if failed else ())
             except NoRouteError as exc:
-                if await self._wait_for_slot(req):
+                if self._may_wait(req):
+                    if failed is not None and pos == 0:
+                        # the kept hops would hold their slots through the wait, which other requests need (under
+                        # load they all wait): free them and rebuild the path after it; only this step is recomputed
+                        failed = None
+                        await self.end(req, req.hops)
+                    await self._wait_for_slot(req)
                     continue
                 who = f"peer {blamed[:12]} failed" if blamed else "after"
                 excluded = ", ".join(sorted(p[:12] for p in req.excluded)) or "none"
