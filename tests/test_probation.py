@@ -175,3 +175,25 @@ def test_run_batch_marks_the_request(tmp_path, peers, tiny_model, batch):
     result = json.loads(out.stdout)
     assert result["stats"]["batch"] is batch and result["token_ids"] == reference_tokens(tiny_model, _prompt_ids(tiny_model), 8)
     assert [h["peer_id"] for h in result["path"]] == [peer.agent_id]  # a stranger, but the only route: used
+
+
+def test_a_kept_conversation_changing_its_mark_is_planned_afresh(tmp_path, peers, tiny_model):
+    peer = peers(tiny_model, "1:4")
+    cfg = _client_config(tmp_path, [peer])
+
+    async def go():
+        async with swarm_client(cfg, tiny_model, ClientConfig(), EngineOptions(n_ctx_per_request=512, max_requests=2),
+                                discover_s=30.0, audit_rate=0.0) as client:
+            history, reused = client.tokenizer.encode(PROMPT), []
+            kept: list = []
+            for batch in (True, True, False):  # a batch turn's path is not an interactive turn's
+                res = await client.generate(history, SamplingParams(max_tokens=4), batch=batch,
+                                            resume=kept.pop() if kept else None, keep=kept.append)
+                assert res.stats["batch"] is batch
+                reused.append(res.stats["kv_reused_tokens"])
+                history = history + res.token_ids + client.tokenizer.encode(" and")
+            await client.release(kept.pop())
+            return reused
+
+    reused = asyncio.run(go())
+    assert reused[0] == 0 and reused[1] > 0 and reused[2] == 0

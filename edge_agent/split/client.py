@@ -15,7 +15,7 @@ import functools
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple, Protocol, Sequence
 
@@ -346,23 +346,24 @@ class SwarmClient:
                         keep: Callable[[KeptRequest], None] | None = None, privacy: str | None = None,
                         batch: bool | None = None) -> GenerationResult:
         policy, batch = self.policy_for(privacy), self.config.batch if batch is None else batch
-        # a path planned for a batch turn (newcomers, a peer on probation) is not an interactive turn's
-        if resume is not None and (not resume.extended_by(prompt_tokens) or resume.state.policy != policy
-                                   or resume.needs.batch != batch
-                                   or not self._charge_turn(resume.needs, len(prompt_tokens) - len(resume.tokens), params)):
+        if resume is not None and not self._continues(resume, prompt_tokens, policy, batch, params):
             await self.release(resume)
             resume = None
         needs = resume.needs if resume is not None else self._needs(policy, params, batch, len(prompt_tokens))
         with request_needs.serving(needs):  # every plan and link of the request, re-routes included, obeys it
             return await self._run(prompt_tokens, params, on_token, policy, needs, resume, keep)
 
+    def _continues(self, kept: KeptRequest, prompt_tokens: Sequence[int], policy: PrivacyPolicy, batch: bool,
+                   params: SamplingParams) -> bool:
+        """Whether a kept request serves this turn: the prompt extends its tokens, under the same
+        policy and mark (a batch turn's path may hold newcomers and a peer on probation), and the
+        probation quota pays for that peer again."""
+        return (kept.extended_by(prompt_tokens) and kept.state.policy == policy and kept.needs.batch == batch
+                and self.probation.charge_turn(kept.needs, self._positions(len(prompt_tokens) - len(kept.tokens), params)))
+
     def _positions(self, new_tokens: int, params: SamplingParams) -> int:
         """The most positions a turn may compute: what the probation quota charges up front."""
         return min(new_tokens + params.max_tokens, self.options.n_ctx_per_request)
-
-    def _charge_turn(self, needs: RequestNeeds, new_tokens: int, params: SamplingParams) -> bool:
-        """A kept request's next turn pays again for its peer on probation; False: no room left."""
-        return needs.probation is None or self.probation.charge(needs.probation_layers * self._positions(new_tokens, params))
 
     def _needs(self, policy: PrivacyPolicy, params: SamplingParams, batch: bool, n_prompt: int) -> RequestNeeds:
         """A new request's: it speculates (greedy, on a speculating client) only where the peers that
@@ -380,9 +381,8 @@ class SwarmClient:
         needs = RequestNeeds(uuid.uuid4().bytes, speculates, batch)
         if not batch:
             return needs  # interactive: no peer on probation while a route exists without them (``_plan``)
-        pick = self.probation.pick(self._on_probation(policy, needs=needs), policy.remote_range(self.n_layer),
-                                   self._positions(n_prompt, params), needs.key)
-        return needs if pick is None else replace(needs, probation=pick[0], probation_layers=pick[1])
+        return self.probation.pick(needs, self._on_probation(policy, needs=needs), policy.remote_range(self.n_layer),
+                                   self._positions(n_prompt, params))
 
     async def _run(self, prompt_tokens: Sequence[int], params: SamplingParams, on_token, policy: PrivacyPolicy,
                    needs: RequestNeeds, resume: KeptRequest | None, keep) -> GenerationResult:

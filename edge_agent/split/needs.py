@@ -111,16 +111,22 @@ class ProbationQuota:
         """A batch turn ended: the remote layer-steps it was served, by any peer."""
         self.batch_layer_steps += layer_steps
 
-    def pick(self, candidates: Sequence[PeerCapability], remote: LayerRange, positions: int,
-             key: bytes | None) -> tuple[str, int] | None:
-        """(peer id, its remote layers) of the probation peer a batch request may use, charged for
-        ``positions``; None when there is none or the quota has no room for the one drawn."""
+    def charge_turn(self, needs: RequestNeeds, positions: int) -> bool:
+        """A kept request's next turn pays again for its peer on probation; False: no room left."""
+        return needs.probation is None or self.charge(needs.probation_layers * positions)
+
+    def pick(self, needs: RequestNeeds, candidates: Sequence[PeerCapability], remote: LayerRange,
+             positions: int) -> RequestNeeds:
+        """``needs`` with the probation peer a batch request may use, drawn from ``candidates`` and
+        charged for ``positions``; unchanged when there is none or no room for the one drawn."""
         if not candidates:
-            return None
-        chosen = random.Random(key).choice(sorted(candidates, key=lambda c: c.peer_id))
+            return needs
+        chosen = random.Random(needs.key).choice(sorted(candidates, key=lambda c: c.peer_id))
         lo, hi = remote
         layers = sum(max(0, min(b, hi) - max(a, lo)) for a, b in chosen.ranges)
-        return (chosen.peer_id, layers) if layers and self.charge(layers * positions) else None
+        if not layers or not self.charge(layers * positions):
+            return needs
+        return replace(needs, probation=chosen.peer_id, probation_layers=layers)
 
 
 def speculation_loses_layers(remote: tuple[int, int], caps: Sequence[PeerCapability],
