@@ -1,7 +1,8 @@
 """Newcomer trials in the agent (docs/discovery.md, "Rule for newcomers and Sybils", rule 6):
 a peer with stake and no history yet is tried on batch requests, never on purpose on an
-interactive one; a peer without stake is planned on its merits only. Real `join` processes,
-real llama.cpp, real TLS, the client's real SQLite ledger; outputs are llama.cpp's."""
+interactive one; a peer without stake is never tried (with no history either it is on
+probation: tests/test_probation.py). Real `join` processes, real llama.cpp, real TLS, the
+client's real SQLite ledger; outputs are llama.cpp's."""
 
 from __future__ import annotations
 
