@@ -220,8 +220,8 @@ def test_client_at_site_a_generates_through_peers_at_site_b(tmp_path: Path, tiny
             def join(name: str, layers: str, bootstrap: list):
                 data = tmp_path / name
                 data.mkdir()
-                src = ("import asyncio, json, sys; from pathlib import Path; from edge_agent.node import AgentConfig, "
-                       "JoinOptions, join; c = json.loads(sys.argv[1]); asyncio.run(join(AgentConfig(Path(c['d']), "
+                src = ("import asyncio, json, sys; from pathlib import Path; from edge_agent.node import AgentConfig; "
+                       "from edge_agent.node_join import JoinOptions, join; c = json.loads(sys.argv[1]); asyncio.run(join(AgentConfig(Path(c['d']), "
                        "c['s'], host=c['ip'], mdns=False, bootstrap=[tuple(b) for b in c['b']]), JoinOptions(Path(c['m']), "
                        "tuple(c['l']), threads=1, n_ctx=512), lambda r: print(json.dumps({'ready': r}), flush=True)))")
                 a, b = map(int, layers.split(":"))

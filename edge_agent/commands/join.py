@@ -51,7 +51,7 @@ def _memory_bound(path: Path, rng, ctx: int, max_requests: int, max_memory: str)
         layers = sizing.layers_that_fit(info, ctx, max_requests, budget)
     except sizing.MemoryBoundError as exc:
         _fail(str(exc), "serve fewer layers (--layers), fewer --max-requests, a shorter --ctx, or give more --max-memory")
-    # join picks its layers itself (node.choose_layers) from a weights budget: the layers that fit, and half a layer
+    # join picks its layers itself (node_join.choose_layers) from a weights budget: the layers that fit, and half a layer
     # more so that the division there lands on them
     return max_requests, (layers + 0.5) * sizing.layer_weights_mb(info)
 
@@ -108,8 +108,8 @@ def join(
 
     from edge_agent import progress
     from edge_agent.discovery.peers import parse_peer_arg
-    from edge_agent.node import JoinOptions
-    from edge_agent.node import join as run_join
+    from edge_agent.node_join import JoinOptions
+    from edge_agent.node_join import join as run_join
     from edge_agent.runtime.shards import inspect_model, parse_range, validate_range
     from edge_agent.split.testhooks import TestHooks
 
