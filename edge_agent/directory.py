@@ -1,6 +1,6 @@
 """The split client's view of the swarm: peers from the peer table, links to them.
 
-``PeerDirectory`` implements ``split.client.PeerSource`` on top of a running ``node.Agent``:
+``PeerDirectory`` implements ``split.peersource.PeerSource`` on top of a running ``node.Agent``:
 capabilities for the planner (only peers whose arithmetic settings equal the client's, each
 with its standing in this agent's ledger, ``planner_reputation``), the ones kept off every
 path with the reason (other arithmetic, or a reputation below ``ledger.accounts.MIN_REPUTATION``),
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable
 from edge_agent.discovery.capabilities import FEATURE_SPECULATION
 from edge_agent.ledger.accounts import MIN_REPUTATION, Account, reputation_of
 from edge_agent.runtime.engine import Arithmetic
-from edge_agent.split.client import IncompatiblePeer
+from edge_agent.split.peersource import IncompatiblePeer
 from edge_agent.split.links import PeerLink
 from edge_agent.split.planner import PeerCapability
 from edge_agent.split.protocol import ErrorCode, HopFailed
@@ -67,7 +67,7 @@ def arithmetic_mismatch(mine: Arithmetic | None, advertised: str | None) -> str 
 
 
 class PeerDirectory:
-    """The split client's view of the swarm (implements ``split.client.PeerSource``).
+    """The split client's view of the swarm (implements ``split.peersource.PeerSource``).
 
     Only peers whose arithmetic settings equal ``arithmetic`` (the client's) are offered to
     the planner; the others are listed by ``incompatible()`` with the reason.

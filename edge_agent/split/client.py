@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple, Protocol, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from edge_agent.runtime.drafting import ModelDrafter
 from edge_agent.runtime.engine import EngineOptions, StepInput
@@ -33,7 +33,8 @@ from edge_agent.split.observe import Observers
 from edge_agent.split import needs as request_needs
 from edge_agent.split.needs import ProbationQuota, RequestNeeds
 from edge_agent.split.planner import NoRouteError, PeerCapability, Plan, PlannerConfig, plan_path
-from edge_agent.split.policy import PRIVACY_LEVELS, PolicyError, PrivacyPolicy
+from edge_agent.split.peersource import PeerSource
+from edge_agent.split.policy import PrivacyPolicy, request_policy
 from edge_agent.split.protocol import ErrorCode, HopFailed
 from edge_agent.split.star import StarStrategy
 from edge_agent.split.strategy import RequestState, Router, Strategy
@@ -42,14 +43,6 @@ from edge_agent.split.verified import Verifier, generate_verified
 from edge_agent.transport import Flag
 
 log = logging.getLogger(__name__)
-
-
-class IncompatiblePeer(NamedTuple):
-    """A peer that serves the model but would change the arithmetic (never routed to)."""
-
-    peer_id: str
-    ranges: tuple[tuple[int, int], ...]
-    reason: str  # e.g. "flash_attn on on the peer, off on this device"
 
 
 class RequestEnd(NamedTuple):
@@ -73,22 +66,6 @@ class KeptRequest:
         """True when ``prompt`` starts with these tokens and adds at least one (its logits are needed)."""
         n = len(self.tokens)
         return n < len(prompt) and list(prompt[:n]) == self.tokens
-
-
-class PeerSource(Protocol):
-    """Who is out there and how to reach them (discovery + transport, wired in node.py)."""
-
-    def capabilities(self) -> list[PeerCapability]: ...  # peers the client may route to
-
-    def incompatible(self) -> list[IncompatiblePeer]: ...
-
-    def speculates(self, peer_id: str) -> bool: ...  # it advertises speculative steps (REWIND, DRAFT)
-
-    def on_probation(self, peer_id: str) -> bool: ...  # neither stake nor history (split.needs.ProbationQuota)
-
-    async def link(self, peer_id: str) -> PeerLink: ...
-
-    def address(self, peer_id: str) -> tuple[str, int]: ...  # TLS host, port (chain forwarding)
 
 
 @dataclass
@@ -223,22 +200,7 @@ class SwarmClient:
     def policy_for(self, level: str | None = None) -> PrivacyPolicy:
         """The policy of one request: ``level`` (None: the default's) may tighten the default
         (open < trusted < local), never loosen it; PolicyError otherwise."""
-        default = self.config.policy
-        if level is None and (self.config.policy_for is None or default.name not in PRIVACY_LEVELS):
-            return default
-        level = level or default.name
-        if level not in PRIVACY_LEVELS:
-            raise PolicyError(f"privacy must be one of {', '.join(PRIVACY_LEVELS)}, got {level!r}")
-        if default.name in PRIVACY_LEVELS and PRIVACY_LEVELS.index(level) < PRIVACY_LEVELS.index(default.name):
-            raise PolicyError(f"privacy {level!r} would loosen this agent's {default.name!r}: "
-                              f"a request may only tighten it ({' < '.join(PRIVACY_LEVELS)})")
-        if self.config.policy_for is not None:
-            return self.config.policy_for(level)
-        if level == default.name or (level == "open" and default.allow_remote and default.trusted is None):
-            return default
-        if level == "local":
-            return PrivacyPolicy.for_level("local", default.k, default.m)
-        raise PolicyError(f"privacy {level!r} needs a trust list, which this client was not given")
+        return request_policy(self.config.policy, level, self.config.policy_for)
 
     def _admitted(self, policy: PrivacyPolicy) -> list[PeerCapability]:
         """The peers the privacy policy lets see activations (``--privacy trusted``: the allow-list)

@@ -3,15 +3,11 @@ no path exists when a peer could have served the layers (``explain_no_route``)."
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from edge_agent.split.local import LOCAL_PEER_ID
+from edge_agent.split.peersource import PeerSource
 from edge_agent.split.planner import NoRouteError, format_layers
 from edge_agent.split.policy import PrivacyPolicy
 from edge_agent.split.strategy import RequestState
-
-if TYPE_CHECKING:
-    from edge_agent.split.client import PeerSource
 
 
 def request_stats(req: RequestState, local: list) -> dict:

@@ -16,7 +16,7 @@ measured in docs/privacy.md: nearly everything.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 LayerRange = tuple[int, int]  # half-open [start, end) in the source model's numbering
 
@@ -117,3 +117,26 @@ class PrivacyPolicy:
         if self.is_local_only(n_layer):
             return ((0, n_layer),)
         return self.client_ranges(n_layer)
+
+
+def request_policy(default: PrivacyPolicy, level: str | None,
+                   policy_for: Callable[[str], PrivacyPolicy] | None = None) -> PrivacyPolicy:
+    """The policy of one request at ``level`` (None: the default's): it may tighten the client's
+    ``default`` (open < trusted < local), never loosen it; PolicyError otherwise. ``policy_for``
+    resolves a level with the client's k and m (the trust list read per request); without it a
+    request can only keep the default or go local."""
+    if level is None and (policy_for is None or default.name not in PRIVACY_LEVELS):
+        return default
+    level = level or default.name
+    if level not in PRIVACY_LEVELS:
+        raise PolicyError(f"privacy must be one of {', '.join(PRIVACY_LEVELS)}, got {level!r}")
+    if default.name in PRIVACY_LEVELS and PRIVACY_LEVELS.index(level) < PRIVACY_LEVELS.index(default.name):
+        raise PolicyError(f"privacy {level!r} would loosen this agent's {default.name!r}: "
+                          f"a request may only tighten it ({' < '.join(PRIVACY_LEVELS)})")
+    if policy_for is not None:
+        return policy_for(level)
+    if level == default.name or (level == "open" and default.allow_remote and default.trusted is None):
+        return default
+    if level == "local":
+        return PrivacyPolicy.for_level("local", default.k, default.m)
+    raise PolicyError(f"privacy {level!r} needs a trust list, which this client was not given")
