@@ -3,6 +3,7 @@
     .venv/bin/python bench/swarm_sim.py [--nodes N] [--churn-per-min 0.05] [--minutes M] [--seed S]
                                         [--sybils 1000] [--tokens 32] [--clients C]
                                         [--spread 0] [--trial-share 1.0] [--no-newcomer-keys]
+                                        [--refusal-memory S]
 
 ``--trial-share 0 --no-newcomer-keys`` is the client as it was before newcomer trials
 (the "before" figures in docs/benchmarks.md); ``--spread 0.2`` spreads load (PlannerConfig.spread).
@@ -148,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         planner_scaling(args.seed, args.planner_scaling or [100, 1000, 10000])
         return 0
     if (args.nodes < 20 or not 0 <= args.churn_per_min < 1 or args.minutes <= 1.0 or args.tokens < 1
-            or args.spread < 0 or not 0 <= args.trial_share <= 1):
+            or args.spread < 0 or not 0 <= args.trial_share <= 1 or args.refusal_memory < 0):
         print("error: need --nodes >= 20, 0 <= --churn-per-min < 1, --minutes > 1, --tokens >= 1, --spread >= 0,"
-              " 0 <= --trial-share <= 1", file=sys.stderr)
+              " 0 <= --trial-share <= 1, --refusal-memory >= 0", file=sys.stderr)
         return 2
     cfg = Config(nodes=args.nodes, churn_per_min=args.churn_per_min, minutes=args.minutes, seed=args.seed,
                  sybils=args.sybils, clients=args.clients or max(5, args.nodes // 20), tokens=args.tokens,
