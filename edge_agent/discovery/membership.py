@@ -95,6 +95,8 @@ class Membership:
         self._own: MemberRecord | None = None
         self._counter = 0
         self._task: asyncio.Task[None] | None = None
+        # (is it yours?, answer) for other protocols riding the same listener (the DHT, dht.py)
+        self.answerers: list[tuple[Callable[[bytes], bool], Callable[[bytes, str], Awaitable[bytes | None]]]] = []
 
     # -- own record ------------------------------------------------------------------------
     def advertise(self, caps: Capabilities, addresses: Sequence[str]) -> None:
@@ -344,9 +346,17 @@ class _AnsweringChannel:
     async def recv(self) -> Frame:
         while True:
             frame = await self._channel.recv()
-            if frame.type != MsgType.CONTROL or not is_membership_message(frame.payload):
+            answer = self._answerer(frame)
+            if answer is None:
                 return frame
-            reply = await self._membership.answer(bytes(frame.payload), self._channel.peer_id)
+            reply = await answer(bytes(frame.payload), self._channel.peer_id)
             if reply is not None:
                 await self._channel.send(Frame.from_bytes(MsgType.CONTROL, reply, request_id=frame.request_id,
                                                           seq=frame.seq))
+
+    def _answerer(self, frame: Frame) -> Callable[[bytes, str], Awaitable[bytes | None]] | None:
+        if frame.type != MsgType.CONTROL:
+            return None
+        if is_membership_message(frame.payload):
+            return self._membership.answer
+        return next((answer for mine, answer in self._membership.answerers if mine(frame.payload)), None)

@@ -1,0 +1,250 @@
+"""The Kademlia DHT with segment keys (edge_agent/discovery/dht*.py): the bounded codec, and
+real agents on loopback over real TLS channels, one process.  Rounds are driven by the test
+(no background loops), so every wait is bounded by the calls themselves."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_agent.discovery.capabilities import Capabilities
+from edge_agent.discovery.dht import ALPHA, Dht
+from edge_agent.discovery.dht_wire import (FIND_VALUE, K, KEY_BYTES, MAGIC, MAX_CONTACTS, MAX_MESSAGE_BYTES, MAX_VALUES,
+                                           REPLY, STORE, DhtDecodeError, DhtMessage, decode, encode, lookup_keys,
+                                           publish_keys)
+from edge_agent.discovery.identity import Identity, SwarmKey
+from edge_agent.discovery.membership import Membership
+from edge_agent.discovery.membership_wire import MemberRecord
+from edge_agent.discovery.peers import PeerTable
+from edge_agent.transport import PeerLostError, tls
+
+SECRET = "dht test secret"
+MODEL = "0123456789abcdef"
+
+
+def record(swarm: SwarmKey, first: int = 0, last: int = 7, identity: Identity | None = None) -> MemberRecord:
+    ident = identity or Identity.generate()
+    caps = Capabilities(ident.agent_id, tls_port=4000, shards=((MODEL, first, last),)).sealed(ident, swarm)
+    return MemberRecord.signed(ident, caps, 5, ("10.0.0.1",))
+
+
+# -- codec ---------------------------------------------------------------------------------
+
+def test_roundtrip_and_bounds() -> None:
+    swarm = SwarmKey.from_secret(SECRET)
+    msg = DhtMessage(REPLY, b"k" * KEY_BYTES, [record(swarm) for _ in range(3)], [record(swarm)])
+    assert decode(encode(msg)) == msg
+    one = encode(DhtMessage(STORE, b"k" * KEY_BYTES, values=[record(swarm)]))
+    head = MAGIC + b"\x02" + b"k" * KEY_BYTES
+    cases = {
+        b"": "not a DHT message",
+        b"EAM\x02" + b"\x01" * 40: "not a DHT message",
+        MAGIC + b"\x09" + b"k" * KEY_BYTES + b"\x00\x00": "unknown message kind",
+        head + bytes((MAX_CONTACTS + 1,)): "records, limit",
+        head + b"\x00" + bytes((MAX_VALUES + 1,)): "records, limit",
+        head + b"\x01" + struct.pack(">H", 60000): "capability record of 60000 bytes",
+        one[:-1]: "truncated",
+        one + b"\x00": "trailing",
+        b"\x00" * (MAX_MESSAGE_BYTES + 1): "over",
+    }
+    for raw, why in cases.items():
+        with pytest.raises(DhtDecodeError, match=why):
+            decode(raw)
+    full = DhtMessage(REPLY, b"k" * KEY_BYTES, [record(swarm)] * (MAX_CONTACTS + 3), [record(swarm)] * (MAX_VALUES + 3))
+    back = decode(encode(full))  # an encoder never exceeds what a decoder takes
+    assert len(back.contacts) == MAX_CONTACTS and len(back.values) == MAX_VALUES
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2048))
+def test_fuzz_random_bytes(raw: bytes) -> None:
+    for data in (raw, MAGIC + raw):
+        try:
+            decode(data)
+        except DhtDecodeError:
+            pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_fuzz_mutated_message(data: st.DataObject) -> None:
+    swarm = SwarmKey.from_secret(SECRET)
+    raw = bytearray(encode(DhtMessage(REPLY, b"k" * KEY_BYTES, [record(swarm)], [record(swarm)])))
+    for _ in range(data.draw(st.integers(1, 4))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    try:
+        msg = decode(bytes(raw))
+    except DhtDecodeError:
+        return
+    for r in msg.contacts + msg.values:  # whatever parses may be checked without an exception
+        r.verify(swarm)
+
+
+def test_segment_keys_cover_the_layers_served() -> None:
+    r = record(SwarmKey.from_secret(SECRET), first=6, last=9)  # segments 1 and 2 (4 layers each)
+    keys = publish_keys(r.caps)
+    assert len(keys) == 2
+    assert set(keys) <= set(lookup_keys(MODEL, 9, 9)) | set(lookup_keys(MODEL, 4, 4))
+    assert not set(keys) & set(lookup_keys(MODEL, 12, 20))
+
+
+# -- real agents over TLS on loopback ------------------------------------------------------
+
+class Node:
+    def __init__(self, swarm: SwarmKey, bootstrap=(), *, layers: tuple[int, int] | None = (0, 7),
+                 ttl_s: float = 60.0) -> None:
+        self.identity = Identity.generate()
+        self.swarm, self.layers = swarm, layers
+        self.table = PeerTable(swarm, self_id=self.identity.agent_id)
+        self.membership = Membership(self.identity, swarm, self.table, self.connect)
+        self.dht = Dht(self.membership, bootstrap=bootstrap, ttl_s=ttl_s)
+        self.server = None
+
+    async def connect(self, host: str, port: int, expect: str | None):
+        return await tls.connect(self.identity, self.swarm, host, port, expect_peer_id=expect)
+
+    async def idle(self, channel) -> None:
+        while True:
+            try:
+                await channel.recv()
+            except PeerLostError:
+                return
+
+    async def start(self) -> "Node":
+        if self.layers is not None:
+            self.server = await tls.listen(self.identity, self.swarm, "127.0.0.1", 0, self.membership.wrap(self.idle))
+            caps = Capabilities(self.identity.agent_id, tls_port=self.server.port,
+                                shards=((MODEL, *self.layers),)).sealed(self.identity, self.swarm)
+            self.membership.advertise(caps, ["127.0.0.1"])
+        return self
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return "127.0.0.1", self.server.port
+
+    @property
+    def agent_id(self) -> str:
+        return self.identity.agent_id
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+
+
+async def swarm_of(n: int, swarm: SwarmKey, ttl_s: float = 60.0) -> list[Node]:
+    """n serving nodes joined one after another through the first one's address; layer ranges
+    rotate over four 8-layer spans of a 32-layer model."""
+    seed = await Node(swarm, layers=(0, 7), ttl_s=ttl_s).start()
+    nodes = [seed]
+    for i in range(1, n):
+        node = await Node(swarm, [seed.address], layers=(8 * (i % 4), 8 * (i % 4) + 7), ttl_s=ttl_s).start()
+        await node.dht.round()  # join: a lookup of its own id, then its stores
+        nodes.append(node)
+    await asyncio.gather(*(nd.dht.lookup(nd.dht.me) for nd in nodes))  # early joiners learn the later ones
+    await asyncio.gather(*(nd.dht.publish() for nd in nodes))
+    return nodes
+
+
+def test_a_client_finds_the_servers_of_some_layers_without_learning_the_swarm() -> None:
+    async def main() -> None:
+        swarm = SwarmKey.from_secret(SECRET)
+        nodes = await swarm_of(24, swarm)
+        try:
+            assert all(nd.dht.contacts() < 24 for nd in nodes[1:])  # routing tables hold O(K log n), not n...
+            assert all(nd.dht.contacts() >= 8 for nd in nodes)
+            client = await Node(swarm, [nodes[0].address], layers=None).start()
+            found = await client.dht.find_layers(MODEL, 8, 15)
+            serving = {nd.agent_id for nd in nodes if nd.layers[0] <= 15 and nd.layers[1] >= 8}
+            assert {r.agent_id for r in found} == serving and len(serving) == 6
+            assert {e.agent_id for e in client.table.peers()} == serving  # the planner sees only these
+            assert {s for e in client.table.peers() for s in e.sources} == {"dht"}
+            # each key's lookup converges: the bootstrap, the K closest and a few more, not the swarm round
+            assert client.dht.stats.rpcs_ok <= len(lookup_keys(MODEL, 8, 15)) * (K + 2 * ALPHA)
+            assert not any(client.agent_id in b for nd in nodes for b in nd.dht._buckets.values())  # clients are no contacts
+        finally:
+            for nd in nodes:
+                await nd.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_dead_members_record_expires_and_outsiders_learn_nothing() -> None:
+    async def main() -> None:
+        swarm = SwarmKey.from_secret(SECRET)
+        nodes = await swarm_of(8, swarm, ttl_s=1.5)
+        try:
+            client = await Node(swarm, [nodes[0].address], layers=None).start()
+            victim = nodes[4]  # layers 0..7, like the seed and nodes[8k]
+            assert victim.agent_id in {r.agent_id for r in await client.dht.find_layers(MODEL, 0, 7)}
+            await victim.stop()
+            await asyncio.sleep(1.6)  # past the TTL: the living re-publish, the dead cannot
+            await asyncio.gather(*(nd.dht.round() for nd in nodes if nd is not victim))
+            after = {r.agent_id for r in await client.dht.find_layers(MODEL, 0, 7)}
+            assert victim.agent_id not in after and nodes[0].agent_id in after
+            for secret in ("guess", None):
+                outsider = await Node(SwarmKey.from_secret(secret), [nodes[0].address], layers=(0, 7)).start()
+                assert await outsider.dht.find_layers(MODEL, 0, 7) == []
+                await outsider.dht.publish()
+                assert outsider.dht.stats.rpcs_ok == 0 and len(outsider.table) == 0
+                assert not any(outsider.agent_id in nd.dht._store.get(k, {}) for nd in nodes
+                               for k in publish_keys(outsider.membership.own.caps))
+                await outsider.stop()
+        finally:
+            for nd in nodes:
+                await nd.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_forged_or_altered_records_are_refused() -> None:
+    async def main() -> None:
+        swarm = SwarmKey.from_secret(SECRET)
+        nodes = await swarm_of(4, swarm)
+        mallory, target = nodes[1], nodes[0]
+        try:
+            honest = nodes[2].membership.own
+            key = publish_keys(honest.caps)[0]
+            own = mallory.membership.own
+            attempts = {
+                "another's record": DhtMessage(STORE, key, values=[honest]),
+                "altered address": DhtMessage(STORE, publish_keys(own.caps)[0],
+                                              values=[replace(own, addresses=("10.6.6.6",))]),
+                "a key its shards do not name": DhtMessage(STORE, lookup_keys(MODEL, 30, 30)[0], values=[own]),
+                "another swarm's record": DhtMessage(STORE, publish_keys(own.caps)[0],
+                                                     values=[record(SwarmKey.from_secret("x"), identity=mallory.identity)]),
+            }
+            for why, msg in attempts.items():
+                before = {k: dict(v) for k, v in target.dht._store.items()}
+                reply = await mallory.dht.rpc(*target.address, target.agent_id, msg)
+                assert reply is not None and reply.values == [], why
+                assert {k: dict(v) for k, v in target.dht._store.items()} == before, why
+            # A storing node that lies (a fake: an honest node cannot be made to) hands out an altered
+            # record; the asker's own checks drop it.
+            victim = nodes[0].membership.own  # it serves layers 0..7
+            forged = replace(victim, addresses=("10.6.6.6",))
+            for nd in nodes:
+                for k in publish_keys(victim.caps):
+                    nd.dht._store.setdefault(k, {})[victim.agent_id] = (forged, time.monotonic() + 60)
+            client = await Node(swarm, [target.address], layers=None).start()
+            found = {r.agent_id: r for r in await client.dht.find_layers(MODEL, 0, 0)}
+            assert victim.agent_id not in found and client.dht.stats.refused > 0
+        finally:
+            for nd in nodes:
+                await nd.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_old_answerers_ignore_dht_frames() -> None:
+    """A node without the DHT hands a DHT frame to its hop server (which drops unknown frames)."""
+    swarm = SwarmKey.from_secret(SECRET)
+    me = Identity.generate()
+    m = Membership(me, swarm, PeerTable(swarm, self_id=me.agent_id), connect=None)  # type: ignore[arg-type]
+    raw = encode(DhtMessage(FIND_VALUE, b"k" * KEY_BYTES))
+    assert not any(mine(raw) for mine, _ in m.answerers)
