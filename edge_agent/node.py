@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 
 from edge_agent.discovery.capabilities import Capabilities
 from edge_agent.discovery.identity import Identity, SwarmKey
+from edge_agent.discovery.dht import Dht
 from edge_agent.discovery.membership import Membership
 from edge_agent.discovery.peers import PeerTable
 from edge_agent.directory import PeerDirectory
@@ -45,6 +46,7 @@ class AgentConfig:
     interfaces: list[str] | None = None  # zeroconf interfaces (None = all)
     manual_peers: list[tuple[str, int]] = field(default_factory=list)  # TLS host:port
     bootstrap: list[tuple[str, int]] = field(default_factory=list)  # TLS host:port of members: learn the swarm (gossip)
+    membership: str = "gossip"  # or "dht": large swarms, a client learns only who serves its layers (discovery/dht.py)
     transport: str = "auto"  # auto | tls | webrtc
     ice_servers: list[str] = field(default_factory=list)  # STUN/TURN URLs, only if the user gives them
     relay: bool = False  # carry circuits for members nobody can dial (transport/relay.py; bounds: RelayLimits)
@@ -64,7 +66,10 @@ class Agent:
         self._closers: list = []
         self._browser = None
         self._advertiser = None
-        self.membership = Membership(self.identity, self.swarm, self.table, self._connect_tls, bootstrap=config.bootstrap)
+        gossip = config.membership == "gossip"
+        self.membership = Membership(self.identity, self.swarm, self.table, self._connect_tls,
+                                     bootstrap=config.bootstrap if gossip else ())
+        self.dht = None if gossip else Dht(self.membership, bootstrap=config.bootstrap)  # rides gossip's listener hook
         self.relay = relay.RelayService() if config.relay else None
         self.reservations: list[relay.Reservation] = []
         self._unsealed: Capabilities | None = None  # what serve() advertises, before the relays are named
@@ -77,6 +82,8 @@ class Agent:
 
     async def start(self) -> None:
         await self.membership.start()  # silent until there is a bootstrap address or a gossiping peer
+        if self.dht is not None:
+            await self.dht.start()
         for host, port in self.config.manual_peers:
             self.table.add_manual_peer(host, port)
         self.table.start(probe=self._probe if self.config.manual_peers else None)
@@ -184,6 +191,8 @@ class Agent:
 
     async def close(self) -> None:
         await self.membership.close()
+        if self.dht is not None:
+            await self.dht.close()
         if self._advertiser is not None:
             await self._advertiser.close()
         if self._browser is not None:
@@ -230,6 +239,8 @@ async def swarm_client(config: AgentConfig, model: "Path | ThinModel", client_co
     if client_config.policy_for is None:  # resolved per request: a `trust add` applies to the next one
         client_config = dataclasses.replace(client_config, policy_for=_policies(config, client_config.policy))
     agent = Agent(config)
+    if agent.dht is not None:
+        agent.dht.want(model_hash, 0, n_layer - 1)  # the segment keys of this model's layers
     try:
         await agent.start()
     except BaseException:  # what started (membership, mDNS) must not outlive a failed start

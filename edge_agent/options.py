@@ -47,6 +47,9 @@ SwarmKeyOpt = typer.Option(None, "--swarm-key", help="Private swarm secret (visi
 PeerOpt = typer.Option([], "--peer", help="A peer's TLS HOST:PORT, for networks where multicast is blocked (repeatable).")
 BootstrapOpt = typer.Option([], "--bootstrap", help="A swarm member's TLS HOST:PORT to learn the whole swarm from, "
                             "beyond this LAN (repeatable; docs/discovery.md).")
+MembershipOpt = typer.Option("gossip", "--membership", help="How --bootstrap members are learnt: gossip (every member "
+                             "knows every other) or dht (large swarms: a client fetches only who serves its layers; "
+                             "docs/discovery.md).")
 RelayOpt = typer.Option(False, "--relay", help="Carry circuits for swarm members nobody can dial directly (bounded; "
                        "it forwards their end-to-end encrypted bytes and reads none; docs/discovery.md).")
 RelayViaOpt = typer.Option([], "--relay-via", help="A --relay member's TLS HOST:PORT to stay reachable through when no one "

@@ -248,3 +248,26 @@ def test_old_answerers_ignore_dht_frames() -> None:
     m = Membership(me, swarm, PeerTable(swarm, self_id=me.agent_id), connect=None)  # type: ignore[arg-type]
     raw = encode(DhtMessage(FIND_VALUE, b"k" * KEY_BYTES))
     assert not any(mine(raw) for mine, _ in m.answerers)
+
+
+def test_an_agent_with_membership_dht_feeds_its_table_from_segment_keys(tmp_path) -> None:
+    from edge_agent.node import Agent, AgentConfig
+
+    async def main() -> None:
+        swarm = SwarmKey.from_secret(SECRET)
+        nodes = await swarm_of(4, swarm)
+        agent = Agent(AgentConfig(tmp_path, SECRET, mdns=False, bootstrap=[nodes[0].address], membership="dht"))
+        try:
+            assert agent.membership.bootstrap == []  # no gossip: the bootstrap address is the DHT's
+            agent.dht.want(MODEL, 0, 3)  # what swarm_client asks for: its model's layers
+            await agent.start()
+            deadline = time.monotonic() + 20
+            while {e.agent_id for e in agent.table.peers()} != {nodes[0].agent_id}:
+                assert time.monotonic() < deadline, "the agent's table never got the server of layers 0..3"
+                await asyncio.sleep(0.05)
+        finally:
+            await agent.close()
+            for nd in nodes:
+                await nd.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))

@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from edge_agent.commands.common import _agent_config, _client_config, _engine_options, _fail, _resolve_model
-from edge_agent.options import (AuditRateOpt, BootstrapOpt, BackendOpt, CtxOpt, DataDirOpt, DiscoverOpt, FlashAttnOpt, IceServerOpt,
+from edge_agent.options import (AuditRateOpt, BootstrapOpt, MembershipOpt, BackendOpt, CtxOpt, DataDirOpt, DiscoverOpt, FlashAttnOpt, IceServerOpt,
                                 MdnsInterfaceOpt, ModelOpt, ModeOpt, NoLocalFallbackOpt, NoMdnsOpt, PeerOpt, PrivacyOpt,
                                 SplitOpt, SwarmKeyOpt, TargetTbtOpt, ThreadsOpt, TransportOpt, UbatchOpt, VerifyOpt,
                                 DraftModelOpt, SpeculateOpt)
@@ -44,6 +44,7 @@ def serve_command(
     swarm_key: Optional[str] = SwarmKeyOpt,
     peer: list[str] = PeerOpt,
     bootstrap: list[str] = BootstrapOpt,
+    membership: str = MembershipOpt,
     no_mdns: bool = NoMdnsOpt,
     mdns_interface: list[str] = MdnsInterfaceOpt,
     transport: str = TransportOpt,
@@ -56,7 +57,7 @@ def serve_command(
 
     path = _resolve_model(model, data_dir)
     cfg = _agent_config(data_dir, swarm_key, "127.0.0.1", 0, 0, peer, no_mdns, mdns_interface, transport, ice_server,
-                        bootstrap)
+                        bootstrap, membership)
     client_cfg = _client_config(cfg, split, privacy, swarm_key, target_tbt_ms, mode, backend, no_local_fallback, verify)
     client_cfg.speculate, client_cfg.draft_model = speculate or (4 if draft_model else 0), draft_model
     if ctx < 16 or max_concurrent < 1:

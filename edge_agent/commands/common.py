@@ -67,12 +67,14 @@ def _client_config(cfg, split: str, privacy: str, swarm_key, target_tbt_ms: floa
 
 
 def _agent_config(data_dir, swarm_key, host, port, signal_port, peer, no_mdns, mdns_interface, transport, ice_server,
-                  bootstrap=()):
+                  bootstrap=(), membership="gossip"):
     from edge_agent.config import BOOTSTRAP_FILE, bootstrap_entries
     from edge_agent.config import data_dir as resolve_data_dir
     from edge_agent.discovery.peers import parse_peer_arg
     from edge_agent.node import AgentConfig
 
+    if membership not in ("gossip", "dht"):
+        _fail(f"--membership must be gossip or dht (got {membership!r})")
     if transport not in ("auto", "tls", "webrtc"):
         _fail(f"--transport must be auto, tls or webrtc (got {transport!r})")
     if swarm_key:
@@ -95,7 +97,7 @@ def _agent_config(data_dir, swarm_key, host, port, signal_port, peer, no_mdns, m
     members = list(dict.fromkeys(members))  # given twice (option and file): asked once
     return AgentConfig(root, swarm_key, host=host, tls_port=port, signal_port=signal_port,
                        mdns=not no_mdns, interfaces=list(mdns_interface) or None, manual_peers=peers, bootstrap=members,
-                       transport=transport, ice_servers=list(ice_server))
+                       transport=transport, ice_servers=list(ice_server), membership=membership)
 
 
 def parse_size_mb(text: str, option: str = "--max-memory") -> float:

@@ -10,7 +10,7 @@ import typer
 
 from edge_agent.commands.common import (_agent_config, _client_config, _engine_options, _fail, _resolve_model, _sampling,
                                         _stream_to_stdout)
-from edge_agent.options import (BootstrapOpt, AuditRateOpt, BackendOpt, ChatOpt, CtxOpt, DataDirOpt, DiscoverOpt, FlashAttnOpt,
+from edge_agent.options import (BootstrapOpt, MembershipOpt, AuditRateOpt, BackendOpt, ChatOpt, CtxOpt, DataDirOpt, DiscoverOpt, FlashAttnOpt,
                                 IceServerOpt, MaxTokensOpt, MdnsInterfaceOpt, ModelOpt, ModeOpt, NoLocalFallbackOpt,
                                 NoMdnsOpt, PeerOpt, PrivacyOpt, RepeatPenaltyOpt, SeedOpt, SplitOpt, StopOpt, SwarmKeyOpt,
                                 TargetTbtOpt, TemperatureOpt, ThreadsOpt, TopKOpt, TopPOpt, TransportOpt, UbatchOpt,
@@ -148,6 +148,7 @@ def run(
     swarm_key: Optional[str] = SwarmKeyOpt,
     peer: list[str] = PeerOpt,
     bootstrap: list[str] = BootstrapOpt,
+    membership: str = MembershipOpt,
     no_mdns: bool = NoMdnsOpt,
     mdns_interface: list[str] = MdnsInterfaceOpt,
     transport: str = TransportOpt,
@@ -161,7 +162,7 @@ def run(
     progress.set_quiet(as_json)
     path = _resolve_model(model, data_dir)
     cfg = _agent_config(data_dir, swarm_key, "127.0.0.1", 0, 0, peer, no_mdns, mdns_interface, transport, ice_server,
-                        bootstrap)
+                        bootstrap, membership)
     client_cfg = _client_config(cfg, split, privacy, swarm_key, target_tbt_ms, mode, backend, no_local_fallback, verify)
     client_cfg.speculate, client_cfg.draft_model = speculate or (4 if draft_model else 0), draft_model
     client_cfg.batch = batch

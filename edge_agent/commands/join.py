@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from edge_agent.commands.common import _agent_config, _fail, _resolve_model, parse_size_mb
-from edge_agent.options import (BootstrapOpt, BackendOpt, CtxOpt, DataDirOpt, FlashAttnOpt, IceServerOpt, MaxMemoryOpt, MaxRequestsOpt,
+from edge_agent.options import (BootstrapOpt, MembershipOpt, BackendOpt, CtxOpt, DataDirOpt, FlashAttnOpt, IceServerOpt, MaxMemoryOpt, MaxRequestsOpt,
                                 MdnsInterfaceOpt, ModelOpt, NoMdnsOpt, PeerOpt, RelayOpt, RelayViaOpt, SwarmKeyOpt, ThreadsOpt,
                                 TransportOpt, UbatchOpt)
 
@@ -88,6 +88,7 @@ def join(
     signal_port: int = typer.Option(0, "--signal-port", help="WebRTC signalling port (0: any free port)."),
     peer: list[str] = PeerOpt,
     bootstrap: list[str] = BootstrapOpt,
+    membership: str = MembershipOpt,
     relay: bool = RelayOpt,
     relay_via: list[str] = RelayViaOpt,
     no_mdns: bool = NoMdnsOpt,
@@ -117,7 +118,7 @@ def join(
         _fail("--model-hash needs the full 64-hex-digit hash", "`edge-agent model info MODEL` prints it (model_hash)")
     path = _resolve_model(model, data_dir) if (model or not model_hash) else None
     cfg = _agent_config(data_dir, swarm_key, host, port, signal_port, peer, no_mdns, mdns_interface, transport, ice_server,
-                        bootstrap)
+                        bootstrap, membership)
     cfg.relay = relay
     try:
         cfg.relay_via = [parse_peer_arg(r) for r in relay_via]
