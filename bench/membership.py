@@ -5,8 +5,12 @@
 2. A swarm of N members in this process over real TLS, all told one bootstrap address:
    seconds until every member knows every other, gossip bytes per member per second once
    converged, and seconds until the killed bootstrap member has left every table.
+3. With ``--membership dht`` (edge_agent/discovery/dht.py) instead: N serving members joined
+   through one bootstrap address, the bytes one re-publish cycle costs a member (per minute at
+   the default TTL), and a client's lookup of the servers of 8 layers (seconds, bytes, found).
 
     .venv/bin/python bench/membership.py --members 24 --interval 0.5
+    .venv/bin/python bench/membership.py --membership dht --members 20
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import time
 
 from edge_agent.discovery.capabilities import Capabilities
+from edge_agent.discovery.dht import DEFAULT_TTL_S, Dht
 from edge_agent.discovery.identity import Identity, SwarmKey
 from edge_agent.discovery.membership import Membership
 from edge_agent.discovery.membership_wire import MAX_ENTRIES, PUSH, Beat, MemberRecord, Message, decode, encode
@@ -26,8 +31,8 @@ from edge_agent.transport import PeerLostError, tls
 SWARM = SwarmKey.from_secret("bench")
 
 
-def sealed(ident: Identity, port: int = 4000) -> Capabilities:
-    return Capabilities(ident.agent_id, tls_port=port, shards=(("0123456789abcdef", 0, 12),),
+def sealed(ident: Identity, port: int = 4000, layers: tuple[int, int] = (0, 12)) -> Capabilities:
+    return Capabilities(ident.agent_id, tls_port=port, shards=(("0123456789abcdef", *layers),),
                         extra=(("ar", "llamacpp;ub512;fa0;kv=f16"),)).sealed(ident, SWARM)
 
 
@@ -56,11 +61,13 @@ def codec_costs() -> dict:
 
 
 class Member:
-    def __init__(self, bootstrap, interval_s: float) -> None:
+    def __init__(self, bootstrap, interval_s: float, dht: bool = False, layers: tuple[int, int] = (0, 12)) -> None:
         self.identity = Identity.generate()
         self.table = PeerTable(SWARM, self_id=self.identity.agent_id)
-        self.membership = Membership(self.identity, SWARM, self.table, self.connect, bootstrap=bootstrap,
-                                     interval_s=interval_s)
+        self.membership = Membership(self.identity, SWARM, self.table, self.connect,
+                                     bootstrap=() if dht else bootstrap, interval_s=interval_s)
+        self.dht = Dht(self.membership, bootstrap=bootstrap) if dht else None
+        self.layers = layers
 
     async def connect(self, host, port, expect):
         return await tls.connect(self.identity, SWARM, host, port, expect_peer_id=expect)
@@ -74,7 +81,9 @@ class Member:
 
     async def start(self) -> "Member":
         self.server = await tls.listen(self.identity, SWARM, "127.0.0.1", 0, self.membership.wrap(self.idle))
-        self.membership.advertise(sealed(self.identity, self.server.port), ["127.0.0.1"])
+        self.membership.advertise(sealed(self.identity, self.server.port, self.layers), ["127.0.0.1"])
+        if self.dht is not None:
+            return self  # rounds are driven by dht_costs
         self.table.start(interval_s=0.25)
         await self.membership.start()
         return self
@@ -117,12 +126,56 @@ async def swarm_costs(n: int, interval_s: float, measure_s: float) -> dict:
             "rest_whole_after": whole}
 
 
+async def dht_costs(n: int) -> dict:
+    """n serving members (layer spans 0-7, 8-15, 16-23, 24-31 in turn) join one after another
+    through the first; then one re-publish cycle for all (what each does every TTL/3), then a
+    client that knows only the bootstrap address looks up layers 8..15."""
+    seed = await Member([], 1.0, dht=True, layers=(0, 7)).start()
+    boot = [("127.0.0.1", seed.server.port)]
+    members = [seed]
+    t0 = time.monotonic()
+    for i in range(1, n):
+        m = await Member(boot, 1.0, dht=True, layers=(8 * (i % 4), 8 * (i % 4) + 7)).start()
+        await m.dht.round()
+        members.append(m)
+    joined_s = time.monotonic() - t0
+    before = [m.dht.stats.bytes_sent for m in members]
+    for m in members:
+        m.dht._published_at = None  # due now
+    await asyncio.gather(*(m.dht.round() for m in members))
+    cycle = [m.dht.stats.bytes_sent - b for m, b in zip(members, before)]
+    client_m = Member(boot, 1.0, dht=True)  # not started: no listener, no record (client mode)
+    client = client_m.dht
+    t0 = time.monotonic()
+    found = await client.find_layers("0123456789abcdef", 8, 15)
+    lookup_s = time.monotonic() - t0
+    t0 = time.monotonic()
+    await client.find_layers("0123456789abcdef", 8, 15)  # again, with a routing table
+    again_s = time.monotonic() - t0
+    expected = sum(1 for m in members if m.layers[0] <= 15 and m.layers[1] >= 8)
+    for m in members:
+        await m.server.close()
+    cycles_per_min = 60 / (DEFAULT_TTL_S / 3)
+    return {"members": n, "membership": "dht", "joined_s": round(joined_s, 2),
+            "member_bytes_per_publish_cycle": round(sum(cycle) / n),
+            "member_bytes_per_min": round(sum(cycle) / n * cycles_per_min),
+            "routing_contacts_mean": round(sum(m.dht.contacts() for m in members) / n, 1),
+            "client_lookup_s": round(lookup_s, 3), "client_lookup_again_s": round(again_s, 3),
+            "client_bytes_both_lookups": client.stats.bytes_sent + client.stats.bytes_received,
+            "client_rpcs_both_lookups": client.stats.rpcs_ok, "found": len(found), "expected": expected,
+            "client_knows": len(client_m.table)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--members", type=int, default=24)
     ap.add_argument("--interval", type=float, default=1.0, help="seconds between rounds (the agent's default: 1)")
     ap.add_argument("--measure", type=float, default=5.0, help="seconds of steady-state traffic to count")
+    ap.add_argument("--membership", choices=("gossip", "dht"), default="gossip")
     args = ap.parse_args()
+    if args.membership == "dht":
+        print(json.dumps(asyncio.run(dht_costs(args.members))))
+        return
     print(json.dumps(codec_costs()))
     print(json.dumps(asyncio.run(swarm_costs(args.members, args.interval, args.measure))))
 
