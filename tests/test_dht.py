@@ -166,6 +166,10 @@ def test_a_client_finds_the_servers_of_some_layers_without_learning_the_swarm() 
             assert {s for e in client.table.peers() for s in e.sources} == {"dht"}
             # each key's lookup converges: the bootstrap, the K closest and a few more, not the swarm round
             assert client.dht.stats.rpcs_ok <= len(lookup_keys(MODEL, 8, 15)) * (K + 2 * ALPHA)
+            before = client.dht.stats.rpcs_ok
+            again = await client.dht.find_layers(MODEL, 8, 15, full=False)  # a refresh: one GET per key
+            assert {r.agent_id for r in again} == serving
+            assert client.dht.stats.rpcs_ok - before == len(lookup_keys(MODEL, 8, 15))
             assert not any(client.agent_id in b for nd in nodes for b in nd.dht._buckets.values())  # clients are no contacts
         finally:
             for nd in nodes:

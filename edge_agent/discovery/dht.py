@@ -21,11 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from edge_agent.discovery.dht_wire import (FIND_NODE, FIND_VALUE, K, MAX_VALUES, REPLY, STORE, DhtDecodeError,
+from edge_agent.discovery.dht_wire import (FIND_NODE, FIND_VALUE, GET, K, MAX_VALUES, REPLY, STORE, DhtDecodeError,
                                            DhtMessage, decode, encode, is_dht_message, lookup_keys, node_id,
                                            publish_keys)
 from edge_agent.discovery.membership import EXCHANGE_TIMEOUT_S, Membership
@@ -80,6 +79,7 @@ class Dht:
         self._store: dict[bytes, dict[str, tuple[MemberRecord, float]]] = {}  # key -> agent id -> (record, expires)
         self._verified: dict[str, tuple] = {}  # agent id -> the signed content last seen to hold
         self._wants: list[tuple[str, int, int]] = []
+        self._holders: dict[bytes, list[MemberRecord]] = {}  # wanted key -> the nodes closest to it, last lookup
         self._published_at: float | None = None
         self._task: asyncio.Task[None] | None = None
         membership.answerers.append((is_dht_message, self.answer))
@@ -167,6 +167,8 @@ class Dht:
             ok = [r for r in msg.values[:1] if r.agent_id == peer_id and msg.key in publish_keys(r.caps)
                   and self._valid(r) and self._put(msg.key, r)]
             reply.values = ok
+        elif msg.kind == GET:
+            reply.values = self.values(msg.key)
         elif msg.kind in (FIND_NODE, FIND_VALUE):
             reply.contacts = [r for r in self.closest(msg.key) if r.agent_id != peer_id]
             if self.membership.own is not None:
@@ -229,10 +231,7 @@ class Dht:
                 if r.agent_id != self.membership.identity.agent_id and self._valid(r):
                     self._learn(r)
                     shortlist.setdefault(r.agent_id, r)
-            for v in reply.values[:MAX_VALUES]:
-                old = values.get(v.agent_id)
-                if (old is None or v.counter > old.counter) and key in publish_keys(v.caps) and self._valid(v):
-                    values[v.agent_id] = v
+            self._take_values(key, reply, values)
 
         deadline = self._clock() + LOOKUP_TIMEOUT_S
         if not shortlist:
@@ -251,6 +250,28 @@ class Dht:
                 take(reply)
         nearest = sorted(shortlist.values(), key=lambda r: _distance(key, node_id(r.agent_id)))[:K]
         return nearest, list(values.values())
+
+    def _take_values(self, key: bytes, reply: DhtMessage, into: dict[str, MemberRecord]) -> None:
+        for v in reply.values[:MAX_VALUES]:
+            old = into.get(v.agent_id)
+            if (old is None or v.counter > old.counter) and key in publish_keys(v.caps) and self._valid(v):
+                into[v.agent_id] = v
+
+    async def fetch(self, key: bytes, full: bool = True) -> list[MemberRecord]:
+        """The verified values under `key`: a whole lookup, or (`full=False`, once one found the
+        key's holders) a GET at the nearest holder that answers, at most 2 tried."""
+        holders = [] if full else self._holders.get(key, [])[:2]
+        for holder in holders:
+            reply = await self._ask(holder, DhtMessage(GET, key))
+            if reply is not None:
+                values: dict[str, MemberRecord] = {}
+                self._take_values(key, reply, values)
+                return list(values.values())
+        nearest, found = await self.lookup(key, find_value=True)
+        if len(self._holders) >= 8 * MAX_LOOKUP_KEYS and key not in self._holders:
+            self._holders.pop(next(iter(self._holders)))
+        self._holders[key] = nearest
+        return found
 
     async def publish(self) -> int:
         """Store our record under each of our segment keys on the K nodes closest to it;
@@ -271,12 +292,13 @@ class Dht:
         mine = _distance(key, self.me)
         return sum(1 for r in nearest if _distance(key, node_id(r.agent_id)) < mine)
 
-    async def find_layers(self, model_hash: str, first: int, last: int) -> list[MemberRecord]:
-        """Who serves any of layers first..last of `model_hash`: fetch those segment keys, keep
-        the verified records that overlap, and feed them to the peer table (source "dht")."""
+    async def find_layers(self, model_hash: str, first: int, last: int, full: bool = True) -> list[MemberRecord]:
+        """Who serves any of layers first..last of `model_hash`: fetch those segment keys (whole
+        lookups, or GETs at their known holders), keep the verified records that overlap, and
+        feed them to the peer table (source "dht")."""
         keys = lookup_keys(model_hash, first, last)[:MAX_LOOKUP_KEYS]
         found: dict[str, MemberRecord] = {}
-        for _, values in await asyncio.gather(*(self.lookup(k, find_value=True) for k in keys)):
+        for values in await asyncio.gather(*(self.fetch(k, full) for k in keys)):
             for v in values:
                 if v.agent_id not in found or v.counter > found[v.agent_id].counter:
                     found[v.agent_id] = v
@@ -295,12 +317,13 @@ class Dht:
 
     async def round(self) -> None:
         now = self._clock()
-        if self._published_at is None or now - self._published_at >= self.ttl_s / 3:
+        due = self._published_at is None or now - self._published_at >= self.ttl_s / 3
+        if due:
             self._published_at = now
             await self.lookup(self.me)  # join and routing refresh: the nodes near us learn us, we learn them
             await self.publish()
-        for want in self._wants:
-            await self.find_layers(*want)
+        for want in self._wants:  # whole lookups every TTL/3 (new holders, new servers), GETs between
+            await self.find_layers(*want, full=due)
         self._expire(self._clock())
 
     async def start(self) -> None:

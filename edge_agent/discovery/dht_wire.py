@@ -23,8 +23,8 @@ from edge_agent.discovery.capabilities import MAX_DECODE_BYTES, Capabilities, Ca
 from edge_agent.discovery.membership_wire import _PRESENCE_MAX, MemberRecord, MembershipDecodeError, _presence, _Reader
 
 MAGIC = b"EAK\x01"
-FIND_NODE, FIND_VALUE, STORE, REPLY = 1, 2, 3, 4
-KINDS = (FIND_NODE, FIND_VALUE, STORE, REPLY)
+FIND_NODE, FIND_VALUE, STORE, REPLY, GET = 1, 2, 3, 4, 5  # GET: the values only (a refresh at a known holder)
+KINDS = (FIND_NODE, FIND_VALUE, STORE, REPLY, GET)
 K = 8  # replication and routing bucket size
 MAX_CONTACTS = 2 * K  # a reply names K; the slack is for an asker's own record
 MAX_VALUES = 32  # records per key (segment keys are bucketed to stay near this)
