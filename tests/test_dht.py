@@ -263,10 +263,15 @@ def test_an_agent_with_membership_dht_feeds_its_table_from_segment_keys(tmp_path
         agent = Agent(AgentConfig(tmp_path, SECRET, mdns=False, bootstrap=[nodes[0].address], membership="dht"))
         try:
             assert agent.membership.bootstrap == []  # no gossip: the bootstrap address is the DHT's
+            late = Node(swarm, [nodes[0].address], layers=(0, 3))  # Agent.start runs a round before serve()
+            await late.dht.round()
+            await late.start()  # ...then advertises: the next round publishes at once, not a TTL/3 later
+            await late.dht.round()
+            nodes.append(late)
             agent.dht.want(MODEL, 0, 3)  # what swarm_client asks for: its model's layers
             await agent.start()
             deadline = time.monotonic() + 20
-            while {e.agent_id for e in agent.table.peers()} != {nodes[0].agent_id}:
+            while {e.agent_id for e in agent.table.peers()} != {nodes[0].agent_id, late.agent_id}:
                 assert time.monotonic() < deadline, "the agent's table never got the server of layers 0..3"
                 await asyncio.sleep(0.05)
         finally:

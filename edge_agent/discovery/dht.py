@@ -81,6 +81,7 @@ class Dht:
         self._wants: list[tuple[str, int, int]] = []
         self._holders: dict[bytes, list[MemberRecord]] = {}  # wanted key -> the nodes closest to it, last lookup
         self._published_at: float | None = None
+        self._published_caps = b""  # the capability record last published: a new one is published at once
         self._task: asyncio.Task[None] | None = None
         membership.answerers.append((is_dht_message, self.answer))
 
@@ -280,6 +281,7 @@ class Dht:
         if own is None:
             return 0
         taken = 0
+        self._published_caps = own.caps_txt
         for key in publish_keys(own.caps):
             nearest, _ = await self.lookup(key)
             replies = await asyncio.gather(*(self._ask(r, DhtMessage(STORE, key, values=[own])) for r in nearest))
@@ -317,7 +319,9 @@ class Dht:
 
     async def round(self) -> None:
         now = self._clock()
-        due = self._published_at is None or now - self._published_at >= self.ttl_s / 3
+        own = self.membership.own
+        changed = own is not None and own.caps_txt != self._published_caps  # serving began, or re-advertised
+        due = changed or self._published_at is None or now - self._published_at >= self.ttl_s / 3
         if due:
             self._published_at = now
             await self.lookup(self.me)  # join and routing refresh: the nodes near us learn us, we learn them
