@@ -280,3 +280,16 @@ def test_an_agent_with_membership_dht_feeds_its_table_from_segment_keys(tmp_path
                 await nd.stop()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_membership_option_is_checked_and_passed_on(tmp_path) -> None:
+    import typer
+
+    from edge_agent.commands.common import _agent_config
+
+    args = (tmp_path, None, "127.0.0.1", 0, 0, [], True, [], "auto", [], ["10.0.3.1:41000"])
+    assert _agent_config(*args).membership == "gossip"
+    assert _agent_config(*args, membership="dht").membership == "dht"
+    with pytest.raises((SystemExit, typer.Exit)) as exc:
+        _agent_config(*args, membership="kademlia")
+    assert getattr(exc.value, "code", getattr(exc.value, "exit_code", None)) == 2
