@@ -135,8 +135,8 @@ class Dht:
                 return False
             held = self._store[key] = {}
         old = held.get(r.agent_id)
-        if old is not None and old[0].counter >= r.counter:
-            return old[0].counter == r.counter
+        if old is not None and old[0].counter > r.counter:
+            return False  # the same counter again is the owner re-publishing (only owners store): renewed
         if old is None and len(held) >= MAX_VALUES:
             return False
         held[r.agent_id] = (r.with_age(0), now + self.ttl_s)
