@@ -19,7 +19,6 @@ it); keys, values per key, routing contacts, lookup rounds and every wait are bo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Sequence
@@ -29,6 +28,7 @@ from edge_agent.discovery.dht_wire import (FIND_NODE, FIND_VALUE, GET, K, MAX_VA
                                            publish_keys)
 from edge_agent.discovery.membership import EXCHANGE_TIMEOUT_S, Membership
 from edge_agent.discovery.membership_wire import MemberRecord
+from edge_agent.discovery.periodic import Periodic
 from edge_agent.transport import Frame, MsgType, PeerLostError
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,9 @@ class Dht:
         self._holders: dict[bytes, list[MemberRecord]] = {}  # wanted key -> the nodes closest to it, last lookup
         self._published_at: float | None = None
         self._published_caps = b""  # the capability record last published: a new one is published at once
-        self._task: asyncio.Task[None] | None = None
+        # jitter, so no two nodes run in lockstep; the round's timeout bounds a stalled lookup
+        self._loop = Periodic(self._bounded_round, lambda: self.interval_s * self.membership._rng.uniform(0.8, 1.0),
+                              log=log, what="DHT round")
         membership.answerers.append((is_dht_message, self.answer))
 
     # -- checking and remembering ----------------------------------------------------------
@@ -331,20 +333,10 @@ class Dht:
         self._expire(self._clock())
 
     async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+        self._loop.start()
 
     async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._loop.close()
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self.round(), max(self.interval_s, LOOKUP_TIMEOUT_S))
-            except Exception:  # noqa: BLE001 - a bug or a stall in one round must not end the DHT
-                log.exception("DHT round failed")
-            await asyncio.sleep(self.interval_s * self.membership._rng.uniform(0.8, 1.0))  # jitter: no lockstep
+    async def _bounded_round(self) -> None:
+        await asyncio.wait_for(self.round(), max(self.interval_s, LOOKUP_TIMEOUT_S))

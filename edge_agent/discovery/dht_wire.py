@@ -7,7 +7,7 @@ own record when it serves (so the answerer may add it to its routing table) and,
 STORE, the record to store.  Layout (big-endian), the payload of a transport CONTROL frame::
 
     message := MAGIC(4) kind(1) key(32) n_contacts(1) record*n_contacts n_values(1) record*n_values
-    record  := caps_len(2) caps_txt presence        (presence as in membership_wire)
+    record  := caps_len(2) caps_txt presence        (membership_wire.write_record / read_record)
 
 The magic differs from gossip's, so a node without the DHT passes these frames to its
 hop server, which drops an unknown CONTROL frame.
@@ -19,8 +19,9 @@ import hashlib
 import struct
 from dataclasses import dataclass, field
 
-from edge_agent.discovery.capabilities import MAX_DECODE_BYTES, Capabilities, CapabilityDecodeError
-from edge_agent.discovery.membership_wire import _PRESENCE_MAX, MemberRecord, MembershipDecodeError, _presence, _Reader
+from edge_agent.discovery.capabilities import Capabilities
+from edge_agent.discovery.membership_wire import (MAX_RECORD_BYTES, MemberRecord, MembershipDecodeError, Reader,
+                                                  read_record, write_record)
 
 MAGIC = b"EAK\x01"
 FIND_NODE, FIND_VALUE, STORE, REPLY, GET = 1, 2, 3, 4, 5  # GET: the values only (a refresh at a known holder)
@@ -29,7 +30,7 @@ K = 8  # replication and routing bucket size
 MAX_CONTACTS = 2 * K  # a reply names K; the slack is for an asker's own record
 MAX_VALUES = 32  # records per key (segment keys are bucketed to stay near this)
 KEY_BYTES = 32
-MAX_MESSAGE_BYTES = 4 + 1 + KEY_BYTES + 2 + (MAX_CONTACTS + MAX_VALUES) * (2 + MAX_DECODE_BYTES + _PRESENCE_MAX)
+MAX_MESSAGE_BYTES = 4 + 1 + KEY_BYTES + 2 + (MAX_CONTACTS + MAX_VALUES) * MAX_RECORD_BYTES
 SEGMENT_LAYERS = 4  # layers per segment key
 SEGMENT_BUCKETS = 4  # buckets per segment: ~32 records per key up to ~128 servers of a segment
 
@@ -84,11 +85,7 @@ def encode(msg: DhtMessage) -> bytes:
         records = records[:limit]
         out.append(len(records))
         for r in records:
-            out += struct.pack(">H", len(r.caps_txt)) + r.caps_txt
-            out += struct.pack(">QIB", r.counter, r.age_ms, len(r.addresses))
-            for a in r.addresses:
-                out += bytes((len(a),)) + a.encode("ascii")
-            out += r.signature
+            write_record(out, r)
     return bytes(out)
 
 
@@ -101,7 +98,7 @@ def decode(payload: bytes | memoryview) -> DhtMessage:
     data = bytes(payload[:MAX_MESSAGE_BYTES + 1])
     if len(data) > MAX_MESSAGE_BYTES:
         raise DhtDecodeError(f"message over {MAX_MESSAGE_BYTES} bytes")
-    r = _Reader(data)
+    r = Reader(data)
     try:
         if len(data) < 5 + KEY_BYTES or r.take(4) != MAGIC:
             raise DhtDecodeError("not a DHT message")
@@ -113,24 +110,12 @@ def decode(payload: bytes | memoryview) -> DhtMessage:
             if n > limit:
                 raise DhtDecodeError(f"{n} records, limit {limit}")
             for _ in range(n):
-                records.append(_record(r))
+                records.append(read_record(r))
         if r.pos != len(data):
             raise DhtDecodeError("trailing bytes")
     except DhtDecodeError:
         raise
-    except MembershipDecodeError as exc:
+    except MembershipDecodeError as exc:  # the reader's and the record codec's: ours to the DHT's callers
         raise DhtDecodeError(str(exc)) from None
     return msg
 
-
-def _record(r: _Reader) -> MemberRecord:
-    caps_len = r.u16()
-    if caps_len > MAX_DECODE_BYTES:
-        raise DhtDecodeError(f"capability record of {caps_len} bytes")
-    txt = r.take(caps_len)
-    try:
-        caps = Capabilities.from_txt(txt)
-    except CapabilityDecodeError as exc:
-        raise DhtDecodeError(str(exc)) from None
-    counter, age, addrs, sig = _presence(r)
-    return MemberRecord(caps, counter, addrs, sig, age, txt)

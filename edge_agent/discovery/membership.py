@@ -20,7 +20,6 @@ it back.  Everything is bounded: records per message, members known, targets per
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -33,6 +32,7 @@ from edge_agent.discovery.membership_wire import (ACK, MAX_ADDRESSES, MAX_DIGEST
                                                   MemberRecord, MembershipDecodeError, Message, check_addresses, decode,
                                                   encode, is_membership_message)
 from edge_agent.discovery.peers import PeerTable
+from edge_agent.discovery.periodic import Periodic
 from edge_agent.transport import Frame, MsgType, PeerLostError
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,9 @@ class Membership:
         self._addresses: tuple[str, ...] = ()
         self._own: MemberRecord | None = None
         self._counter = 0
-        self._task: asyncio.Task[None] | None = None
+        self._rounds = 0
+        self._loop = Periodic(self._tick, lambda: self.interval_s * self._rng.uniform(0.8, 1.2),  # jitter: no lockstep
+                              log=log, what="membership round")
         # (is it yours?, answer) for other protocols riding the same listener (the DHT, dht.py)
         self.answerers: list[tuple[Callable[[bytes], bool], Callable[[bytes, str], Awaitable[bytes | None]]]] = []
 
@@ -259,28 +261,21 @@ class Membership:
         return bool(self.bootstrap or self._known)
 
     async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+        if not self._loop.running:
+            self._rounds = 0  # a (re)start asks a bootstrap address in its first round
+            self._loop.start()
 
     async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._loop.close()
 
-    async def _run(self) -> None:
-        n = 0
-        while True:
-            self._bump()
-            if self.active:
-                try:
-                    await self.run_round(n)
-                except Exception:  # noqa: BLE001 - a bug in one round must not end membership
-                    log.exception("membership round failed")
-            self._forget(self._clock())
-            n += 1
-            await asyncio.sleep(self.interval_s * self._rng.uniform(0.8, 1.2))  # jitter: no lockstep
+    async def _tick(self) -> None:
+        """One turn of the background loop: a new heartbeat, forgetting the long expired, and
+        an exchange round when there is anyone to talk to."""
+        n, self._rounds = self._rounds, self._rounds + 1
+        self._bump()
+        self._forget(self._clock())
+        if self.active:
+            await self.run_round(n)
 
     def targets(self, n: int) -> list[tuple[str, int, str | None]]:
         """This round's peers: `fanout` random members with a TLS address, plus a bootstrap

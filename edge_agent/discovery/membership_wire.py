@@ -46,7 +46,8 @@ MAX_AGE_MS = 0xFFFFFFFF
 MAX_COUNTER = 2**63 - 1
 PREFIX = 8
 _PRESENCE_MAX = 8 + 4 + 1 + MAX_ADDRESSES * (1 + MAX_ADDRESS_CHARS) + 64
-MAX_MESSAGE_BYTES = 9 + MAX_DIGEST * 3 * PREFIX + MAX_ENTRIES * (3 + MAX_DECODE_BYTES + _PRESENCE_MAX)
+MAX_RECORD_BYTES = 2 + MAX_DECODE_BYTES + _PRESENCE_MAX  # a whole record: caps_len(2) caps_txt presence
+MAX_MESSAGE_BYTES = 9 + MAX_DIGEST * 3 * PREFIX + MAX_ENTRIES * (1 + MAX_RECORD_BYTES)
 _FULL, _BEAT = 1, 2
 _DIGEST = struct.Struct(">8sQ8s")
 _PRESENCE = struct.Struct(">QIB")
@@ -163,15 +164,26 @@ def encode(msg: Message) -> bytes:
     entries = entries[:MAX_ENTRIES]
     out += struct.pack(">H", len(entries))
     for tag, e in entries:
+        out.append(tag)
         if tag == _FULL:
-            out += bytes((_FULL,)) + struct.pack(">H", len(e.caps_txt)) + e.caps_txt
+            write_record(out, e)
         else:
-            out += bytes((_BEAT,)) + bytes.fromhex(e.agent_id)
-        out += _PRESENCE.pack(e.counter, e.age_ms, len(e.addresses))
-        for a in e.addresses:
-            out += bytes((len(a),)) + a.encode("ascii")
-        out += e.signature
+            out += bytes.fromhex(e.agent_id)
+            _write_presence(out, e)
     return bytes(out)
+
+
+def write_record(out: bytearray, r: MemberRecord) -> None:
+    """Append a whole record (the DHT's messages carry records in this layout too)."""
+    out += struct.pack(">H", len(r.caps_txt)) + r.caps_txt
+    _write_presence(out, r)
+
+
+def _write_presence(out: bytearray, e: MemberRecord | Beat) -> None:
+    out += _PRESENCE.pack(e.counter, e.age_ms, len(e.addresses))
+    for a in e.addresses:
+        out += bytes((len(a),)) + a.encode("ascii")
+    out += e.signature
 
 
 def is_membership_message(payload: bytes | memoryview) -> bool:
@@ -180,7 +192,9 @@ def is_membership_message(payload: bytes | memoryview) -> bool:
 
 # -- decoding (untrusted) ------------------------------------------------------------------
 
-class _Reader:
+class Reader:
+    """Bounds-checked reads from an untrusted message; past its end is `MembershipDecodeError`."""
+
     def __init__(self, data: bytes) -> None:
         self.data, self.pos = data, 0
 
@@ -202,7 +216,7 @@ def decode(payload: bytes | memoryview) -> Message:
     data = bytes(payload[:MAX_MESSAGE_BYTES + 1])
     if len(data) > MAX_MESSAGE_BYTES:
         raise MembershipDecodeError(f"message over {MAX_MESSAGE_BYTES} bytes")
-    r = _Reader(data)
+    r = Reader(data)
     if len(data) < 5 or r.take(4) != MAGIC:
         raise MembershipDecodeError("not a membership message")
     msg = Message(r.u8())
@@ -220,16 +234,7 @@ def decode(payload: bytes | memoryview) -> Message:
     for _ in range(n):
         tag = r.u8()
         if tag == _FULL:
-            caps_len = r.u16()
-            if caps_len > MAX_DECODE_BYTES:
-                raise MembershipDecodeError(f"capability record of {caps_len} bytes")
-            txt = r.take(caps_len)
-            try:
-                caps = Capabilities.from_txt(txt)
-            except CapabilityDecodeError as exc:
-                raise MembershipDecodeError(str(exc)) from None
-            counter, age, addrs, sig = _presence(r)
-            msg.records.append(MemberRecord(caps, counter, addrs, sig, age, txt))
+            msg.records.append(read_record(r))
         elif tag == _BEAT:
             agent_id = r.take(32).hex()
             counter, age, addrs, sig = _presence(r)
@@ -241,7 +246,21 @@ def decode(payload: bytes | memoryview) -> Message:
     return msg
 
 
-def _presence(r: _Reader) -> tuple[int, int, tuple[str, ...], bytes]:
+def read_record(r: Reader) -> MemberRecord:
+    """A whole record, as `write_record` lays it out (signatures are *not* checked here)."""
+    caps_len = r.u16()
+    if caps_len > MAX_DECODE_BYTES:
+        raise MembershipDecodeError(f"capability record of {caps_len} bytes")
+    txt = r.take(caps_len)
+    try:
+        caps = Capabilities.from_txt(txt)
+    except CapabilityDecodeError as exc:
+        raise MembershipDecodeError(str(exc)) from None
+    counter, age, addrs, sig = _presence(r)
+    return MemberRecord(caps, counter, addrs, sig, age, txt)
+
+
+def _presence(r: Reader) -> tuple[int, int, tuple[str, ...], bytes]:
     counter, age_ms, n_addr = _PRESENCE.unpack(r.take(_PRESENCE.size))
     if counter > MAX_COUNTER or n_addr > MAX_ADDRESSES:
         raise MembershipDecodeError("counter or address count out of range")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Literal
 
 from edge_agent.discovery.capabilities import Capabilities
+from edge_agent.discovery.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class PeerTable:
         self._queues: list[asyncio.Queue[PeerEvent]] = []
         self._callbacks: list[Callable[[PeerEvent], None]] = []
         self._manual: set[tuple[str, int]] = set()
-        self._task: asyncio.Task[None] | None = None
+        self._upkeep: Periodic | None = None
         self.rejected = 0  # records dropped for a bad tag/MAC/signature (for `doctor`)
 
     # -- queries -------------------------------------------------------------------
@@ -212,25 +213,24 @@ class PeerTable:
     def start(self, probe: Probe | None = None, interval_s: float = 1.0,
               probe_every_s: float = 2.0) -> None:
         """Run expiry (and manual probes, if `probe` is given) in a background task."""
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(probe, interval_s, probe_every_s))
-
-    async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _run(self, probe: Probe | None, interval_s: float, probe_every_s: float) -> None:
+        if self._upkeep is not None:
+            return
         next_probe = 0.0
-        while True:
+
+        async def step() -> None:
+            nonlocal next_probe
             if probe is not None and self._manual and self._clock() >= next_probe:
                 next_probe = self._clock() + probe_every_s
                 await self.probe_manual_peers(probe, timeout_s=min(probe_every_s, 5.0))
             self.expire()
-            await asyncio.sleep(interval_s)
+
+        self._upkeep = Periodic(step, lambda: interval_s, log=log, what="peer table upkeep")
+        self._upkeep.start()
+
+    async def close(self) -> None:
+        upkeep, self._upkeep = self._upkeep, None
+        if upkeep is not None:
+            await upkeep.close()
 
 
 def parse_peer_arg(text: str) -> tuple[str, int]:
