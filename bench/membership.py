@@ -18,28 +18,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
+from pathlib import Path
 
-from edge_agent.discovery.capabilities import Capabilities
-from edge_agent.discovery.dht import DEFAULT_TTL_S, Dht
-from edge_agent.discovery.identity import Identity, SwarmKey
-from edge_agent.discovery.membership import Membership
-from edge_agent.discovery.membership_wire import MAX_ENTRIES, PUSH, Beat, MemberRecord, Message, decode, encode
-from edge_agent.discovery.peers import PeerTable
-from edge_agent.transport import PeerLostError, tls
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from edge_agent.discovery.dht import DEFAULT_TTL_S, Dht  # noqa: E402
+from edge_agent.discovery.identity import Identity, SwarmKey  # noqa: E402
+from edge_agent.discovery.membership import Membership  # noqa: E402
+from edge_agent.discovery.membership_wire import MAX_ENTRIES, PUSH, Beat, MemberRecord, Message, decode, encode  # noqa: E402
+from edge_agent.discovery.peers import PeerTable  # noqa: E402
+from membership_util import MODEL, LoopbackMember, sealed  # noqa: E402
 
 SWARM = SwarmKey.from_secret("bench")
-
-
-def sealed(ident: Identity, port: int = 4000, layers: tuple[int, int] = (0, 12)) -> Capabilities:
-    return Capabilities(ident.agent_id, tls_port=port, shards=(("0123456789abcdef", *layers),),
-                        extra=(("ar", "llamacpp;ub512;fa0;kv=f16"),)).sealed(ident, SWARM)
+EXTRA = (("ar", "llamacpp;ub512;fa0;kv=f16"),)  # a real record's size: a serving node names its arithmetic
 
 
 def codec_costs() -> dict:
     """Bytes of a full record and of a beat; microseconds to decode and to merge each kind."""
     idents = [Identity.generate() for _ in range(MAX_ENTRIES)]
-    recs = [MemberRecord.signed(i, sealed(i), 1, ["10.0.0.1"]) for i in idents]
+    recs = [MemberRecord.signed(i, sealed(i, SWARM, extra=EXTRA), 1, ["10.0.0.1"]) for i in idents]
     full_msg = encode(Message(PUSH, records=recs))
     newer = [MemberRecord.signed(i, r.caps, 2, ["10.0.0.1"]) for i, r in zip(idents, recs)]
     beat_msg = encode(Message(PUSH, beats=[Beat(r.agent_id, r.counter, r.addresses, r.signature) for r in newer]))
@@ -60,38 +60,19 @@ def codec_costs() -> dict:
             "merge_new_member_us": round(first_us, 1), "merge_beat_us": round(beat_us, 1)}
 
 
-class Member:
+class Member(LoopbackMember):
     def __init__(self, bootstrap, interval_s: float, dht: bool = False, layers: tuple[int, int] = (0, 12)) -> None:
-        self.identity = Identity.generate()
-        self.table = PeerTable(SWARM, self_id=self.identity.agent_id)
-        self.membership = Membership(self.identity, SWARM, self.table, self.connect,
-                                     bootstrap=() if dht else bootstrap, interval_s=interval_s)
+        super().__init__(SWARM, () if dht else bootstrap, interval_s=interval_s)  # with dht, the bootstrap is the DHT's
         self.dht = Dht(self.membership, bootstrap=bootstrap) if dht else None
         self.layers = layers
 
-    async def connect(self, host, port, expect):
-        return await tls.connect(self.identity, SWARM, host, port, expect_peer_id=expect)
-
-    async def idle(self, channel) -> None:
-        while True:
-            try:
-                await channel.recv()
-            except PeerLostError:
-                return
-
     async def start(self) -> "Member":
-        self.server = await tls.listen(self.identity, SWARM, "127.0.0.1", 0, self.membership.wrap(self.idle))
-        self.membership.advertise(sealed(self.identity, self.server.port, self.layers), ["127.0.0.1"])
+        await self.listen(self.layers, extra=EXTRA)
         if self.dht is not None:
             return self  # rounds are driven by dht_costs
         self.table.start(interval_s=0.25)
         await self.membership.start()
         return self
-
-    async def stop(self) -> None:
-        await self.membership.close()
-        await self.table.close()
-        await self.server.close()
 
 
 async def swarm_costs(n: int, interval_s: float, measure_s: float) -> dict:
@@ -147,11 +128,11 @@ async def dht_costs(n: int) -> dict:
     client_m = Member(boot, 1.0, dht=True)  # not started: no listener, no record (client mode)
     client = client_m.dht
     t0 = time.monotonic()
-    found = await client.find_layers("0123456789abcdef", 8, 15)
+    found = await client.find_layers(MODEL, 8, 15)
     lookup_s = time.monotonic() - t0
     first_bytes = client.stats.bytes_sent + client.stats.bytes_received
     t0 = time.monotonic()
-    again = await client.find_layers("0123456789abcdef", 8, 15, full=False)  # a refresh: GETs at the known holders
+    again = await client.find_layers(MODEL, 8, 15, full=False)  # a refresh: GETs at the known holders
     again_s = time.monotonic() - t0
     expected = sum(1 for m in members if m.layers[0] <= 15 and m.layers[1] >= 8)
     for m in members:

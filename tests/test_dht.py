@@ -5,33 +5,26 @@ real agents on loopback over real TLS channels, one process.  Rounds are driven 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import time
 from dataclasses import replace
+from typing import AsyncIterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent.discovery.capabilities import Capabilities
 from edge_agent.discovery.dht import ALPHA, Dht
 from edge_agent.discovery.dht_wire import (FIND_VALUE, K, KEY_BYTES, MAGIC, MAX_CONTACTS, MAX_MESSAGE_BYTES, MAX_VALUES,
                                            REPLY, STORE, DhtDecodeError, DhtMessage, decode, encode, lookup_keys,
                                            publish_keys)
 from edge_agent.discovery.identity import Identity, SwarmKey
 from edge_agent.discovery.membership import Membership
-from edge_agent.discovery.membership_wire import MemberRecord
 from edge_agent.discovery.peers import PeerTable
-from edge_agent.transport import PeerLostError, tls
+from membership_util import MODEL, LoopbackMember, decode_or_refuse, mutated, record
 
 SECRET = "dht test secret"
-MODEL = "0123456789abcdef"
-
-
-def record(swarm: SwarmKey, first: int = 0, last: int = 7, identity: Identity | None = None) -> MemberRecord:
-    ident = identity or Identity.generate()
-    caps = Capabilities(ident.agent_id, tls_port=4000, shards=((MODEL, first, last),)).sealed(ident, swarm)
-    return MemberRecord.signed(ident, caps, 5, ("10.0.0.1",))
 
 
 # -- codec ---------------------------------------------------------------------------------
@@ -65,29 +58,22 @@ def test_roundtrip_and_bounds() -> None:
 @given(st.binary(max_size=2048))
 def test_fuzz_random_bytes(raw: bytes) -> None:
     for data in (raw, MAGIC + raw):
-        try:
-            decode(data)
-        except DhtDecodeError:
-            pass
+        decode_or_refuse(decode, DhtDecodeError, data)
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_fuzz_mutated_message(data: st.DataObject) -> None:
     swarm = SwarmKey.from_secret(SECRET)
-    raw = bytearray(encode(DhtMessage(REPLY, b"k" * KEY_BYTES, [record(swarm)], [record(swarm)])))
-    for _ in range(data.draw(st.integers(1, 4))):
-        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
-    try:
-        msg = decode(bytes(raw))
-    except DhtDecodeError:
-        return
-    for r in msg.contacts + msg.values:  # whatever parses may be checked without an exception
-        r.verify(swarm)
+    raw = encode(DhtMessage(REPLY, b"k" * KEY_BYTES, [record(swarm)], [record(swarm)]))
+    msg = decode_or_refuse(decode, DhtDecodeError, mutated(raw, data))
+    if msg is not None:
+        for r in msg.contacts + msg.values:  # whatever parses may be checked without an exception
+            r.verify(swarm)
 
 
 def test_segment_keys_cover_the_layers_served() -> None:
-    r = record(SwarmKey.from_secret(SECRET), first=6, last=9)  # segments 1 and 2 (4 layers each)
+    r = record(SwarmKey.from_secret(SECRET), layers=(6, 9))  # segments 1 and 2 (4 layers each)
     keys = publish_keys(r.caps)
     assert len(keys) == 2
     assert set(keys) <= set(lookup_keys(MODEL, 9, 9)) | set(lookup_keys(MODEL, 4, 4))
@@ -96,66 +82,46 @@ def test_segment_keys_cover_the_layers_served() -> None:
 
 # -- real agents over TLS on loopback ------------------------------------------------------
 
-class Node:
+class Node(LoopbackMember):
+    """A DHT node: its bootstrap addresses are the DHT's (no gossip); `layers` None is a client."""
+
     def __init__(self, swarm: SwarmKey, bootstrap=(), *, layers: tuple[int, int] | None = (0, 7),
                  ttl_s: float = 60.0) -> None:
-        self.identity = Identity.generate()
-        self.swarm, self.layers = swarm, layers
-        self.table = PeerTable(swarm, self_id=self.identity.agent_id)
-        self.membership = Membership(self.identity, swarm, self.table, self.connect)
+        super().__init__(swarm)
+        self.layers = layers
         self.dht = Dht(self.membership, bootstrap=bootstrap, ttl_s=ttl_s)
-        self.server = None
-
-    async def connect(self, host: str, port: int, expect: str | None):
-        return await tls.connect(self.identity, self.swarm, host, port, expect_peer_id=expect)
-
-    async def idle(self, channel) -> None:
-        while True:
-            try:
-                await channel.recv()
-            except PeerLostError:
-                return
 
     async def start(self) -> "Node":
         if self.layers is not None:
-            self.server = await tls.listen(self.identity, self.swarm, "127.0.0.1", 0, self.membership.wrap(self.idle))
-            caps = Capabilities(self.identity.agent_id, tls_port=self.server.port,
-                                shards=((MODEL, *self.layers),)).sealed(self.identity, self.swarm)
-            self.membership.advertise(caps, ["127.0.0.1"])
+            await self.listen(self.layers)
         return self
 
-    @property
-    def address(self) -> tuple[str, int]:
-        return "127.0.0.1", self.server.port
 
-    @property
-    def agent_id(self) -> str:
-        return self.identity.agent_id
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            await self.server.close()
-
-
-async def swarm_of(n: int, swarm: SwarmKey, ttl_s: float = 60.0) -> list[Node]:
+@contextlib.asynccontextmanager
+async def swarm_of(n: int, swarm: SwarmKey, ttl_s: float = 60.0) -> AsyncIterator[list[Node]]:
     """n serving nodes joined one after another through the first one's address; layer ranges
-    rotate over four 8-layer spans of a 32-layer model."""
-    seed = await Node(swarm, layers=(0, 7), ttl_s=ttl_s).start()
-    nodes = [seed]
-    for i in range(1, n):
-        node = await Node(swarm, [seed.address], layers=(8 * (i % 4), 8 * (i % 4) + 7), ttl_s=ttl_s).start()
-        await node.dht.round()  # join: a lookup of its own id, then its stores
-        nodes.append(node)
-    await asyncio.gather(*(nd.dht.lookup(nd.dht.me) for nd in nodes))  # early joiners learn the later ones
-    await asyncio.gather(*(nd.dht.publish() for nd in nodes))
-    return nodes
+    rotate over four 8-layer spans of a 32-layer model.  All are stopped on exit, with any the
+    test appends to the list."""
+    nodes: list[Node] = []
+    try:
+        seed = await Node(swarm, layers=(0, 7), ttl_s=ttl_s).start()
+        nodes.append(seed)
+        for i in range(1, n):
+            node = await Node(swarm, [seed.address], layers=(8 * (i % 4), 8 * (i % 4) + 7), ttl_s=ttl_s).start()
+            nodes.append(node)
+            await node.dht.round()  # join: a lookup of its own id, then its stores
+        await asyncio.gather(*(nd.dht.lookup(nd.dht.me) for nd in nodes))  # early joiners learn the later ones
+        await asyncio.gather(*(nd.dht.publish() for nd in nodes))
+        yield nodes
+    finally:
+        for nd in nodes:
+            await nd.stop()
 
 
 def test_a_client_finds_the_servers_of_some_layers_without_learning_the_swarm() -> None:
     async def main() -> None:
         swarm = SwarmKey.from_secret(SECRET)
-        nodes = await swarm_of(24, swarm)
-        try:
+        async with swarm_of(24, swarm) as nodes:
             assert all(nd.dht.contacts() < 24 for nd in nodes[1:])  # routing tables hold O(K log n), not n...
             assert all(nd.dht.contacts() >= 8 for nd in nodes)
             client = await Node(swarm, [nodes[0].address], layers=None).start()
@@ -171,9 +137,6 @@ def test_a_client_finds_the_servers_of_some_layers_without_learning_the_swarm() 
             assert {r.agent_id for r in again} == serving
             assert client.dht.stats.rpcs_ok - before == len(lookup_keys(MODEL, 8, 15))
             assert not any(client.agent_id in b for nd in nodes for b in nd.dht._buckets.values())  # clients are no contacts
-        finally:
-            for nd in nodes:
-                await nd.stop()
 
     asyncio.run(asyncio.wait_for(main(), 60))
 
@@ -181,8 +144,7 @@ def test_a_client_finds_the_servers_of_some_layers_without_learning_the_swarm() 
 def test_a_dead_members_record_expires_and_outsiders_learn_nothing() -> None:
     async def main() -> None:
         swarm = SwarmKey.from_secret(SECRET)
-        nodes = await swarm_of(8, swarm, ttl_s=1.5)
-        try:
+        async with swarm_of(8, swarm, ttl_s=1.5) as nodes:
             client = await Node(swarm, [nodes[0].address], layers=None).start()
             victim = nodes[4]  # layers 0..7, like the seed and nodes[8k]
             assert victim.agent_id in {r.agent_id for r in await client.dht.find_layers(MODEL, 0, 7)}
@@ -199,9 +161,6 @@ def test_a_dead_members_record_expires_and_outsiders_learn_nothing() -> None:
                 assert not any(outsider.agent_id in nd.dht._store.get(k, {}) for nd in nodes
                                for k in publish_keys(outsider.membership.own.caps))
                 await outsider.stop()
-        finally:
-            for nd in nodes:
-                await nd.stop()
 
     asyncio.run(asyncio.wait_for(main(), 60))
 
@@ -209,9 +168,8 @@ def test_a_dead_members_record_expires_and_outsiders_learn_nothing() -> None:
 def test_forged_or_altered_records_are_refused() -> None:
     async def main() -> None:
         swarm = SwarmKey.from_secret(SECRET)
-        nodes = await swarm_of(4, swarm)
-        mallory, target = nodes[1], nodes[0]
-        try:
+        async with swarm_of(4, swarm) as nodes:
+            mallory, target = nodes[1], nodes[0]
             honest = nodes[2].membership.own
             key = publish_keys(honest.caps)[0]
             own = mallory.membership.own
@@ -238,9 +196,6 @@ def test_forged_or_altered_records_are_refused() -> None:
             client = await Node(swarm, [target.address], layers=None).start()
             found = {r.agent_id: r for r in await client.dht.find_layers(MODEL, 0, 0)}
             assert victim.agent_id not in found and client.dht.stats.refused > 0
-        finally:
-            for nd in nodes:
-                await nd.stop()
 
     asyncio.run(asyncio.wait_for(main(), 60))
 
@@ -259,25 +214,23 @@ def test_an_agent_with_membership_dht_feeds_its_table_from_segment_keys(tmp_path
 
     async def main() -> None:
         swarm = SwarmKey.from_secret(SECRET)
-        nodes = await swarm_of(4, swarm)
-        agent = Agent(AgentConfig(tmp_path, SECRET, mdns=False, bootstrap=[nodes[0].address], membership="dht"))
-        try:
-            assert agent.membership.bootstrap == []  # no gossip: the bootstrap address is the DHT's
-            late = Node(swarm, [nodes[0].address], layers=(0, 3))  # Agent.start runs a round before serve()
-            await late.dht.round()
-            await late.start()  # ...then advertises: the next round publishes at once, not a TTL/3 later
-            await late.dht.round()
-            nodes.append(late)
-            agent.dht.want(MODEL, 0, 3)  # what swarm_client asks for: its model's layers
-            await agent.start()
-            deadline = time.monotonic() + 20
-            while {e.agent_id for e in agent.table.peers()} != {nodes[0].agent_id, late.agent_id}:
-                assert time.monotonic() < deadline, "the agent's table never got the server of layers 0..3"
-                await asyncio.sleep(0.05)
-        finally:
-            await agent.close()
-            for nd in nodes:
-                await nd.stop()
+        async with swarm_of(4, swarm) as nodes:
+            agent = Agent(AgentConfig(tmp_path, SECRET, mdns=False, bootstrap=[nodes[0].address], membership="dht"))
+            try:
+                assert agent.membership.bootstrap == []  # no gossip: the bootstrap address is the DHT's
+                late = Node(swarm, [nodes[0].address], layers=(0, 3))  # Agent.start runs a round before serve()
+                await late.dht.round()
+                await late.start()  # ...then advertises: the next round publishes at once, not a TTL/3 later
+                await late.dht.round()
+                nodes.append(late)
+                agent.dht.want(MODEL, 0, 3)  # what swarm_client asks for: its model's layers
+                await agent.start()
+                deadline = time.monotonic() + 20
+                while {e.agent_id for e in agent.table.peers()} != {nodes[0].agent_id, late.agent_id}:
+                    assert time.monotonic() < deadline, "the agent's table never got the server of layers 0..3"
+                    await asyncio.sleep(0.05)
+            finally:
+                await agent.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
 
