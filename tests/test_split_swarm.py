@@ -82,11 +82,11 @@ def test_killed_peer_is_routed_around_with_unchanged_output(tmp_path, peers, tin
     assert r["step"] >= 10
 
 
-def test_slow_peer_loses_its_hop(tmp_path, peers, tiny_model, monkeypatch):
-    # Ledger off on the client: nobody is on probation (docs/discovery.md). With it on, both
-    # fresh peers here are on probation and the deadline replacement does not take the fast
-    # one (a known gap of the probation rule, in the session's closing note).
-    monkeypatch.setenv("EDGE_AGENT_LEDGER", "off")
+@pytest.mark.parametrize("ledger", ["on", "off"])
+def test_slow_peer_loses_its_hop(tmp_path, peers, tiny_model, monkeypatch, ledger):
+    # Ledger on: both fresh peers are on probation (docs/discovery.md), so the replacement is
+    # the other peer on probation; off: nobody is on probation.
+    monkeypatch.setenv("EDGE_AGENT_LEDGER", ledger)
     slow = peers(tiny_model, "1:4", "--test-delay-ms", "300", "--test-advertise-ms", "0.001")
     fast = peers(tiny_model, "1:4")
     prompt, res = swarm_generate(tmp_path, tiny_model, "Once upon a time", 24, [slow, fast], target_tbt_ms=100.0)

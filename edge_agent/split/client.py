@@ -176,7 +176,7 @@ class SwarmClient:
         router = Router(self._plan, self._link, self.observers, max_reroutes=cfg.max_reroutes,
                         replay_timeout_s=cfg.prefill_timeout_s)
         self.router = router
-        self.star = StarStrategy(router, self._admitted, hop_timeout_s=cfg.hop_timeout_s,
+        self.star = StarStrategy(router, self._replacements, hop_timeout_s=cfg.hop_timeout_s,
                                  prefill_timeout_s=cfg.prefill_timeout_s)
         self.chain = ChainStrategy(router, self.peers.address, self.star, hop_timeout_s=cfg.hop_timeout_s,
                                    prefill_timeout_s=cfg.prefill_timeout_s)
@@ -214,6 +214,12 @@ class SwarmClient:
         caps = [c for c in self.peers.capabilities() if policy.admits(c.peer_id) and c.peer_id not in self.banned]
         return request_needs.probation_peers(caps, needs or request_needs.current(), self.peers.speculates,
                                              self.peers.on_probation, within)
+
+    def _replacements(self, policy: PrivacyPolicy) -> list[PeerCapability]:
+        """Who could take a late hop's layers: the admitted peers, and the peers on probation,
+        which ``_plan`` falls back to for layers no admitted peer takes (on a swarm's first day,
+        every peer)."""
+        return [*self._admitted(policy), *self._on_probation(policy)]
 
     def _plan(self, policy: PrivacyPolicy, previous: Plan | None = None, exclude=(), replace_hops=(), trial=False) -> Plan:
         """``trial``: the request's first plan, and it is a batch request: staked newcomers may be tried."""
