@@ -1,7 +1,7 @@
 """Where a middle shard's step time goes: the graph-eval capture, the GIL, and one hop.
 
     .venv/bin/python bench/hop_profile.py [--quick] [--rounds R] [--steps N] [--tokens T] [--skip-peer]
-    .venv/bin/python bench/hop_profile.py --breakdown [--quick] [--split 2] [--rounds R] [--tokens T]
+    .venv/bin/python bench/hop_profile.py --breakdown [--quick] [--split 2] [--rounds R] [--tokens T] [--pin]
 
 1. Callback census: graph-eval callback calls per decode step, and the time spent inside
    the Python callback (a timing wrapper; the C callback's own time is not measurable
@@ -23,7 +23,9 @@ client + ``--split`` `join` peers star path over loopback TLS. Every process sta
 hop's stages (edge_agent/transport/hoptrace.py, on through EDGE_AGENT_HOP_TRACE; the peers
 write their stamps when they exit); CLOCK_MONOTONIC is one clock for all processes, so
 the client's and the peers' stamps of a hop line up. p50/p99 per stage over every decode
-hop, and the overhead (client wall time of the hop - the peer's compute_us).
+hop, and the overhead (client wall time of the hop - the peer's compute_us). ``--pin``: the
+client on the first CPU, the peers on the others (``taskset``), as on separate devices
+where no process wakes on a core another one just ran on.
 
 The model is bench/runtime.py's random-weight 0.4B-shape Q4_0 (``--quick``: small shape).
 """
@@ -340,16 +342,23 @@ async def drive_traced(model: Path, peers: list, rounds: int, n_tokens: int) -> 
     return list(hoptrace._rows), records
 
 
-def breakdown(model: Path, spans: list[tuple[int, int]], rounds: int, n_tokens: int) -> None:
+def breakdown(model: Path, spans: list[tuple[int, int]], rounds: int, n_tokens: int, pin: bool) -> None:
     from swarm_util import start_peer
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if pin and len(cpus) < 2:
+        raise SystemExit("--pin needs at least 2 CPUs")
 
     with tempfile.TemporaryDirectory() as d:
         os.environ["EDGE_AGENT_HOP_TRACE"] = f"{d}/trace"  # the peer processes inherit it
         peers = []
         try:
-            for a, b in spans:
-                peers.append(start_peer(model, f"{a}:{b}", Path(d) / f"peer-{a}"))
+            for i, (a, b) in enumerate(spans):
+                prefix = ("taskset", "-c", str(cpus[1 + i % (len(cpus) - 1)])) if pin else ()
+                peers.append(start_peer(model, f"{a}:{b}", Path(d) / f"peer-{a}", prefix=prefix))
             os.environ.pop("EDGE_AGENT_HOP_TRACE")
+            if pin:
+                os.sched_setaffinity(0, {cpus[0]})  # before the client's engine threads start: they inherit it
             client_rows, records = asyncio.run(drive_traced(model, peers, rounds, n_tokens))
         finally:
             os.environ.pop("EDGE_AGENT_HOP_TRACE", None)
@@ -387,6 +396,7 @@ def main() -> None:
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--split", type=int, default=1, help="the middle layers as this many equal spans (peers)")
     ap.add_argument("--breakdown", action="store_true", help="only the stage-by-stage breakdown of one hop")
+    ap.add_argument("--pin", action="store_true", help="with --breakdown: the client on one CPU, the peers on the others")
     args = ap.parse_args()
     shape = SHAPE_QUICK if args.quick else SHAPE_04B
     model = make_random_gguf(CACHE / f"random-{'quick' if args.quick else '04b'}-q4_0.gguf", ftype="q4_0", **shape)
@@ -397,9 +407,9 @@ def main() -> None:
         from edge_agent import eventloop
 
         eventloop.install()  # as the CLI does, in the client here and in the peers (EDGE_AGENT_UVLOOP=0: asyncio's)
-        print(f"model {shape} Q4_0, peers {' + '.join(f'{a}:{b}' for a, b in spans)}, 1 thread each, "
+        print(f"model {shape} Q4_0, peers {' + '.join(f'{a}:{b}' for a, b in spans)}, 1 thread each{', pinned' if args.pin else ''}, "
               f"{'asyncio' if os.environ.get(eventloop.ENV) == '0' else 'uvloop'} loops; load avg {os.getloadavg()[0]:.2f} at start")
-        return breakdown(model, spans, args.rounds, args.tokens)
+        return breakdown(model, spans, args.rounds, args.tokens, args.pin)
     x = np.random.default_rng(0).standard_normal((16 + max(args.steps, 20), shape["n_embd"])).astype(np.float32)
     print(f"model {shape} Q4_0, middle layers as {' + '.join(f'{a}:{b}' for a, b in spans)}, 1 thread each; "
           f"load avg {os.getloadavg()[0]:.2f} at start")
